@@ -1,0 +1,13 @@
+//! Plain-Rust domain logic of pg_tasker.
+//!
+//! Nothing here depends on PostgreSQL or pgrx: the extension calls into this
+//! crate and maps [`Error`] to SQLSTATEs, so every rule is unit-testable with
+//! `cargo test -p pg_tasker_core` in a second.
+
+pub mod error;
+pub mod naming;
+pub mod template;
+pub mod version;
+
+pub use error::{Error, ErrorKind};
+pub use template::{Backoff, Handler, RetryPolicy, StepTemplate, StepType, TaskTemplate};

@@ -1,0 +1,1 @@
+// intentionally empty: this crate only exists to fetch pgmq's source

@@ -1,0 +1,50 @@
+-- Roles and privileges (runs last, after every function exists).
+--
+--   tasker_admin   registers templates and performs admin operations; is also
+--                  a member of tasker_app and tasker_worker.
+--   tasker_app     creates tasks and reads the status views.
+--   tasker_worker  reads namespace queues and submits step results.
+--
+-- The roles are cluster-wide and NOLOGIN: grant them to your login roles.
+-- They survive DROP EXTENSION (other databases may use them).
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_admin') THEN
+        CREATE ROLE tasker_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_app') THEN
+        CREATE ROLE tasker_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_worker') THEN
+        CREATE ROLE tasker_worker NOLOGIN;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('tasker_admin', 'tasker_app', 'MEMBER') THEN
+        GRANT tasker_app TO tasker_admin;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('tasker_admin', 'tasker_worker', 'MEMBER') THEN
+        GRANT tasker_worker TO tasker_admin;
+    END IF;
+END
+$roles$;
+
+-- Nothing in the schema is reachable by default ...
+REVOKE ALL ON ALL TABLES IN SCHEMA tasker FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA tasker FROM PUBLIC;
+GRANT USAGE ON SCHEMA tasker TO tasker_admin, tasker_app, tasker_worker;
+
+-- ... except the API, role by role. Functions that write are SECURITY DEFINER
+-- with a pinned search_path; the tables themselves stay closed.
+GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status
+    TO tasker_app, tasker_worker;
+
+GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_app, tasker_worker;
+GRANT EXECUTE ON FUNCTION tasker.uuid_generate_v7() TO tasker_app, tasker_worker;
+GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb) TO tasker_admin;
+GRANT EXECUTE ON FUNCTION tasker.register_template_yaml(text) TO tasker_admin;
+GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text)
+    TO tasker_app;
+
+-- Workers read step messages with plain pgmq calls; each namespace queue
+-- grants its table to tasker_worker when it is created (register_template).
+GRANT USAGE ON SCHEMA pgmq TO tasker_worker;
