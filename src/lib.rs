@@ -26,6 +26,9 @@ pub extern "C-unwind" fn _PG_init() {
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
 
+#[cfg(test)]
+mod client_tests;
+
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
 pub mod pg_test {
