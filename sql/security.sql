@@ -35,7 +35,7 @@ GRANT USAGE ON SCHEMA tasker TO tasker_admin, tasker_app, tasker_worker;
 
 -- ... except the API, role by role. Functions that write are SECURITY DEFINER
 -- with a pinned search_path; the tables themselves stay closed.
-GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status
+GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status, tasker.ready_tasks
     TO tasker_app, tasker_worker;
 
 GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_app, tasker_worker;
@@ -44,6 +44,24 @@ GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb) TO tasker_admin;
 GRANT EXECUTE ON FUNCTION tasker.register_template_yaml(text) TO tasker_admin;
 GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text)
     TO tasker_app;
+GRANT EXECUTE ON FUNCTION tasker.step_readiness(uuid), tasker.task_execution_context(uuid),
+                          tasker.effective_priority(integer, interval)
+    TO tasker_app, tasker_worker;
+GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_app;
+
+-- Workers: take steps and report results.
+GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
+                          tasker.read_steps(text, text, integer, integer)
+    TO tasker_worker;
+
+-- Orchestration and operator actions.
+GRANT EXECUTE ON FUNCTION tasker.run_orchestration_cycle(text, integer),
+                          tasker.claim_ready_tasks(text, integer, text, integer),
+                          tasker.release_task_claim(uuid, text),
+                          tasker.extend_task_claim(uuid, text, integer),
+                          tasker.retry_step(uuid, text),
+                          tasker.resolve_step_manually(uuid, jsonb, text)
+    TO tasker_admin;
 
 -- Workers read step messages with plain pgmq calls; each namespace queue
 -- grants its table to tasker_worker when it is created (register_template).

@@ -21,12 +21,18 @@ pub fn undefined(message: impl Into<String>) -> ErrorReport {
 }
 
 pub fn null_arg(name: &str) -> ErrorReport {
-    err(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{name} must not be NULL"))
+    err(
+        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        format!("{name} must not be NULL"),
+    )
 }
 
 /// A failure inside pg_tasker itself (SPI misuse, unreadable stored data).
 pub fn internal(e: impl std::fmt::Display) -> ErrorReport {
-    err(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("pg_tasker internal error: {e}"))
+    err(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("pg_tasker internal error: {e}"),
+    )
 }
 
 /// Maps a domain error to its SQLSTATE (see docs/sql-api.md, "Errors").

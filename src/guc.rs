@@ -5,7 +5,8 @@ use std::ffi::CString;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 /// Environment whose template overrides (`environments.<env>`) apply.
-pub static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"development"));
+pub static ENVIRONMENT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"development"));
 
 pub fn init() {
     GucRegistry::define_string_guc(

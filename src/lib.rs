@@ -11,11 +11,23 @@ use pgrx::prelude::*;
 mod errors;
 mod guc;
 mod ids;
+mod orchestration;
+mod spi_util;
+mod subxact;
 mod tasks;
 mod templates;
 
-extension_sql_file!("../sql/schema.sql", name = "schema", requires = [ids::uuid_generate_v7]);
+extension_sql_file!(
+    "../sql/schema.sql",
+    name = "schema",
+    requires = [ids::uuid_generate_v7]
+);
 extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/orchestration.sql",
+    name = "orchestration",
+    requires = ["schema"]
+);
 extension_sql_file!("../sql/security.sql", finalize);
 
 #[pg_guard]
@@ -25,6 +37,8 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod tests_orchestration;
 
 #[cfg(test)]
 mod client_tests;

@@ -35,7 +35,9 @@ fn create_task(
     let name = name.ok_or_else(|| null_arg("name"))?;
     let context = context.map(|j| j.0).unwrap_or_else(|| json!({}));
     if !context.is_object() {
-        return Err(invalid(format!("task context must be a JSON object, got {context}")));
+        return Err(invalid(format!(
+            "task context must be a JSON object, got {context}"
+        )));
     }
     let priority = priority.unwrap_or(0);
     if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&priority) {
@@ -49,15 +51,22 @@ fn create_task(
         .map(|t| t.ok_or_else(|| null_arg("an element of tags")))
         .collect::<ApiResult<_>>()?;
     if idempotency_key == Some("") {
-        return Err(invalid("idempotency_key must not be empty (use NULL for none)"));
+        return Err(invalid(
+            "idempotency_key must not be empty (use NULL for none)",
+        ));
     }
 
     let (template_uuid, template) = resolve_template(namespace, name, version)?;
     template.validate_context(&context).map_err(from_core)?;
-    let steps = template.steps_for_environment(&guc::environment()).map_err(from_core)?;
+    let steps = template
+        .steps_for_environment(&guc::environment())
+        .map_err(from_core)?;
 
     // Ids are made here so that edges can be built without a round trip.
-    let step_ids: HashMap<&str, pgrx::Uuid> = steps.iter().map(|s| (s.name.as_str(), ids::new_v7())).collect();
+    let step_ids: HashMap<&str, pgrx::Uuid> = steps
+        .iter()
+        .map(|s| (s.name.as_str(), ids::new_v7()))
+        .collect();
     let step_rows: Vec<Value> = steps
         .iter()
         .enumerate()
@@ -110,12 +119,23 @@ fn create_task(
         ],
     );
     match created {
-        Ok(Some(id)) => Ok(id),
+        Ok(Some(id)) => {
+            // Root steps go to the queue now, in the caller's transaction.
+            crate::orchestration::refresh_task(
+                uuid::Uuid::from_bytes(*id.as_bytes()),
+                "task created",
+            )?;
+            Ok(id)
+        }
         // Nothing inserted: the idempotency key already names a task.
         Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => Spi::get_one_with_args::<pgrx::Uuid>(
             "SELECT task_uuid FROM tasker.tasks
               WHERE namespace_name = $1 AND task_name = $2 AND idempotency_key = $3",
-            &[template.namespace_name.as_str().into(), template.name.as_str().into(), idempotency_key.into()],
+            &[
+                template.namespace_name.as_str().into(),
+                template.name.as_str().into(),
+                idempotency_key.into(),
+            ],
         )
         .map_err(internal)?
         .ok_or_else(|| internal("idempotent task vanished")),
@@ -125,7 +145,11 @@ fn create_task(
 
 /// Finds the template: an exact (canonical) version, or the highest version
 /// in semver order when `version` is NULL.
-fn resolve_template(namespace: &str, name: &str, version: Option<&str>) -> ApiResult<(pgrx::Uuid, TaskTemplate)> {
+fn resolve_template(
+    namespace: &str,
+    name: &str,
+    version: Option<&str>,
+) -> ApiResult<(pgrx::Uuid, TaskTemplate)> {
     let known_ns = Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM tasker.namespaces WHERE name = $1)",
         &[namespace.into()],
@@ -133,8 +157,10 @@ fn resolve_template(namespace: &str, name: &str, version: Option<&str>) -> ApiRe
     .map_err(internal)?
     .unwrap_or(false);
     if !known_ns {
-        return Err(undefined(format!("namespace \"{namespace}\" does not exist"))
-            .set_hint("register a template in this namespace first"));
+        return Err(
+            undefined(format!("namespace \"{namespace}\" does not exist"))
+                .set_hint("register a template in this namespace first"),
+        );
     }
     let versions: Vec<(pgrx::Uuid, String)> = Spi::connect(|c| {
         c.select(
@@ -144,12 +170,19 @@ fn resolve_template(namespace: &str, name: &str, version: Option<&str>) -> ApiRe
             None,
             &[namespace.into(), name.into()],
         )?
-        .map(|r| Ok((r.get::<pgrx::Uuid>(1)?.expect("not null"), r.get::<String>(2)?.expect("not null"))))
+        .map(|r| {
+            Ok((
+                r.get::<pgrx::Uuid>(1)?.expect("not null"),
+                r.get::<String>(2)?.expect("not null"),
+            ))
+        })
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
     .map_err(internal)?;
     if versions.is_empty() {
-        return Err(undefined(format!("task template \"{namespace}/{name}\" does not exist")));
+        return Err(undefined(format!(
+            "task template \"{namespace}/{name}\" does not exist"
+        )));
     }
     let wanted = match version {
         None => version::latest(versions.iter().map(|(_, v)| v.as_str()))

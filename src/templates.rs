@@ -49,7 +49,12 @@ fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
                   WHERE namespace_uuid = $1 AND name = $2 AND version = $3
                     FOR UPDATE",
                 Some(1),
-                &[namespace_uuid.into(), name.into(), version.into(), JsonB(definition.0.clone()).into()],
+                &[
+                    namespace_uuid.into(),
+                    name.into(),
+                    version.into(),
+                    JsonB(definition.0.clone()).into(),
+                ],
             )?;
             match rows.into_iter().next() {
                 None => Ok::<_, pgrx::spi::Error>(None),
@@ -86,7 +91,11 @@ fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
                     "UPDATE tasker.task_templates
                         SET definition = $2, description = $3, updated_at = now()
                       WHERE template_uuid = $1",
-                    &[id.into(), JsonB(definition.0.clone()).into(), t.description.clone().into()],
+                    &[
+                        id.into(),
+                        JsonB(definition.0.clone()).into(),
+                        t.description.clone().into(),
+                    ],
                 )
                 .map_err(internal)?;
                 return Ok(id);
@@ -113,7 +122,9 @@ fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
             }
         }
     }
-    Err(internal("template registration did not settle after a concurrent registration"))
+    Err(internal(
+        "template registration did not settle after a concurrent registration",
+    ))
 }
 
 /// Returns the namespace's id, creating the namespace row, its pgmq queue and
@@ -130,14 +141,12 @@ fn ensure_namespace(ns: &str) -> ApiResult<pgrx::Uuid> {
             create_queue(&queue)?;
             id
         }
-        Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => {
-            Spi::get_one_with_args::<pgrx::Uuid>(
-                "SELECT namespace_uuid FROM tasker.namespaces WHERE name = $1",
-                &[ns.into()],
-            )
-            .map_err(internal)?
-            .ok_or_else(|| internal("namespace vanished during registration"))?
-        }
+        Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => Spi::get_one_with_args::<pgrx::Uuid>(
+            "SELECT namespace_uuid FROM tasker.namespaces WHERE name = $1",
+            &[ns.into()],
+        )
+        .map_err(internal)?
+        .ok_or_else(|| internal("namespace vanished during registration"))?,
         Err(e) => return Err(internal(e)),
     };
     // The queue may have been dropped by hand since; recreate it.

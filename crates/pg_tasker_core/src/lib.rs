@@ -6,6 +6,9 @@
 
 pub mod error;
 pub mod naming;
+pub mod retry;
+pub mod status;
+pub mod submission;
 pub mod template;
 pub mod version;
 

@@ -69,7 +69,16 @@ mod tests {
         for ok in ["ecommerce", "a", "team_1", &"x".repeat(MAX_NAMESPACE_LEN)] {
             validate_namespace(ok).unwrap();
         }
-        for bad in ["", "Ecommerce", "1abc", "_a", "a-b", "a b", "ä", &"x".repeat(MAX_NAMESPACE_LEN + 1)] {
+        for bad in [
+            "",
+            "Ecommerce",
+            "1abc",
+            "_a",
+            "a-b",
+            "a b",
+            "ä",
+            &"x".repeat(MAX_NAMESPACE_LEN + 1),
+        ] {
             let e = validate_namespace(bad).unwrap_err();
             assert_eq!(e.kind, ErrorKind::InvalidName, "{bad}");
         }

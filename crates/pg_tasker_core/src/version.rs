@@ -6,7 +6,13 @@ use crate::error::{Error, Result};
 /// forms `1` and `1.2` (completed with zeros), which YAML authors often write.
 pub fn parse(v: &str) -> Result<semver::Version> {
     let trimmed = v.trim();
-    let full = match trimmed.split(['-', '+']).next().unwrap_or("").matches('.').count() {
+    let full = match trimmed
+        .split(['-', '+'])
+        .next()
+        .unwrap_or("")
+        .matches('.')
+        .count()
+    {
         0 => with_rest(trimmed, ".0.0"),
         1 => with_rest(trimmed, ".0"),
         _ => trimmed.to_string(),

@@ -200,7 +200,10 @@ struct RawRetry {
 /// a leading `:` is removed from every mapping key.
 pub fn parse_yaml(text: &str) -> Result<TaskTemplate> {
     let value: Value = serde_norway::from_str(text).map_err(|e| {
-        Error::new(ErrorKind::Syntax, format!("template is not valid YAML: {e}"))
+        Error::new(
+            ErrorKind::Syntax,
+            format!("template is not valid YAML: {e}"),
+        )
     })?;
     parse_value(strip_symbol_keys(value))
 }
@@ -245,7 +248,9 @@ pub fn parse_value(value: Value) -> Result<TaskTemplate> {
         Some(Value::Array(_)) => return Err(Error::invalid("template has no steps")),
         None | Some(Value::Null) => return Err(missing("steps")),
         Some(other) => {
-            return Err(Error::invalid(format!("template field \"steps\" must be an array, got {other}")))
+            return Err(Error::invalid(format!(
+                "template field \"steps\" must be an array, got {other}"
+            )))
         }
     };
     let mut steps = Vec::with_capacity(raw_steps.len());
@@ -308,7 +313,9 @@ impl TaskTemplate {
         for step in &mut steps {
             let ctx = format!("environments.{env}: step \"{}\"", step.name);
             let name = step.name.clone();
-            let target = |o: &&&Map<String, Value>, want: &str| o.get("name").and_then(Value::as_str) == Some(want);
+            let target = |o: &&&Map<String, Value>, want: &str| {
+                o.get("name").and_then(Value::as_str) == Some(want)
+            };
             let applicable: Vec<&Map<String, Value>> = overrides
                 .iter()
                 .filter(|o| target(o, "ALL"))
@@ -356,7 +363,11 @@ fn parse_handler(v: Value, context: &str) -> Result<Handler> {
         .map_err(|e| Error::invalid(format!("{context}: invalid handler: {e}")))?;
     let callable = match raw.callable {
         Some(c) if !c.trim().is_empty() => c,
-        _ => return Err(Error::invalid(format!("{context}: handler is missing \"callable\""))),
+        _ => {
+            return Err(Error::invalid(format!(
+                "{context}: handler is missing \"callable\""
+            )))
+        }
     };
     let initialization = match raw.initialization {
         None | Some(Value::Null) => Map::new(),
@@ -367,19 +378,33 @@ fn parse_handler(v: Value, context: &str) -> Result<Handler> {
             )))
         }
     };
-    Ok(Handler { callable, method: raw.method, initialization })
+    Ok(Handler {
+        callable,
+        method: raw.method,
+        initialization,
+    })
 }
 
 fn parse_step(v: Value, index: usize) -> Result<StepTemplate> {
     let name = match v.get("name") {
         Some(Value::String(s)) => s.clone(),
         Some(other) => {
-            return Err(Error::invalid(format!("step #{}: \"name\" must be a string, got {other}", index + 1)))
+            return Err(Error::invalid(format!(
+                "step #{}: \"name\" must be a string, got {other}",
+                index + 1
+            )))
         }
-        None => return Err(Error::invalid(format!("step #{} is missing required field \"name\"", index + 1))),
+        None => {
+            return Err(Error::invalid(format!(
+                "step #{} is missing required field \"name\"",
+                index + 1
+            )))
+        }
     };
-    naming::validate_step_name(&name)
-        .map_err(|e| Error { message: format!("step #{}: {}", index + 1, e.message), ..e })?;
+    naming::validate_step_name(&name).map_err(|e| Error {
+        message: format!("step #{}: {}", index + 1, e.message),
+        ..e
+    })?;
     let ctx = format!("step \"{name}\"");
     if !v.is_object() {
         return Err(Error::invalid(format!("{ctx} must be an object")));
@@ -392,7 +417,11 @@ fn parse_step(v: Value, index: usize) -> Result<StepTemplate> {
             serde_json::json!({"callable": h.callable, "method": h.method, "initialization": h.initialization}),
             &ctx,
         )?,
-        None => return Err(Error::invalid(format!("{ctx} is missing required field \"handler\""))),
+        None => {
+            return Err(Error::invalid(format!(
+                "{ctx} is missing required field \"handler\""
+            )))
+        }
     };
 
     let step_type = match raw.step_type.as_deref() {
@@ -447,19 +476,24 @@ fn parse_retry(raw: Option<RawRetry>, base: RetryPolicy, ctx: &str) -> Result<Re
     }
     if let Some(m) = raw.max_attempts {
         if m < 1 || m > MAX_MAX_ATTEMPTS as i64 {
-            return Err(bad(format!("max_attempts must be between 1 and {MAX_MAX_ATTEMPTS}, got {m}"))
-                .with_hint("max_attempts counts the first attempt"));
+            return Err(bad(format!(
+                "max_attempts must be between 1 and {MAX_MAX_ATTEMPTS}, got {m}"
+            ))
+            .with_hint("max_attempts counts the first attempt"));
         }
         p.max_attempts = m as u32;
     }
     if let Some(b) = raw.backoff {
         p.backoff = Backoff::parse(&b).ok_or_else(|| {
-            bad(format!("unknown backoff \"{b}\"")).with_hint("backoff is one of none, linear, exponential, fibonacci")
+            bad(format!("unknown backoff \"{b}\""))
+                .with_hint("backoff is one of none, linear, exponential, fibonacci")
         })?;
     }
     let ms = |v: i64, field: &str| -> Result<u64> {
         if v < 0 || v as u64 > MAX_BACKOFF_LIMIT_MS {
-            Err(bad(format!("{field} must be between 0 and {MAX_BACKOFF_LIMIT_MS}, got {v}")))
+            Err(bad(format!(
+                "{field} must be between 0 and {MAX_BACKOFF_LIMIT_MS}, got {v}"
+            )))
         } else {
             Ok(v as u64)
         }
@@ -535,15 +569,24 @@ fn order_steps(steps: Vec<StepTemplate>) -> Result<Vec<StepTemplate>> {
         ));
     }
     let mut slots: Vec<Option<StepTemplate>> = steps.into_iter().map(Some).collect();
-    Ok(order.into_iter().map(|i| slots[i].take().expect("each index once")).collect())
+    Ok(order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each index once"))
+        .collect())
 }
 
 /// Finds one concrete cycle among the steps Kahn's algorithm could not order,
 /// returned as names with the first repeated at the end.
-fn find_cycle(steps: &[StepTemplate], index: &HashMap<&str, usize>, indegree: &[usize]) -> Vec<String> {
+fn find_cycle(
+    steps: &[StepTemplate],
+    index: &HashMap<&str, usize>,
+    indegree: &[usize],
+) -> Vec<String> {
     // Every unordered step has an unordered dependency; walking dependencies
     // from any unordered step must revisit a step.
-    let start = (0..steps.len()).find(|&i| indegree[i] > 0).expect("a step is unordered");
+    let start = (0..steps.len())
+        .find(|&i| indegree[i] > 0)
+        .expect("a step is unordered");
     let mut pos: HashMap<usize, usize> = HashMap::new();
     let mut path = Vec::new();
     let mut cur = start;
@@ -551,7 +594,11 @@ fn find_cycle(steps: &[StepTemplate], index: &HashMap<&str, usize>, indegree: &[
         if let Some(&p) = pos.get(&cur) {
             // path[p..] is the cycle, in "depends on" direction; print it in
             // execution direction (dependency first).
-            let mut names: Vec<String> = path[p..].iter().rev().map(|&i: &usize| steps[i].name.clone()).collect();
+            let mut names: Vec<String> = path[p..]
+                .iter()
+                .rev()
+                .map(|&i: &usize| steps[i].name.clone())
+                .collect();
             names.push(names[0].clone());
             return names;
         }
@@ -593,7 +640,9 @@ fn apply_override(step: &mut StepTemplate, o: &Map<String, Value>, ctx: &str) ->
     }
     if let Some(t) = o.get("timeout_seconds") {
         match t.as_u64() {
-            Some(t) if t >= 1 && t <= MAX_TIMEOUT_SECONDS as u64 => step.timeout_seconds = Some(t as u32),
+            Some(t) if t >= 1 && t <= MAX_TIMEOUT_SECONDS as u64 => {
+                step.timeout_seconds = Some(t as u32)
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "{ctx}: timeout_seconds must be between 1 and {MAX_TIMEOUT_SECONDS}, got {t}"
@@ -614,16 +663,22 @@ fn validate_environments(envs: &Map<String, Value>, steps: &[StepTemplate]) -> R
         };
         for key in obj.keys() {
             if key != "steps" {
-                return Err(Error::invalid(format!("{ctx}: unknown field \"{key}\", expected \"steps\"")));
+                return Err(Error::invalid(format!(
+                    "{ctx}: unknown field \"{key}\", expected \"steps\""
+                )));
             }
         }
-        let Some(list) = obj.get("steps") else { continue };
+        let Some(list) = obj.get("steps") else {
+            continue;
+        };
         let Some(list) = list.as_array() else {
             return Err(Error::invalid(format!("{ctx}.steps must be an array")));
         };
         for o in list {
             let target = o.get("name").and_then(Value::as_str).ok_or_else(|| {
-                Error::invalid(format!("{ctx}.steps: every override needs a \"name\" (a step name or ALL)"))
+                Error::invalid(format!(
+                    "{ctx}.steps: every override needs a \"name\" (a step name or ALL)"
+                ))
             })?;
             if target != "ALL" && !names.contains(target) {
                 return Err(Error::new(
@@ -632,7 +687,10 @@ fn validate_environments(envs: &Map<String, Value>, steps: &[StepTemplate]) -> R
                 ));
             }
             for key in o.as_object().into_iter().flat_map(|m| m.keys()) {
-                if !matches!(key.as_str(), "name" | "handler" | "retry" | "timeout_seconds") {
+                if !matches!(
+                    key.as_str(),
+                    "name" | "handler" | "retry" | "timeout_seconds"
+                ) {
                     return Err(Error::invalid(format!(
                         "{ctx} override of \"{target}\": unsupported field \"{key}\", expected handler, retry or timeout_seconds"
                     )));
@@ -649,16 +707,26 @@ fn validate_environments(envs: &Map<String, Value>, steps: &[StepTemplate]) -> R
 
 fn compile_schema(schema: &Value) -> Result<jsonschema::Validator> {
     if !schema.is_object() && !schema.is_boolean() {
-        return Err(Error::invalid("invalid input_schema: a JSON Schema must be an object or a boolean"));
+        return Err(Error::invalid(
+            "invalid input_schema: a JSON Schema must be an object or a boolean",
+        ));
     }
     if let Err(e) = jsonschema::meta::validate(schema) {
-        return Err(Error::invalid(format!("invalid input_schema: {e} (at {})", pointer_or_root(&e.instance_path().to_string()))));
+        return Err(Error::invalid(format!(
+            "invalid input_schema: {e} (at {})",
+            pointer_or_root(&e.instance_path().to_string())
+        )));
     }
-    jsonschema::validator_for(schema).map_err(|e| Error::invalid(format!("invalid input_schema: {e}")))
+    jsonschema::validator_for(schema)
+        .map_err(|e| Error::invalid(format!("invalid input_schema: {e}")))
 }
 
 fn pointer_or_root(p: &str) -> String {
-    if p.is_empty() { "/".to_string() } else { p.to_string() }
+    if p.is_empty() {
+        "/".to_string()
+    } else {
+        p.to_string()
+    }
 }
 
 fn validate_against(schema: &Value, instance: &Value) -> Result<()> {

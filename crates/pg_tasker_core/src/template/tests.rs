@@ -23,7 +23,13 @@ fn minimal_template_gets_defaults() {
 
 #[test]
 fn steps_come_out_in_topological_order() {
-    let t = parse_value(tpl(vec![step("d", &["b", "c"]), step("b", &["a"]), step("c", &["a"]), step("a", &[])])).unwrap();
+    let t = parse_value(tpl(vec![
+        step("d", &["b", "c"]),
+        step("b", &["a"]),
+        step("c", &["a"]),
+        step("a", &[]),
+    ]))
+    .unwrap();
     let names: Vec<_> = t.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c", "d"]);
 }
@@ -64,14 +70,23 @@ fn unknown_dependency_names_the_step() {
 
 #[test]
 fn cycles_are_reported_with_their_path() {
-    let e = err(tpl(vec![step("a", &[]), step("b", &["a", "d"]), step("c", &["b"]), step("d", &["c"])]));
+    let e = err(tpl(vec![
+        step("a", &[]),
+        step("b", &["a", "d"]),
+        step("c", &["b"]),
+        step("d", &["c"]),
+    ]));
     assert_eq!(e.kind, ErrorKind::InvalidDefinition);
     // every step of the cycle appears, and it closes on itself
     for n in ["b", "c", "d"] {
         assert!(e.message.contains(n), "{}", e.message);
     }
     assert!(!e.message.contains("a ->"), "{}", e.message);
-    let path: Vec<&str> = e.message.trim_start_matches("dependency cycle: ").split(" -> ").collect();
+    let path: Vec<&str> = e
+        .message
+        .trim_start_matches("dependency cycle: ")
+        .split(" -> ")
+        .collect();
     assert_eq!(path.first(), path.last());
     assert_eq!(path.len(), 4);
     let self_loop = err(tpl(vec![step("a", &["a"])]));
@@ -103,7 +118,16 @@ fn retry_limit_alias_and_full_policy() {
     s["retry"] = json!({"retryable": true, "limit": 5, "backoff": "fibonacci", "backoff_base_ms": 200, "max_backoff_ms": 900, "jitter": true});
     let t = parse_value(tpl(vec![s])).unwrap();
     let r = &t.steps[0].retry;
-    assert_eq!((r.max_attempts, r.backoff, r.backoff_base_ms, r.max_backoff_ms, r.jitter), (5, Backoff::Fibonacci, 200, 900, true));
+    assert_eq!(
+        (
+            r.max_attempts,
+            r.backoff,
+            r.backoff_base_ms,
+            r.max_backoff_ms,
+            r.jitter
+        ),
+        (5, Backoff::Fibonacci, 200, 900, true)
+    );
 }
 
 #[test]
@@ -112,7 +136,11 @@ fn invalid_input_schema() {
     v["input_schema"] = json!({"type": "objekt"});
     let e = err(v);
     assert_eq!(e.kind, ErrorKind::InvalidValue);
-    assert!(e.message.starts_with("invalid input_schema"), "{}", e.message);
+    assert!(
+        e.message.starts_with("invalid input_schema"),
+        "{}",
+        e.message
+    );
     let mut v = tpl(vec![step("a", &[])]);
     v["input_schema"] = json!(42);
     assert!(err(v).message.starts_with("invalid input_schema"));
@@ -123,7 +151,8 @@ fn context_validation_lists_all_violations() {
     let mut v = tpl(vec![step("a", &[])]);
     v["input_schema"] = json!({"type": "object", "required": ["order_id"], "properties": {"amount": {"type": "number"}}});
     let t = parse_value(v).unwrap();
-    t.validate_context(&json!({"order_id": 1, "amount": 2.5})).unwrap();
+    t.validate_context(&json!({"order_id": 1, "amount": 2.5}))
+        .unwrap();
     let e = t.validate_context(&json!({"amount": "x"})).unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidValue);
     assert!(e.message.contains("order_id"), "{}", e.message);
@@ -135,7 +164,12 @@ fn unknown_fields_are_rejected_with_context() {
     let mut s = step("pay", &[]);
     s["handlr"] = json!({});
     let e = err(tpl(vec![s]));
-    assert!(e.message.starts_with("step \"pay\": unknown field `handlr`"), "{}", e.message);
+    assert!(
+        e.message
+            .starts_with("step \"pay\": unknown field `handlr`"),
+        "{}",
+        e.message
+    );
     let mut v = tpl(vec![step("a", &[])]);
     v["stepz"] = json!([]);
     assert!(err(v).message.contains("unknown field `stepz`"));
@@ -185,8 +219,14 @@ fn ruby_symbol_yaml() {
 
 #[test]
 fn yaml_syntax_error_and_float_version() {
-    assert_eq!(parse_yaml("name: [unclosed").unwrap_err().kind, ErrorKind::Syntax);
-    let e = parse_yaml("name: t\nnamespace_name: ns\nversion: 1.10\nsteps: [{name: a, handler: {callable: X}}]").unwrap_err();
+    assert_eq!(
+        parse_yaml("name: [unclosed").unwrap_err().kind,
+        ErrorKind::Syntax
+    );
+    let e = parse_yaml(
+        "name: t\nnamespace_name: ns\nversion: 1.10\nsteps: [{name: a, handler: {callable: X}}]",
+    )
+    .unwrap_err();
     assert!(e.message.contains("version"), "{}", e.message);
     assert!(e.hint.unwrap().contains("quote"));
 }
@@ -216,7 +256,11 @@ fn environment_overrides_apply_all_then_named() {
     assert_eq!(test[0].handler.initialization["url"], "mock");
     assert_eq!(test[0].handler.initialization["keep"], 1);
     assert_eq!(test[0].timeout_seconds, Some(5));
-    assert_eq!(test[0].retry.backoff, Backoff::Exponential, "unspecified retry fields are kept");
+    assert_eq!(
+        test[0].retry.backoff,
+        Backoff::Exponential,
+        "unspecified retry fields are kept"
+    );
     // other environments see the base template
     assert_eq!(t.steps_for_environment("production").unwrap(), t.steps);
 }

@@ -1,0 +1,750 @@
+//! SQL-level tests of the orchestration core that need no commits: message
+//! contents, result handling, backoff per policy, claiming and priority,
+//! index use on a large history. Each test has its own namespace.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+    use serde_json::{json, Value};
+
+    use crate::tests::tests::{failure, register, sql_value, step, template};
+
+    fn count(q: &str) -> i64 {
+        sql_value::<i64>(q).unwrap()
+    }
+
+    fn create(ns: &str, name: &str, ctx: Value) -> pgrx::Uuid {
+        Spi::get_one_with_args::<pgrx::Uuid>(
+            "SELECT tasker.create_task($1, $2, $3)",
+            &[ns.into(), name.into(), JsonB(ctx).into()],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    /// Reads every visible message of a namespace queue (as a worker would).
+    fn read_all(ns: &str) -> Vec<Value> {
+        sql_value::<JsonB>(&format!(
+            "SELECT coalesce(jsonb_agg(message ORDER BY msg_id), '[]') FROM pgmq.read('tasker_{ns}_queue', 30, 100)"
+        ))
+        .unwrap()
+        .0
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+
+    fn submit(step: &str, status: &str, result: Value, error: Value, metadata: Value) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT tasker.submit_result($1::uuid, $2, $3, $4, $5)",
+            &[
+                step.into(),
+                status.into(),
+                JsonB(result).into(),
+                JsonB(error).into(),
+                JsonB(metadata).into(),
+            ],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    fn step_field(task: pgrx::Uuid, name: &str, expr: &str) -> String {
+        sql_value::<String>(&format!(
+            "SELECT ({expr})::text FROM tasker.workflow_steps WHERE task_uuid = '{task}' AND name = '{name}'"
+        ))
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn message_carries_everything_a_worker_needs() {
+        let mut t = template(
+            "o_msg",
+            "flow",
+            "2.1.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        );
+        t["steps"][1]["handler"]["initialization"] = json!({"url": "http://x"});
+        t["steps"][1]["timeout_seconds"] = json!(12);
+        register(&t);
+        let task = create("o_msg", "flow", json!({"order": 9}));
+        let msgs = read_all("o_msg");
+        assert_eq!(msgs.len(), 1);
+        let a = &msgs[0];
+        assert_eq!(a["step_name"], "a");
+        assert_eq!(a["dependency_results"], json!({}));
+        submit(
+            a["step_uuid"].as_str().unwrap(),
+            "success",
+            json!({"total": 42}),
+            Value::Null,
+            json!({"attempt": 1}),
+        );
+        let msgs = read_all("o_msg");
+        assert_eq!(msgs.len(), 1);
+        let b = &msgs[0];
+        let expect = json!({
+            "message_version": 1, "task_uuid": task.to_string(), "namespace": "o_msg",
+            "task_name": "flow", "task_version": "2.1.0", "step_name": "b",
+            "handler": {"callable": "Test::b", "method": null, "initialization": {"url": "http://x"}},
+            "task_context": {"order": 9}, "dependency_results": {"a": {"total": 42}},
+            "attempt": 1, "max_attempts": 3, "timeout_seconds": 12,
+        });
+        for (k, v) in expect.as_object().unwrap() {
+            assert_eq!(&b[k], v, "field {k}");
+        }
+        for k in ["step_uuid", "correlation_id", "enqueued_at"] {
+            assert!(b[k].is_string(), "field {k} present");
+        }
+        // the parent's message was archived by submit_result, in the same transaction
+        assert_eq!(count("SELECT count(*) FROM pgmq.a_tasker_o_msg_queue"), 1);
+    }
+
+    #[pg_test]
+    fn submission_errors_have_specific_sqlstates() {
+        register(&template(
+            "o_err",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        ));
+        let task = create("o_err", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        let b = step_field(task, "b", "step_uuid");
+        let expect = |sql: String, code: &str, needle: &str| {
+            let f = failure(&sql);
+            assert!(
+                f.starts_with(&format!("{code}: ")) && f.contains(needle),
+                "{sql}: {f}"
+            );
+        };
+        expect(
+            format!(
+                "SELECT tasker.submit_result('{}', 'success')",
+                uuid::Uuid::now_v7()
+            ),
+            "P0002",
+            "does not exist",
+        );
+        expect(
+            format!("SELECT tasker.submit_result('{a}', 'done')"),
+            "22023",
+            "invalid status",
+        );
+        expect(
+            format!("SELECT tasker.submit_result('{a}', 'failure')"),
+            "22023",
+            "needs an error",
+        );
+        expect(
+            format!("SELECT tasker.submit_result('{a}', 'failure', error => '{{\"message\": 1}}')"),
+            "22023",
+            "error.message",
+        );
+        expect(format!("SELECT tasker.submit_result('{a}', 'failure', error => '{{\"message\": \"x\", \"retryable\": \"no\"}}')"), "22023", "retryable");
+        expect(
+            format!("SELECT tasker.submit_result('{a}', 'success', metadata => '[1]')"),
+            "22023",
+            "metadata",
+        );
+        expect(
+            format!("SELECT tasker.submit_result('{b}', 'success')"),
+            "55000",
+            "never been enqueued",
+        );
+        expect(
+            format!("SELECT tasker.submit_result(NULL, 'success')"),
+            "22004",
+            "step_uuid",
+        );
+        // none of that changed anything
+        assert_eq!(step_field(task, "a", "state"), "enqueued");
+        assert_eq!(step_field(task, "b", "state"), "pending");
+    }
+
+    #[pg_test]
+    fn duplicate_and_stale_submissions_change_nothing() {
+        register(&template(
+            "o_dup",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        ));
+        let task = create("o_dup", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        // a result for an attempt other than the current one is ignored
+        assert_eq!(
+            submit(&a, "success", json!(1), Value::Null, json!({"attempt": 7})),
+            "enqueued"
+        );
+        assert_eq!(
+            submit(
+                &a,
+                "success",
+                json!({"v": 1}),
+                Value::Null,
+                json!({"attempt": 1})
+            ),
+            "complete"
+        );
+        // the same result again, or a late failure: nothing changes
+        assert_eq!(
+            submit(&a, "success", json!({"v": 2}), Value::Null, Value::Null),
+            "complete"
+        );
+        assert_eq!(
+            submit(
+                &a,
+                "failure",
+                Value::Null,
+                json!({"message": "late"}),
+                Value::Null
+            ),
+            "complete"
+        );
+        assert_eq!(step_field(task, "a", "results"), "{\"v\": 1}");
+        assert_eq!(
+            step_field(task, "b", "state || ':' || attempts"),
+            "enqueued:1"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pgmq.q_tasker_o_dup_queue"),
+            1,
+            "b enqueued exactly once"
+        );
+    }
+
+    /// Each policy's delays: next_retry_at - now() is exactly the computed
+    /// delay (now() is fixed within the test's transaction). The retry is
+    /// then made due and the cycle enqueues the next attempt.
+    #[pg_test]
+    fn backoff_follows_each_policy() {
+        let cases = [
+            ("linear", [400, 800, 1200]),
+            ("exponential", [400, 800, 1600]),
+            ("fibonacci", [400, 400, 800]),
+        ];
+        for (backoff, expected) in cases {
+            let ns = format!("o_bo_{backoff}");
+            let mut s = step("a", &[]);
+            s["retry"] = json!({"max_attempts": 5, "backoff": backoff, "backoff_base_ms": 400, "max_backoff_ms": 100000});
+            register(&template(&ns, "flow", "1.0.0", json!([s])));
+            let task = create(&ns, "flow", json!({}));
+            let a = step_field(task, "a", "step_uuid");
+            for (i, want_ms) in expected.iter().enumerate() {
+                let state = submit(
+                    &a,
+                    "failure",
+                    Value::Null,
+                    json!({"message": "boom"}),
+                    Value::Null,
+                );
+                assert_eq!(state, "waiting_for_retry");
+                let got = count(&format!(
+                    "SELECT (extract(epoch FROM next_retry_at - now()) * 1000)::bigint FROM tasker.workflow_steps WHERE step_uuid = '{a}'"
+                ));
+                assert_eq!(got, *want_ms, "{backoff} after attempt {}", i + 1);
+                // the task waits for the retry time, and says so
+                assert_eq!(count(&format!("SELECT (extract(epoch FROM next_action_at - now()) * 1000)::bigint FROM tasker.tasks WHERE task_uuid = '{task}'")), *want_ms);
+                assert_eq!(
+                    sql_value::<String>(&format!(
+                        "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+                    ))
+                    .unwrap(),
+                    "waiting_for_retry"
+                );
+                // not due yet: a cycle leaves it alone
+                let cycle = sql_value::<JsonB>(&format!(
+                    "SELECT tasker.run_orchestration_cycle('test-{ns}', 100)"
+                ))
+                .unwrap()
+                .0;
+                assert_eq!(
+                    step_field(task, "a", "state"),
+                    "waiting_for_retry",
+                    "{cycle}"
+                );
+                // make it due; the cycle enqueues the next attempt
+                Spi::run(&format!("UPDATE tasker.workflow_steps SET next_retry_at = now() WHERE step_uuid = '{a}'")).unwrap();
+                Spi::run(&format!(
+                    "UPDATE tasker.tasks SET next_action_at = now() WHERE task_uuid = '{task}'"
+                ))
+                .unwrap();
+                let cycle = sql_value::<JsonB>(&format!(
+                    "SELECT tasker.run_orchestration_cycle('test-{ns}', 100)"
+                ))
+                .unwrap()
+                .0;
+                assert!(cycle["steps_enqueued"].as_i64().unwrap() >= 1, "{cycle}");
+                assert_eq!(
+                    step_field(task, "a", "state || ':' || attempts"),
+                    format!("enqueued:{}", i + 2)
+                );
+            }
+        }
+        // backoff none: the retry is due at once and re-enqueued by the submission itself
+        let mut s = step("a", &[]);
+        s["retry"] = json!({"max_attempts": 3, "backoff": "none"});
+        register(&template("o_bo_none", "flow", "1.0.0", json!([s])));
+        let task = create("o_bo_none", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        assert_eq!(
+            submit(
+                &a,
+                "failure",
+                Value::Null,
+                json!({"message": "boom"}),
+                Value::Null
+            ),
+            "enqueued"
+        );
+        assert_eq!(step_field(task, "a", "attempts"), "2");
+        assert_eq!(
+            count("SELECT count(*) FROM pgmq.q_tasker_o_bo_none_queue"),
+            1,
+            "old message archived, one new"
+        );
+    }
+
+    #[pg_test]
+    fn retry_after_wins_and_is_capped() {
+        let mut s = step("a", &[]);
+        s["retry"] = json!({"max_attempts": 5, "backoff_base_ms": 100, "max_backoff_ms": 30000});
+        register(&template("o_ra", "flow", "1.0.0", json!([s])));
+        let delay = |error: Value, metadata: Value| {
+            let task = create("o_ra", "flow", json!({}));
+            let a = step_field(task, "a", "step_uuid");
+            submit(&a, "failure", Value::Null, error, metadata);
+            count(&format!("SELECT (extract(epoch FROM next_retry_at - now()) * 1000)::bigint FROM tasker.workflow_steps WHERE step_uuid = '{a}'"))
+        };
+        assert_eq!(
+            delay(
+                json!({"message": "x", "retry_after_seconds": 2}),
+                Value::Null
+            ),
+            2000
+        );
+        assert_eq!(
+            delay(
+                json!({"message": "x"}),
+                json!({"headers": {"Retry-After": "7"}})
+            ),
+            7000
+        );
+        assert_eq!(
+            delay(
+                json!({"message": "x"}),
+                json!({"backoff_hint": {"seconds": 3}})
+            ),
+            3000
+        );
+        assert_eq!(
+            delay(
+                json!({"message": "x", "retry_after_seconds": 3600}),
+                Value::Null
+            ),
+            30000,
+            "capped at max_backoff_ms"
+        );
+        assert_eq!(
+            delay(json!({"message": "x"}), Value::Null),
+            100,
+            "otherwise the policy"
+        );
+    }
+
+    #[pg_test]
+    fn permanent_and_exhausted_failures() {
+        let mut s = step("a", &[]);
+        s["retry"] = json!({"max_attempts": 3, "backoff": "none"});
+        register(&template(
+            "o_perm",
+            "flow",
+            "1.0.0",
+            json!([s, step("b", &["a"])]),
+        ));
+        // non-retryable: error at once, task blocked
+        let task = create("o_perm", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        assert_eq!(
+            submit(
+                &a,
+                "failure",
+                Value::Null,
+                json!({"message": "card declined", "error_code": "DECLINED", "retryable": false}),
+                Value::Null
+            ),
+            "error"
+        );
+        assert_eq!(step_field(task, "a", "attempts"), "1");
+        assert_eq!(
+            step_field(task, "a", "last_error->>'error_code'"),
+            "DECLINED"
+        );
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+            ))
+            .unwrap(),
+            "blocked_by_failures"
+        );
+        let ctx = sql_value::<JsonB>(&format!(
+            "SELECT to_jsonb(c) FROM tasker.task_execution_context('{task}') c"
+        ))
+        .unwrap()
+        .0;
+        assert_eq!(ctx["execution_status"], "blocked_by_failures");
+        assert_eq!(ctx["health"], "blocked");
+        assert_eq!(ctx["failed_steps"], 1);
+        // retryable but exhausted after max_attempts = 3 (backoff none: due at once)
+        let task = create("o_perm", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        for attempt in 1..=3 {
+            let state = submit(
+                &a,
+                "failure",
+                Value::Null,
+                json!({"message": "flaky"}),
+                Value::Null,
+            );
+            if attempt < 3 {
+                assert_eq!(state, "enqueued", "backoff none: retried at once");
+                assert_eq!(step_field(task, "a", "attempts"), (attempt + 1).to_string());
+            } else {
+                assert_eq!(state, "error");
+            }
+        }
+        assert_eq!(
+            step_field(task, "a", "last_error->>'attempts_exhausted'"),
+            "true"
+        );
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+            ))
+            .unwrap(),
+            "blocked_by_failures"
+        );
+    }
+
+    #[pg_test]
+    fn readiness_functions() {
+        register(&template(
+            "o_ready",
+            "diamond",
+            "1.0.0",
+            json!([
+                step("s", &[]),
+                step("l", &["s"]),
+                step("r", &["s"]),
+                step("e", &["l", "r"])
+            ]),
+        ));
+        let task = create("o_ready", "diamond", json!({}));
+        let rows = sql_value::<JsonB>(&format!(
+            "SELECT jsonb_agg(jsonb_build_array(step_name, state, dependencies_satisfied, ready, total_parents, completed_parents)) FROM tasker.step_readiness('{task}')"
+        ))
+        .unwrap()
+        .0;
+        assert_eq!(
+            rows,
+            json!([
+                ["s", "enqueued", true, false, 0, 0],
+                ["l", "pending", false, false, 1, 0],
+                ["r", "pending", false, false, 1, 0],
+                ["e", "pending", false, false, 2, 0]
+            ])
+        );
+        let ctx = sql_value::<JsonB>(&format!(
+            "SELECT to_jsonb(c) FROM tasker.task_execution_context('{task}') c"
+        ))
+        .unwrap()
+        .0;
+        assert_eq!(
+            (
+                ctx["execution_status"].as_str(),
+                ctx["in_progress_steps"].as_i64(),
+                ctx["completion_percentage"].as_f64()
+            ),
+            (Some("processing"), Some(1), Some(0.0))
+        );
+        let s = step_field(task, "s", "step_uuid");
+        submit(&s, "success", json!(1), Value::Null, Value::Null);
+        let ctx = sql_value::<JsonB>(&format!(
+            "SELECT to_jsonb(c) FROM tasker.task_execution_context('{task}') c"
+        ))
+        .unwrap()
+        .0;
+        assert_eq!(
+            (
+                ctx["completed_steps"].as_i64(),
+                ctx["in_progress_steps"].as_i64(),
+                ctx["completion_percentage"].as_f64()
+            ),
+            (Some(1), Some(2), Some(25.0))
+        );
+        let f = failure(
+            "SELECT * FROM tasker.task_execution_context('00000000-0000-7000-8000-000000000000')",
+        );
+        assert!(f.starts_with("P0002"), "{f}");
+    }
+
+    #[pg_test]
+    fn claims_order_by_escalated_priority_oldest_first() {
+        register(&template(
+            "o_prio",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[])]),
+        ));
+        // tasks with due work: fresh ones at various priorities, and one old
+        // default-priority task that has waited 10 minutes
+        let mut ids = Vec::new();
+        for (prio, waited_s) in [(0, 0), (50, 0), (100, 0), (0, 600), (-20, 0)] {
+            let id = sql_value::<pgrx::Uuid>(&format!(
+                "SELECT tasker.create_task('o_prio', 'flow', priority => {prio})"
+            ))
+            .unwrap();
+            Spi::run(&format!("UPDATE tasker.tasks SET next_action_at = now() - make_interval(secs => {waited_s}) WHERE task_uuid = '{id}'")).unwrap();
+            ids.push(id.to_string());
+        }
+        let claimed = sql_value::<JsonB>(
+            "SELECT jsonb_agg(jsonb_build_array(task_uuid, effective_priority) ORDER BY effective_priority DESC) FROM tasker.claim_ready_tasks('orch-a', 3, 'o_prio')",
+        )
+        .unwrap()
+        .0;
+        let got: Vec<(String, i64)> = claimed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_i64().unwrap()))
+            .collect();
+        // the old task escalated to the ceiling and, being older, precedes the fresh 100
+        let got_ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(got_ids, [ids[3].as_str(), ids[2].as_str(), ids[1].as_str()]);
+        assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), [100, 100, 50]);
+        // claimed tasks are not offered again until released or expired
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.claim_ready_tasks('orch-b', 10, 'o_prio')"),
+            2
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.claim_ready_tasks('orch-c', 10, 'o_prio')"),
+            0
+        );
+        let released = sql_value::<bool>(&format!(
+            "SELECT tasker.release_task_claim('{}', 'orch-a')",
+            ids[3]
+        ))
+        .unwrap();
+        assert!(released);
+        assert!(
+            !sql_value::<bool>(&format!(
+                "SELECT tasker.release_task_claim('{}', 'orch-x')",
+                ids[2]
+            ))
+            .unwrap(),
+            "only the owner releases"
+        );
+        assert!(sql_value::<bool>(&format!(
+            "SELECT tasker.extend_task_claim('{}', 'orch-a', 120)",
+            ids[2]
+        ))
+        .unwrap());
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.claim_ready_tasks('orch-c', 10, 'o_prio')"),
+            1
+        );
+        // an expired claim returns to the pool
+        Spi::run(&format!("UPDATE tasker.tasks SET claim_expires_at = now() - interval '1 second' WHERE task_uuid = '{}'", ids[2])).unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.claim_ready_tasks('orch-d', 10, 'o_prio')"),
+            1
+        );
+        let f = failure("SELECT * FROM tasker.claim_ready_tasks('', 1)");
+        assert!(f.starts_with("22023"), "{f}");
+        let f = failure("SELECT * FROM tasker.claim_ready_tasks('x', 0)");
+        assert!(f.starts_with("22023"), "{f}");
+        let f = failure(&format!(
+            "SELECT tasker.release_task_claim('{}', 'x')",
+            uuid::Uuid::now_v7()
+        ));
+        assert!(f.starts_with("P0002"), "{f}");
+    }
+
+    #[pg_test]
+    fn operator_actions() {
+        let mut s = step("pay", &[]);
+        s["retry"] = json!({"max_attempts": 1});
+        register(&template(
+            "o_ops",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), s, step("ship", &["a", "pay"])]),
+        ));
+        let task = create("o_ops", "flow", json!({}));
+        let pay = step_field(task, "pay", "step_uuid");
+        let a = step_field(task, "a", "step_uuid");
+        let ship = step_field(task, "ship", "step_uuid");
+        submit(&a, "success", json!({"a": 1}), Value::Null, Value::Null);
+        assert_eq!(
+            submit(
+                &pay,
+                "failure",
+                Value::Null,
+                json!({"message": "gateway down"}),
+                Value::Null
+            ),
+            "error"
+        );
+        let state = |q: &str| {
+            sql_value::<String>(&format!(
+                "SELECT state FROM tasker.tasks WHERE task_uuid = '{q}'"
+            ))
+            .unwrap()
+        };
+        assert_eq!(state(&task.to_string()), "blocked_by_failures");
+        // retry_step only from error
+        let f = failure(&format!("SELECT tasker.retry_step('{a}')"));
+        assert!(
+            f.starts_with("55000") && f.contains("only a step in error"),
+            "{f}"
+        );
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT tasker.retry_step('{pay}', 'gateway is back')"
+            ))
+            .unwrap(),
+            "enqueued"
+        );
+        assert_eq!(
+            step_field(task, "pay", "attempts"),
+            "1",
+            "attempts were reset, then the retry enqueued"
+        );
+        assert_eq!(state(&task.to_string()), "steps_in_process");
+        assert_eq!(
+            sql_value::<String>(&format!("SELECT reason || '|' || actor FROM tasker.step_transitions WHERE step_uuid = '{pay}' AND to_state = 'pending' AND from_state = 'error'")).unwrap(),
+            format!("gateway is back|{}", sql_value::<String>("SELECT session_user::text").unwrap())
+        );
+        // it fails again; an operator resolves it by hand with a result
+        submit(
+            &pay,
+            "failure",
+            Value::Null,
+            json!({"message": "still down"}),
+            Value::Null,
+        );
+        assert_eq!(sql_value::<String>(&format!("SELECT tasker.resolve_step_manually('{pay}', '{{\"paid\": \"offline\"}}', 'paid by phone')")).unwrap(), "resolved_manually");
+        // the dependent runs, with the manual result among its inputs
+        let msgs = read_all("o_ops");
+        let ship_msg = msgs
+            .iter()
+            .find(|m| m["step_name"] == "ship")
+            .expect("ship enqueued");
+        assert_eq!(
+            ship_msg["dependency_results"],
+            json!({"a": {"a": 1}, "pay": {"paid": "offline"}})
+        );
+        let f = failure(&format!("SELECT tasker.resolve_step_manually('{pay}')"));
+        assert!(f.starts_with("55000"), "{f}");
+        submit(&ship, "success", json!(true), Value::Null, Value::Null);
+        assert_eq!(state(&task.to_string()), "complete");
+        assert!(sql_value::<bool>(&format!(
+            "SELECT completed_at IS NOT NULL FROM tasker.tasks WHERE task_uuid = '{task}'"
+        ))
+        .unwrap());
+        // finished tasks refuse operator actions and cancellation
+        let f = failure(&format!("SELECT tasker.cancel_task('{task}', 'too late')"));
+        assert!(f.starts_with("55000"), "{f}");
+
+        // cancel: unfinished steps cancelled, their messages archived; late results ignored
+        let t2 = create("o_ops", "flow", json!({}));
+        let a2 = step_field(t2, "a", "step_uuid");
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT tasker.cancel_task('{t2}', 'customer changed mind')"
+            ))
+            .unwrap(),
+            "cancelled"
+        );
+        assert_eq!(step_field(t2, "a", "state"), "cancelled");
+        assert_eq!(count(&format!("SELECT count(*) FROM pgmq.q_tasker_o_ops_queue WHERE message->>'task_uuid' = '{t2}'")), 0);
+        assert_eq!(
+            submit(&a2, "success", json!(1), Value::Null, Value::Null),
+            "cancelled"
+        );
+        let f = failure(&format!("SELECT tasker.retry_step('{a2}')"));
+        assert!(f.starts_with("55000"), "{f}");
+        let f = failure(&format!(
+            "SELECT tasker.cancel_task('{}')",
+            uuid::Uuid::now_v7()
+        ));
+        assert!(f.starts_with("P0002"), "{f}");
+    }
+
+    #[pg_test]
+    fn read_steps_marks_in_progress() {
+        register(&template(
+            "o_read",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &[])]),
+        ));
+        let task = create("o_read", "flow", json!({}));
+        let n = count("SELECT count(*) FROM tasker.read_steps('o_read', 'worker-1', 10, 30)");
+        assert_eq!(n, 2);
+        assert_eq!(step_field(task, "a", "state"), "in_progress");
+        assert_eq!(
+            sql_value::<String>(&format!("SELECT metadata->>'worker_id' FROM tasker.step_transitions st JOIN tasker.workflow_steps s USING (step_uuid) WHERE s.task_uuid = '{task}' AND s.name = 'a' AND st.most_recent")).unwrap(),
+            "worker-1"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.read_steps('o_read', 'worker-1')"),
+            0,
+            "invisible while leased"
+        );
+        let a = step_field(task, "a", "step_uuid");
+        assert_eq!(
+            submit(&a, "success", json!(1), Value::Null, Value::Null),
+            "complete"
+        );
+        let f = failure("SELECT * FROM tasker.read_steps('o_nope', 'w')");
+        assert!(f.starts_with("42704"), "{f}");
+        let f = failure("SELECT * FROM tasker.read_steps('o_read', 'w', 0)");
+        assert!(f.starts_with("22023"), "{f}");
+    }
+
+    /// Finding due work must not scan finished history: with 50,000 finished
+    /// tasks in the table, the planner uses the partial index on
+    /// next_action_at for the ready-task lookup and the claim.
+    #[pg_test]
+    fn ready_work_lookups_use_the_partial_index() {
+        register(&template(
+            "o_explain",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[])]),
+        ));
+        let tpl = sql_value::<pgrx::Uuid>(
+            "SELECT template_uuid FROM tasker.templates WHERE namespace = 'o_explain'",
+        )
+        .unwrap();
+        Spi::run(&format!(
+            "INSERT INTO tasker.tasks (template_uuid, namespace_name, task_name, task_version, state, total_steps, completed_at)
+             SELECT '{tpl}', 'o_explain', 'flow', '1.0.0', 'complete', 1, now() FROM generate_series(1, 50000)"
+        ))
+        .unwrap();
+        Spi::run("ANALYZE tasker.tasks").unwrap();
+        for q in [
+            "SELECT * FROM tasker.ready_tasks",
+            "SELECT task_uuid FROM tasker.tasks t WHERE t.next_action_at <= now() AND (t.claimed_by IS NULL OR t.claim_expires_at < now()) ORDER BY tasker.effective_priority(t.priority, now() - t.next_action_at) DESC, t.next_action_at LIMIT 10 FOR NO KEY UPDATE SKIP LOCKED",
+        ] {
+            let plan = Spi::explain(q).unwrap().0.to_string();
+            assert!(plan.contains("tasks_next_action_idx"), "{q}: {plan}");
+        }
+    }
+}
