@@ -41,6 +41,8 @@ mod tests;
 mod tests_orchestration;
 
 #[cfg(test)]
+mod client_orchestration_tests;
+#[cfg(test)]
 mod client_tests;
 
 /// Required by `cargo pgrx test`.
