@@ -44,7 +44,7 @@ fn query_json(c: &mut Client, sql: &str) -> Value {
 }
 
 fn other_connection(c: &mut Client) -> Client {
-    connect_db(c, &pgrx_tests::get_pg_dbname())
+    connect_db(c, pgrx_tests::get_pg_dbname())
 }
 
 enum Reply {

@@ -4,6 +4,10 @@
 //! arguments, call the plain-Rust logic of `pg_tasker_core`, and run SQL
 //! through SPI. Tables, views and privileges live in `sql/`.
 
+// Functions return `Result<_, ErrorReport>` so that errors keep their SQLSTATE;
+// ErrorReport is large, and errors are the cold path.
+#![allow(clippy::result_large_err)]
+
 use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);

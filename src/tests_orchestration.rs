@@ -156,7 +156,7 @@ mod tests {
             "never been enqueued",
         );
         expect(
-            format!("SELECT tasker.submit_result(NULL, 'success')"),
+            "SELECT tasker.submit_result(NULL, 'success')".to_string(),
             "22004",
             "step_uuid",
         );
