@@ -36,7 +36,46 @@ SELECT tasker.create_task(
 \echo '==> tasker.task_status'
 SELECT task_uuid, namespace, task_name, task_version, state, priority, steps_total, steps_pending
 FROM tasker.task_status WHERE task_uuid = :'task_uuid';
-\echo '==> tasker.step_status'
+\echo '==> tasker.step_status right after create_task: the root step is already in the queue'
 SELECT step_name, state, attempts, max_attempts, dependencies
 FROM tasker.step_status WHERE task_uuid = :'task_uuid' ORDER BY position;
+SQL
+
+# A minimal worker written in SQL: read the namespace queue with plain pgmq,
+# answer with tasker.submit_result. Each call is its own transaction, as a
+# real worker's would be. The first payment attempt fails with a retryable
+# error and retry_after_seconds = 1; the orchestration cycle re-enqueues it.
+echo "==> a worker (psql) processes the queue"
+for _ in $(seq 1 40); do
+    out="$(psql_ -At -F ' ' <<'SQL'
+SELECT message->>'step_name', message->>'attempt',
+       CASE WHEN message->>'step_name' = 'process_payment' AND (message->>'attempt')::int = 1
+            THEN tasker.submit_result((message->>'step_uuid')::uuid, 'failure',
+                     error => '{"message": "payment gateway timeout", "retry_after_seconds": 1}')
+            ELSE tasker.submit_result((message->>'step_uuid')::uuid, 'success',
+                     jsonb_build_object('handled_by', 'demo-worker',
+                                        'saw', (SELECT coalesce(jsonb_agg(k), '[]') FROM jsonb_object_keys(message->'dependency_results') k)),
+                     metadata => jsonb_build_object('attempt', message->'attempt', 'worker_id', 'demo-worker'))
+       END
+FROM pgmq.read('tasker_ecommerce_queue', 30, 10);
+SQL
+)"
+    if [ -n "$out" ]; then
+        printf '%s\n' "$out" | awk '{printf "    %-18s attempt %s -> %s\n", $1, $2, $3}'
+    else
+        # nothing visible: let the orchestrator enqueue due retries
+        psql_ -At -c "SELECT tasker.run_orchestration_cycle('demo')" >/dev/null
+        sleep 0.3
+    fi
+    state="$(psql_ -At -c "SELECT state FROM tasker.tasks WHERE idempotency_key = 'order-1001'")"
+    if [ "$state" = complete ]; then break; fi
+done
+
+psql_ <<'SQL'
+\echo '==> tasker.task_status'
+SELECT task_uuid, task_name, state, steps_total, steps_complete, created_at, completed_at
+FROM tasker.task_status WHERE namespace = 'ecommerce';
+\echo '==> tasker.step_status'
+SELECT step_name, state, attempts, max_attempts, dependencies, last_error_message, results
+FROM tasker.step_status WHERE namespace = 'ecommerce' ORDER BY position;
 SQL

@@ -4,6 +4,7 @@
 //! crate and maps [`Error`] to SQLSTATEs, so every rule is unit-testable with
 //! `cargo test -p pg_tasker_core` in a second.
 
+pub mod config;
 pub mod error;
 pub mod naming;
 pub mod retry;
