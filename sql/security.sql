@@ -66,3 +66,8 @@ GRANT EXECUTE ON FUNCTION tasker.run_orchestration_cycle(text, integer),
 -- Workers read step messages with plain pgmq calls; each namespace queue
 -- grants its table to tasker_worker when it is created (register_template).
 GRANT USAGE ON SCHEMA pgmq TO tasker_worker;
+
+-- Health and configuration.
+GRANT EXECUTE ON FUNCTION tasker.health() TO tasker_app, tasker_worker;
+GRANT EXECUTE ON FUNCTION tasker.config() TO tasker_admin;
+GRANT SELECT ON tasker.orchestrator_status, tasker.queue_status TO tasker_app, tasker_worker;

@@ -459,7 +459,10 @@ fn fan_in_join_is_enqueued_exactly_once_under_concurrency() {
 
 #[test]
 fn concurrent_orchestrators_never_process_the_same_task_twice() {
+    // the background orchestrator stays out of this race
+    let _guard = crate::client_bgworker_tests::lock();
     let mut c = connect();
+    crate::client_bgworker_tests::set_enabled(&mut c, false);
     let mut s = step("a", &[]);
     s["retry"] = json!({"max_attempts": 5, "backoff": "linear", "backoff_base_ms": 1});
     register(&mut c, &template("c_orch", "flow", vec![s]));
@@ -570,6 +573,7 @@ fn concurrent_orchestrators_never_process_the_same_task_twice() {
     assert!(a.iter().all(|x| !b.contains(x)), "claims are disjoint");
     t1.rollback().unwrap();
     t2.rollback().unwrap();
+    crate::client_bgworker_tests::set_enabled(&mut c, true);
 }
 
 #[test]

@@ -8,15 +8,61 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 pub static ENVIRONMENT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"development"));
 
+/// Database the background worker connects to (postmaster start only).
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Turns the background worker's work off and on without a restart.
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Directory laid out like config/tasker; unset: the compiled-in files.
+pub static CONFIG_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pg_tasker.database",
+        c"Database the pg_tasker background worker connects to.",
+        c"The orchestrator serves the pg_tasker extension installed in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tasker.enabled",
+        c"Whether the pg_tasker background worker does any work.",
+        c"When off, the worker keeps running but performs no orchestration.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_tasker.config_dir",
+        c"Directory with pg_tasker TOML configuration (base/, environments/<env>/).",
+        c"Unset: the configuration files compiled into the extension.",
+        &CONFIG_DIR,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"pg_tasker.environment",
         c"Environment name (test, development, production, ...).",
-        c"Selects the template overrides under environments.<name> applied by create_task.",
+        c"Selects the template overrides under environments.<name> applied by create_task, and the configuration overlays under config_dir/environments/<name>.",
         &ENVIRONMENT,
         GucContext::Userset,
         GucFlags::default(),
     );
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+pub fn config_dir() -> Option<String> {
+    CONFIG_DIR
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
 }
 
 pub fn environment() -> String {

@@ -12,14 +12,18 @@ use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
+mod bgworker;
 mod errors;
 mod guc;
+mod health;
 mod ids;
 mod orchestration;
+mod settings;
 mod spi_util;
 mod subxact;
 mod tasks;
 mod templates;
+mod worker_state;
 
 extension_sql_file!(
     "../sql/schema.sql",
@@ -32,11 +36,22 @@ extension_sql_file!(
     name = "orchestration",
     requires = ["schema"]
 );
+extension_sql_file!(
+    "../sql/health.sql",
+    name = "health_views",
+    requires = ["orchestration", health::health]
+);
 extension_sql_file!("../sql/security.sql", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
+    // SAFETY: a plain flag set by the postmaster while it loads
+    // shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker_state::init_shmem();
+        bgworker::register();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -44,6 +59,8 @@ mod tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests_orchestration;
 
+#[cfg(test)]
+mod client_bgworker_tests;
 #[cfg(test)]
 mod client_orchestration_tests;
 #[cfg(test)]
@@ -54,8 +71,13 @@ mod client_tests;
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
+    /// The test cluster runs the orchestrator, as a production one would.
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        vec![
+            "shared_preload_libraries = 'pg_tasker'",
+            "pg_tasker.database = 'pgrx_tests'",
+            "pg_tasker.environment = 'test'",
+        ]
     }
 }

@@ -373,7 +373,7 @@ pub fn refresh_task(task: uuid::Uuid, reason: &str) -> ApiResult<Refreshed> {
     let counts = step_counts(task)?;
     let exec = status::execution_status(&StepCounts::from(&counts));
     let new_state = exec.task_state();
-    run(
+    let scheduled = scalar::<bool>(
         "UPDATE tasker.tasks
             SET state = $2,
                 next_action_at = CASE WHEN $3 THEN now()
@@ -381,9 +381,15 @@ pub fn refresh_task(task: uuid::Uuid, reason: &str) -> ApiResult<Refreshed> {
                                              WHERE s.task_uuid = $1 AND s.state = 'waiting_for_retry') END,
                 completed_at = CASE WHEN $2 = 'complete' THEN now() ELSE completed_at END,
                 updated_at = now()
-          WHERE task_uuid = $1",
+          WHERE task_uuid = $1
+        RETURNING next_action_at IS NOT NULL",
         &[task.into(), new_state.into(), (exec == ExecutionStatus::HasReadySteps).into()],
-    )?;
+    )?
+    .unwrap_or(false);
+    if scheduled {
+        // the orchestrator must recompute when to wake up
+        crate::worker_state::wake_on_commit();
+    }
     let changed = new_state != state;
     if changed {
         run(
@@ -460,9 +466,6 @@ fn task_execution_context(
 // Orchestration cycle
 // ---------------------------------------------------------------------------
 
-/// How long a task whose processing failed waits before the next try.
-const FAILED_TASK_RETRY_SECONDS: i32 = 5;
-
 /// `tasker.run_orchestration_cycle(orchestrator_id, max_tasks) RETURNS jsonb`:
 /// claims due tasks, enqueues their runnable steps (due retries included),
 /// re-evaluates and releases them. Each task runs in its own subtransaction:
@@ -480,9 +483,27 @@ fn run_orchestration_cycle(
             "max_tasks must be at least 1, got {max_tasks}"
         )));
     }
+    let o = crate::settings::current().orchestration;
+    cycle(
+        orchestrator,
+        max_tasks,
+        o.claim_timeout_seconds as i32,
+        o.failed_task_backoff_seconds as i32,
+    )
+    .map(JsonB)
+}
+
+/// One orchestration pass (the body of `run_orchestration_cycle`, also run by
+/// the background worker).
+pub fn cycle(
+    orchestrator: &str,
+    max_tasks: i32,
+    claim_timeout_seconds: i32,
+    failed_task_backoff_seconds: i32,
+) -> ApiResult<Value> {
     let claimed: Vec<uuid::Uuid> = json_row::<Vec<uuid::Uuid>>(
-        "SELECT coalesce(jsonb_agg(c.task_uuid), '[]') FROM tasker.claim_ready_tasks($1, $2) c",
-        &[orchestrator.into(), max_tasks.into()],
+        "SELECT coalesce(jsonb_agg(c.task_uuid), '[]') FROM tasker.claim_ready_tasks($1, $2, NULL, $3) c",
+        &[orchestrator.into(), max_tasks.into(), claim_timeout_seconds.into()],
     )?
     .unwrap_or_default();
 
@@ -504,7 +525,7 @@ fn run_orchestration_cycle(
             Err(message) => {
                 run(
                     "UPDATE tasker.tasks SET next_action_at = now() + make_interval(secs => $2) WHERE task_uuid = $1",
-                    &[pg_uuid(task).into(), FAILED_TASK_RETRY_SECONDS.into()],
+                    &[pg_uuid(task).into(), failed_task_backoff_seconds.into()],
                 )?;
                 errors.push(json!({"task_uuid": task, "error": message}));
             }
@@ -514,7 +535,7 @@ fn run_orchestration_cycle(
             &[pg_uuid(task).into(), orchestrator.into()],
         )?;
     }
-    Ok(JsonB(json!({
+    Ok(json!({
         "orchestrator_id": orchestrator,
         "tasks_claimed": claimed.len(),
         "tasks_processed": processed,
@@ -522,7 +543,7 @@ fn run_orchestration_cycle(
         "tasks_completed": completed,
         "tasks_blocked": blocked,
         "errors": errors,
-    })))
+    }))
 }
 
 // ---------------------------------------------------------------------------
@@ -561,7 +582,11 @@ fn read_steps(
             "qty must be between 1 and 1000, got {qty}"
         )));
     }
-    let vt = visibility_timeout_seconds.unwrap_or(DEFAULT_VISIBILITY_TIMEOUT_SECONDS);
+    let vt = visibility_timeout_seconds.unwrap_or(
+        crate::settings::current()
+            .queues
+            .default_visibility_timeout_seconds as i32,
+    );
     if vt < 1 {
         return Err(invalid(format!(
             "visibility_timeout_seconds must be at least 1, got {vt}"
@@ -610,9 +635,6 @@ fn read_steps(
             .collect::<Vec<_>>(),
     ))
 }
-
-/// Visibility timeout of `read_steps` when none is given.
-const DEFAULT_VISIBILITY_TIMEOUT_SECONDS: i32 = 30;
 
 // ---------------------------------------------------------------------------
 // Operator actions

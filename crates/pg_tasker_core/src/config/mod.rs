@@ -21,11 +21,26 @@ use serde_json::Value;
 
 /// Files compiled into the binary: the defaults.
 const EMBEDDED: &[(&str, &str)] = &[
-    ("base/common.toml", include_str!("../../../../config/tasker/base/common.toml")),
-    ("base/orchestration.toml", include_str!("../../../../config/tasker/base/orchestration.toml")),
-    ("base/worker.toml", include_str!("../../../../config/tasker/base/worker.toml")),
-    ("environments/test/orchestration.toml", include_str!("../../../../config/tasker/environments/test/orchestration.toml")),
-    ("environments/test/worker.toml", include_str!("../../../../config/tasker/environments/test/worker.toml")),
+    (
+        "base/common.toml",
+        include_str!("../../../../config/tasker/base/common.toml"),
+    ),
+    (
+        "base/orchestration.toml",
+        include_str!("../../../../config/tasker/base/orchestration.toml"),
+    ),
+    (
+        "base/worker.toml",
+        include_str!("../../../../config/tasker/base/worker.toml"),
+    ),
+    (
+        "environments/test/orchestration.toml",
+        include_str!("../../../../config/tasker/environments/test/orchestration.toml"),
+    ),
+    (
+        "environments/test/worker.toml",
+        include_str!("../../../../config/tasker/environments/test/worker.toml"),
+    ),
     (
         "environments/development/orchestration.toml",
         include_str!("../../../../config/tasker/environments/development/orchestration.toml"),
@@ -34,7 +49,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "environments/production/orchestration.toml",
         include_str!("../../../../config/tasker/environments/production/orchestration.toml"),
     ),
-    ("environments/production/worker.toml", include_str!("../../../../config/tasker/environments/production/worker.toml")),
+    (
+        "environments/production/worker.toml",
+        include_str!("../../../../config/tasker/environments/production/worker.toml"),
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +136,13 @@ fn in_range(out: &mut Vec<(&'static str, String)>, key: &'static str, v: u64, lo
 }
 
 fn common_problems(out: &mut Vec<(&'static str, String)>, queues: &QueuesConfig) {
-    in_range(out, "queues.default_visibility_timeout_seconds", queues.default_visibility_timeout_seconds as u64, 1, 86_400);
+    in_range(
+        out,
+        "queues.default_visibility_timeout_seconds",
+        queues.default_visibility_timeout_seconds as u64,
+        1,
+        86_400,
+    );
 }
 
 impl Validate for OrchestrationConfig {
@@ -126,10 +150,34 @@ impl Validate for OrchestrationConfig {
         let mut out = Vec::new();
         common_problems(&mut out, &self.queues);
         let o = &self.orchestration;
-        in_range(&mut out, "orchestration.cycle_interval_ms", o.cycle_interval_ms, 10, 3_600_000);
-        in_range(&mut out, "orchestration.batch_size", o.batch_size as u64, 1, 10_000);
-        in_range(&mut out, "orchestration.claim_timeout_seconds", o.claim_timeout_seconds as u64, 1, 86_400);
-        in_range(&mut out, "orchestration.failed_task_backoff_seconds", o.failed_task_backoff_seconds as u64, 0, 86_400);
+        in_range(
+            &mut out,
+            "orchestration.cycle_interval_ms",
+            o.cycle_interval_ms,
+            10,
+            3_600_000,
+        );
+        in_range(
+            &mut out,
+            "orchestration.batch_size",
+            o.batch_size as u64,
+            1,
+            10_000,
+        );
+        in_range(
+            &mut out,
+            "orchestration.claim_timeout_seconds",
+            o.claim_timeout_seconds as u64,
+            1,
+            86_400,
+        );
+        in_range(
+            &mut out,
+            "orchestration.failed_task_backoff_seconds",
+            o.failed_task_backoff_seconds as u64,
+            0,
+            86_400,
+        );
         out
     }
 }
@@ -140,10 +188,34 @@ impl Validate for WorkerConfig {
         common_problems(&mut out, &self.queues);
         let w = &self.worker;
         in_range(&mut out, "worker.batch_size", w.batch_size as u64, 1, 1000);
-        in_range(&mut out, "worker.concurrency", w.concurrency as u64, 1, 10_000);
-        in_range(&mut out, "worker.poll_interval_ms", w.poll_interval_ms, 1, 600_000);
-        in_range(&mut out, "worker.visibility_timeout_seconds", w.visibility_timeout_seconds as u64, 1, 86_400);
-        in_range(&mut out, "worker.shutdown_timeout_seconds", w.shutdown_timeout_seconds as u64, 0, 3_600);
+        in_range(
+            &mut out,
+            "worker.concurrency",
+            w.concurrency as u64,
+            1,
+            10_000,
+        );
+        in_range(
+            &mut out,
+            "worker.poll_interval_ms",
+            w.poll_interval_ms,
+            1,
+            600_000,
+        );
+        in_range(
+            &mut out,
+            "worker.visibility_timeout_seconds",
+            w.visibility_timeout_seconds as u64,
+            1,
+            86_400,
+        );
+        in_range(
+            &mut out,
+            "worker.shutdown_timeout_seconds",
+            w.shutdown_timeout_seconds as u64,
+            0,
+            3_600,
+        );
         for ns in &w.namespaces {
             if crate::naming::validate_namespace(ns).is_err() {
                 out.push(("worker.namespaces", format!("invalid namespace \"{ns}\"")));
@@ -226,12 +298,16 @@ fn load<T: DeserializeOwned + Validate>(
 ) -> Result<Loaded<T>, ConfigError> {
     let env_ok = !env.is_empty()
         && env.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && env.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        && env
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
     if !env_ok {
         return Err(ConfigError {
             file: "pg_tasker.environment".into(),
             key: None,
-            message: format!("invalid environment name \"{env}\" (lowercase letters, digits, _ and -)"),
+            message: format!(
+                "invalid environment name \"{env}\" (lowercase letters, digits, _ and -)"
+            ),
         });
     }
     let mut merged = toml::Table::new();
@@ -249,14 +325,20 @@ fn load<T: DeserializeOwned + Validate>(
                 }
             }
             Location::Dir(dir) => {
-                layers.push(read_file(dir, &base)?.unwrap_or_else(|| embedded(&base).expect("compiled in")));
+                layers.push(
+                    read_file(dir, &base)?.unwrap_or_else(|| embedded(&base).expect("compiled in")),
+                );
                 if let Some(l) = read_file(dir, &overlay)? {
                     layers.push(l);
                 }
             }
         }
         for (label, text) in layers {
-            let text = substitute(&text, vars).map_err(|message| ConfigError { file: label.clone(), key: None, message })?;
+            let text = substitute(&text, vars).map_err(|message| ConfigError {
+                file: label.clone(),
+                key: None,
+                message,
+            })?;
             let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError {
                 file: label.clone(),
                 key: None,
@@ -271,7 +353,12 @@ fn load<T: DeserializeOwned + Validate>(
         key_sources
             .get(key)
             .cloned()
-            .or_else(|| key_sources.iter().find(|(k, _)| k.starts_with(&format!("{key}."))).map(|(_, f)| f.clone()))
+            .or_else(|| {
+                key_sources
+                    .iter()
+                    .find(|(k, _)| k.starts_with(&format!("{key}.")))
+                    .map(|(_, f)| f.clone())
+            })
             .unwrap_or_else(|| files.last().cloned().unwrap_or_default())
     };
     let config: T = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
@@ -283,16 +370,32 @@ fn load<T: DeserializeOwned + Validate>(
             ("." | "", Some(field)) => field.to_string(),
             _ => path,
         };
-        ConfigError { file: source_of(&key), key: Some(key), message: inner }
+        ConfigError {
+            file: source_of(&key),
+            key: Some(key),
+            message: inner,
+        }
     })?;
     if let Some((key, message)) = config.problems().into_iter().next() {
-        return Err(ConfigError { file: source_of(key), key: Some(key.to_string()), message });
+        return Err(ConfigError {
+            file: source_of(key),
+            key: Some(key.to_string()),
+            message,
+        });
     }
-    Ok(Loaded { config, environment: env.to_string(), files, key_sources })
+    Ok(Loaded {
+        config,
+        environment: env.to_string(),
+        files,
+        key_sources,
+    })
 }
 
 fn embedded(rel: &str) -> Option<(String, String)> {
-    EMBEDDED.iter().find(|(p, _)| *p == rel).map(|(p, t)| (format!("embedded:{p}"), t.to_string()))
+    EMBEDDED
+        .iter()
+        .find(|(p, _)| *p == rel)
+        .map(|(p, t)| (format!("embedded:{p}"), t.to_string()))
 }
 
 fn read_file(dir: &Path, rel: &str) -> Result<Option<(String, String)>, ConfigError> {
@@ -300,7 +403,11 @@ fn read_file(dir: &Path, rel: &str) -> Result<Option<(String, String)>, ConfigEr
     match std::fs::read_to_string(&path) {
         Ok(t) => Ok(Some((path.display().to_string(), t))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ConfigError { file: path.display().to_string(), key: None, message: format!("cannot read: {e}") }),
+        Err(e) => Err(ConfigError {
+            file: path.display().to_string(),
+            key: None,
+            message: format!("cannot read: {e}"),
+        }),
     }
 }
 
@@ -315,7 +422,9 @@ fn substitute(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Strin
             out.push('$');
             rest = stripped;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body.find('}').ok_or_else(|| "unterminated ${ in a value".to_string())?;
+            let end = body
+                .find('}')
+                .ok_or_else(|| "unterminated ${ in a value".to_string())?;
             let expr = &body[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
@@ -329,7 +438,11 @@ fn substitute(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Strin
             match (value, default) {
                 (Some(v), _) => out.push_str(&v),
                 (None, Some(d)) => out.push_str(d),
-                (None, None) => return Err(format!("environment variable {name} is not set and ${{{name}}} has no default")),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable {name} is not set and ${{{name}}} has no default"
+                    ))
+                }
             }
             rest = &body[end + 1..];
         } else {
@@ -341,9 +454,18 @@ fn substitute(text: &str, vars: &dyn Fn(&str) -> Option<String>) -> Result<Strin
     Ok(out)
 }
 
-fn record_sources(table: &toml::Table, prefix: &str, file: &str, out: &mut BTreeMap<String, String>) {
+fn record_sources(
+    table: &toml::Table,
+    prefix: &str,
+    file: &str,
+    out: &mut BTreeMap<String, String>,
+) {
     for (k, v) in table {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match v {
             toml::Value::Table(t) => record_sources(t, &key, file, out),
             _ => {
@@ -381,7 +503,10 @@ fn redact(v: &mut Value) {
     if let Value::Object(m) = v {
         for (k, val) in m.iter_mut() {
             let lk = k.to_ascii_lowercase();
-            if ["password", "secret", "token"].iter().any(|s| lk.contains(s)) {
+            if ["password", "secret", "token"]
+                .iter()
+                .any(|s| lk.contains(s))
+            {
                 *val = Value::String("***".into());
             } else if let Value::String(s) = val {
                 if let Some(r) = redact_url(s) {

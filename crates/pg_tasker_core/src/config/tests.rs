@@ -22,13 +22,25 @@ fn write(dir: &Path, rel: &str, text: &str) {
 fn embedded_defaults_and_environment_overlays() {
     let dev = load_orchestration(&Location::Embedded, "development", &no_vars).unwrap();
     assert_eq!(dev.config.orchestration.cycle_interval_ms, 500);
-    assert_eq!(dev.config.orchestration.batch_size, 100, "sibling keys of the overlay survive");
+    assert_eq!(
+        dev.config.orchestration.batch_size, 100,
+        "sibling keys of the overlay survive"
+    );
     let test = load_orchestration(&Location::Embedded, "test", &no_vars).unwrap();
     assert_eq!(test.config.orchestration.cycle_interval_ms, 200);
-    assert_eq!(test.key_sources["orchestration.cycle_interval_ms"], "embedded:environments/test/orchestration.toml");
-    assert_eq!(test.key_sources["orchestration.batch_size"], "embedded:base/orchestration.toml");
+    assert_eq!(
+        test.key_sources["orchestration.cycle_interval_ms"],
+        "embedded:environments/test/orchestration.toml"
+    );
+    assert_eq!(
+        test.key_sources["orchestration.batch_size"],
+        "embedded:base/orchestration.toml"
+    );
     let w = load_worker(&Location::Embedded, "production", &no_vars).unwrap();
-    assert_eq!((w.config.worker.concurrency, w.config.worker.batch_size), (16, 10));
+    assert_eq!(
+        (w.config.worker.concurrency, w.config.worker.batch_size),
+        (16, 10)
+    );
     // an environment without overlays is the base
     let other = load_orchestration(&Location::Embedded, "staging", &no_vars).unwrap();
     assert_eq!(other.config.orchestration.cycle_interval_ms, 1000);
@@ -37,7 +49,8 @@ fn embedded_defaults_and_environment_overlays() {
 #[test]
 fn deep_merge_keeps_sibling_tables() {
     let mut base: toml::Table = toml::from_str("[a.shared]\nx = 1\n[a.keep]\ny = 2").unwrap();
-    let overlay: toml::Table = toml::from_str("[a.orchestration]\nz = 3\n[a.shared]\nx = 10").unwrap();
+    let overlay: toml::Table =
+        toml::from_str("[a.orchestration]\nz = 3\n[a.shared]\nx = 10").unwrap();
     deep_merge(&mut base, overlay);
     assert_eq!(base["a"]["shared"]["x"].as_integer(), Some(10));
     assert_eq!(base["a"]["keep"]["y"].as_integer(), Some(2));
@@ -55,39 +68,86 @@ fn env_substitution_with_defaults() {
     assert_eq!(substitute("a=${SET:-d}", &vars).unwrap(), "a=value");
     assert_eq!(substitute("a=${UNSET:-d}", &vars).unwrap(), "a=d");
     assert_eq!(substitute("a=${EMPTY:-d}", &vars).unwrap(), "a=d");
-    assert_eq!(substitute("cost=$$5 and $x", &vars).unwrap(), "cost=$5 and $x");
-    assert!(substitute("a=${UNSET}", &vars).unwrap_err().contains("UNSET"));
+    assert_eq!(
+        substitute("cost=$$5 and $x", &vars).unwrap(),
+        "cost=$5 and $x"
+    );
+    assert!(substitute("a=${UNSET}", &vars)
+        .unwrap_err()
+        .contains("UNSET"));
     assert!(substitute("a=${bad-name}", &vars).is_err());
-    let url = load_worker(&Location::Embedded, "test", &|n| (n == "DATABASE_URL").then(|| "postgresql://u:pw@h/db".to_string())).unwrap();
+    let url = load_worker(&Location::Embedded, "test", &|n| {
+        (n == "DATABASE_URL").then(|| "postgresql://u:pw@h/db".to_string())
+    })
+    .unwrap();
     assert_eq!(url.config.database.url, "postgresql://u:pw@h/db");
-    assert_eq!(describe(&url)["config"]["database"]["url"], "postgresql://u:***@h/db", "secrets are redacted");
+    assert_eq!(
+        describe(&url)["config"]["database"]["url"],
+        "postgresql://u:***@h/db",
+        "secrets are redacted"
+    );
     let default = load_worker(&Location::Embedded, "test", &no_vars).unwrap();
-    assert!(default.config.database.url.starts_with("postgresql://postgres@localhost"));
+    assert!(default
+        .config
+        .database
+        .url
+        .starts_with("postgresql://postgres@localhost"));
 }
 
 #[test]
 fn directory_files_override_and_errors_name_file_and_key() {
     let d = temp_dir("dir");
-    write(&d, "environments/qa/orchestration.toml", "[orchestration]\ncycle_interval_ms = 50\n");
+    write(
+        &d,
+        "environments/qa/orchestration.toml",
+        "[orchestration]\ncycle_interval_ms = 50\n",
+    );
     let ok = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap();
     assert_eq!(ok.config.orchestration.cycle_interval_ms, 50);
-    assert_eq!(ok.files.last().unwrap(), &d.join("environments/qa/orchestration.toml").display().to_string());
+    assert_eq!(
+        ok.files.last().unwrap(),
+        &d.join("environments/qa/orchestration.toml")
+            .display()
+            .to_string()
+    );
 
     // unknown key
-    write(&d, "environments/qa/orchestration.toml", "[orchestration]\ncycle_intervall_ms = 50\n");
+    write(
+        &d,
+        "environments/qa/orchestration.toml",
+        "[orchestration]\ncycle_intervall_ms = 50\n",
+    );
     let e = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap_err();
-    assert_eq!(e.key.as_deref(), Some("orchestration.cycle_intervall_ms"), "{e}");
-    assert!(e.file.ends_with("environments/qa/orchestration.toml"), "{e}");
+    assert_eq!(
+        e.key.as_deref(),
+        Some("orchestration.cycle_intervall_ms"),
+        "{e}"
+    );
+    assert!(
+        e.file.ends_with("environments/qa/orchestration.toml"),
+        "{e}"
+    );
     assert!(e.message.contains("unknown field"), "{e}");
 
     // bad type
-    write(&d, "environments/qa/orchestration.toml", "[orchestration]\nbatch_size = \"many\"\n");
+    write(
+        &d,
+        "environments/qa/orchestration.toml",
+        "[orchestration]\nbatch_size = \"many\"\n",
+    );
     let e = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("orchestration.batch_size"), "{e}");
-    assert!(e.file.ends_with("environments/qa/orchestration.toml"), "{e}");
+    assert!(
+        e.file.ends_with("environments/qa/orchestration.toml"),
+        "{e}"
+    );
 
     // out of range
-    write(&d, "environments/qa/orchestration.toml", "[orchestration]\ncycle_interval_ms = 1\n");
+    write(
+        &d,
+        "environments/qa/orchestration.toml",
+        "[orchestration]\ncycle_interval_ms = 1\n",
+    );
     let e = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("orchestration.cycle_interval_ms"));
     assert!(e.to_string().contains("between 10 and"), "{e}");
@@ -95,7 +155,11 @@ fn directory_files_override_and_errors_name_file_and_key() {
     // broken TOML
     write(&d, "environments/qa/orchestration.toml", "[orchestration\n");
     let e = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap_err();
-    assert!(e.file.ends_with("environments/qa/orchestration.toml") && e.message.starts_with("invalid TOML"), "{e}");
+    assert!(
+        e.file.ends_with("environments/qa/orchestration.toml")
+            && e.message.starts_with("invalid TOML"),
+        "{e}"
+    );
 
     // a base file on disk replaces the compiled-in one; unknown top-level table
     write(&d, "environments/qa/orchestration.toml", "");

@@ -1,0 +1,219 @@
+//! The orchestrator: a background worker inside PostgreSQL.
+//!
+//! Registered when pg_tasker is in shared_preload_libraries. It connects to
+//! `pg_tasker.database`, waits until the extension exists there (standing
+//! down while the installed version differs from this library), and then
+//! runs the orchestration cycle, one transaction per tick. It sleeps on its
+//! latch until the earliest due task (bounded by `cycle_interval_ms`);
+//! backends that schedule future work wake it at commit. SIGHUP reloads
+//! settings and configuration (an invalid file keeps the last good one);
+//! SIGTERM stops it between ticks.
+
+use std::time::Duration;
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
+
+use crate::worker_state::{self, Status};
+use crate::{guc, orchestration, settings};
+
+pub const ORCHESTRATOR_ID: &str = "pg_tasker-bgworker";
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_tasker orchestrator")
+        .set_type("pg_tasker")
+        .set_library("pg_tasker")
+        .set_function("pg_tasker_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+fn message_of(cause: &CaughtError) -> String {
+    match cause {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
+}
+
+/// Runs `f` in its own transaction: committed when it returns, rolled back
+/// (and the error returned) when it raises. Unlike
+/// `BackgroundWorker::transaction`, an error never commits.
+fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
+    // SAFETY: the standard background-worker transaction sequence.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(move || Ok(f()))
+        .catch_others(|cause| Err(message_of(&cause)))
+        .execute();
+    unsafe {
+        match &result {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    result
+}
+
+enum Tick {
+    WaitingForExtension,
+    VersionMismatch(String),
+    Ran {
+        claimed: i64,
+        next_due_ms: Option<i64>,
+    },
+}
+
+fn tick(batch_size: i32, claim_timeout: i32, failed_backoff: i32) -> Result<Tick, String> {
+    in_transaction(move || {
+        let version = Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_tasker'");
+        let version = match version {
+            Ok(Some(v)) => v,
+            Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => return Ok(Tick::WaitingForExtension),
+            Err(e) => return Err(e.to_string()),
+        };
+        if version != env!("CARGO_PKG_VERSION") {
+            return Ok(Tick::VersionMismatch(version));
+        }
+        let summary = orchestration::cycle(ORCHESTRATOR_ID, batch_size, claim_timeout, failed_backoff)
+            .map_err(|e| e.message().to_string())?;
+        if let Some(errors) = summary["errors"].as_array().filter(|e| !e.is_empty()) {
+            let text = format!("pg_tasker: {} task(s) failed in the orchestration cycle: {}", errors.len(), serde_json::Value::from(errors.clone()));
+            pgrx::warning!("{text}");
+            worker_state::record_error(&text);
+        }
+        // When is the next task due? Tasks claimed by someone else count from
+        // the end of their claim.
+        let next_due_ms = Spi::get_one::<i64>(
+            "SELECT (extract(epoch FROM min(CASE WHEN t.claimed_by IS NOT NULL AND t.claim_expires_at > now()
+                                                  THEN greatest(t.next_action_at, t.claim_expires_at)
+                                                  ELSE t.next_action_at END) - clock_timestamp()) * 1000)::bigint
+               FROM tasker.tasks t WHERE t.next_action_at IS NOT NULL",
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Tick::Ran { claimed: summary["tasks_claimed"].as_i64().unwrap_or(0), next_due_ms })
+    })
+    .and_then(|r| r)
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    worker_state::PID.get().store(
+        unsafe { pg_sys::MyProcPid },
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    worker_state::set_status(Status::NotStarted);
+    log!("pg_tasker orchestrator started in database \"{database}\"");
+    if let Some(e) = settings::reload() {
+        let text = format!("pg_tasker: invalid configuration, using the compiled-in defaults: {e}");
+        pgrx::warning!("{text}");
+        worker_state::record_error(&text);
+    }
+
+    let mut reported: Option<String> = None;
+    let mut report_once = |what: String| {
+        if reported.as_deref() != Some(what.as_str()) {
+            log!("{what}");
+            reported = Some(what);
+        }
+    };
+    loop {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            match settings::reload() {
+                None => log!("pg_tasker: configuration reloaded"),
+                Some(e) => {
+                    let text =
+                        format!("pg_tasker: invalid configuration, keeping the previous one: {e}");
+                    pgrx::warning!("{text}");
+                    worker_state::record_error(&text);
+                }
+            }
+        }
+        let cfg = settings::current();
+        let interval = Duration::from_millis(cfg.orchestration.cycle_interval_ms);
+        worker_state::CYCLE_INTERVAL_MS.get().store(
+            cfg.orchestration.cycle_interval_ms,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let mut sleep = interval;
+        if !guc::ENABLED.get() {
+            worker_state::set_status(Status::Disabled);
+            report_once("pg_tasker orchestrator disabled (pg_tasker.enabled = off)".into());
+        } else {
+            let o = &cfg.orchestration;
+            match tick(
+                o.batch_size as i32,
+                o.claim_timeout_seconds as i32,
+                o.failed_task_backoff_seconds as i32,
+            ) {
+                Ok(Tick::WaitingForExtension) => {
+                    worker_state::set_status(Status::WaitingForExtension);
+                    report_once(format!("pg_tasker orchestrator waiting for CREATE EXTENSION pg_tasker in database \"{database}\""));
+                }
+                Ok(Tick::VersionMismatch(v)) => {
+                    worker_state::set_status(Status::VersionMismatch);
+                    report_once(format!(
+                        "pg_tasker orchestrator standing down: the extension installed in \"{database}\" is version {v}, this library is {}; run ALTER EXTENSION pg_tasker UPDATE",
+                        env!("CARGO_PKG_VERSION")
+                    ));
+                }
+                Ok(Tick::Ran {
+                    claimed,
+                    next_due_ms,
+                }) => {
+                    worker_state::set_status(Status::Running);
+                    report_once("pg_tasker orchestrator running".into());
+                    sleep = if claimed >= o.batch_size as i64 {
+                        Duration::ZERO // more due work than one batch
+                    } else {
+                        match next_due_ms {
+                            // due now but nothing claimable: someone else holds it
+                            Some(ms) if ms <= 0 => interval.min(Duration::from_millis(50)),
+                            Some(ms) => interval.min(Duration::from_millis(ms as u64)),
+                            None => interval,
+                        }
+                    };
+                }
+                Err(message) => {
+                    let text = format!("pg_tasker orchestration tick failed: {message}");
+                    pgrx::warning!("{text}");
+                    worker_state::record_error(&text);
+                }
+            }
+            worker_state::TICKS
+                .get()
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            worker_state::LAST_TICK_MS
+                .get()
+                .store(now_ms, std::sync::atomic::Ordering::SeqCst);
+        }
+        if !BackgroundWorker::wait_latch(Some(sleep)) {
+            break;
+        }
+    }
+    worker_state::set_status(Status::Stopped);
+    worker_state::PID
+        .get()
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    log!("pg_tasker orchestrator stopped");
+}

@@ -1,0 +1,141 @@
+//! Shared memory between the background worker and backends: who the worker
+//! is and how it is doing (for `tasker.health()`), and the latch wake-up that
+//! backends send when they commit work the worker must act on.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::{pg_shmem_init, PgAtomic, PgLwLock, PgXactCallbackEvent};
+
+pub static PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_tasker_worker_pid") };
+pub static STATUS: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_tasker_worker_status") };
+pub static TICKS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_tasker_worker_ticks") };
+pub static LAST_TICK_MS: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"pg_tasker_worker_last_tick") };
+pub static ERRORS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_tasker_worker_errors") };
+/// The fallback interval the worker currently uses (from its configuration).
+pub static CYCLE_INTERVAL_MS: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"pg_tasker_worker_interval") };
+pub static LAST_ERROR: PgLwLock<ErrorText> =
+    unsafe { PgLwLock::new(c"pg_tasker_worker_last_error") };
+
+/// Set in `_PG_init` when loaded through shared_preload_libraries; backends
+/// forked from the postmaster inherit it. Without it there is no shared
+/// memory to touch.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    NotStarted = 0,
+    WaitingForExtension = 1,
+    VersionMismatch = 2,
+    Disabled = 3,
+    Running = 4,
+    Stopped = 5,
+}
+
+impl Status {
+    pub fn name(code: i32) -> &'static str {
+        match code {
+            1 => "waiting for CREATE EXTENSION",
+            2 => "standing down: extension version mismatch",
+            3 => "disabled (pg_tasker.enabled = off)",
+            4 => "running",
+            5 => "stopped",
+            _ => "not started",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct ErrorText {
+    len: usize,
+    bytes: [u8; 512],
+}
+
+impl Default for ErrorText {
+    fn default() -> Self {
+        ErrorText {
+            len: 0,
+            bytes: [0; 512],
+        }
+    }
+}
+
+// SAFETY: plain bytes, no pointers.
+unsafe impl PGRXSharedMemory for ErrorText {}
+
+impl ErrorText {
+    pub fn get(&self) -> String {
+        String::from_utf8_lossy(&self.bytes[..self.len]).into_owned()
+    }
+}
+
+pub fn init_shmem() {
+    pg_shmem_init!(PID);
+    pg_shmem_init!(STATUS);
+    pg_shmem_init!(TICKS);
+    pg_shmem_init!(LAST_TICK_MS);
+    pg_shmem_init!(ERRORS);
+    pg_shmem_init!(CYCLE_INTERVAL_MS);
+    pg_shmem_init!(LAST_ERROR);
+    PRELOADED.store(true, Ordering::SeqCst);
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::SeqCst)
+}
+
+pub fn set_status(s: Status) {
+    STATUS.get().store(s as i32, Ordering::SeqCst);
+}
+
+pub fn record_error(message: &str) {
+    ERRORS.get().fetch_add(1, Ordering::SeqCst);
+    let mut slot = LAST_ERROR.exclusive();
+    let mut end = message.len().min(slot.bytes.len());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    slot.bytes[..end].copy_from_slice(&message.as_bytes()[..end]);
+    slot.len = end;
+}
+
+/// Sets the worker's latch now.
+pub fn wake_now() {
+    if !preloaded() {
+        return;
+    }
+    let pid = PID.get().load(Ordering::SeqCst);
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a pointer
+    // into shared memory (or NULL); SetLatch on a PGPROC's latch is how
+    // Postgres itself wakes other processes.
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&mut (*proc_).procLatch);
+        }
+    }
+}
+
+static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Wakes the worker when the current transaction commits (not before: it
+/// must see the work). At most once per transaction.
+pub fn wake_on_commit() {
+    if !preloaded() || WAKE_PENDING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    pgrx::register_xact_callback(PgXactCallbackEvent::Commit, || {
+        WAKE_PENDING.store(false, Ordering::SeqCst);
+        wake_now();
+    });
+    pgrx::register_xact_callback(PgXactCallbackEvent::Abort, || {
+        WAKE_PENDING.store(false, Ordering::SeqCst);
+    });
+}
