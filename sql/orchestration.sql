@@ -44,7 +44,9 @@ BEGIN
     WITH runnable AS (
         SELECT s.step_uuid
         FROM tasker.workflow_steps s
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         WHERE s.task_uuid = p_task
+          AND t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
           AND (p_steps IS NULL OR s.step_uuid = ANY (p_steps))
           AND s.state IN ('pending', 'waiting_for_retry')
           AND s.pending_parents = 0

@@ -71,3 +71,10 @@ GRANT USAGE ON SCHEMA pgmq TO tasker_worker;
 GRANT EXECUTE ON FUNCTION tasker.health() TO tasker_app, tasker_worker;
 GRANT EXECUTE ON FUNCTION tasker.config() TO tasker_admin;
 GRANT SELECT ON tasker.orchestrator_status, tasker.queue_status TO tasker_app, tasker_worker;
+
+-- Maintenance and the dead letter queue.
+GRANT EXECUTE ON FUNCTION tasker.run_maintenance(text[]),
+                          tasker.dlq_requeue(uuid, text),
+                          tasker.dlq_resolve(uuid, text, text)
+    TO tasker_admin;
+GRANT SELECT ON tasker.dlq, tasker.task_archive TO tasker_admin;

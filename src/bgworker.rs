@@ -75,8 +75,64 @@ enum Tick {
     },
 }
 
-fn tick(batch_size: i32, claim_timeout: i32, failed_backoff: i32) -> Result<Tick, String> {
+/// When each maintenance job last ran in this worker.
+#[derive(Default)]
+struct JobClock {
+    last: std::collections::HashMap<&'static str, std::time::Instant>,
+    again: std::collections::HashSet<&'static str>,
+}
+
+impl JobClock {
+    fn due(&self, job: &'static str, every: Duration) -> bool {
+        self.again.contains(job) || self.last.get(job).is_none_or(|t| t.elapsed() >= every)
+    }
+}
+
+/// The maintenance jobs that are due, each in its own subtransaction.
+fn maintenance(o: &pg_tasker_core::config::OrchestrationSection, clock: &mut JobClock) {
+    let secs = |s: u32| Duration::from_secs(s as u64);
+    let jobs: [(&'static str, bool, Duration); 4] = [
+        ("task_requests", o.task_requests.enabled, Duration::ZERO),
+        ("recovery", o.recovery.enabled, secs(o.recovery.interval_seconds)),
+        ("staleness", o.staleness.enabled, secs(o.staleness.interval_seconds)),
+        ("retention", o.retention.enabled, secs(o.retention.interval_seconds)),
+    ];
+    for (job, enabled, every) in jobs {
+        if !enabled || !clock.due(job, every) {
+            continue;
+        }
+        let o2 = o.clone();
+        match crate::subxact::run(move || crate::maintenance::run_job(job, &o2)) {
+            Ok(v) => {
+                clock.last.insert(job, std::time::Instant::now());
+                if v["more"] == true {
+                    clock.again.insert(job);
+                } else {
+                    clock.again.remove(job);
+                }
+                let errors: usize = ["errors", "rejected"].iter().filter_map(|k| v[*k].as_array()).map(|a| a.len()).sum();
+                if errors > 0 {
+                    let text = format!("pg_tasker {job}: {v}");
+                    pgrx::warning!("{text}");
+                    worker_state::record_error(&text);
+                }
+            }
+            Err(f) => {
+                clock.last.insert(job, std::time::Instant::now());
+                let text = format!("pg_tasker maintenance job {job} failed: {f}");
+                pgrx::warning!("{text}");
+                worker_state::record_error(&text);
+            }
+        }
+    }
+}
+
+fn tick(o: &pg_tasker_core::config::OrchestrationSection, clock: &mut JobClock) -> Result<Tick, String> {
+    let (batch_size, claim_timeout, failed_backoff) =
+        (o.batch_size as i32, o.claim_timeout_seconds as i32, o.failed_task_backoff_seconds as i32);
+    let clock = std::panic::AssertUnwindSafe(clock);
     in_transaction(move || {
+        let clock = clock;
         let version = Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_tasker'");
         let version = match version {
             Ok(Some(v)) => v,
@@ -86,6 +142,7 @@ fn tick(batch_size: i32, claim_timeout: i32, failed_backoff: i32) -> Result<Tick
         if version != env!("CARGO_PKG_VERSION") {
             return Ok(Tick::VersionMismatch(version));
         }
+        maintenance(o, clock.0);
         let summary = orchestration::cycle(ORCHESTRATOR_ID, batch_size, claim_timeout, failed_backoff)
             .map_err(|e| e.message().to_string())?;
         if let Some(errors) = summary["errors"].as_array().filter(|e| !e.is_empty()) {
@@ -125,6 +182,7 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
         worker_state::record_error(&text);
     }
 
+    let mut clock = JobClock::default();
     let mut reported: Option<String> = None;
     let mut report_once = |what: String| {
         if reported.as_deref() != Some(what.as_str()) {
@@ -157,11 +215,7 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
             report_once("pg_tasker orchestrator disabled (pg_tasker.enabled = off)".into());
         } else {
             let o = &cfg.orchestration;
-            match tick(
-                o.batch_size as i32,
-                o.claim_timeout_seconds as i32,
-                o.failed_task_backoff_seconds as i32,
-            ) {
+            match tick(o, &mut clock) {
                 Ok(Tick::WaitingForExtension) => {
                     worker_state::set_status(Status::WaitingForExtension);
                     report_once(format!("pg_tasker orchestrator waiting for CREATE EXTENSION pg_tasker in database \"{database}\""));

@@ -17,6 +17,7 @@ mod errors;
 mod guc;
 mod health;
 mod ids;
+mod maintenance;
 mod orchestration;
 mod settings;
 mod spi_util;
@@ -41,6 +42,11 @@ extension_sql_file!(
     name = "health_views",
     requires = ["orchestration", health::health]
 );
+extension_sql_file!(
+    "../sql/maintenance.sql",
+    name = "maintenance",
+    requires = ["orchestration"]
+);
 extension_sql_file!("../sql/security.sql", finalize);
 
 #[pg_guard]
@@ -56,6 +62,8 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
+#[cfg(any(test, feature = "pg_test"))]
+mod tests_maintenance;
 #[cfg(any(test, feature = "pg_test"))]
 mod tests_orchestration;
 

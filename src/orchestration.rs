@@ -34,22 +34,22 @@ fn wrong_state(message: String) -> ErrorReport {
 
 /// A step row, locked, with what result handling needs.
 #[derive(Deserialize)]
-struct LockedStep {
-    step_uuid: uuid::Uuid,
-    task_uuid: uuid::Uuid,
-    name: String,
-    state: String,
-    attempts: u32,
-    max_attempts: u32,
-    retryable: bool,
-    backoff: Backoff,
-    backoff_base_ms: u64,
-    max_backoff_ms: u64,
-    jitter: bool,
-    queue_msg_id: Option<i64>,
-    queue_name: String,
-    ever_enqueued: bool,
-    task_state: String,
+pub(crate) struct LockedStep {
+    pub(crate) step_uuid: uuid::Uuid,
+    pub(crate) task_uuid: uuid::Uuid,
+    pub(crate) name: String,
+    pub(crate) state: String,
+    pub(crate) attempts: u32,
+    pub(crate) max_attempts: u32,
+    pub(crate) retryable: bool,
+    pub(crate) backoff: Backoff,
+    pub(crate) backoff_base_ms: u64,
+    pub(crate) max_backoff_ms: u64,
+    pub(crate) jitter: bool,
+    pub(crate) queue_msg_id: Option<i64>,
+    pub(crate) queue_name: String,
+    pub(crate) ever_enqueued: bool,
+    pub(crate) task_state: String,
 }
 
 impl LockedStep {
@@ -65,7 +65,7 @@ impl LockedStep {
     }
 }
 
-fn lock_step(step_uuid: pgrx::Uuid) -> ApiResult<LockedStep> {
+pub(crate) fn lock_step(step_uuid: pgrx::Uuid) -> ApiResult<LockedStep> {
     json_row::<LockedStep>(
         "SELECT to_jsonb(r) FROM (
             SELECT s.step_uuid, s.task_uuid, s.name, s.state, s.attempts, s.max_attempts, s.retryable,
@@ -81,7 +81,7 @@ fn lock_step(step_uuid: pgrx::Uuid) -> ApiResult<LockedStep> {
     .ok_or_else(|| not_found("step", step_uuid))
 }
 
-fn archive_message(step: &LockedStep) -> ApiResult<()> {
+pub(crate) fn archive_message(step: &LockedStep) -> ApiResult<()> {
     if let Some(msg) = step.queue_msg_id {
         run(
             "SELECT pgmq.archive($1, $2)",
@@ -132,6 +132,14 @@ fn submit_result(
             );
             return Ok(other.to_string());
         }
+    }
+    if TERMINAL_TASK_STATES.contains(&step.task_state.as_str()) {
+        notice!(
+            "pg_tasker: result for step \"{}\" ({step_uuid}) ignored: its task is {}",
+            step.name,
+            step.task_state
+        );
+        return Ok(step.state);
     }
     if let Some(a) = sub.metadata.attempt {
         if a != step.attempts {
@@ -238,7 +246,7 @@ fn random_unit() -> f64 {
     (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
 }
 
-fn fail_step(step: &LockedStep, sub: &Submission, audit: Value) -> ApiResult<String> {
+pub(crate) fn fail_step(step: &LockedStep, sub: &Submission, audit: Value) -> ApiResult<String> {
     let Outcome::Failure { error } = &sub.outcome else {
         unreachable!("fail_step takes failures")
     };
@@ -522,12 +530,12 @@ pub fn cycle(
                     blocked += 1;
                 }
             }
-            Err(message) => {
+            Err(failed) => {
                 run(
                     "UPDATE tasker.tasks SET next_action_at = now() + make_interval(secs => $2) WHERE task_uuid = $1",
                     &[pg_uuid(task).into(), failed_task_backoff_seconds.into()],
                 )?;
-                errors.push(json!({"task_uuid": task, "error": message}));
+                errors.push(json!({"task_uuid": task, "error": failed.to_string()}));
             }
         }
         run(

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use pg_tasker_core::request::TaskRequest;
 use pg_tasker_core::{template::TaskTemplate, version};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgSqlErrorCode};
@@ -31,25 +32,48 @@ fn create_task(
     tags: default!(Option<Vec<Option<String>>>, "'{}'"),
     idempotency_key: default!(Option<&str>, "NULL"),
 ) -> ApiResult<pgrx::Uuid> {
-    let namespace = namespace.ok_or_else(|| null_arg("namespace"))?;
-    let name = name.ok_or_else(|| null_arg("name"))?;
-    let context = context.map(|j| j.0).unwrap_or_else(|| json!({}));
+    let request = TaskRequest {
+        namespace: namespace.ok_or_else(|| null_arg("namespace"))?.to_string(),
+        name: name.ok_or_else(|| null_arg("name"))?.to_string(),
+        context: context.map(|j| j.0),
+        version: version.map(str::to_string),
+        priority,
+        initiator: initiator.map(str::to_string),
+        source_system: source_system.map(str::to_string),
+        reason: reason.map(str::to_string),
+        tags: Some(
+            tags.unwrap_or_default()
+                .into_iter()
+                .map(|t| t.ok_or_else(|| null_arg("an element of tags")))
+                .collect::<ApiResult<_>>()?,
+        ),
+        idempotency_key: idempotency_key.map(str::to_string),
+    };
+    create(&request)
+}
+
+/// Creates a task from a request (create_task's body, also used for the
+/// task request queue).
+pub fn create(request: &TaskRequest) -> ApiResult<pgrx::Uuid> {
+    let namespace = request.namespace.as_str();
+    let name = request.name.as_str();
+    let version = request.version.as_deref();
+    let (initiator, source_system, reason) =
+        (request.initiator.as_deref(), request.source_system.as_deref(), request.reason.as_deref());
+    let idempotency_key = request.idempotency_key.as_deref();
+    let tags = request.tags.clone().unwrap_or_default();
+    let context = request.context.clone().unwrap_or_else(|| json!({}));
     if !context.is_object() {
         return Err(invalid(format!(
             "task context must be a JSON object, got {context}"
         )));
     }
-    let priority = priority.unwrap_or(0);
+    let priority = request.priority.unwrap_or(0);
     if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&priority) {
         return Err(invalid(format!(
             "priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {priority}"
         )));
     }
-    let tags: Vec<String> = tags
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| t.ok_or_else(|| null_arg("an element of tags")))
-        .collect::<ApiResult<_>>()?;
     if idempotency_key == Some("") {
         return Err(invalid(
             "idempotency_key must not be empty (use NULL for none)",

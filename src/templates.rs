@@ -35,6 +35,11 @@ fn register_template_yaml(template: &str) -> ApiResult<pgrx::Uuid> {
 /// template, or returns the existing id when the definition is identical.
 fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
     let namespace_uuid = ensure_namespace(&t.namespace_name)?;
+    // Applications may create tasks through the request queue from now on.
+    let requests = crate::settings::current().orchestration.task_requests;
+    if requests.enabled {
+        crate::maintenance::ensure_request_queue(&requests.queue)?;
+    }
     let definition = JsonB(t.to_definition());
     let name = t.name.as_str();
     let version = t.version.as_str();

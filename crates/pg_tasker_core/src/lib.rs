@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod naming;
+pub mod request;
 pub mod retry;
 pub mod status;
 pub mod submission;

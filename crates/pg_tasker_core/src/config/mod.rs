@@ -93,7 +93,75 @@ pub struct OrchestrationSection {
     pub batch_size: u32,
     pub claim_timeout_seconds: u32,
     pub failed_task_backoff_seconds: u32,
+    pub recovery: RecoveryConfig,
+    pub staleness: StalenessConfig,
+    pub retention: RetentionConfig,
+    pub task_requests: TaskRequestsConfig,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryConfig {
+    pub enabled: bool,
+    pub interval_seconds: u32,
+    pub batch_size: u32,
+}
+
+/// Staleness thresholds; the same keys may appear in a template's `lifecycle`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StalenessConfig {
+    pub enabled: bool,
+    pub interval_seconds: u32,
+    pub batch_size: u32,
+    pub steps_in_process_minutes: f64,
+    pub waiting_for_dependencies_minutes: f64,
+    pub waiting_for_retry_minutes: f64,
+    pub blocked_by_failures_minutes: f64,
+    pub task_max_lifetime_hours: f64,
+    pub transition_to_error: bool,
+    pub move_to_dlq: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionPolicy {
+    Delete,
+    Archive,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub enabled: bool,
+    pub interval_seconds: u32,
+    pub retention_days: f64,
+    pub policy: RetentionPolicy,
+    pub states: Vec<String>,
+    pub batch_size: u32,
+    pub queue_archive_retention_days: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequestsConfig {
+    pub enabled: bool,
+    pub queue: String,
+    pub batch_size: u32,
+    pub visibility_timeout_seconds: u32,
+}
+
+/// The keys a template's `lifecycle` section may set (staleness overrides).
+pub const LIFECYCLE_KEYS: [&str; 5] = [
+    "steps_in_process_minutes",
+    "waiting_for_dependencies_minutes",
+    "waiting_for_retry_minutes",
+    "blocked_by_failures_minutes",
+    "task_max_lifetime_hours",
+];
+
+/// States a finished task can be in (what retention may remove).
+pub const FINISHED_STATES: [&str; 4] = ["complete", "cancelled", "resolved_manually", "error"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +246,56 @@ impl Validate for OrchestrationConfig {
             0,
             86_400,
         );
+        maintenance_problems(&mut out, o);
         out
+    }
+}
+
+fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &OrchestrationSection) {
+    in_range(out, "orchestration.recovery.interval_seconds", o.recovery.interval_seconds as u64, 1, 86_400);
+    in_range(out, "orchestration.recovery.batch_size", o.recovery.batch_size as u64, 1, 10_000);
+    let st = &o.staleness;
+    in_range(out, "orchestration.staleness.interval_seconds", st.interval_seconds as u64, 1, 86_400);
+    in_range(out, "orchestration.staleness.batch_size", st.batch_size as u64, 1, 10_000);
+    for (key, v) in [
+        ("orchestration.staleness.steps_in_process_minutes", st.steps_in_process_minutes),
+        ("orchestration.staleness.waiting_for_dependencies_minutes", st.waiting_for_dependencies_minutes),
+        ("orchestration.staleness.waiting_for_retry_minutes", st.waiting_for_retry_minutes),
+        ("orchestration.staleness.blocked_by_failures_minutes", st.blocked_by_failures_minutes),
+        ("orchestration.staleness.task_max_lifetime_hours", st.task_max_lifetime_hours),
+        ("orchestration.retention.retention_days", o.retention.retention_days),
+        ("orchestration.retention.queue_archive_retention_days", o.retention.queue_archive_retention_days),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            out.push((key, format!("must be a positive number, got {v}")));
+        }
+    }
+    let r = &o.retention;
+    in_range(out, "orchestration.retention.interval_seconds", r.interval_seconds as u64, 1, 604_800);
+    in_range(out, "orchestration.retention.batch_size", r.batch_size as u64, 1, 100_000);
+    for state in &r.states {
+        if !FINISHED_STATES.contains(&state.as_str()) {
+            out.push((
+                "orchestration.retention.states",
+                format!("\"{state}\" is not a finished state ({})", FINISHED_STATES.join(", ")),
+            ));
+        }
+    }
+    let q = &o.task_requests;
+    in_range(out, "orchestration.task_requests.batch_size", q.batch_size as u64, 1, 1000);
+    in_range(out, "orchestration.task_requests.visibility_timeout_seconds", q.visibility_timeout_seconds as u64, 1, 86_400);
+    let name_ok = q.queue.len() <= crate::naming::PGMQ_MAX_QUEUE_NAME
+        && q.queue.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && q.queue.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let namespace_like = q.queue.starts_with(crate::naming::QUEUE_PREFIX) && q.queue.ends_with(crate::naming::QUEUE_SUFFIX);
+    if !name_ok || namespace_like {
+        out.push((
+            "orchestration.task_requests.queue",
+            format!(
+                "\"{}\" is not a usable queue name (a lowercase identifier of at most 47 characters, not of the namespace pattern tasker_*_queue)",
+                q.queue
+            ),
+        ));
     }
 }
 

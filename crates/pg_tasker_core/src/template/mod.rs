@@ -261,6 +261,8 @@ pub fn parse_value(value: Value) -> Result<TaskTemplate> {
 
     let environments = raw.environments.unwrap_or_default();
     validate_environments(&environments, &steps)?;
+    let lifecycle = raw.lifecycle.unwrap_or_default();
+    validate_lifecycle(&lifecycle)?;
 
     let template = TaskTemplate {
         name,
@@ -272,7 +274,7 @@ pub fn parse_value(value: Value) -> Result<TaskTemplate> {
         task_handler,
         steps,
         environments,
-        lifecycle: raw.lifecycle.unwrap_or_default(),
+        lifecycle,
         system_dependencies: raw.system_dependencies,
         domain_events: raw.domain_events,
     };
@@ -648,6 +650,22 @@ fn apply_override(step: &mut StepTemplate, o: &Map<String, Value>, ctx: &str) ->
                     "{ctx}: timeout_seconds must be between 1 and {MAX_TIMEOUT_SECONDS}, got {t}"
                 )))
             }
+        }
+    }
+    Ok(())
+}
+
+/// `lifecycle`: staleness threshold overrides, positive numbers.
+fn validate_lifecycle(lifecycle: &Map<String, Value>) -> Result<()> {
+    for (k, v) in lifecycle {
+        if !crate::config::LIFECYCLE_KEYS.contains(&k.as_str()) {
+            return Err(Error::invalid(format!("lifecycle: unknown key \"{k}\"")).with_hint(format!(
+                "lifecycle keys: {}",
+                crate::config::LIFECYCLE_KEYS.join(", ")
+            )));
+        }
+        if !v.as_f64().is_some_and(|f| f > 0.0 && f.is_finite()) {
+            return Err(Error::invalid(format!("lifecycle.{k} must be a positive number, got {v}")));
         }
     }
     Ok(())

@@ -271,3 +271,14 @@ fn invalid_environment_override_is_rejected_at_registration() {
     v["environments"] = json!({"test": {"steps": [{"name": "a", "retry": {"max_attempts": 0}}]}});
     assert_eq!(err(v).kind, ErrorKind::InvalidValue);
 }
+
+#[test]
+fn lifecycle_overrides_are_validated() {
+    let mut v = tpl(vec![step("a", &[])]);
+    v["lifecycle"] = json!({"steps_in_process_minutes": 5, "task_max_lifetime_hours": 0.5});
+    parse_value(v.clone()).unwrap();
+    v["lifecycle"] = json!({"stale_after": 5});
+    assert!(err(v.clone()).message.contains("unknown key"));
+    v["lifecycle"] = json!({"steps_in_process_minutes": -1});
+    assert!(err(v).message.contains("positive"));
+}
