@@ -93,9 +93,21 @@ fn maintenance(o: &pg_tasker_core::config::OrchestrationSection, clock: &mut Job
     let secs = |s: u32| Duration::from_secs(s as u64);
     let jobs: [(&'static str, bool, Duration); 4] = [
         ("task_requests", o.task_requests.enabled, Duration::ZERO),
-        ("recovery", o.recovery.enabled, secs(o.recovery.interval_seconds)),
-        ("staleness", o.staleness.enabled, secs(o.staleness.interval_seconds)),
-        ("retention", o.retention.enabled, secs(o.retention.interval_seconds)),
+        (
+            "recovery",
+            o.recovery.enabled,
+            secs(o.recovery.interval_seconds),
+        ),
+        (
+            "staleness",
+            o.staleness.enabled,
+            secs(o.staleness.interval_seconds),
+        ),
+        (
+            "retention",
+            o.retention.enabled,
+            secs(o.retention.interval_seconds),
+        ),
     ];
     for (job, enabled, every) in jobs {
         if !enabled || !clock.due(job, every) {
@@ -110,7 +122,11 @@ fn maintenance(o: &pg_tasker_core::config::OrchestrationSection, clock: &mut Job
                 } else {
                     clock.again.remove(job);
                 }
-                let errors: usize = ["errors", "rejected"].iter().filter_map(|k| v[*k].as_array()).map(|a| a.len()).sum();
+                let errors: usize = ["errors", "rejected"]
+                    .iter()
+                    .filter_map(|k| v[*k].as_array())
+                    .map(|a| a.len())
+                    .sum();
                 if errors > 0 {
                     let text = format!("pg_tasker {job}: {v}");
                     pgrx::warning!("{text}");
@@ -127,9 +143,15 @@ fn maintenance(o: &pg_tasker_core::config::OrchestrationSection, clock: &mut Job
     }
 }
 
-fn tick(o: &pg_tasker_core::config::OrchestrationSection, clock: &mut JobClock) -> Result<Tick, String> {
-    let (batch_size, claim_timeout, failed_backoff) =
-        (o.batch_size as i32, o.claim_timeout_seconds as i32, o.failed_task_backoff_seconds as i32);
+fn tick(
+    o: &pg_tasker_core::config::OrchestrationSection,
+    clock: &mut JobClock,
+) -> Result<Tick, String> {
+    let (batch_size, claim_timeout, failed_backoff) = (
+        o.batch_size as i32,
+        o.claim_timeout_seconds as i32,
+        o.failed_task_backoff_seconds as i32,
+    );
     let clock = std::panic::AssertUnwindSafe(clock);
     in_transaction(move || {
         let clock = clock;

@@ -325,3 +325,294 @@ fn a_version_mismatch_makes_the_orchestrator_stand_down() {
     wait_for(&mut c, "running again", status_is("running"));
     result.unwrap();
 }
+
+#[test]
+fn task_requests_sent_to_the_queue_become_tasks_or_dlq_entries() {
+    let _guard = lock();
+    let mut c = connect();
+    set_enabled(&mut c, true);
+    let step = json!({"name": "a", "handler": {"callable": "T"}});
+    let mut t =
+        json!({"name": "flow", "namespace_name": "b_req", "version": "1.0.0", "steps": [step]});
+    t["input_schema"] = json!({"type": "object", "required": ["order_id"]});
+    register(&mut c, &t);
+    // an application that only speaks pgmq, as tasker_app
+    c.batch_execute("CREATE ROLE b_req_app LOGIN; GRANT tasker_app TO b_req_app")
+        .unwrap_or(());
+    c.batch_execute("SET ROLE b_req_app").unwrap();
+    let send = |c: &mut Client, req: Value| -> i64 {
+        c.query_one(
+            "SELECT * FROM pgmq.send('tasker_task_requests', $1::text::jsonb)",
+            &[&req.to_string()],
+        )
+        .unwrap()
+        .get(0)
+    };
+    send(
+        &mut c,
+        json!({"namespace": "b_req", "name": "flow", "context": {"order_id": 1}, "idempotency_key": "req-1"}),
+    );
+    send(
+        &mut c,
+        json!({"namespace": "b_req", "name": "flow", "context": {"order_id": 1}, "idempotency_key": "req-1"}),
+    );
+    let bad_schema = send(
+        &mut c,
+        json!({"namespace": "b_req", "name": "flow", "context": {}}),
+    );
+    let unknown = send(&mut c, json!({"namespace": "b_req", "name": "nope"}));
+    let garbage = send(&mut c, json!({"hello": "world"}));
+    c.batch_execute("RESET ROLE").unwrap();
+
+    let start = Instant::now();
+    loop {
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM pgmq.q_tasker_task_requests", &[])
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "requests not ingested"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tasks: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'b_req'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tasks, 1,
+        "one task (the second request had the same idempotency key)"
+    );
+    let mut rejected = std::collections::HashMap::new();
+    for row in c
+        .query(
+            "SELECT (snapshot->>'msg_id')::bigint, error->>'sqlstate', error->>'message' FROM tasker.dlq
+              WHERE reason = 'invalid_task_request' AND snapshot->>'queue' = 'tasker_task_requests'",
+            &[],
+        )
+        .unwrap()
+    {
+        rejected.insert(row.get::<_, i64>(0), (row.get::<_, String>(1), row.get::<_, String>(2)));
+    }
+    assert_eq!(rejected[&bad_schema].0, "22023", "{rejected:?}");
+    assert!(rejected[&bad_schema].1.contains("order_id"));
+    assert_eq!(rejected[&unknown].0, "42704");
+    assert_eq!(rejected[&garbage].0, "22023");
+    let archived: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pgmq.a_tasker_task_requests WHERE msg_id = ANY($1)",
+            &[&vec![bad_schema, unknown, garbage]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        archived, 3,
+        "every request is archived, none silently dropped"
+    );
+}
+
+#[test]
+fn lost_attempts_are_failed_and_retried() {
+    let mut c = connect();
+    let mut s = json!({"name": "a", "handler": {"callable": "T"}});
+    s["retry"] = json!({"max_attempts": 2, "backoff": "none"});
+    register(
+        &mut c,
+        &json!({"name": "flow", "namespace_name": "b_lost", "version": "1.0.0", "steps": [s]}),
+    );
+    let task: String = c
+        .query_one("SELECT tasker.create_task('b_lost', 'flow')::text", &[])
+        .unwrap()
+        .get(0);
+    let lose_attempt = |c: &mut Client| {
+        // three deliveries (more than max_attempts = 2), no result
+        for _ in 0..3 {
+            let start = Instant::now();
+            while c
+                .query("SELECT 1 FROM pgmq.read('tasker_b_lost_queue', 1, 1)", &[])
+                .unwrap()
+                .is_empty()
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "message not visible again"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        // the orchestrator's recovery job runs every second in the test
+        // environment; running it here as well must not double-count
+        c.query_one("SELECT tasker.run_maintenance(ARRAY['recovery'])", &[])
+            .unwrap();
+    };
+    lose_attempt(&mut c);
+    let row = c.query_one("SELECT state, attempts, last_error->>'error_code' FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid", &[&task]).unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<String>>(2)
+        ),
+        ("enqueued".into(), 2, Some("LOST_ATTEMPT".into()))
+    );
+    lose_attempt(&mut c);
+    let row = c.query_one("SELECT state, attempts, last_error->>'message' FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid", &[&task]).unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("error".into(), 2)
+    );
+    assert!(row
+        .get::<_, String>(2)
+        .contains("delivered 3 times without a result"));
+    let state: String = c
+        .query_one(
+            "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
+            &[&task],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "blocked_by_failures");
+}
+
+#[test]
+fn a_worker_that_dies_holding_messages_does_not_lose_them() {
+    let mut c = connect();
+    let step =
+        |n: &str, d: &[&str]| json!({"name": n, "dependencies": d, "handler": {"callable": "T"}});
+    register(
+        &mut c,
+        &json!({"name": "flow", "namespace_name": "b_die", "version": "1.0.0",
+        "steps": [step("a", &[]), step("b", &["a"])]}),
+    );
+    for _ in 0..5 {
+        c.query_one("SELECT tasker.create_task('b_die', 'flow')", &[])
+            .unwrap();
+    }
+    {
+        // a worker takes every message for 1 s, and dies
+        let mut doomed = crate::client_tests::connect_db(&mut c, pgrx_tests::get_pg_dbname());
+        let taken = doomed
+            .query(
+                "SELECT msg_id FROM pgmq.read('tasker_b_die_queue', 1, 10)",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(taken.len(), 5);
+    }
+    let start = Instant::now();
+    loop {
+        if let Some(msg) = read_one(&mut c, "tasker_b_die_queue") {
+            submit(&mut c, &msg, "success", None);
+            continue;
+        }
+        let open: i64 = c.query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'b_die' AND state <> 'complete'", &[]).unwrap().get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "tasks did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn retention_archive_policy_and_queue_archive_pruning() {
+    let _guard = lock();
+    let mut c = connect();
+    let step = json!({"name": "a", "handler": {"callable": "T"}});
+    register(
+        &mut c,
+        &json!({"name": "flow", "namespace_name": "b_arch", "version": "1.0.0", "steps": [step]}),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let task: String = c
+            .query_one("SELECT tasker.create_task('b_arch', 'flow')::text", &[])
+            .unwrap()
+            .get(0);
+        let msg = read_one(&mut c, "tasker_b_arch_queue").unwrap();
+        submit(&mut c, &msg, "success", None);
+        ids.push(task);
+    }
+    c.execute("UPDATE tasker.tasks SET completed_at = now() - interval '40 days' WHERE task_uuid = $1::text::uuid", &[&ids[0]]).unwrap();
+    c.execute("UPDATE pgmq.a_tasker_b_arch_queue SET archived_at = now() - interval '8 days' WHERE message->>'task_uuid' = $1", &[&ids[0]]).unwrap();
+
+    let dir = config_dir("archive");
+    std::fs::write(
+        dir.join("environments/test/orchestration.toml"),
+        "[orchestration.retention]\npolicy = \"archive\"\n",
+    )
+    .unwrap();
+    set_system(&mut c, "pg_tasker.config_dir", Some(dir.to_str().unwrap()));
+    let cfg: String = c
+        .query_one(
+            "SELECT tasker.config()->'config'->'orchestration'->'retention'->>'policy'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(cfg, "archive");
+    let out: String = c
+        .query_one(
+            "SELECT tasker.run_maintenance(ARRAY['retention'])::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let out: Value = serde_json::from_str(&out).unwrap();
+    set_system(&mut c, "pg_tasker.config_dir", None);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(out["retention"]["policy"], "archive", "{out}");
+    assert!(
+        out["retention"]["queue_archive_rows_pruned"]
+            .as_i64()
+            .unwrap()
+            >= 1,
+        "{out}"
+    );
+    let present: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tasker.tasks WHERE task_uuid = ANY($1::text[]::uuid[])",
+            &[&ids],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(present, 1, "only the old task left the live tables");
+    let snapshot: String = c
+        .query_one(
+            "SELECT snapshot::text FROM tasker.task_archive WHERE task_uuid = $1::text::uuid",
+            &[&ids[0]],
+        )
+        .unwrap()
+        .get(0);
+    let snapshot: Value = serde_json::from_str(&snapshot).unwrap();
+    assert_eq!(snapshot["steps"][0]["state"], "complete");
+    assert!(snapshot["step_transitions"].as_array().unwrap().len() >= 3);
+    let pruned_left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pgmq.a_tasker_b_arch_queue WHERE message->>'task_uuid' = $1",
+            &[&ids[0]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pruned_left, 0);
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pgmq.a_tasker_b_arch_queue WHERE message->>'task_uuid' = $1",
+            &[&ids[1]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "recent archive rows stay");
+}

@@ -70,6 +70,8 @@ mod tests_orchestration;
 #[cfg(test)]
 mod client_bgworker_tests;
 #[cfg(test)]
+mod client_crash_tests;
+#[cfg(test)]
 mod client_orchestration_tests;
 #[cfg(test)]
 mod client_tests;

@@ -62,17 +62,24 @@ pub fn recover_lost_attempts(batch_size: i32) -> ApiResult<Value> {
                 let sub = submission::parse(
                     "failure",
                     None,
-                    Some(json!({"message": message, "error_code": "LOST_ATTEMPT", "retryable": true,
-                                "deliveries": deliveries})),
+                    Some(
+                        json!({"message": message, "error_code": "LOST_ATTEMPT", "retryable": true,
+                                "deliveries": deliveries}),
+                    ),
                     None,
                 )
                 .map_err(from_core)?;
                 archive_message(&locked)?;
-                let state = fail_step(&locked, &sub, json!({"attempt": locked.attempts, "recovered_by": "orchestrator"}))?;
+                let state = fail_step(
+                    &locked,
+                    &sub,
+                    json!({"attempt": locked.attempts, "recovered_by": "orchestrator"}),
+                )?;
                 Ok(Some(state))
             });
             match outcome {
-                Ok(Some(state)) => recovered.push(json!({"step_uuid": step, "deliveries": deliveries, "state": state})),
+                Ok(Some(state)) => recovered
+                    .push(json!({"step_uuid": step, "deliveries": deliveries, "state": state})),
                 Ok(None) => {}
                 Err(f) => errors.push(json!({"step_uuid": step, "error": f.to_json()})),
             }
@@ -116,7 +123,8 @@ pub fn detect_stale(o: &OrchestrationSection) -> ApiResult<Value> {
     for s in stale {
         let task = s.task_uuid;
         let (state, reason, threshold) = (s.state.clone(), s.reason.clone(), s.threshold.clone());
-        let outcome = subxact::run(move || mark_stale(task, &state, &reason, &threshold, to_error, to_dlq));
+        let outcome =
+            subxact::run(move || mark_stale(task, &state, &reason, &threshold, to_error, to_dlq));
         match outcome {
             Ok(Some(v)) => handled.push(v),
             Ok(None) => {}
@@ -126,9 +134,19 @@ pub fn detect_stale(o: &OrchestrationSection) -> ApiResult<Value> {
     Ok(json!({"stale": handled, "errors": errors}))
 }
 
-fn mark_stale(task: uuid::Uuid, seen_state: &str, reason: &str, threshold: &str, to_error: bool, to_dlq: bool) -> ApiResult<Option<Value>> {
+fn mark_stale(
+    task: uuid::Uuid,
+    seen_state: &str,
+    reason: &str,
+    threshold: &str,
+    to_error: bool,
+    to_dlq: bool,
+) -> ApiResult<Option<Value>> {
     let t = pg_uuid(task);
-    let state = scalar::<String>("SELECT state FROM tasker.tasks WHERE task_uuid = $1 FOR NO KEY UPDATE", &[t.into()])?;
+    let state = scalar::<String>(
+        "SELECT state FROM tasker.tasks WHERE task_uuid = $1 FOR NO KEY UPDATE",
+        &[t.into()],
+    )?;
     if state.as_deref() != Some(seen_state) {
         return Ok(None); // it moved on meanwhile
     }
@@ -173,10 +191,16 @@ fn mark_stale(task: uuid::Uuid, seen_state: &str, reason: &str, threshold: &str,
         )?;
         run(
             "SELECT tasker._task_transition($1, 'error', $2, $3)",
-            &[t.into(), format!("stale: {threshold}").as_str().into(), JsonB(error).into()],
+            &[
+                t.into(),
+                format!("stale: {threshold}").as_str().into(),
+                JsonB(error).into(),
+            ],
         )?;
     }
-    Ok(Some(json!({"task_uuid": task, "state": seen_state, "reason": reason, "dlq_uuid": dlq_uuid.map(|u| u.to_string()), "to_error": to_error})))
+    Ok(Some(
+        json!({"task_uuid": task, "state": seen_state, "reason": reason, "dlq_uuid": dlq_uuid.map(|u| u.to_string()), "to_error": to_error}),
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -220,8 +244,11 @@ pub fn apply_retention(o: &OrchestrationSection) -> ApiResult<Value> {
     let mut queues = queue_names()?;
     queues.push(o.task_requests.queue.clone());
     for queue in queues {
-        let exists = scalar::<bool>("SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)", &[queue.as_str().into()])?
-            .unwrap_or(false);
+        let exists = scalar::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)",
+            &[queue.as_str().into()],
+        )?
+        .unwrap_or(false);
         if !exists {
             continue;
         }
@@ -236,7 +263,10 @@ pub fn apply_retention(o: &OrchestrationSection) -> ApiResult<Value> {
                     RETURNING 1)
                  SELECT count(*) FROM gone"
             ),
-            &[r.queue_archive_retention_days.into(), (r.batch_size as i64).into()],
+            &[
+                r.queue_archive_retention_days.into(),
+                (r.batch_size as i64).into(),
+            ],
         )?
         .unwrap_or(0);
     }
@@ -258,8 +288,11 @@ pub fn apply_retention(o: &OrchestrationSection) -> ApiResult<Value> {
 /// queue table belongs to pgmq, and a dependency on pg_tasker would block
 /// DROP EXTENSION.
 pub fn ensure_request_queue(queue: &str) -> ApiResult<()> {
-    let exists = scalar::<bool>("SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)", &[queue.into()])?
-        .unwrap_or(false);
+    let exists = scalar::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)",
+        &[queue.into()],
+    )?
+    .unwrap_or(false);
     if exists {
         return Ok(());
     }
@@ -310,7 +343,10 @@ pub fn ingest_requests(o: &OrchestrationSection) -> ApiResult<Value> {
                 rejected.push(json!({"msg_id": m.msg_id, "error": f.to_json(), "dlq_uuid": dlq.map(|u| u.to_string())}));
             }
         }
-        run("SELECT pgmq.archive($1, $2)", &[cfg.queue.as_str().into(), m.msg_id.into()])?;
+        run(
+            "SELECT pgmq.archive($1, $2)",
+            &[cfg.queue.as_str().into(), m.msg_id.into()],
+        )?;
     }
     Ok(json!({"created": created, "rejected": rejected}))
 }
@@ -328,7 +364,8 @@ pub fn run_job(job: &str, o: &OrchestrationSection) -> ApiResult<Value> {
         "staleness" => detect_stale(o),
         "retention" => apply_retention(o),
         "task_requests" => ingest_requests(o),
-        other => Err(invalid(format!("unknown maintenance job \"{other}\"")).set_hint(format!("jobs: {}", JOBS.join(", ")))),
+        other => Err(invalid(format!("unknown maintenance job \"{other}\""))
+            .set_hint(format!("jobs: {}", JOBS.join(", ")))),
     }
 }
 
@@ -341,7 +378,10 @@ fn run_maintenance(jobs: default!(Option<Vec<Option<String>>>, "NULL")) -> ApiRe
     let o = crate::settings::current().orchestration;
     let jobs: Vec<String> = match jobs {
         None => JOBS.iter().map(|s| s.to_string()).collect(),
-        Some(list) => list.into_iter().map(|j| j.ok_or_else(|| null_arg("a job name"))).collect::<ApiResult<_>>()?,
+        Some(list) => list
+            .into_iter()
+            .map(|j| j.ok_or_else(|| null_arg("a job name")))
+            .collect::<ApiResult<_>>()?,
     };
     let mut out = serde_json::Map::new();
     for job in jobs {
@@ -356,24 +396,41 @@ fn run_maintenance(jobs: default!(Option<Vec<Option<String>>>, "NULL")) -> ApiRe
 /// reset), retries become due, and the task resumes. Returns the task state.
 #[pg_extern(security_definer)]
 #[search_path(@extschema@, pg_catalog, pg_temp)]
-fn dlq_requeue(dlq_uuid: Option<pgrx::Uuid>, note: default!(Option<&str>, "NULL")) -> ApiResult<String> {
+fn dlq_requeue(
+    dlq_uuid: Option<pgrx::Uuid>,
+    note: default!(Option<&str>, "NULL"),
+) -> ApiResult<String> {
     let id = dlq_uuid.ok_or_else(|| null_arg("dlq_uuid"))?;
     let (status, task) = open_entry(id)?;
     if status != "pending" {
-        return Err(err(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("DLQ entry {id} is already {status}")));
+        return Err(err(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("DLQ entry {id} is already {status}"),
+        ));
     }
     let Some(task) = task else {
         return Err(err(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("DLQ entry {id} has no task to requeue (a rejected request: send a corrected one)"),
+            format!(
+                "DLQ entry {id} has no task to requeue (a rejected request: send a corrected one)"
+            ),
         ));
     };
     let t = pg_uuid(task);
     let note = note.unwrap_or("requeued from the DLQ");
-    let state = scalar::<String>("SELECT state FROM tasker.tasks WHERE task_uuid = $1 FOR NO KEY UPDATE", &[t.into()])?
-        .ok_or_else(|| internal("task of a pending DLQ entry vanished"))?;
-    if matches!(state.as_str(), "complete" | "cancelled" | "resolved_manually") {
-        return Err(err(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("task {task} is {state}; nothing to requeue")));
+    let state = scalar::<String>(
+        "SELECT state FROM tasker.tasks WHERE task_uuid = $1 FOR NO KEY UPDATE",
+        &[t.into()],
+    )?
+    .ok_or_else(|| internal("task of a pending DLQ entry vanished"))?;
+    if matches!(
+        state.as_str(),
+        "complete" | "cancelled" | "resolved_manually"
+    ) {
+        return Err(err(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("task {task} is {state}; nothing to requeue"),
+        ));
     }
     run(
         "WITH failed AS (
@@ -396,7 +453,10 @@ fn dlq_requeue(dlq_uuid: Option<pgrx::Uuid>, note: default!(Option<&str>, "NULL"
             "UPDATE tasker.tasks SET state = 'steps_in_process', completed_at = NULL, updated_at = now() WHERE task_uuid = $1",
             &[t.into()],
         )?;
-        run("SELECT tasker._task_transition($1, 'steps_in_process', $2)", &[t.into(), note.into()])?;
+        run(
+            "SELECT tasker._task_transition($1, 'steps_in_process', $2)",
+            &[t.into(), note.into()],
+        )?;
     }
     let r = refresh_task(task, "requeued from the DLQ")?;
     close_entry(id, "requeued", note)?;
@@ -415,11 +475,16 @@ fn dlq_resolve(
     let id = dlq_uuid.ok_or_else(|| null_arg("dlq_uuid"))?;
     let status = status.unwrap_or("resolved");
     if !matches!(status, "resolved" | "discarded") {
-        return Err(invalid(format!("status must be 'resolved' or 'discarded', got \"{status}\"")));
+        return Err(invalid(format!(
+            "status must be 'resolved' or 'discarded', got \"{status}\""
+        )));
     }
     let (current, _) = open_entry(id)?;
     if current != "pending" {
-        return Err(err(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("DLQ entry {id} is already {current}")));
+        return Err(err(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("DLQ entry {id} is already {current}"),
+        ));
     }
     close_entry(id, status, note.unwrap_or(""))?;
     Ok(status.to_string())

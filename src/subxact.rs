@@ -30,7 +30,9 @@ impl std::fmt::Display for Failed {
 /// The five-character SQLSTATE of a packed error code.
 fn sqlstate_text(code: pgrx::PgSqlErrorCode) -> String {
     let v = code as i32;
-    (0..5).map(|i| (((v >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+    (0..5)
+        .map(|i| (((v >> (6 * i)) & 0x3F) as u8 + b'0') as char)
+        .collect()
 }
 
 /// Runs `f` in a subtransaction. On `Ok` the subtransaction is released; on
@@ -60,12 +62,14 @@ pub fn run<R>(f: impl FnOnce() -> ApiResult<R> + std::panic::UnwindSafe) -> Resu
         })
         .catch_others(|cause| {
             let failed = match &cause {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                    Failed { message: r.message().to_string(), sqlstate: sqlstate_text(r.sql_error_code()) }
-                }
-                CaughtError::RustPanic { ereport, .. } => {
-                    Failed { message: ereport.message().to_string(), sqlstate: "XX000".into() }
-                }
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => Failed {
+                    message: r.message().to_string(),
+                    sqlstate: sqlstate_text(r.sql_error_code()),
+                },
+                CaughtError::RustPanic { ereport, .. } => Failed {
+                    message: ereport.message().to_string(),
+                    sqlstate: "XX000".into(),
+                },
             };
             pg_sys::FlushErrorState();
             pg_sys::RollbackAndReleaseCurrentSubTransaction();

@@ -58,8 +58,11 @@ pub fn create(request: &TaskRequest) -> ApiResult<pgrx::Uuid> {
     let namespace = request.namespace.as_str();
     let name = request.name.as_str();
     let version = request.version.as_deref();
-    let (initiator, source_system, reason) =
-        (request.initiator.as_deref(), request.source_system.as_deref(), request.reason.as_deref());
+    let (initiator, source_system, reason) = (
+        request.initiator.as_deref(),
+        request.source_system.as_deref(),
+        request.reason.as_deref(),
+    );
     let idempotency_key = request.idempotency_key.as_deref();
     let tags = request.tags.clone().unwrap_or_default();
     let context = request.context.clone().unwrap_or_else(|| json!({}));

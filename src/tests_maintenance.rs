@@ -16,7 +16,9 @@ mod tests {
     }
 
     fn create(ns: &str, name: &str) -> String {
-        sql_value::<pgrx::Uuid>(&format!("SELECT tasker.create_task('{ns}', '{name}')")).unwrap().to_string()
+        sql_value::<pgrx::Uuid>(&format!("SELECT tasker.create_task('{ns}', '{name}')"))
+            .unwrap()
+            .to_string()
     }
 
     fn age(task: &str, minutes: i64) {
@@ -28,17 +30,33 @@ mod tests {
     }
 
     fn maintenance(job: &str) -> Value {
-        sql_value::<JsonB>(&format!("SELECT tasker.run_maintenance(ARRAY['{job}'])")).unwrap().0[job].clone()
+        sql_value::<JsonB>(&format!("SELECT tasker.run_maintenance(ARRAY['{job}'])"))
+            .unwrap()
+            .0[job]
+            .clone()
     }
 
     fn state(task: &str) -> String {
-        sql_value::<String>(&format!("SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'")).unwrap()
+        sql_value::<String>(&format!(
+            "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+        ))
+        .unwrap()
     }
 
     #[pg_test]
     fn stale_tasks_go_to_the_dlq_and_to_error_per_thresholds() {
-        register(&template("m_stale", "plain", "1.0.0", json!([step("a", &[]), step("b", &["a"])])));
-        let mut quick = template("m_stale", "quick", "1.0.0", json!([step("a", &[]), step("b", &["a"])]));
+        register(&template(
+            "m_stale",
+            "plain",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        ));
+        let mut quick = template(
+            "m_stale",
+            "quick",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        );
         quick["lifecycle"] = json!({"steps_in_process_minutes": 1});
         register(&quick);
         let plain = create("m_stale", "plain");
@@ -47,8 +65,16 @@ mod tests {
         age(&plain, 2);
         age(&fast, 2);
         let out = maintenance("staleness");
-        let stale: Vec<&str> = out["stale"].as_array().unwrap().iter().map(|s| s["task_uuid"].as_str().unwrap()).collect();
-        assert!(stale.contains(&fast.as_str()) && !stale.contains(&plain.as_str()), "{out}");
+        let stale: Vec<&str> = out["stale"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["task_uuid"].as_str().unwrap())
+            .collect();
+        assert!(
+            stale.contains(&fast.as_str()) && !stale.contains(&plain.as_str()),
+            "{out}"
+        );
         assert_eq!(state(&fast), "error");
         assert_eq!(state(&plain), "steps_in_process");
         // the DLQ entry: reason, state before, a snapshot of task and steps
@@ -57,7 +83,18 @@ mod tests {
         ))
         .unwrap()
         .0;
-        assert_eq!((entry["reason"].as_str(), entry["original_state"].as_str(), entry["resolution_status"].as_str()), (Some("staleness_timeout"), Some("steps_in_process"), Some("pending")));
+        assert_eq!(
+            (
+                entry["reason"].as_str(),
+                entry["original_state"].as_str(),
+                entry["resolution_status"].as_str()
+            ),
+            (
+                Some("staleness_timeout"),
+                Some("steps_in_process"),
+                Some("pending")
+            )
+        );
         assert_eq!(entry["snapshot"]["steps"].as_array().unwrap().len(), 2);
         assert_eq!(entry["snapshot"]["task"]["task_uuid"], fast);
         // the step that was out with a worker is stopped and its message archived
@@ -65,32 +102,70 @@ mod tests {
         assert_eq!(count(&format!("SELECT count(*) FROM pgmq.q_tasker_m_stale_queue WHERE message->>'task_uuid' = '{fast}'")), 0);
         // a result arriving now is ignored
         let a = sql_value::<String>(&format!("SELECT step_uuid::text FROM tasker.workflow_steps WHERE task_uuid = '{fast}' AND name = 'a'")).unwrap();
-        assert_eq!(sql_value::<String>(&format!("SELECT tasker.submit_result('{a}', 'success')")).unwrap(), "error");
+        assert_eq!(
+            sql_value::<String>(&format!("SELECT tasker.submit_result('{a}', 'success')")).unwrap(),
+            "error"
+        );
 
         // maximum lifetime
         Spi::run(&format!("UPDATE tasker.tasks SET created_at = now() - interval '25 hours' WHERE task_uuid = '{plain}'")).unwrap();
         let out = maintenance("staleness");
-        let entry = out["stale"].as_array().unwrap().iter().find(|s| s["task_uuid"] == plain).unwrap_or_else(|| panic!("{out}"));
+        let entry = out["stale"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["task_uuid"] == plain)
+            .unwrap_or_else(|| panic!("{out}"));
         assert_eq!(entry["reason"], "task_max_lifetime_exceeded");
         assert_eq!(state(&plain), "error");
         // nothing is stale twice
         let again = maintenance("staleness");
-        assert!(!again["stale"].as_array().unwrap().iter().any(|s| s["task_uuid"] == plain || s["task_uuid"] == fast), "{again}");
+        assert!(
+            !again["stale"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["task_uuid"] == plain || s["task_uuid"] == fast),
+            "{again}"
+        );
 
         // operator: requeue one, discard the other
-        let fast_dlq = sql_value::<String>(&format!("SELECT dlq_uuid::text FROM tasker.dlq WHERE task_uuid = '{fast}'")).unwrap();
-        let plain_dlq = sql_value::<String>(&format!("SELECT dlq_uuid::text FROM tasker.dlq WHERE task_uuid = '{plain}'")).unwrap();
-        assert_eq!(sql_value::<String>(&format!("SELECT tasker.dlq_requeue('{fast_dlq}', 'worker fleet restored')")).unwrap(), "steps_in_process");
+        let fast_dlq = sql_value::<String>(&format!(
+            "SELECT dlq_uuid::text FROM tasker.dlq WHERE task_uuid = '{fast}'"
+        ))
+        .unwrap();
+        let plain_dlq = sql_value::<String>(&format!(
+            "SELECT dlq_uuid::text FROM tasker.dlq WHERE task_uuid = '{plain}'"
+        ))
+        .unwrap();
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT tasker.dlq_requeue('{fast_dlq}', 'worker fleet restored')"
+            ))
+            .unwrap(),
+            "steps_in_process"
+        );
         assert_eq!(sql_value::<String>(&format!("SELECT state || ':' || attempts FROM tasker.workflow_steps WHERE task_uuid = '{fast}' AND name = 'a'")).unwrap(), "enqueued:1");
         assert_eq!(sql_value::<String>(&format!("SELECT resolution_status || ':' || resolution_note FROM tasker.dlq WHERE dlq_uuid = '{fast_dlq}'")).unwrap(), "requeued:worker fleet restored");
         let f = failure(&format!("SELECT tasker.dlq_requeue('{fast_dlq}')"));
         assert!(f.starts_with("55000"), "{f}");
-        assert_eq!(sql_value::<String>(&format!("SELECT tasker.dlq_resolve('{plain_dlq}', 'obsolete order', 'discarded')")).unwrap(), "discarded");
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT tasker.dlq_resolve('{plain_dlq}', 'obsolete order', 'discarded')"
+            ))
+            .unwrap(),
+            "discarded"
+        );
         let f = failure(&format!("SELECT tasker.dlq_resolve('{plain_dlq}')"));
         assert!(f.starts_with("55000"), "{f}");
-        let f = failure(&format!("SELECT tasker.dlq_resolve('{}')", uuid::Uuid::now_v7()));
+        let f = failure(&format!(
+            "SELECT tasker.dlq_resolve('{}')",
+            uuid::Uuid::now_v7()
+        ));
         assert!(f.starts_with("P0002"), "{f}");
-        let f = failure(&format!("SELECT tasker.dlq_resolve('{fast_dlq}', 'x', 'forgotten')"));
+        let f = failure(&format!(
+            "SELECT tasker.dlq_resolve('{fast_dlq}', 'x', 'forgotten')"
+        ));
         assert!(f.starts_with("22023"), "{f}");
         let f = failure("SELECT tasker.run_maintenance(ARRAY['defrag'])");
         assert!(f.starts_with("22023"), "{f}");
@@ -100,7 +175,10 @@ mod tests {
     fn retention_deletes_only_old_finished_tasks() {
         register(&template("m_ret", "flow", "1.0.0", json!([step("a", &[])])));
         let finish = |task: &str| {
-            let a = sql_value::<String>(&format!("SELECT step_uuid::text FROM tasker.workflow_steps WHERE task_uuid = '{task}'")).unwrap();
+            let a = sql_value::<String>(&format!(
+                "SELECT step_uuid::text FROM tasker.workflow_steps WHERE task_uuid = '{task}'"
+            ))
+            .unwrap();
             Spi::run(&format!("SELECT tasker.submit_result('{a}', 'success')")).unwrap();
             assert_eq!(state(task), "complete");
         };
@@ -119,8 +197,21 @@ mod tests {
         .unwrap();
         let out = maintenance("retention");
         assert_eq!(out["policy"], "delete");
-        let left = |t: &str| count(&format!("SELECT count(*) FROM tasker.tasks WHERE task_uuid = '{t}'"));
-        assert_eq!((left(&old), left(&cancelled_old), left(&recent), left(&active)), (0, 0, 1, 1), "{out}");
+        let left = |t: &str| {
+            count(&format!(
+                "SELECT count(*) FROM tasker.tasks WHERE task_uuid = '{t}'"
+            ))
+        };
+        assert_eq!(
+            (
+                left(&old),
+                left(&cancelled_old),
+                left(&recent),
+                left(&active)
+            ),
+            (0, 0, 1, 1),
+            "{out}"
+        );
         // everything below the deleted tasks went with them
         assert_eq!(count(&format!("SELECT count(*) FROM tasker.workflow_steps WHERE task_uuid IN ('{old}', '{cancelled_old}')")), 0);
         assert_eq!(count(&format!("SELECT count(*) FROM tasker.task_transitions WHERE task_uuid IN ('{old}', '{cancelled_old}')")), 0);

@@ -31,7 +31,9 @@ pub struct TaskRequest {
 
 pub fn parse(v: Value) -> Result<TaskRequest> {
     if !v.is_object() {
-        return Err(Error::invalid(format!("a task request must be a JSON object, got {v}")));
+        return Err(Error::invalid(format!(
+            "a task request must be a JSON object, got {v}"
+        )));
     }
     serde_json::from_value(v).map_err(|e| {
         Error::invalid(format!("invalid task request: {e}")).with_hint(
@@ -47,10 +49,20 @@ mod tests {
 
     #[test]
     fn requests() {
-        let r = parse(json!({"namespace": "a", "name": "b", "context": {"x": 1}, "tags": ["t"]})).unwrap();
-        assert_eq!((r.namespace.as_str(), r.tags.unwrap()), ("a", vec!["t".to_string()]));
-        assert!(parse(json!({"name": "b"})).unwrap_err().message.contains("namespace"));
-        assert!(parse(json!({"namespace": "a", "name": "b", "colour": 1})).unwrap_err().message.contains("colour"));
+        let r = parse(json!({"namespace": "a", "name": "b", "context": {"x": 1}, "tags": ["t"]}))
+            .unwrap();
+        assert_eq!(
+            (r.namespace.as_str(), r.tags.unwrap()),
+            ("a", vec!["t".to_string()])
+        );
+        assert!(parse(json!({"name": "b"}))
+            .unwrap_err()
+            .message
+            .contains("namespace"));
+        assert!(parse(json!({"namespace": "a", "name": "b", "colour": 1}))
+            .unwrap_err()
+            .message
+            .contains("colour"));
         assert!(parse(json!([1])).is_err());
     }
 }

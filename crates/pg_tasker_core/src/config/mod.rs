@@ -252,42 +252,120 @@ impl Validate for OrchestrationConfig {
 }
 
 fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &OrchestrationSection) {
-    in_range(out, "orchestration.recovery.interval_seconds", o.recovery.interval_seconds as u64, 1, 86_400);
-    in_range(out, "orchestration.recovery.batch_size", o.recovery.batch_size as u64, 1, 10_000);
+    in_range(
+        out,
+        "orchestration.recovery.interval_seconds",
+        o.recovery.interval_seconds as u64,
+        1,
+        86_400,
+    );
+    in_range(
+        out,
+        "orchestration.recovery.batch_size",
+        o.recovery.batch_size as u64,
+        1,
+        10_000,
+    );
     let st = &o.staleness;
-    in_range(out, "orchestration.staleness.interval_seconds", st.interval_seconds as u64, 1, 86_400);
-    in_range(out, "orchestration.staleness.batch_size", st.batch_size as u64, 1, 10_000);
+    in_range(
+        out,
+        "orchestration.staleness.interval_seconds",
+        st.interval_seconds as u64,
+        1,
+        86_400,
+    );
+    in_range(
+        out,
+        "orchestration.staleness.batch_size",
+        st.batch_size as u64,
+        1,
+        10_000,
+    );
     for (key, v) in [
-        ("orchestration.staleness.steps_in_process_minutes", st.steps_in_process_minutes),
-        ("orchestration.staleness.waiting_for_dependencies_minutes", st.waiting_for_dependencies_minutes),
-        ("orchestration.staleness.waiting_for_retry_minutes", st.waiting_for_retry_minutes),
-        ("orchestration.staleness.blocked_by_failures_minutes", st.blocked_by_failures_minutes),
-        ("orchestration.staleness.task_max_lifetime_hours", st.task_max_lifetime_hours),
-        ("orchestration.retention.retention_days", o.retention.retention_days),
-        ("orchestration.retention.queue_archive_retention_days", o.retention.queue_archive_retention_days),
+        (
+            "orchestration.staleness.steps_in_process_minutes",
+            st.steps_in_process_minutes,
+        ),
+        (
+            "orchestration.staleness.waiting_for_dependencies_minutes",
+            st.waiting_for_dependencies_minutes,
+        ),
+        (
+            "orchestration.staleness.waiting_for_retry_minutes",
+            st.waiting_for_retry_minutes,
+        ),
+        (
+            "orchestration.staleness.blocked_by_failures_minutes",
+            st.blocked_by_failures_minutes,
+        ),
+        (
+            "orchestration.staleness.task_max_lifetime_hours",
+            st.task_max_lifetime_hours,
+        ),
+        (
+            "orchestration.retention.retention_days",
+            o.retention.retention_days,
+        ),
+        (
+            "orchestration.retention.queue_archive_retention_days",
+            o.retention.queue_archive_retention_days,
+        ),
     ] {
         if !(v.is_finite() && v > 0.0) {
             out.push((key, format!("must be a positive number, got {v}")));
         }
     }
     let r = &o.retention;
-    in_range(out, "orchestration.retention.interval_seconds", r.interval_seconds as u64, 1, 604_800);
-    in_range(out, "orchestration.retention.batch_size", r.batch_size as u64, 1, 100_000);
+    in_range(
+        out,
+        "orchestration.retention.interval_seconds",
+        r.interval_seconds as u64,
+        1,
+        604_800,
+    );
+    in_range(
+        out,
+        "orchestration.retention.batch_size",
+        r.batch_size as u64,
+        1,
+        100_000,
+    );
     for state in &r.states {
         if !FINISHED_STATES.contains(&state.as_str()) {
             out.push((
                 "orchestration.retention.states",
-                format!("\"{state}\" is not a finished state ({})", FINISHED_STATES.join(", ")),
+                format!(
+                    "\"{state}\" is not a finished state ({})",
+                    FINISHED_STATES.join(", ")
+                ),
             ));
         }
     }
     let q = &o.task_requests;
-    in_range(out, "orchestration.task_requests.batch_size", q.batch_size as u64, 1, 1000);
-    in_range(out, "orchestration.task_requests.visibility_timeout_seconds", q.visibility_timeout_seconds as u64, 1, 86_400);
+    in_range(
+        out,
+        "orchestration.task_requests.batch_size",
+        q.batch_size as u64,
+        1,
+        1000,
+    );
+    in_range(
+        out,
+        "orchestration.task_requests.visibility_timeout_seconds",
+        q.visibility_timeout_seconds as u64,
+        1,
+        86_400,
+    );
     let name_ok = q.queue.len() <= crate::naming::PGMQ_MAX_QUEUE_NAME
-        && q.queue.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && q.queue.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    let namespace_like = q.queue.starts_with(crate::naming::QUEUE_PREFIX) && q.queue.ends_with(crate::naming::QUEUE_SUFFIX);
+        && q.queue
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase())
+        && q.queue
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let namespace_like = q.queue.starts_with(crate::naming::QUEUE_PREFIX)
+        && q.queue.ends_with(crate::naming::QUEUE_SUFFIX);
     if !name_ok || namespace_like {
         out.push((
             "orchestration.task_requests.queue",

@@ -180,18 +180,40 @@ fn environment_names_are_checked() {
 fn maintenance_settings_are_validated() {
     let d = temp_dir("maint");
     for (text, key) in [
-        ("[orchestration.retention]\npolicy = \"shred\"\n", "orchestration.retention.policy"),
-        ("[orchestration.retention]\nstates = [\"pending\"]\n", "orchestration.retention.states"),
-        ("[orchestration.staleness]\nsteps_in_process_minutes = 0\n", "orchestration.staleness.steps_in_process_minutes"),
-        ("[orchestration.task_requests]\nqueue = \"Bad Name\"\n", "orchestration.task_requests.queue"),
+        (
+            "[orchestration.retention]\npolicy = \"shred\"\n",
+            "orchestration.retention.policy",
+        ),
+        (
+            "[orchestration.retention]\nstates = [\"pending\"]\n",
+            "orchestration.retention.states",
+        ),
+        (
+            "[orchestration.staleness]\nsteps_in_process_minutes = 0\n",
+            "orchestration.staleness.steps_in_process_minutes",
+        ),
+        (
+            "[orchestration.task_requests]\nqueue = \"Bad Name\"\n",
+            "orchestration.task_requests.queue",
+        ),
     ] {
         write(&d, "environments/qa/orchestration.toml", text);
         let e = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap_err();
         assert_eq!(e.key.as_deref(), Some(key), "{e}");
     }
-    write(&d, "environments/qa/orchestration.toml", "[orchestration.retention]\npolicy = \"archive\"\n");
+    write(
+        &d,
+        "environments/qa/orchestration.toml",
+        "[orchestration.retention]\npolicy = \"archive\"\n",
+    );
     let ok = load_orchestration(&Location::Dir(d.clone()), "qa", &no_vars).unwrap();
-    assert_eq!(ok.config.orchestration.retention.policy, RetentionPolicy::Archive);
-    assert!(ok.config.orchestration.staleness.enabled, "siblings from the base survive");
+    assert_eq!(
+        ok.config.orchestration.retention.policy,
+        RetentionPolicy::Archive
+    );
+    assert!(
+        ok.config.orchestration.staleness.enabled,
+        "siblings from the base survive"
+    );
     let _ = fs::remove_dir_all(&d);
 }

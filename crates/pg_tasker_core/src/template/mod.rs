@@ -659,13 +659,17 @@ fn apply_override(step: &mut StepTemplate, o: &Map<String, Value>, ctx: &str) ->
 fn validate_lifecycle(lifecycle: &Map<String, Value>) -> Result<()> {
     for (k, v) in lifecycle {
         if !crate::config::LIFECYCLE_KEYS.contains(&k.as_str()) {
-            return Err(Error::invalid(format!("lifecycle: unknown key \"{k}\"")).with_hint(format!(
-                "lifecycle keys: {}",
-                crate::config::LIFECYCLE_KEYS.join(", ")
-            )));
+            return Err(
+                Error::invalid(format!("lifecycle: unknown key \"{k}\"")).with_hint(format!(
+                    "lifecycle keys: {}",
+                    crate::config::LIFECYCLE_KEYS.join(", ")
+                )),
+            );
         }
         if !v.as_f64().is_some_and(|f| f > 0.0 && f.is_finite()) {
-            return Err(Error::invalid(format!("lifecycle.{k} must be a positive number, got {v}")));
+            return Err(Error::invalid(format!(
+                "lifecycle.{k} must be a positive number, got {v}"
+            )));
         }
     }
     Ok(())
