@@ -30,6 +30,7 @@ listen_addresses = ''
 unix_socket_directories = '$SOCK'
 port = $PORT
 shared_preload_libraries = 'pg_tasker'
+pg_tasker.database = 'postgres'
 CONF
     fi
     if ! as_pg "$PG_BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then

@@ -44,9 +44,10 @@ SQL
 # A minimal worker written in SQL: read the namespace queue with plain pgmq,
 # answer with tasker.submit_result. Each call is its own transaction, as a
 # real worker's would be. The first payment attempt fails with a retryable
-# error and retry_after_seconds = 1; the orchestration cycle re-enqueues it.
+# error and retry_after_seconds = 1; the background orchestrator inside
+# PostgreSQL re-enqueues it when it is due.
 echo "==> a worker (psql) processes the queue"
-for _ in $(seq 1 40); do
+for _ in $(seq 1 100); do
     out="$(psql_ -At -F ' ' <<'SQL'
 SELECT message->>'step_name', message->>'attempt',
        CASE WHEN message->>'step_name' = 'process_payment' AND (message->>'attempt')::int = 1
@@ -63,9 +64,7 @@ SQL
     if [ -n "$out" ]; then
         printf '%s\n' "$out" | awk '{printf "    %-18s attempt %s -> %s\n", $1, $2, $3}'
     else
-        # nothing visible: let the orchestrator enqueue due retries
-        psql_ -At -c "SELECT tasker.run_orchestration_cycle('demo')" >/dev/null
-        sleep 0.3
+        sleep 0.2   # nothing visible: the orchestrator has a retry timer running
     fi
     state="$(psql_ -At -c "SELECT state FROM tasker.tasks WHERE idempotency_key = 'order-1001'")"
     if [ "$state" = complete ]; then break; fi
@@ -78,4 +77,6 @@ FROM tasker.task_status WHERE namespace = 'ecommerce';
 \echo '==> tasker.step_status'
 SELECT step_name, state, attempts, max_attempts, dependencies, last_error_message, results
 FROM tasker.step_status WHERE namespace = 'ecommerce' ORDER BY position;
+\echo '==> tasker.orchestrator_status (the background worker inside PostgreSQL)'
+SELECT running, status, ticks, errors, environment, config_valid FROM tasker.orchestrator_status;
 SQL

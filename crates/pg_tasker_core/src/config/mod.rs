@@ -180,6 +180,7 @@ pub struct WorkerSection {
 pub struct OrchestrationConfig {
     pub database: DatabaseConfig,
     pub queues: QueuesConfig,
+    pub retry: crate::template::RetryPolicy,
     pub orchestration: OrchestrationSection,
 }
 
@@ -189,6 +190,7 @@ pub struct OrchestrationConfig {
 pub struct WorkerConfig {
     pub database: DatabaseConfig,
     pub queues: QueuesConfig,
+    pub retry: crate::template::RetryPolicy,
     pub worker: WorkerSection,
 }
 
@@ -203,7 +205,10 @@ fn in_range(out: &mut Vec<(&'static str, String)>, key: &'static str, v: u64, lo
     }
 }
 
-fn common_problems(out: &mut Vec<(&'static str, String)>, queues: &QueuesConfig) {
+fn common_problems(out: &mut Vec<(&'static str, String)>, queues: &QueuesConfig, retry: &crate::template::RetryPolicy) {
+    in_range(out, "retry.max_attempts", retry.max_attempts as u64, 1, crate::template::MAX_MAX_ATTEMPTS as u64);
+    in_range(out, "retry.backoff_base_ms", retry.backoff_base_ms, 0, crate::template::MAX_BACKOFF_LIMIT_MS);
+    in_range(out, "retry.max_backoff_ms", retry.max_backoff_ms, retry.backoff_base_ms, crate::template::MAX_BACKOFF_LIMIT_MS);
     in_range(
         out,
         "queues.default_visibility_timeout_seconds",
@@ -216,7 +221,7 @@ fn common_problems(out: &mut Vec<(&'static str, String)>, queues: &QueuesConfig)
 impl Validate for OrchestrationConfig {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        common_problems(&mut out, &self.queues);
+        common_problems(&mut out, &self.queues, &self.retry);
         let o = &self.orchestration;
         in_range(
             &mut out,
@@ -380,7 +385,7 @@ fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &Orchestration
 impl Validate for WorkerConfig {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        common_problems(&mut out, &self.queues);
+        common_problems(&mut out, &self.queues, &self.retry);
         let w = &self.worker;
         in_range(&mut out, "worker.batch_size", w.batch_size as u64, 1, 1000);
         in_range(

@@ -54,6 +54,7 @@ impl Backoff {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     pub retryable: bool,
     /// Counts the first attempt: 3 means one try and two retries.
@@ -199,17 +200,24 @@ struct RawRetry {
 /// Parses a YAML template. Ruby-style symbol keys (`:name:`) are accepted:
 /// a leading `:` is removed from every mapping key.
 pub fn parse_yaml(text: &str) -> Result<TaskTemplate> {
-    let value: Value = serde_norway::from_str(text).map_err(|e| {
-        Error::new(
-            ErrorKind::Syntax,
-            format!("template is not valid YAML: {e}"),
-        )
-    })?;
-    parse_value(strip_symbol_keys(value))
+    parse_yaml_with(text, &RetryPolicy::default())
+}
+
+/// `parse_yaml` with the retry policy that fills fields a step leaves out.
+pub fn parse_yaml_with(text: &str, retry_defaults: &RetryPolicy) -> Result<TaskTemplate> {
+    let value: Value = serde_norway::from_str(text)
+        .map_err(|e| Error::new(ErrorKind::Syntax, format!("template is not valid YAML: {e}")))?;
+    parse_value_with(strip_symbol_keys(value), retry_defaults)
 }
 
 /// Parses and validates a template given as JSON.
 pub fn parse_value(value: Value) -> Result<TaskTemplate> {
+    parse_value_with(value, &RetryPolicy::default())
+}
+
+/// `parse_value` with the retry policy that fills fields a step leaves out
+/// (the `[retry]` section of the configuration).
+pub fn parse_value_with(value: Value, retry_defaults: &RetryPolicy) -> Result<TaskTemplate> {
     if !value.is_object() {
         return Err(Error::invalid("a template must be a JSON object"));
     }
@@ -255,7 +263,7 @@ pub fn parse_value(value: Value) -> Result<TaskTemplate> {
     };
     let mut steps = Vec::with_capacity(raw_steps.len());
     for (i, raw_step) in raw_steps.into_iter().enumerate() {
-        steps.push(parse_step(raw_step, i)?);
+        steps.push(parse_step(raw_step, i, retry_defaults)?);
     }
     let steps = order_steps(steps)?;
 
@@ -387,7 +395,7 @@ fn parse_handler(v: Value, context: &str) -> Result<Handler> {
     })
 }
 
-fn parse_step(v: Value, index: usize) -> Result<StepTemplate> {
+fn parse_step(v: Value, index: usize, retry_defaults: &RetryPolicy) -> Result<StepTemplate> {
     let name = match v.get("name") {
         Some(Value::String(s)) => s.clone(),
         Some(other) => {
@@ -446,7 +454,7 @@ fn parse_step(v: Value, index: usize) -> Result<StepTemplate> {
         }
     }
 
-    let retry = parse_retry(raw.retry, RetryPolicy::default(), &ctx)?;
+    let retry = parse_retry(raw.retry, retry_defaults.clone(), &ctx)?;
     let dependencies = raw.dependencies.unwrap_or_default();
     let mut seen = HashSet::new();
     for d in &dependencies {
