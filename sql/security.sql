@@ -78,3 +78,10 @@ GRANT EXECUTE ON FUNCTION tasker.run_maintenance(text[]),
                           tasker.dlq_resolve(uuid, text, text)
     TO tasker_admin;
 GRANT SELECT ON tasker.dlq, tasker.task_archive TO tasker_admin;
+
+-- Observability.
+GRANT EXECUTE ON FUNCTION tasker.analytics_throughput(interval, interval),
+                          tasker.analytics_failures(interval),
+                          tasker.analytics_slowest_steps(interval, integer),
+                          tasker.task_graph(uuid)
+    TO tasker_app, tasker_worker;

@@ -3,7 +3,6 @@
 //! PostgreSQL in the middle of 200 running tasks. Afterwards every task
 //! finishes, and no result is lost or applied twice.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,46 +11,21 @@ use std::time::{Duration, Instant};
 use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 
-/// A throwaway cluster with pg_tasker preloaded (scripts/cluster.sh).
-struct OwnCluster {
-    dir: PathBuf,
-    port: u16,
-}
+/// The shared throwaway-cluster helper, with the client side of this test.
+struct OwnCluster(pg_tasker_worker::testing::Cluster);
 
 impl OwnCluster {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh")
-    }
-
-    fn run(&self, action: &str) {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .arg(action)
-            .env("PG_TASKER_CLUSTER_DIR", &self.dir)
-            .env("PG_TASKER_PORT", self.port.to_string())
-            .output()
-            .expect("cluster.sh runs");
-        assert!(
-            out.status.success(),
-            "cluster.sh {action}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     fn start(tag: &str) -> Self {
-        let c = OwnCluster {
-            dir: std::env::temp_dir().join(format!("pg_tasker_{tag}_{}", std::process::id())),
-            port: 29000 + (std::process::id() % 1000) as u16,
-        };
-        c.run("destroy");
-        c.run("start");
-        c
+        OwnCluster(pg_tasker_worker::testing::Cluster::start(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+            tag,
+        ))
     }
 
     fn try_connect(&self) -> Result<Client, postgres::Error> {
         postgres::Config::new()
-            .host_path(&self.dir)
-            .port(self.port)
+            .host_path(&self.0.dir)
+            .port(self.0.port)
             .user("postgres")
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(2))
@@ -75,24 +49,8 @@ impl OwnCluster {
         }
     }
 
-    /// `pg_ctl restart -m immediate`: no shutdown checkpoint, crash recovery.
     fn restart_immediate(&self) {
-        let data = self.dir.join("data");
-        let status = Command::new("sudo")
-            .args(["-u", "postgres", "/usr/lib/postgresql/15/bin/pg_ctl", "-D"])
-            .arg(&data)
-            .args(["-m", "immediate", "-w", "-l"])
-            .arg(self.dir.join("postgres.log"))
-            .arg("restart")
-            .status()
-            .expect("pg_ctl runs");
-        assert!(status.success(), "pg_ctl restart failed");
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        self.run("destroy");
+        self.0.restart_immediate();
     }
 }
 

@@ -47,6 +47,11 @@ extension_sql_file!(
     name = "maintenance",
     requires = ["orchestration"]
 );
+extension_sql_file!(
+    "../sql/analytics.sql",
+    name = "analytics",
+    requires = ["schema"]
+);
 extension_sql_file!("../sql/security.sql", finalize);
 
 #[pg_guard]

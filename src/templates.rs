@@ -18,7 +18,8 @@ fn queue_name(namespace: &str) -> ApiResult<String> {
 #[pg_extern(security_definer)]
 #[search_path(@extschema@, pg_catalog, pg_temp)]
 fn register_template(template: JsonB) -> ApiResult<pgrx::Uuid> {
-    let t = template::parse_value_with(template.0, &crate::settings::current().retry).map_err(from_core)?;
+    let t = template::parse_value_with(template.0, &crate::settings::current().retry)
+        .map_err(from_core)?;
     store(&t)
 }
 
@@ -27,7 +28,8 @@ fn register_template(template: JsonB) -> ApiResult<pgrx::Uuid> {
 #[pg_extern(security_definer)]
 #[search_path(@extschema@, pg_catalog, pg_temp)]
 fn register_template_yaml(template: &str) -> ApiResult<pgrx::Uuid> {
-    let t = template::parse_yaml_with(template, &crate::settings::current().retry).map_err(from_core)?;
+    let t = template::parse_yaml_with(template, &crate::settings::current().retry)
+        .map_err(from_core)?;
     store(&t)
 }
 

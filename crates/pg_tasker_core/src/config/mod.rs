@@ -205,10 +205,32 @@ fn in_range(out: &mut Vec<(&'static str, String)>, key: &'static str, v: u64, lo
     }
 }
 
-fn common_problems(out: &mut Vec<(&'static str, String)>, queues: &QueuesConfig, retry: &crate::template::RetryPolicy) {
-    in_range(out, "retry.max_attempts", retry.max_attempts as u64, 1, crate::template::MAX_MAX_ATTEMPTS as u64);
-    in_range(out, "retry.backoff_base_ms", retry.backoff_base_ms, 0, crate::template::MAX_BACKOFF_LIMIT_MS);
-    in_range(out, "retry.max_backoff_ms", retry.max_backoff_ms, retry.backoff_base_ms, crate::template::MAX_BACKOFF_LIMIT_MS);
+fn common_problems(
+    out: &mut Vec<(&'static str, String)>,
+    queues: &QueuesConfig,
+    retry: &crate::template::RetryPolicy,
+) {
+    in_range(
+        out,
+        "retry.max_attempts",
+        retry.max_attempts as u64,
+        1,
+        crate::template::MAX_MAX_ATTEMPTS as u64,
+    );
+    in_range(
+        out,
+        "retry.backoff_base_ms",
+        retry.backoff_base_ms,
+        0,
+        crate::template::MAX_BACKOFF_LIMIT_MS,
+    );
+    in_range(
+        out,
+        "retry.max_backoff_ms",
+        retry.max_backoff_ms,
+        retry.backoff_base_ms,
+        crate::template::MAX_BACKOFF_LIMIT_MS,
+    );
     in_range(
         out,
         "queues.default_visibility_timeout_seconds",

@@ -222,9 +222,16 @@ fn maintenance_settings_are_validated() {
 fn retry_defaults_come_from_common() {
     let c = load_orchestration(&Location::Embedded, "test", &no_vars).unwrap();
     assert_eq!(c.config.retry, crate::template::RetryPolicy::default());
-    assert_eq!(c.key_sources["retry.max_attempts"], "embedded:base/common.toml");
+    assert_eq!(
+        c.key_sources["retry.max_attempts"],
+        "embedded:base/common.toml"
+    );
     let d = temp_dir("retry");
-    write(&d, "environments/qa/common.toml", "[retry]\nmax_attempts = 0\n");
+    write(
+        &d,
+        "environments/qa/common.toml",
+        "[retry]\nmax_attempts = 0\n",
+    );
     let e = load_worker(&Location::Dir(d.clone()), "qa", &no_vars).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("retry.max_attempts"), "{e}");
     assert!(e.file.ends_with("environments/qa/common.toml"), "{e}");

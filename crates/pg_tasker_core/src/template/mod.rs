@@ -205,8 +205,12 @@ pub fn parse_yaml(text: &str) -> Result<TaskTemplate> {
 
 /// `parse_yaml` with the retry policy that fills fields a step leaves out.
 pub fn parse_yaml_with(text: &str, retry_defaults: &RetryPolicy) -> Result<TaskTemplate> {
-    let value: Value = serde_norway::from_str(text)
-        .map_err(|e| Error::new(ErrorKind::Syntax, format!("template is not valid YAML: {e}")))?;
+    let value: Value = serde_norway::from_str(text).map_err(|e| {
+        Error::new(
+            ErrorKind::Syntax,
+            format!("template is not valid YAML: {e}"),
+        )
+    })?;
     parse_value_with(strip_symbol_keys(value), retry_defaults)
 }
 

@@ -285,10 +285,20 @@ fn lifecycle_overrides_are_validated() {
 
 #[test]
 fn configured_retry_defaults_fill_missing_fields() {
-    let defaults = RetryPolicy { max_attempts: 7, backoff: Backoff::Linear, ..RetryPolicy::default() };
+    let defaults = RetryPolicy {
+        max_attempts: 7,
+        backoff: Backoff::Linear,
+        ..RetryPolicy::default()
+    };
     let mut s = step("a", &[]);
     s["retry"] = json!({"backoff": "fibonacci"});
     let t = parse_value_with(tpl(vec![s, step("b", &[])]), &defaults).unwrap();
-    assert_eq!((t.steps[0].retry.max_attempts, t.steps[0].retry.backoff), (7, Backoff::Fibonacci));
-    assert_eq!((t.steps[1].retry.max_attempts, t.steps[1].retry.backoff), (7, Backoff::Linear));
+    assert_eq!(
+        (t.steps[0].retry.max_attempts, t.steps[0].retry.backoff),
+        (7, Backoff::Fibonacci)
+    );
+    assert_eq!(
+        (t.steps[1].retry.max_attempts, t.steps[1].retry.backoff),
+        (7, Backoff::Linear)
+    );
 }

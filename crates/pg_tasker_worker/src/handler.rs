@@ -1,0 +1,192 @@
+//! Handlers and their outcomes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// A step message as enqueued by pg_tasker (message_version 1).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StepMessage {
+    pub message_version: u32,
+    pub task_uuid: String,
+    pub step_uuid: String,
+    pub namespace: String,
+    pub task_name: String,
+    pub task_version: String,
+    pub step_name: String,
+    pub handler: HandlerSpec,
+    pub task_context: Value,
+    pub dependency_results: Map<String, Value>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub timeout_seconds: Option<u64>,
+    pub correlation_id: String,
+    pub enqueued_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HandlerSpec {
+    pub callable: String,
+    pub method: Option<String>,
+    #[serde(default)]
+    pub initialization: Map<String, Value>,
+}
+
+/// What a handler gets: the message, and the raw pgmq envelope facts.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub message: StepMessage,
+    pub msg_id: i64,
+    /// How many times pgmq delivered this message (1 on first delivery).
+    pub read_ct: i32,
+    pub worker_id: String,
+}
+
+impl StepContext {
+    /// The result of a dependency, by step name.
+    pub fn dependency(&self, step: &str) -> Option<&Value> {
+        self.message.dependency_results.get(step)
+    }
+
+    /// A handler setting from the template's `handler.initialization`.
+    pub fn setting(&self, key: &str) -> Option<&Value> {
+        self.message.handler.initialization.get(key)
+    }
+}
+
+/// How a step attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success {
+        result: Value,
+        metadata: Value,
+    },
+    /// Try again (per the step's retry policy); `retry_after` overrides the
+    /// computed backoff.
+    Retryable {
+        message: String,
+        error_code: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// Do not try again: the step goes to `error`.
+    Permanent {
+        message: String,
+        error_code: Option<String>,
+    },
+}
+
+impl Outcome {
+    pub fn success(result: Value) -> Self {
+        Outcome::Success {
+            result,
+            metadata: json!({}),
+        }
+    }
+
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Outcome::Retryable {
+            message: message.into(),
+            error_code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(message: impl Into<String>, after: Duration) -> Self {
+        Outcome::Retryable {
+            message: message.into(),
+            error_code: None,
+            retry_after: Some(after),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>, code: impl Into<String>) -> Self {
+        Outcome::Permanent {
+            message: message.into(),
+            error_code: Some(code.into()),
+        }
+    }
+
+    /// `(status, result, error)` for `tasker.submit_result`.
+    pub fn to_submission(&self) -> (&'static str, Option<Value>, Option<Value>) {
+        match self {
+            Outcome::Success { result, .. } => ("success", Some(result.clone()), None),
+            Outcome::Retryable {
+                message,
+                error_code,
+                retry_after,
+            } => (
+                "failure",
+                None,
+                Some(
+                    json!({"message": message, "error_code": error_code, "retryable": true,
+                            "retry_after_seconds": retry_after.map(|d| d.as_secs_f64())}),
+                ),
+            ),
+            Outcome::Permanent {
+                message,
+                error_code,
+            } => (
+                "failure",
+                None,
+                Some(json!({"message": message, "error_code": error_code, "retryable": false})),
+            ),
+        }
+    }
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// An asynchronous step handler. Closures `Fn(StepContext) -> impl Future<Output = Outcome>`
+/// implement it.
+pub trait StepHandler: Send + Sync + 'static {
+    fn handle(&self, step: StepContext) -> HandlerFuture;
+}
+
+impl<F, Fut> StepHandler for F
+where
+    F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    fn handle(&self, step: StepContext) -> HandlerFuture {
+        Box::pin(self(step))
+    }
+}
+
+/// Handlers by `handler.callable`.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn StepHandler>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(
+        &mut self,
+        callable: impl Into<String>,
+        handler: impl StepHandler,
+    ) -> &mut Self {
+        self.handlers.insert(callable.into(), Arc::new(handler));
+        self
+    }
+
+    pub fn get(&self, callable: &str) -> Option<Arc<dyn StepHandler>> {
+        self.handlers.get(callable).cloned()
+    }
+
+    pub fn callables(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+
+    pub fn merge(&mut self, other: Registry) -> &mut Self {
+        self.handlers.extend(other.handlers);
+        self
+    }
+}

@@ -1,0 +1,516 @@
+//! End to end: the blog workloads, each on a throwaway cluster with the
+//! orchestrator preloaded, run by real `pg-tasker-worker` processes.
+//! Requires pg_tasker installed into PostgreSQL 15 (scripts/test.sh does it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pg_tasker_worker::testing::Cluster;
+use postgres::{Client, NoTls};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+struct Env {
+    cluster: Cluster,
+    db: Client,
+}
+
+fn setup(tag: &str, templates: &[&str]) -> Env {
+    let cluster = Cluster::start(&repo(), tag);
+    let mut db = Client::connect(&cluster.url(), NoTls).expect("connect");
+    for sql in [
+        "CREATE EXTENSION pg_tasker CASCADE",
+        "ALTER SYSTEM SET pg_tasker.environment = 'test'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql).unwrap();
+    }
+    for t in templates {
+        let yaml = std::fs::read_to_string(repo().join("examples/templates").join(t)).unwrap();
+        db.execute("SELECT tasker.register_template_yaml($1)", &[&yaml])
+            .unwrap();
+    }
+    Env { cluster, db }
+}
+
+struct Worker(Child);
+
+impl Worker {
+    fn start(env: &Env, namespaces: &[&str], handlers: &str, extra: &[&str]) -> Worker {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pg-tasker-worker"));
+        cmd.args([
+            "--database-url",
+            &env.cluster.url(),
+            "--handlers",
+            handlers,
+            "--environment",
+            "test",
+        ]);
+        for ns in namespaces {
+            cmd.args(["--namespace", ns]);
+        }
+        cmd.args(extra).stdout(Stdio::null()).stderr(Stdio::null());
+        Worker(cmd.spawn().expect("worker starts"))
+    }
+
+    fn kill9(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // graceful stop: SIGTERM, then wait (unless it is gone already)
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn create(db: &mut Client, ns: &str, name: &str, context: &str) -> String {
+    db.query_one(
+        "SELECT tasker.create_task($1, $2, $3::text::jsonb)::text",
+        &[&ns, &name, &context],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Waits until no task of the namespace is still moving.
+fn settle(env: &mut Env, ns: &str, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let open: i64 = env
+            .db
+            .query_one(
+                "SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1
+                   AND state NOT IN ('complete', 'blocked_by_failures', 'error', 'cancelled')",
+                &[&ns],
+            )
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "namespace {ns} did not settle; postgres log:\n{}",
+            env.cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json(db: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> Value {
+    let s: Option<String> = db
+        .query_one(&format!("SELECT ({sql})::text"), params)
+        .unwrap()
+        .get(0);
+    s.map(|s| serde_json::from_str(&s).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+fn step(db: &mut Client, task: &str, name: &str) -> Value {
+    json(
+        db,
+        "SELECT to_jsonb(s) FROM tasker.workflow_steps s WHERE s.task_uuid = $1::text::uuid AND s.name = $2",
+        &[&task, &name],
+    )
+}
+
+fn task_state(db: &mut Client, task: &str) -> String {
+    db.query_one(
+        "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
+        &[&task],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn post_01_ecommerce_checkout_and_post_05_observability() {
+    let mut env = setup("e2e_ecommerce", &["ecommerce_process_order.yaml"]);
+    let order = |tier: &str, token: &str| {
+        format!(
+            r#"{{"customer_info": {{"email": "a@example.com", "tier": "{tier}"}},
+                 "cart_items": [{{"sku": "A", "price": 20.0, "quantity": 2}}, {{"sku": "B", "price": 5.5, "quantity": 1}}],
+                 "payment_info": {{"token": "{token}"}}}}"#
+        )
+    };
+    let happy = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("standard", "tok_visa"),
+    );
+    let premium = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("premium", "tok_visa"),
+    );
+    let flaky = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("standard", "tok_timeout_twice"),
+    );
+    let declined = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("standard", "tok_declined"),
+    );
+    let _worker = Worker::start(&env, &["ecommerce"], "ecommerce", &[]);
+    settle(&mut env, "ecommerce", Duration::from_secs(30));
+
+    assert_eq!(task_state(&mut env.db, &happy), "complete");
+    let pay = step(&mut env.db, &happy, "process_payment");
+    assert_eq!(pay["results"]["amount_charged"], 45.5);
+    assert_eq!(
+        step(&mut env.db, &happy, "send_confirmation")["results"]["order_number"]
+            .as_str()
+            .unwrap()
+            .len(),
+        16
+    );
+
+    assert_eq!(task_state(&mut env.db, &premium), "complete");
+    assert_eq!(
+        step(&mut env.db, &premium, "process_payment")["results"]["discount"],
+        0.1
+    );
+    assert_eq!(
+        step(&mut env.db, &premium, "send_confirmation")["results"]["premium"],
+        true
+    );
+
+    // two timeouts, then success: retries visible in step_status
+    assert_eq!(task_state(&mut env.db, &flaky), "complete");
+    let status = json(
+        &mut env.db,
+        "SELECT to_jsonb(s) FROM tasker.step_status s WHERE task_uuid = $1::text::uuid AND step_name = 'process_payment'",
+        &[&flaky],
+    );
+    assert_eq!(
+        (status["attempts"].as_i64(), status["state"].as_str()),
+        (Some(3), Some("complete"))
+    );
+    assert!(status["last_error_message"]
+        .as_str()
+        .unwrap()
+        .contains("timeout"));
+
+    // a declined card is permanent: no retry, task blocked, nothing downstream ran
+    assert_eq!(task_state(&mut env.db, &declined), "blocked_by_failures");
+    let pay = step(&mut env.db, &declined, "process_payment");
+    assert_eq!(
+        (pay["state"].as_str(), pay["attempts"].as_i64()),
+        (Some("error"), Some(1))
+    );
+    assert_eq!(pay["last_error"]["error_code"], "CARD_DECLINED");
+    assert_eq!(
+        step(&mut env.db, &declined, "update_inventory")["state"],
+        "pending"
+    );
+
+    // post 05: the analytics see all of it
+    let failures = json(
+        &mut env.db,
+        "SELECT jsonb_agg(to_jsonb(f)) FROM tasker.analytics_failures() f",
+        &[],
+    );
+    let codes: Vec<&str> = failures
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["error_code"].as_str())
+        .collect();
+    assert!(
+        codes.contains(&"CARD_DECLINED") && codes.contains(&"GATEWAY_TIMEOUT"),
+        "{failures}"
+    );
+    let throughput = json(
+        &mut env.db,
+        "SELECT jsonb_agg(to_jsonb(t)) FROM tasker.analytics_throughput() t",
+        &[],
+    );
+    let done: i64 = throughput
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["steps_completed"].as_i64().unwrap())
+        .sum();
+    assert_eq!(done, 5 * 3 + 1, "{throughput}");
+    let slowest = json(
+        &mut env.db,
+        "SELECT jsonb_agg(to_jsonb(s)) FROM tasker.analytics_slowest_steps() s",
+        &[],
+    );
+    assert_eq!(slowest.as_array().unwrap().len(), 5, "{slowest}");
+    let graph: String = env
+        .db
+        .query_one("SELECT tasker.task_graph($1::text::uuid)", &[&declined])
+        .unwrap()
+        .get(0);
+    assert!(graph.starts_with("flowchart LR"), "{graph}");
+    assert!(
+        graph.contains("process_payment<br/>error (1/5)\"]:::error"),
+        "{graph}"
+    );
+    assert_eq!(graph.matches(" --> ").count(), 4);
+}
+
+#[test]
+fn post_02_data_pipeline_runs_extracts_in_parallel() {
+    let mut env = setup("e2e_pipeline", &["data_pipeline_customer_analytics.yaml"]);
+    let tasks: Vec<String> = (0..2)
+        .map(|_| {
+            create(
+                &mut env.db,
+                "data_pipeline",
+                "customer_analytics",
+                r#"{"date": "2026-11-22"}"#,
+            )
+        })
+        .collect();
+    let _worker = Worker::start(
+        &env,
+        &["data_pipeline"],
+        "pipeline",
+        &["--concurrency", "8"],
+    );
+    settle(&mut env, "data_pipeline", Duration::from_secs(30));
+    for t in &tasks {
+        assert_eq!(task_state(&mut env.db, t), "complete");
+        // results flowed through the dependencies
+        let agg = step(&mut env.db, t, "aggregate_metrics")["results"].clone();
+        assert_eq!(
+            agg["sources"],
+            serde_json::json!(["customers", "inventory", "sales"])
+        );
+        assert_eq!(agg["total_records"], 1188 + 337 + 555);
+        assert_eq!(
+            step(&mut env.db, t, "generate_insights")["results"]["total_records"],
+            agg["total_records"]
+        );
+        // the three extracts overlapped in time
+        let spans: Vec<(f64, f64)> = [
+            "extract_sales_data",
+            "extract_inventory_data",
+            "extract_customer_data",
+        ]
+        .iter()
+        .map(|s| {
+            let r = step(&mut env.db, t, s)["results"].clone();
+            (
+                r["started_ms"].as_f64().unwrap(),
+                r["finished_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+        let latest_start = spans.iter().map(|s| s.0).fold(f64::MIN, f64::max);
+        let earliest_end = spans.iter().map(|s| s.1).fold(f64::MAX, f64::min);
+        assert!(
+            latest_start < earliest_end,
+            "extracts ran one after another: {spans:?}"
+        );
+    }
+}
+
+#[test]
+fn post_03_microservices_with_circuit_breaker_and_retry_after() {
+    let mut env = setup("e2e_micro", &["microservices_user_registration.yaml"]);
+    let task = create(
+        &mut env.db,
+        "microservices",
+        "user_registration",
+        r#"{"email": "new@example.com"}"#,
+    );
+    let _worker = Worker::start(&env, &["microservices"], "microservices", &[]);
+    settle(&mut env, "microservices", Duration::from_secs(30));
+    assert_eq!(task_state(&mut env.db, &task), "complete");
+    // billing failed until the breaker's trial call succeeded
+    let billing = step(&mut env.db, &task, "setup_billing_profile");
+    assert!(billing["attempts"].as_i64().unwrap() >= 4, "{billing}");
+    let codes = json(
+        &mut env.db,
+        "SELECT jsonb_agg(DISTINCT st.metadata->'error'->>'error_code') FROM tasker.step_transitions st
+          WHERE st.step_uuid = $1::text::uuid AND st.to_state = 'waiting_for_retry'",
+        &[&billing["step_uuid"].as_str().unwrap()],
+    );
+    assert_eq!(
+        codes,
+        serde_json::json!(["CIRCUIT_OPEN", "SERVICE_UNAVAILABLE"])
+    );
+    // the preferences service's Retry-After: 1 was honoured
+    let prefs = step(&mut env.db, &task, "initialize_preferences");
+    assert_eq!(prefs["attempts"], 2);
+    let gap: f64 = env
+        .db
+        .query_one(
+            "SELECT extract(epoch FROM max(created_at) FILTER (WHERE to_state = 'enqueued' AND sort_key > 2)
+                                    - max(created_at) FILTER (WHERE to_state = 'waiting_for_retry'))::float8
+               FROM tasker.step_transitions WHERE step_uuid = $1::text::uuid",
+            &[&prefs["step_uuid"].as_str().unwrap()],
+        )
+        .unwrap()
+        .get(0);
+    assert!(gap >= 0.95, "retried after {gap} s");
+}
+
+#[test]
+fn post_04_team_namespaces_are_isolated() {
+    let mut env = setup(
+        "e2e_teams",
+        &[
+            "payments_process_refund.yaml",
+            "customer_success_process_refund.yaml",
+        ],
+    );
+    let pay: Vec<String> = (0..3)
+        .map(|i| {
+            create(
+                &mut env.db,
+                "payments",
+                "process_refund",
+                &format!(r#"{{"payment_id": "p{i}", "amount": 25}}"#),
+            )
+        })
+        .collect();
+    let cs: Vec<String> = (0..3)
+        .map(|i| {
+            create(
+                &mut env.db,
+                "customer_success",
+                "process_refund",
+                &format!(r#"{{"ticket_id": "t{i}", "amount": 900}}"#),
+            )
+        })
+        .collect();
+    // queues are separate
+    let depths = json(
+        &mut env.db,
+        "SELECT jsonb_object_agg(namespace, depth) FROM tasker.queue_status",
+        &[],
+    );
+    assert_eq!(
+        (
+            depths["payments"].as_i64(),
+            depths["customer_success"].as_i64()
+        ),
+        (Some(3), Some(3)),
+        "{depths}"
+    );
+    let _payments = Worker::start(
+        &env,
+        &["payments"],
+        "teams",
+        &["--worker-id", "payments-worker"],
+    );
+    let _support = Worker::start(
+        &env,
+        &["customer_success"],
+        "teams",
+        &["--worker-id", "support-worker"],
+    );
+    settle(&mut env, "payments", Duration::from_secs(30));
+    settle(&mut env, "customer_success", Duration::from_secs(30));
+    for (tasks, ns, worker) in [
+        (&pay, "payments", "payments-worker"),
+        (&cs, "customer_success", "support-worker"),
+    ] {
+        for t in tasks {
+            assert_eq!(task_state(&mut env.db, t), "complete");
+        }
+        // every step of the namespace was done by its own team's worker
+        let workers = json(
+            &mut env.db,
+            "SELECT jsonb_agg(DISTINCT st.metadata->>'worker_id') FROM tasker.step_transitions st
+               JOIN tasker.workflow_steps s USING (step_uuid) JOIN tasker.tasks t USING (task_uuid)
+              WHERE t.namespace_name = $1 AND st.to_state = 'complete'",
+            &[&ns],
+        );
+        assert_eq!(workers, serde_json::json!([worker]), "{ns}");
+    }
+    assert_eq!(
+        step(&mut env.db, &cs[0], "get_manager_approval")["results"]["manager_approval_needed"],
+        true
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_workflow_and_restarted_finishes_the_work() {
+    let mut env = setup("e2e_sigkill", &["data_pipeline_customer_analytics.yaml"]);
+    for _ in 0..6 {
+        create(
+            &mut env.db,
+            "data_pipeline",
+            "customer_analytics",
+            r#"{"date": "2026-11-22"}"#,
+        );
+    }
+    let mut first = Worker::start(
+        &env,
+        &["data_pipeline"],
+        "pipeline",
+        &["--visibility-timeout", "2", "--concurrency", "4"],
+    );
+    let start = Instant::now();
+    loop {
+        let done: i64 = env
+            .db
+            .query_one(
+                "SELECT count(*) FROM tasker.workflow_steps WHERE state = 'complete'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if done >= 6 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no progress before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill9(); // SIGKILL: in-flight steps are never answered
+    let in_flight: i64 = env
+        .db
+        .query_one(
+            "SELECT count(*) FROM tasker.workflow_steps WHERE state IN ('enqueued', 'in_progress')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(in_flight > 0);
+    let _second = Worker::start(
+        &env,
+        &["data_pipeline"],
+        "pipeline",
+        &["--visibility-timeout", "2"],
+    );
+    settle(&mut env, "data_pipeline", Duration::from_secs(40));
+    let complete: i64 = env
+        .db
+        .query_one(
+            "SELECT count(*) FROM tasker.tasks WHERE state = 'complete'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(complete, 6);
+    let twice: i64 = env
+        .db
+        .query_one("SELECT count(*) FROM tasker.step_transitions WHERE to_state = 'complete' GROUP BY step_uuid ORDER BY 1 DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 1, "no step completed twice");
+}
