@@ -60,4 +60,11 @@ else
     grep -q "default_version = '${PGMQ_EXT_VERSION}'" "${EXT_DIR}/pgmq.control" \
         || { echo "unexpected pgmq.control version" >&2; exit 1; }
 fi
+# 5. Python client for the example Python worker ---------------------------------
+if python3 -c "import psycopg" 2>/dev/null; then
+    log "psycopg present"
+else
+    log "installing psycopg (examples/python/requirements.txt)"
+    python3 -m pip install --quiet --root-user-action=ignore -r "${ROOT}/examples/python/requirements.txt"
+fi
 log "setup complete"

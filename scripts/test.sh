@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs the whole test suite:
-#   1. unit tests of the plain-Rust core (templates, validation, versions);
-#   2. the extension's SQL-level tests, against a throwaway PostgreSQL 15
-#      cluster started by `cargo pgrx test` (as the postgres OS user when
-#      run as root, since initdb refuses root).
+#   1. unit tests of the plain-Rust core (templates, validation, config, ...);
+#   2. the extension's tests, against a throwaway PostgreSQL 15 cluster
+#      started by `cargo pgrx test` (as the postgres OS user when run as root,
+#      since initdb refuses root); this also installs the extension;
+#   3. the worker SDK's unit tests and the end-to-end blog workloads, run by
+#      real worker processes (Rust and Python) on clusters of their own.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -21,3 +23,6 @@ if [ "$(id -u)" -eq 0 ]; then
 else
     cargo pgrx test pg15 --pgdata "$PGDATA_BASE"
 fi
+
+echo "==> worker SDK and end-to-end workloads"
+cargo test -p pg_tasker_worker

@@ -514,3 +514,33 @@ fn a_worker_killed_mid_workflow_and_restarted_finishes_the_work() {
         .get(0);
     assert_eq!(twice, 1, "no step completed twice");
 }
+
+#[test]
+fn a_python_worker_runs_the_ecommerce_workflow() {
+    let mut env = setup("e2e_python", &["ecommerce_process_order.yaml"]);
+    let order = |token: &str| {
+        format!(
+            r#"{{"customer_info": {{"email": "py@example.com", "tier": "premium"}},
+                 "cart_items": [{{"sku": "A", "price": 10.0, "quantity": 3}}], "payment_info": {{"token": "{token}"}}}}"#
+        )
+    };
+    let happy = create(&mut env.db, "ecommerce", "process_order", &order("tok_visa"));
+    let flaky = create(&mut env.db, "ecommerce", "process_order", &order("tok_timeout_twice"));
+    let declined = create(&mut env.db, "ecommerce", "process_order", &order("tok_declined"));
+    let python = Command::new("python3")
+        .arg(repo().join("examples/python/worker.py"))
+        .args(["--dsn", &env.cluster.url(), "--namespace", "ecommerce"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let _python = Worker(python);
+    settle(&mut env, "ecommerce", Duration::from_secs(30));
+    assert_eq!(task_state(&mut env.db, &happy), "complete");
+    let pay = step(&mut env.db, &happy, "process_payment");
+    assert_eq!((pay["results"]["worker"].as_str(), pay["results"]["amount_charged"].as_f64()), (Some("python"), Some(27.0)));
+    assert_eq!(step(&mut env.db, &happy, "send_confirmation")["results"]["sent_to"], "py@example.com");
+    assert_eq!(task_state(&mut env.db, &flaky), "complete");
+    assert_eq!(step(&mut env.db, &flaky, "process_payment")["attempts"], 3);
+    assert_eq!(task_state(&mut env.db, &declined), "blocked_by_failures");
+    assert_eq!(step(&mut env.db, &declined, "process_payment")["last_error"]["error_code"], "CARD_DECLINED");
+}
