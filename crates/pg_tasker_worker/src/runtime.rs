@@ -275,12 +275,17 @@ pub async fn run(
         let client = db.get().await;
         for (msg_id, queue) in left {
             // visible again now: another worker takes it
-            if client
-                .execute("SELECT pgmq.set_vt($1, $2, 0)", &[&queue, &msg_id])
+            match client
+                .execute(
+                    "SELECT pgmq.set_vt($1::text, $2::bigint, 0)",
+                    &[&queue, &msg_id],
+                )
                 .await
-                .is_ok()
             {
-                stats.lock().unwrap().released += 1;
+                Ok(_) => stats.lock().unwrap().released += 1,
+                Err(e) => log(format!(
+                    "could not release message {msg_id} of {queue}: {e}"
+                )),
             }
         }
     }
@@ -312,12 +317,17 @@ async fn process(
             let every = (vt / 2).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
-                let _ = client
+                let extended = client
                     .execute(
-                        "SELECT pgmq.set_vt($1, $2, $3)",
+                        "SELECT pgmq.set_vt($1::text, $2::bigint, $3::integer)",
                         &[&queue, &msg_id, &(vt.as_secs().max(1) as i32)],
                     )
                     .await;
+                if let Err(e) = extended {
+                    log(format!(
+                        "could not extend the lease of message {msg_id}: {e}"
+                    ));
+                }
             }
         })
     };

@@ -524,9 +524,24 @@ fn a_python_worker_runs_the_ecommerce_workflow() {
                  "cart_items": [{{"sku": "A", "price": 10.0, "quantity": 3}}], "payment_info": {{"token": "{token}"}}}}"#
         )
     };
-    let happy = create(&mut env.db, "ecommerce", "process_order", &order("tok_visa"));
-    let flaky = create(&mut env.db, "ecommerce", "process_order", &order("tok_timeout_twice"));
-    let declined = create(&mut env.db, "ecommerce", "process_order", &order("tok_declined"));
+    let happy = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("tok_visa"),
+    );
+    let flaky = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("tok_timeout_twice"),
+    );
+    let declined = create(
+        &mut env.db,
+        "ecommerce",
+        "process_order",
+        &order("tok_declined"),
+    );
     let python = Command::new("python3")
         .arg(repo().join("examples/python/worker.py"))
         .args(["--dsn", &env.cluster.url(), "--namespace", "ecommerce"])
@@ -537,10 +552,120 @@ fn a_python_worker_runs_the_ecommerce_workflow() {
     settle(&mut env, "ecommerce", Duration::from_secs(30));
     assert_eq!(task_state(&mut env.db, &happy), "complete");
     let pay = step(&mut env.db, &happy, "process_payment");
-    assert_eq!((pay["results"]["worker"].as_str(), pay["results"]["amount_charged"].as_f64()), (Some("python"), Some(27.0)));
-    assert_eq!(step(&mut env.db, &happy, "send_confirmation")["results"]["sent_to"], "py@example.com");
+    assert_eq!(
+        (
+            pay["results"]["worker"].as_str(),
+            pay["results"]["amount_charged"].as_f64()
+        ),
+        (Some("python"), Some(27.0))
+    );
+    assert_eq!(
+        step(&mut env.db, &happy, "send_confirmation")["results"]["sent_to"],
+        "py@example.com"
+    );
     assert_eq!(task_state(&mut env.db, &flaky), "complete");
     assert_eq!(step(&mut env.db, &flaky, "process_payment")["attempts"], 3);
     assert_eq!(task_state(&mut env.db, &declined), "blocked_by_failures");
-    assert_eq!(step(&mut env.db, &declined, "process_payment")["last_error"]["error_code"], "CARD_DECLINED");
+    assert_eq!(
+        step(&mut env.db, &declined, "process_payment")["last_error"]["error_code"],
+        "CARD_DECLINED"
+    );
+}
+
+/// Shutdown: a handler that outlives the grace period has its message
+/// released at once (not after its lease), and the step is done by the next
+/// worker; a finished handler's result is kept.
+#[test]
+fn graceful_shutdown_releases_unfinished_steps() {
+    use pg_tasker_worker::{Outcome, Registry, StepContext, WorkerOptions};
+    let mut env = setup("e2e_shutdown", &[]);
+    env.db
+        .execute(
+            "SELECT tasker.register_template($1::text::jsonb)",
+            &[&serde_json::json!({"name": "flow", "namespace_name": "slow", "version": "1.0.0", "steps": [
+                {"name": "quick", "handler": {"callable": "Quick"}},
+                {"name": "slow", "handler": {"callable": "Slow"}}]})
+            .to_string()],
+        )
+        .unwrap();
+    let task = create(&mut env.db, "slow", "flow", "{}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut registry = Registry::new();
+    registry.register("Quick", |_s: StepContext| async move {
+        Outcome::success(serde_json::json!("quick"))
+    });
+    registry.register("Slow", |_s: StepContext| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Outcome::success(serde_json::json!("too late"))
+    });
+    let mut options = WorkerOptions::new(env.cluster.url(), vec!["slow".into()]);
+    options.shutdown_timeout = Duration::from_millis(300);
+    options.visibility_timeout = Duration::from_secs(60);
+    let stats = rt
+        .block_on(pg_tasker_worker::run(options, registry, async {
+            tokio::time::sleep(Duration::from_millis(800)).await
+        }))
+        .unwrap();
+    assert_eq!((stats.succeeded, stats.released), (1, 1), "{stats:?}");
+    assert_eq!(step(&mut env.db, &task, "quick")["state"], "complete");
+    // released: visible again right away despite its 60 s lease
+    let visible: i64 = env
+        .db
+        .query_one(
+            "SELECT count(*) FROM pgmq.read('tasker_slow_queue', 30, 10)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(visible, 1);
+}
+
+/// A handler longer than the lease keeps its message: the lease is extended
+/// while it runs, so no other reader gets the step meanwhile.
+#[test]
+fn the_lease_is_extended_while_a_long_handler_runs() {
+    use pg_tasker_worker::{Outcome, Registry, StepContext, WorkerOptions};
+    let mut env = setup("e2e_lease", &[]);
+    env.db
+        .execute(
+            "SELECT tasker.register_template($1::text::jsonb)",
+            &[
+                &serde_json::json!({"name": "flow", "namespace_name": "long", "version": "1.0.0",
+                "steps": [{"name": "long", "handler": {"callable": "Long"}}]})
+                .to_string(),
+            ],
+        )
+        .unwrap();
+    let task = create(&mut env.db, "long", "flow", "{}");
+    let mut registry = Registry::new();
+    registry.register("Long", |_s: StepContext| async move {
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        Outcome::success(serde_json::json!("done"))
+    });
+    let mut options = WorkerOptions::new(env.cluster.url(), vec!["long".into()]);
+    options.visibility_timeout = Duration::from_secs(1);
+    let worker = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(pg_tasker_worker::run(options, registry, async {
+                tokio::time::sleep(Duration::from_millis(5000)).await
+            }))
+    });
+    // for 3 s, well past the 1 s lease, nobody else can read the message
+    let mut spy = Client::connect(&env.cluster.url(), NoTls).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        let stolen: i64 = spy
+            .query_one(
+                "SELECT count(*) FROM pgmq.read('tasker_long_queue', 1, 1)",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(stolen, 0, "the lease lapsed while the handler ran");
+    }
+    let stats = worker.join().unwrap().unwrap();
+    assert_eq!(stats.succeeded, 1);
+    assert_eq!(step(&mut env.db, &task, "long")["state"], "complete");
 }
