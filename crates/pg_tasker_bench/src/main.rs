@@ -1,0 +1,446 @@
+//! pg_tasker benchmark harness.
+//!
+//! ```text
+//! cargo run --release -p pg_tasker_bench -- [--quick] [--json FILE] [--scenarios p1,p2,p3,p4,p5,idle,commit]
+//! ```
+//! Starts its own throwaway cluster with pg_tasker preloaded (the installed
+//! extension: run `cargo pgrx install --release` first), runs the scenarios,
+//! prints a table per scenario and writes every figure as JSON
+//! (default target/bench/results.json). Figures only: nothing is asserted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use pg_tasker_worker::testing::Cluster;
+use postgres::{Client, NoTls};
+use serde_json::{json, Value};
+
+struct Bench {
+    cluster: Cluster,
+    quick: bool,
+    results: BTreeMap<String, Value>,
+}
+
+fn connect(c: &Cluster) -> Client {
+    Client::connect(&c.url(), NoTls).expect("connect")
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn step(name: &str, deps: &[&str]) -> Value {
+    json!({"name": name, "dependencies": deps, "handler": {"callable": "Noop"}, "retry": {"max_attempts": 3}})
+}
+
+fn linear(ns: &str, n: usize) -> Value {
+    let steps: Vec<Value> = (0..n)
+        .map(|i| {
+            let dep = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            let deps: Vec<&str> = dep.iter().map(String::as_str).collect();
+            step(&format!("s{i}"), &deps)
+        })
+        .collect();
+    json!({"name": "linear", "namespace_name": ns, "version": "1.0.0", "steps": steps})
+}
+
+fn diamond(ns: &str) -> Value {
+    json!({"name": "diamond", "namespace_name": ns, "version": "1.0.0", "steps": [
+        step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["a"]), step("e", &["b", "c", "d"])]})
+}
+
+fn register(db: &mut Client, t: &Value) {
+    db.execute("SELECT tasker.register_template($1::text::jsonb)", &[&t.to_string()]).unwrap();
+}
+
+/// One no-op worker on its own connection: read up to 10 step messages,
+/// report each as a success; until `total` steps are done across workers.
+fn noop_worker(url: String, queue: String, done: Arc<AtomicUsize>, total: usize, start: Arc<Barrier>) {
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    let read = c.prepare("SELECT message->>'step_uuid' FROM pgmq.read($1, 30, 10)").unwrap();
+    let submit = c.prepare("SELECT tasker.submit_result($1::text::uuid, 'success')").unwrap();
+    start.wait();
+    while done.load(Ordering::SeqCst) < total {
+        let rows = c.query(&read, &[&queue]).unwrap();
+        if rows.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        for r in rows {
+            let step: String = r.get(0);
+            c.query_one(&submit, &[&step]).unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Drains `tasks` pre-created tasks of `template` with `n` workers; steps/s.
+fn drain(b: &Bench, ns: &str, template: &str, tasks: usize, steps_per_task: usize, n: usize) -> f64 {
+    let mut db = connect(&b.cluster);
+    db.execute(
+        "SELECT count(*) FROM (SELECT tasker.create_task($1, $2) FROM generate_series(1, $3)) x",
+        &[&ns, &template, &(tasks as i32)],
+    )
+    .unwrap();
+    let total = tasks * steps_per_task;
+    let done = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(n + 1));
+    let queue = format!("tasker_{ns}_queue");
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, q, d, s) = (b.cluster.url(), queue.clone(), done.clone(), start.clone());
+            std::thread::spawn(move || noop_worker(url, q, d, total, s))
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let elapsed = t0.elapsed();
+    let complete: i64 = db
+        .query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1 AND state = 'complete'", &[&ns])
+        .unwrap()
+        .get(0);
+    assert_eq!(complete as usize, tasks, "every task completed");
+    total as f64 / elapsed.as_secs_f64()
+}
+
+/// The floor: `n` clients each doing send → read → archive of one message.
+fn baseline(b: &Bench, messages: usize, n: usize) -> f64 {
+    let mut db = connect(&b.cluster);
+    db.batch_execute("SELECT pgmq.create('bench_baseline')").unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(n + 1));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, d, s) = (b.cluster.url(), done.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&url, NoTls).unwrap();
+                let send = c.prepare("SELECT * FROM pgmq.send('bench_baseline', '{\"step\": 1}'::jsonb)").unwrap();
+                let read = c.prepare("SELECT msg_id FROM pgmq.read('bench_baseline', 30, 1)").unwrap();
+                let archive = c.prepare("SELECT pgmq.archive('bench_baseline', $1::bigint)").unwrap();
+                s.wait();
+                while d.fetch_add(1, Ordering::SeqCst) < messages {
+                    c.query_one(&send, &[]).unwrap();
+                    if let Some(r) = c.query(&read, &[]).unwrap().first() {
+                        let id: i64 = r.get(0);
+                        c.query_one(&archive, &[&id]).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let elapsed = t0.elapsed();
+    db.batch_execute("SELECT pgmq.drop_queue('bench_baseline')").unwrap();
+    messages as f64 / elapsed.as_secs_f64()
+}
+
+fn p1(b: &mut Bench) {
+    let tasks = if b.quick { 300 } else { 2000 };
+    println!("\nP1 throughput: {tasks} tasks, no-op workers, steps/s (baseline: pgmq send→read→archive per step)");
+    println!("{:>3} {:>12} {:>12} {:>12} {:>8} {:>8}", "N", "linear5", "diamond5", "baseline", "lin/base", "dia/base");
+    let mut rows = Vec::new();
+    for n in [1usize, 2, 4, 8] {
+        let mut db = connect(&b.cluster);
+        let (lns, dns) = (format!("p1_lin_{n}"), format!("p1_dia_{n}"));
+        register(&mut db, &linear(&lns, 5));
+        register(&mut db, &diamond(&dns));
+        let lin = drain(b, &lns, "linear", tasks, 5, n);
+        let dia = drain(b, &dns, "diamond", tasks, 5, n);
+        let base = baseline(b, tasks * 5, n);
+        println!("{n:>3} {lin:>12.0} {dia:>12.0} {base:>12.0} {:>8.2} {:>8.2}", lin / base, dia / base);
+        rows.push(json!({"n": n, "linear_steps_per_s": lin, "diamond_steps_per_s": dia, "baseline_msgs_per_s": base,
+                         "linear_ratio": lin / base, "diamond_ratio": dia / base}));
+    }
+    b.results.insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
+}
+
+/// P2: a parent's submit_result returns (committed) → its child's message
+/// is readable by another connection. A reader spins on pgmq.read.
+fn p2(b: &mut Bench) {
+    let stages = if b.quick { 200 } else { 1000 };
+    let mut db = connect(&b.cluster);
+    register(&mut db, &linear("p2", 2));
+    let mut reader = connect(&b.cluster);
+    let read = reader.prepare("SELECT message->>'step_uuid', message->>'step_name' FROM pgmq.read('tasker_p2_queue', 30, 1)").unwrap();
+    let submit = db.prepare("SELECT tasker.submit_result($1::text::uuid, 'success')").unwrap();
+    let (mut to_visible, mut submit_rt) = (Vec::new(), Vec::new());
+    for _ in 0..stages {
+        db.execute("SELECT tasker.create_task('p2', 'linear')", &[]).unwrap();
+        let root: String = loop {
+            if let Some(r) = reader.query(&read, &[]).unwrap().first() {
+                break r.get(0);
+            }
+        };
+        let t0 = Instant::now();
+        db.query_one(&submit, &[&root]).unwrap();
+        let committed = Instant::now();
+        let child: String = loop {
+            if let Some(r) = reader.query(&read, &[]).unwrap().first() {
+                break r.get(0);
+            }
+        };
+        let seen = Instant::now();
+        submit_rt.push(ms(committed - t0));
+        to_visible.push(ms(seen - committed));
+        db.query_one(&submit, &[&child]).unwrap();
+    }
+    to_visible.sort_by(f64::total_cmp);
+    submit_rt.sort_by(f64::total_cmp);
+    println!("\nP2 stage latency over {stages} stages (ms)");
+    println!("{:<44} {:>8} {:>8} {:>8}", "", "p50", "p99", "max");
+    println!("{:<44} {:>8.3} {:>8.3} {:>8.3}", "parent commit → child readable (other conn.)", percentile(&to_visible, 0.5), percentile(&to_visible, 0.99), to_visible.last().unwrap());
+    println!("{:<44} {:>8.3} {:>8.3} {:>8.3}", "submit_result round trip (incl. commit)", percentile(&submit_rt, 0.5), percentile(&submit_rt, 0.99), submit_rt.last().unwrap());
+    b.results.insert("p2".into(), json!({"stages": stages,
+        "commit_to_readable_ms": {"p50": percentile(&to_visible, 0.5), "p99": percentile(&to_visible, 0.99)},
+        "submit_result_ms": {"p50": percentile(&submit_rt, 0.5), "p99": percentile(&submit_rt, 0.99)},
+        "submit_plus_readable_ms": {"p50": percentile(&submit_rt, 0.5) + percentile(&to_visible, 0.5)}}));
+}
+
+/// P3: create_task → task complete, linear 4 steps, one hot worker.
+fn p3(b: &mut Bench) {
+    let tasks = if b.quick { 100 } else { 500 };
+    let mut db = connect(&b.cluster);
+    register(&mut db, &linear("p3", 4));
+    let mut w = connect(&b.cluster);
+    let read = w.prepare("SELECT message->>'step_uuid' FROM pgmq.read('tasker_p3_queue', 30, 1)").unwrap();
+    let submit = w.prepare("SELECT tasker.submit_result($1::text::uuid, 'success')").unwrap();
+    let mut lat = Vec::new();
+    for _ in 0..tasks {
+        let t0 = Instant::now();
+        db.execute("SELECT tasker.create_task('p3', 'linear')", &[]).unwrap();
+        let mut done = 0;
+        while done < 4 {
+            if let Some(r) = w.query(&read, &[]).unwrap().first() {
+                let s: String = r.get(0);
+                w.query_one(&submit, &[&s]).unwrap();
+                done += 1;
+            }
+        }
+        lat.push(ms(t0.elapsed()));
+    }
+    let open: i64 = db.query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'p3' AND state <> 'complete'", &[]).unwrap().get(0);
+    assert_eq!(open, 0);
+    lat.sort_by(f64::total_cmp);
+    println!("\nP3 end-to-end, linear 4 steps, one hot worker, {tasks} tasks (ms): p50 {:.2}  p99 {:.2}", percentile(&lat, 0.5), percentile(&lat, 0.99));
+    b.results.insert("p3".into(), json!({"tasks": tasks, "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99)}));
+}
+
+/// Adds finished tasks (with one step and their transitions) as history.
+fn add_history(db: &mut Client, upto: i64) {
+    let have: i64 = db.query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'p4_hist'", &[]).unwrap().get(0);
+    if have >= upto {
+        return;
+    }
+    let add = upto - have;
+    db.batch_execute(&format!(
+        "WITH t AS (
+            INSERT INTO tasker.tasks (template_uuid, namespace_name, task_name, task_version, state, total_steps, completed_at, created_at)
+            SELECT (SELECT template_uuid FROM tasker.templates WHERE namespace = 'p4_hist'), 'p4_hist', 'linear', '1.0.0',
+                   'complete', 1, now() - interval '1 hour', now() - interval '2 hours'
+            FROM generate_series(1, {add})
+            RETURNING task_uuid
+         ), s AS (
+            INSERT INTO tasker.workflow_steps (task_uuid, name, position, state, handler_callable, attempts, completed_at, results)
+            SELECT task_uuid, 's0', 0, 'complete', 'Noop', 1, now() - interval '1 hour', '{{}}'::jsonb FROM t
+            RETURNING step_uuid
+         ), st AS (
+            INSERT INTO tasker.step_transitions (step_uuid, from_state, to_state, sort_key, most_recent)
+            SELECT step_uuid, 'enqueued', 'complete', 3, true FROM s
+         )
+         INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, sort_key, most_recent)
+         SELECT task_uuid, 'steps_in_process', 'complete', 2, true FROM t;
+         ANALYZE tasker.tasks; ANALYZE tasker.workflow_steps; ANALYZE tasker.step_transitions; ANALYZE tasker.task_transitions;"
+    ))
+    .unwrap();
+}
+
+/// P4: claim/readiness cost and throughput as finished history grows.
+fn p4(b: &mut Bench) {
+    let sizes: Vec<i64> = if b.quick { vec![10_000, 100_000] } else { vec![10_000, 100_000, 1_000_000] };
+    let mut db = connect(&b.cluster);
+    register(&mut db, &linear("p4_hist", 1));
+    register(&mut db, &linear("p4_due", 1));
+    println!("\nP4 history: cost with N finished tasks in the tables (ms per call, median of 200)");
+    println!("{:>10} {:>14} {:>14} {:>16} {:>12}", "history", "ready_tasks", "claim(10)", "step_readiness", "P1 lin N=4");
+    let mut rows = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let t0 = Instant::now();
+        add_history(&mut db, *size);
+        let fill = t0.elapsed();
+        // 50 due tasks (a retry's worth of work) to look for
+        db.batch_execute(
+            "SELECT tasker.create_task('p4_due', 'linear') FROM generate_series(1, 50);
+             UPDATE tasker.tasks SET next_action_at = now() - interval '1 second' WHERE namespace_name = 'p4_due' AND state <> 'complete';",
+        )
+        .unwrap();
+        let some_task: String = db.query_one("SELECT task_uuid::text FROM tasker.tasks WHERE namespace_name = 'p4_due' LIMIT 1", &[]).unwrap().get(0);
+        let time = |db: &mut Client, sql: &str| -> f64 {
+            let stmt = db.prepare(sql).unwrap();
+            let mut v: Vec<f64> = (0..200)
+                .map(|_| {
+                    let mut tx = db.transaction().unwrap();
+                    let t = Instant::now();
+                    tx.query(&stmt, &[]).unwrap();
+                    let d = ms(t.elapsed());
+                    tx.rollback().unwrap();
+                    d
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, 0.5)
+        };
+        let ready = time(&mut db, "SELECT count(*) FROM tasker.ready_tasks");
+        let claim = time(&mut db, "SELECT * FROM tasker.claim_ready_tasks('bench', 10)");
+        let readiness = time(&mut db, &format!("SELECT * FROM tasker.step_readiness('{some_task}')"));
+        let ns = format!("p4_tp_{i}");
+        register(&mut db, &linear(&ns, 5));
+        let tput = drain(b, &ns, "linear", if b.quick { 200 } else { 1000 }, 5, 4);
+        println!("{size:>10} {ready:>14.3} {claim:>14.3} {readiness:>16.3} {tput:>12.0}   (history filled in {:.1}s)", fill.as_secs_f64());
+        rows.push(json!({"history": size, "ready_tasks_ms": ready, "claim_ms": claim, "step_readiness_ms": readiness, "p1_linear_n4_steps_per_s": tput}));
+        db.batch_execute("UPDATE tasker.tasks SET next_action_at = NULL WHERE namespace_name = 'p4_due'").unwrap();
+    }
+    b.results.insert("p4".into(), json!({"rows": rows}));
+}
+
+/// P5: one task, 1000 parallel steps joining into one.
+fn p5(b: &mut Bench) {
+    let width = if b.quick { 300 } else { 1000 };
+    let mut db = connect(&b.cluster);
+    let mut steps = vec![step("root", &[])];
+    let names: Vec<String> = (0..width).map(|i| format!("b{i}")).collect();
+    for n in &names {
+        steps.push(step(n, &["root"]));
+    }
+    let deps: Vec<&str> = names.iter().map(String::as_str).collect();
+    steps.push(step("join", &deps));
+    register(&mut db, &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}));
+    let rate = drain(b, "p5", "wide", 1, width + 2, 4);
+    let join: (i32, i64) = {
+        let r = db
+            .query_one(
+                "SELECT s.attempts, (SELECT count(*) FROM tasker.step_transitions st WHERE st.step_uuid = s.step_uuid AND st.to_state = 'enqueued')
+                   FROM tasker.workflow_steps s JOIN tasker.tasks t USING (task_uuid) WHERE t.namespace_name = 'p5' AND s.name = 'join'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    println!("\nP5 wide fan-in: 1 task, {width} parallel steps → join, 4 workers: {rate:.0} steps/s; join enqueued {} time(s), attempts {}", join.1, join.0);
+    b.results.insert("p5".into(), json!({"width": width, "steps_per_s": rate, "join_enqueued": join.1, "join_attempts": join.0}));
+}
+
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Idle: CPU of the orchestrator with no work at all.
+fn idle(b: &mut Bench) {
+    let secs = if b.quick { 15 } else { 60 };
+    let mut db = connect(&b.cluster);
+    let pid: i32 = db.query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_tasker'", &[]).unwrap().get(0);
+    let ticks0: i64 = db.query_one("SELECT ticks FROM tasker.orchestrator_status", &[]).unwrap().get(0);
+    drop(db);
+    let hz = 100.0; // USER_HZ on Linux
+    let c0 = cpu_ticks(pid).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(secs));
+    let c1 = cpu_ticks(pid).unwrap_or(0);
+    let mut db = connect(&b.cluster);
+    let ticks1: i64 = db.query_one("SELECT ticks FROM tasker.orchestrator_status", &[]).unwrap().get(0);
+    let cpu_s = (c1 - c0) as f64 / hz;
+    let pct = cpu_s / secs as f64 * 100.0;
+    println!("\nIdle: orchestrator used {cpu_s:.2} s CPU over {secs} s = {pct:.3} % of a core ({} ticks)", ticks1 - ticks0);
+    b.results.insert("idle".into(), json!({"seconds": secs, "cpu_seconds": cpu_s, "percent_of_core": pct, "ticks": ticks1 - ticks0}));
+}
+
+/// P1 (N = 4, linear) and the baseline under each synchronous_commit setting.
+fn commit_modes(b: &mut Bench) {
+    let tasks = if b.quick { 300 } else { 2000 };
+    println!("\nsynchronous_commit: P1 linear, N = 4, {tasks} tasks (steps/s)");
+    let mut rows = Vec::new();
+    for (i, mode) in ["on", "off"].iter().enumerate() {
+        let mut db = connect(&b.cluster);
+        db.batch_execute(&format!("ALTER SYSTEM SET synchronous_commit = {mode}")).unwrap();
+        db.batch_execute("SELECT pg_reload_conf()").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let ns = format!("sc_{i}");
+        register(&mut db, &linear(&ns, 5));
+        let lin = drain(b, &ns, "linear", tasks, 5, 4);
+        let base = baseline(b, tasks * 5, 4);
+        println!("  {mode:<4} pg_tasker {lin:>8.0}   baseline {base:>8.0}   ratio {:.2}", lin / base);
+        rows.push(json!({"synchronous_commit": mode, "linear_steps_per_s": lin, "baseline_msgs_per_s": base, "ratio": lin / base}));
+    }
+    let mut db = connect(&b.cluster);
+    db.batch_execute("ALTER SYSTEM RESET synchronous_commit").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    b.results.insert("synchronous_commit".into(), json!(rows));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json_path = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "target/bench/results.json".into());
+    let scenarios: Vec<String> = args
+        .iter()
+        .position(|a| a == "--scenarios")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| ["idle", "p1", "p2", "p3", "p5", "p4", "commit"].iter().map(|s| s.to_string()).collect());
+
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cluster = Cluster::start(&repo, "bench");
+    {
+        let mut db = connect(&cluster);
+        db.batch_execute("CREATE EXTENSION pg_tasker CASCADE").unwrap();
+    }
+    let mut b = Bench { cluster, quick, results: BTreeMap::new() };
+    let machine = json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "postgres": connect(&b.cluster).query_one("SHOW server_version", &[]).unwrap().get::<_, String>(0),
+        "synchronous_commit": connect(&b.cluster).query_one("SHOW synchronous_commit", &[]).unwrap().get::<_, String>(0),
+        "quick": quick,
+    });
+    println!("pg_tasker benchmarks on {machine}");
+    for s in &scenarios {
+        match s.as_str() {
+            "p1" => p1(&mut b),
+            "p2" => p2(&mut b),
+            "p3" => p3(&mut b),
+            "p4" => p4(&mut b),
+            "p5" => p5(&mut b),
+            "idle" => idle(&mut b),
+            "commit" => commit_modes(&mut b),
+            other => eprintln!("unknown scenario {other}"),
+        }
+    }
+    b.results.insert("machine".into(), machine);
+    if let Some(dir) = Path::new(&json_path).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&json_path, serde_json::to_string_pretty(&b.results).unwrap()).unwrap();
+    println!("\nfigures written to {json_path}");
+}
