@@ -82,13 +82,41 @@ pub(crate) fn lock_step(step_uuid: pgrx::Uuid) -> ApiResult<LockedStep> {
 }
 
 pub(crate) fn archive_message(step: &LockedStep) -> ApiResult<()> {
-    if let Some(msg) = step.queue_msg_id {
-        run(
-            "SELECT pgmq.archive($1, $2)",
-            &[step.queue_name.as_str().into(), msg.into()],
-        )?;
+    match step.queue_msg_id {
+        Some(msg) => archive(&step.queue_name, msg),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+thread_local! {
+    /// Kept plans of the archive statement, by queue.
+    static ARCHIVE_PLANS: std::cell::RefCell<std::collections::HashMap<String, pgrx::spi::OwnedPreparedStatement>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// What `pgmq.archive(queue, msg_id)` does (same statement, same columns),
+/// with a plan prepared once per queue and kept for the session instead of
+/// pgmq's dynamic SQL, which is planned again on every call. It runs for
+/// every step result.
+pub(crate) fn archive(queue: &str, msg_id: i64) -> ApiResult<()> {
+    ARCHIVE_PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if !plans.contains_key(queue) {
+            let (q, a) = (spi::quote_identifier(format!("q_{queue}")), spi::quote_identifier(format!("a_{queue}")));
+            let sql = format!(
+                "WITH archived AS (
+                    DELETE FROM pgmq.{q} WHERE msg_id = $1
+                    RETURNING msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+                 INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+                 SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM archived"
+            );
+            let plan = Spi::connect(|c| c.prepare_mut(sql.as_str(), &[pgrx::PgBuiltInOids::INT8OID.oid()]).map(|p| p.keep()))
+                .map_err(internal)?;
+            plans.insert(queue.to_string(), plan);
+        }
+        let plan = plans.get(queue).expect("just prepared");
+        Spi::connect_mut(|c| c.update(plan, None, &[msg_id.into()]).map(|_| ())).map_err(internal)
+    })
 }
 
 // ---------------------------------------------------------------------------

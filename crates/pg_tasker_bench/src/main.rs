@@ -47,7 +47,11 @@ fn step(name: &str, deps: &[&str]) -> Value {
 fn linear(ns: &str, n: usize) -> Value {
     let steps: Vec<Value> = (0..n)
         .map(|i| {
-            let dep = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
+            let dep = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("s{}", i - 1)]
+            };
             let deps: Vec<&str> = dep.iter().map(String::as_str).collect();
             step(&format!("s{i}"), &deps)
         })
@@ -61,15 +65,29 @@ fn diamond(ns: &str) -> Value {
 }
 
 fn register(db: &mut Client, t: &Value) {
-    db.execute("SELECT tasker.register_template($1::text::jsonb)", &[&t.to_string()]).unwrap();
+    db.execute(
+        "SELECT tasker.register_template($1::text::jsonb)",
+        &[&t.to_string()],
+    )
+    .unwrap();
 }
 
 /// One no-op worker on its own connection: read up to 10 step messages,
 /// report each as a success; until `total` steps are done across workers.
-fn noop_worker(url: String, queue: String, done: Arc<AtomicUsize>, total: usize, start: Arc<Barrier>) {
+fn noop_worker(
+    url: String,
+    queue: String,
+    done: Arc<AtomicUsize>,
+    total: usize,
+    start: Arc<Barrier>,
+) {
     let mut c = Client::connect(&url, NoTls).unwrap();
-    let read = c.prepare("SELECT message->>'step_uuid' FROM pgmq.read($1, 30, 10)").unwrap();
-    let submit = c.prepare("SELECT tasker.submit_result($1::text::uuid, 'success')").unwrap();
+    let read = c
+        .prepare("SELECT message->>'step_uuid' FROM pgmq.read($1, 30, 10)")
+        .unwrap();
+    let submit = c
+        .prepare("SELECT tasker.submit_result($1::text::uuid, 'success')")
+        .unwrap();
     start.wait();
     while done.load(Ordering::SeqCst) < total {
         let rows = c.query(&read, &[&queue]).unwrap();
@@ -86,7 +104,14 @@ fn noop_worker(url: String, queue: String, done: Arc<AtomicUsize>, total: usize,
 }
 
 /// Drains `tasks` pre-created tasks of `template` with `n` workers; steps/s.
-fn drain(b: &Bench, ns: &str, template: &str, tasks: usize, steps_per_task: usize, n: usize) -> f64 {
+fn drain(
+    b: &Bench,
+    ns: &str,
+    template: &str,
+    tasks: usize,
+    steps_per_task: usize,
+    n: usize,
+) -> f64 {
     let mut db = connect(&b.cluster);
     db.execute(
         "SELECT count(*) FROM (SELECT tasker.create_task($1, $2) FROM generate_series(1, $3)) x",
@@ -110,7 +135,10 @@ fn drain(b: &Bench, ns: &str, template: &str, tasks: usize, steps_per_task: usiz
     }
     let elapsed = t0.elapsed();
     let complete: i64 = db
-        .query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1 AND state = 'complete'", &[&ns])
+        .query_one(
+            "SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1 AND state = 'complete'",
+            &[&ns],
+        )
         .unwrap()
         .get(0);
     assert_eq!(complete as usize, tasks, "every task completed");
@@ -120,7 +148,8 @@ fn drain(b: &Bench, ns: &str, template: &str, tasks: usize, steps_per_task: usiz
 /// The floor: `n` clients each doing send → read → archive of one message.
 fn baseline(b: &Bench, messages: usize, n: usize) -> f64 {
     let mut db = connect(&b.cluster);
-    db.batch_execute("SELECT pgmq.create('bench_baseline')").unwrap();
+    db.batch_execute("SELECT pgmq.create('bench_baseline')")
+        .unwrap();
     let done = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(Barrier::new(n + 1));
     let handles: Vec<_> = (0..n)
@@ -128,9 +157,15 @@ fn baseline(b: &Bench, messages: usize, n: usize) -> f64 {
             let (url, d, s) = (b.cluster.url(), done.clone(), start.clone());
             std::thread::spawn(move || {
                 let mut c = Client::connect(&url, NoTls).unwrap();
-                let send = c.prepare("SELECT * FROM pgmq.send('bench_baseline', '{\"step\": 1}'::jsonb)").unwrap();
-                let read = c.prepare("SELECT msg_id FROM pgmq.read('bench_baseline', 30, 1)").unwrap();
-                let archive = c.prepare("SELECT pgmq.archive('bench_baseline', $1::bigint)").unwrap();
+                let send = c
+                    .prepare("SELECT * FROM pgmq.send('bench_baseline', '{\"step\": 1}'::jsonb)")
+                    .unwrap();
+                let read = c
+                    .prepare("SELECT msg_id FROM pgmq.read('bench_baseline', 30, 1)")
+                    .unwrap();
+                let archive = c
+                    .prepare("SELECT pgmq.archive('bench_baseline', $1::bigint)")
+                    .unwrap();
                 s.wait();
                 while d.fetch_add(1, Ordering::SeqCst) < messages {
                     c.query_one(&send, &[]).unwrap();
@@ -148,14 +183,18 @@ fn baseline(b: &Bench, messages: usize, n: usize) -> f64 {
         h.join().unwrap();
     }
     let elapsed = t0.elapsed();
-    db.batch_execute("SELECT pgmq.drop_queue('bench_baseline')").unwrap();
+    db.batch_execute("SELECT pgmq.drop_queue('bench_baseline')")
+        .unwrap();
     messages as f64 / elapsed.as_secs_f64()
 }
 
 fn p1(b: &mut Bench) {
     let tasks = if b.quick { 300 } else { 2000 };
     println!("\nP1 throughput: {tasks} tasks, no-op workers, steps/s (baseline: pgmq send→read→archive per step)");
-    println!("{:>3} {:>12} {:>12} {:>12} {:>8} {:>8}", "N", "linear5", "diamond5", "baseline", "lin/base", "dia/base");
+    println!(
+        "{:>3} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "N", "linear5", "diamond5", "baseline", "lin/base", "dia/base"
+    );
     let mut rows = Vec::new();
     for n in [1usize, 2, 4, 8] {
         let mut db = connect(&b.cluster);
@@ -165,11 +204,16 @@ fn p1(b: &mut Bench) {
         let lin = drain(b, &lns, "linear", tasks, 5, n);
         let dia = drain(b, &dns, "diamond", tasks, 5, n);
         let base = baseline(b, tasks * 5, n);
-        println!("{n:>3} {lin:>12.0} {dia:>12.0} {base:>12.0} {:>8.2} {:>8.2}", lin / base, dia / base);
+        println!(
+            "{n:>3} {lin:>12.0} {dia:>12.0} {base:>12.0} {:>8.2} {:>8.2}",
+            lin / base,
+            dia / base
+        );
         rows.push(json!({"n": n, "linear_steps_per_s": lin, "diamond_steps_per_s": dia, "baseline_msgs_per_s": base,
                          "linear_ratio": lin / base, "diamond_ratio": dia / base}));
     }
-    b.results.insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
+    b.results
+        .insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
 }
 
 /// P2: a parent's submit_result returns (committed) → its child's message
@@ -180,10 +224,13 @@ fn p2(b: &mut Bench) {
     register(&mut db, &linear("p2", 2));
     let mut reader = connect(&b.cluster);
     let read = reader.prepare("SELECT message->>'step_uuid', message->>'step_name' FROM pgmq.read('tasker_p2_queue', 30, 1)").unwrap();
-    let submit = db.prepare("SELECT tasker.submit_result($1::text::uuid, 'success')").unwrap();
+    let submit = db
+        .prepare("SELECT tasker.submit_result($1::text::uuid, 'success')")
+        .unwrap();
     let (mut to_visible, mut submit_rt) = (Vec::new(), Vec::new());
     for _ in 0..stages {
-        db.execute("SELECT tasker.create_task('p2', 'linear')", &[]).unwrap();
+        db.execute("SELECT tasker.create_task('p2', 'linear')", &[])
+            .unwrap();
         let root: String = loop {
             if let Some(r) = reader.query(&read, &[]).unwrap().first() {
                 break r.get(0);
@@ -206,8 +253,20 @@ fn p2(b: &mut Bench) {
     submit_rt.sort_by(f64::total_cmp);
     println!("\nP2 stage latency over {stages} stages (ms)");
     println!("{:<44} {:>8} {:>8} {:>8}", "", "p50", "p99", "max");
-    println!("{:<44} {:>8.3} {:>8.3} {:>8.3}", "parent commit → child readable (other conn.)", percentile(&to_visible, 0.5), percentile(&to_visible, 0.99), to_visible.last().unwrap());
-    println!("{:<44} {:>8.3} {:>8.3} {:>8.3}", "submit_result round trip (incl. commit)", percentile(&submit_rt, 0.5), percentile(&submit_rt, 0.99), submit_rt.last().unwrap());
+    println!(
+        "{:<44} {:>8.3} {:>8.3} {:>8.3}",
+        "parent commit → child readable (other conn.)",
+        percentile(&to_visible, 0.5),
+        percentile(&to_visible, 0.99),
+        to_visible.last().unwrap()
+    );
+    println!(
+        "{:<44} {:>8.3} {:>8.3} {:>8.3}",
+        "submit_result round trip (incl. commit)",
+        percentile(&submit_rt, 0.5),
+        percentile(&submit_rt, 0.99),
+        submit_rt.last().unwrap()
+    );
     b.results.insert("p2".into(), json!({"stages": stages,
         "commit_to_readable_ms": {"p50": percentile(&to_visible, 0.5), "p99": percentile(&to_visible, 0.99)},
         "submit_result_ms": {"p50": percentile(&submit_rt, 0.5), "p99": percentile(&submit_rt, 0.99)},
@@ -220,12 +279,17 @@ fn p3(b: &mut Bench) {
     let mut db = connect(&b.cluster);
     register(&mut db, &linear("p3", 4));
     let mut w = connect(&b.cluster);
-    let read = w.prepare("SELECT message->>'step_uuid' FROM pgmq.read('tasker_p3_queue', 30, 1)").unwrap();
-    let submit = w.prepare("SELECT tasker.submit_result($1::text::uuid, 'success')").unwrap();
+    let read = w
+        .prepare("SELECT message->>'step_uuid' FROM pgmq.read('tasker_p3_queue', 30, 1)")
+        .unwrap();
+    let submit = w
+        .prepare("SELECT tasker.submit_result($1::text::uuid, 'success')")
+        .unwrap();
     let mut lat = Vec::new();
     for _ in 0..tasks {
         let t0 = Instant::now();
-        db.execute("SELECT tasker.create_task('p3', 'linear')", &[]).unwrap();
+        db.execute("SELECT tasker.create_task('p3', 'linear')", &[])
+            .unwrap();
         let mut done = 0;
         while done < 4 {
             if let Some(r) = w.query(&read, &[]).unwrap().first() {
@@ -236,16 +300,35 @@ fn p3(b: &mut Bench) {
         }
         lat.push(ms(t0.elapsed()));
     }
-    let open: i64 = db.query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'p3' AND state <> 'complete'", &[]).unwrap().get(0);
+    let open: i64 = db
+        .query_one(
+            "SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'p3' AND state <> 'complete'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(open, 0);
     lat.sort_by(f64::total_cmp);
-    println!("\nP3 end-to-end, linear 4 steps, one hot worker, {tasks} tasks (ms): p50 {:.2}  p99 {:.2}", percentile(&lat, 0.5), percentile(&lat, 0.99));
-    b.results.insert("p3".into(), json!({"tasks": tasks, "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99)}));
+    println!(
+        "\nP3 end-to-end, linear 4 steps, one hot worker, {tasks} tasks (ms): p50 {:.2}  p99 {:.2}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    b.results.insert(
+        "p3".into(),
+        json!({"tasks": tasks, "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99)}),
+    );
 }
 
 /// Adds finished tasks (with one step and their transitions) as history.
 fn add_history(db: &mut Client, upto: i64) {
-    let have: i64 = db.query_one("SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'p4_hist'", &[]).unwrap().get(0);
+    let have: i64 = db
+        .query_one(
+            "SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'p4_hist'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     if have >= upto {
         return;
     }
@@ -274,12 +357,19 @@ fn add_history(db: &mut Client, upto: i64) {
 
 /// P4: claim/readiness cost and throughput as finished history grows.
 fn p4(b: &mut Bench) {
-    let sizes: Vec<i64> = if b.quick { vec![10_000, 100_000] } else { vec![10_000, 100_000, 1_000_000] };
+    let sizes: Vec<i64> = if b.quick {
+        vec![10_000, 100_000]
+    } else {
+        vec![10_000, 100_000, 1_000_000]
+    };
     let mut db = connect(&b.cluster);
     register(&mut db, &linear("p4_hist", 1));
     register(&mut db, &linear("p4_due", 1));
     println!("\nP4 history: cost with N finished tasks in the tables (ms per call, median of 200)");
-    println!("{:>10} {:>14} {:>14} {:>16} {:>12}", "history", "ready_tasks", "claim(10)", "step_readiness", "P1 lin N=4");
+    println!(
+        "{:>10} {:>14} {:>14} {:>16} {:>12}",
+        "history", "ready_tasks", "claim(10)", "step_readiness", "P1 lin N=4"
+    );
     let mut rows = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let t0 = Instant::now();
@@ -291,7 +381,13 @@ fn p4(b: &mut Bench) {
              UPDATE tasker.tasks SET next_action_at = now() - interval '1 second' WHERE namespace_name = 'p4_due' AND state <> 'complete';",
         )
         .unwrap();
-        let some_task: String = db.query_one("SELECT task_uuid::text FROM tasker.tasks WHERE namespace_name = 'p4_due' LIMIT 1", &[]).unwrap().get(0);
+        let some_task: String = db
+            .query_one(
+                "SELECT task_uuid::text FROM tasker.tasks WHERE namespace_name = 'p4_due' LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
         let time = |db: &mut Client, sql: &str| -> f64 {
             let stmt = db.prepare(sql).unwrap();
             let mut v: Vec<f64> = (0..200)
@@ -308,14 +404,23 @@ fn p4(b: &mut Bench) {
             percentile(&v, 0.5)
         };
         let ready = time(&mut db, "SELECT count(*) FROM tasker.ready_tasks");
-        let claim = time(&mut db, "SELECT * FROM tasker.claim_ready_tasks('bench', 10)");
-        let readiness = time(&mut db, &format!("SELECT * FROM tasker.step_readiness('{some_task}')"));
+        let claim = time(
+            &mut db,
+            "SELECT * FROM tasker.claim_ready_tasks('bench', 10)",
+        );
+        let readiness = time(
+            &mut db,
+            &format!("SELECT * FROM tasker.step_readiness('{some_task}')"),
+        );
         let ns = format!("p4_tp_{i}");
         register(&mut db, &linear(&ns, 5));
         let tput = drain(b, &ns, "linear", if b.quick { 200 } else { 1000 }, 5, 4);
         println!("{size:>10} {ready:>14.3} {claim:>14.3} {readiness:>16.3} {tput:>12.0}   (history filled in {:.1}s)", fill.as_secs_f64());
         rows.push(json!({"history": size, "ready_tasks_ms": ready, "claim_ms": claim, "step_readiness_ms": readiness, "p1_linear_n4_steps_per_s": tput}));
-        db.batch_execute("UPDATE tasker.tasks SET next_action_at = NULL WHERE namespace_name = 'p4_due'").unwrap();
+        db.batch_execute(
+            "UPDATE tasker.tasks SET next_action_at = NULL WHERE namespace_name = 'p4_due'",
+        )
+        .unwrap();
     }
     b.results.insert("p4".into(), json!({"rows": rows}));
 }
@@ -331,7 +436,10 @@ fn p5(b: &mut Bench) {
     }
     let deps: Vec<&str> = names.iter().map(String::as_str).collect();
     steps.push(step("join", &deps));
-    register(&mut db, &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}));
+    register(
+        &mut db,
+        &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}),
+    );
     let rate = drain(b, "p5", "wide", 1, width + 2, 4);
     let join: (i32, i64) = {
         let r = db
@@ -358,15 +466,27 @@ fn cpu_ticks(pid: i32) -> Option<u64> {
 fn idle(b: &mut Bench) {
     let secs = if b.quick { 15 } else { 60 };
     let mut db = connect(&b.cluster);
-    let pid: i32 = db.query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_tasker'", &[]).unwrap().get(0);
-    let ticks0: i64 = db.query_one("SELECT ticks FROM tasker.orchestrator_status", &[]).unwrap().get(0);
+    let pid: i32 = db
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_tasker'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let ticks0: i64 = db
+        .query_one("SELECT ticks FROM tasker.orchestrator_status", &[])
+        .unwrap()
+        .get(0);
     drop(db);
     let hz = 100.0; // USER_HZ on Linux
     let c0 = cpu_ticks(pid).unwrap_or(0);
     std::thread::sleep(Duration::from_secs(secs));
     let c1 = cpu_ticks(pid).unwrap_or(0);
     let mut db = connect(&b.cluster);
-    let ticks1: i64 = db.query_one("SELECT ticks FROM tasker.orchestrator_status", &[]).unwrap().get(0);
+    let ticks1: i64 = db
+        .query_one("SELECT ticks FROM tasker.orchestrator_status", &[])
+        .unwrap()
+        .get(0);
     let cpu_s = (c1 - c0) as f64 / hz;
     let pct = cpu_s / secs as f64 * 100.0;
     println!("\nIdle: orchestrator used {cpu_s:.2} s CPU over {secs} s = {pct:.3} % of a core ({} ticks)", ticks1 - ticks0);
@@ -380,18 +500,23 @@ fn commit_modes(b: &mut Bench) {
     let mut rows = Vec::new();
     for (i, mode) in ["on", "off"].iter().enumerate() {
         let mut db = connect(&b.cluster);
-        db.batch_execute(&format!("ALTER SYSTEM SET synchronous_commit = {mode}")).unwrap();
+        db.batch_execute(&format!("ALTER SYSTEM SET synchronous_commit = {mode}"))
+            .unwrap();
         db.batch_execute("SELECT pg_reload_conf()").unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let ns = format!("sc_{i}");
         register(&mut db, &linear(&ns, 5));
         let lin = drain(b, &ns, "linear", tasks, 5, 4);
         let base = baseline(b, tasks * 5, 4);
-        println!("  {mode:<4} pg_tasker {lin:>8.0}   baseline {base:>8.0}   ratio {:.2}", lin / base);
+        println!(
+            "  {mode:<4} pg_tasker {lin:>8.0}   baseline {base:>8.0}   ratio {:.2}",
+            lin / base
+        );
         rows.push(json!({"synchronous_commit": mode, "linear_steps_per_s": lin, "baseline_msgs_per_s": base, "ratio": lin / base}));
     }
     let mut db = connect(&b.cluster);
-    db.batch_execute("ALTER SYSTEM RESET synchronous_commit").unwrap();
+    db.batch_execute("ALTER SYSTEM RESET synchronous_commit")
+        .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     b.results.insert("synchronous_commit".into(), json!(rows));
 }
@@ -409,15 +534,25 @@ fn main() {
         .position(|a| a == "--scenarios")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.split(',').map(str::to_string).collect())
-        .unwrap_or_else(|| ["idle", "p1", "p2", "p3", "p5", "p4", "commit"].iter().map(|s| s.to_string()).collect());
+        .unwrap_or_else(|| {
+            ["idle", "p1", "p2", "p3", "p5", "p4", "commit"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
 
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cluster = Cluster::start(&repo, "bench");
     {
         let mut db = connect(&cluster);
-        db.batch_execute("CREATE EXTENSION pg_tasker CASCADE").unwrap();
+        db.batch_execute("CREATE EXTENSION pg_tasker CASCADE")
+            .unwrap();
     }
-    let mut b = Bench { cluster, quick, results: BTreeMap::new() };
+    let mut b = Bench {
+        cluster,
+        quick,
+        results: BTreeMap::new(),
+    };
     let machine = json!({
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "postgres": connect(&b.cluster).query_one("SHOW server_version", &[]).unwrap().get::<_, String>(0),
@@ -441,6 +576,10 @@ fn main() {
     if let Some(dir) = Path::new(&json_path).parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::write(&json_path, serde_json::to_string_pretty(&b.results).unwrap()).unwrap();
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&b.results).unwrap(),
+    )
+    .unwrap();
     println!("\nfigures written to {json_path}");
 }
