@@ -10,7 +10,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::errors::{err, from_core, internal, invalid, null_arg, ApiResult};
-use crate::orchestration::{archive_message, fail_step, lock_step, refresh_task};
+use crate::orchestration::{
+    archive_message, close_task, fail_step, lock_step, refresh_task, stop_steps,
+};
 use crate::spi_util::{json_row, pg_uuid, run, scalar};
 use crate::{subxact, tasks};
 
@@ -164,39 +166,14 @@ fn mark_stale(
     if to_error {
         // Steps out with workers are stopped: their messages archived, the
         // steps put in error (a DLQ requeue retries them).
-        run(
-            "WITH out AS (
-                SELECT s.step_uuid, s.queue_msg_id FROM tasker.workflow_steps s
-                 WHERE s.task_uuid = $1 AND s.state IN ('enqueued', 'in_progress')
-                 ORDER BY s.step_uuid FOR NO KEY UPDATE
-             ), archived AS (
-                SELECT pgmq.archive(n.queue_name, o.queue_msg_id)
-                  FROM out o, tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
-                 WHERE t.task_uuid = $1 AND o.queue_msg_id IS NOT NULL
-             ), upd AS (
-                UPDATE tasker.workflow_steps s SET state = 'error', last_error = $2, updated_at = now()
-                  FROM out WHERE s.step_uuid = out.step_uuid
-                RETURNING s.step_uuid
-             )
-             SELECT tasker._step_transition(array_agg(upd.step_uuid), 'error', 'task stale', $2)
-               FROM upd, (SELECT count(*) FROM archived) a
-             HAVING count(*) > 0",
-            &[t.into(), JsonB(error.clone()).into()],
+        stop_steps(
+            t,
+            &["enqueued", "in_progress"],
+            "error",
+            "task stale",
+            Some(error.clone()),
         )?;
-        run(
-            "UPDATE tasker.tasks SET state = 'error', next_action_at = NULL, completed_at = now(), updated_at = now(),
-                    claimed_by = NULL, claimed_at = NULL, claim_expires_at = NULL
-              WHERE task_uuid = $1",
-            &[t.into()],
-        )?;
-        run(
-            "SELECT tasker._task_transition($1, 'error', $2, $3)",
-            &[
-                t.into(),
-                format!("stale: {threshold}").as_str().into(),
-                JsonB(error).into(),
-            ],
-        )?;
+        close_task(t, "error", &format!("stale: {threshold}"), error)?;
     }
     Ok(Some(
         json!({"task_uuid": task, "state": seen_state, "reason": reason, "dlq_uuid": dlq_uuid.map(|u| u.to_string()), "to_error": to_error}),

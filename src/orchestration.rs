@@ -696,37 +696,79 @@ fn cancel_task(
         )));
     }
     let reason = reason.unwrap_or("cancelled by operator");
+    stop_steps(
+        task,
+        &[
+            "pending",
+            "enqueued",
+            "in_progress",
+            "waiting_for_retry",
+            "enqueued_for_orchestration",
+            "enqueued_as_error_for_orchestration",
+        ],
+        "cancelled",
+        reason,
+        None,
+    )?;
+    close_task(task, "cancelled", reason, json!({}))?;
+    Ok("cancelled".into())
+}
+
+/// Stops a task's steps that are in one of `states`: their queue messages
+/// are archived (so no worker picks them up), they move to `to` (with
+/// `last_error` when given) and the transitions are recorded.
+pub(crate) fn stop_steps(
+    task: pgrx::Uuid,
+    states: &[&str],
+    to: &str,
+    reason: &str,
+    last_error: Option<Value>,
+) -> ApiResult<()> {
+    let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
     run(
         "WITH victims AS (
             SELECT s.step_uuid, s.queue_msg_id, s.state FROM tasker.workflow_steps s
-             WHERE s.task_uuid = $1
-               AND s.state NOT IN ('complete', 'resolved_manually', 'cancelled', 'error')
+             WHERE s.task_uuid = $1 AND s.state = ANY ($2)
              ORDER BY s.step_uuid FOR NO KEY UPDATE
          ), archived AS (
             SELECT pgmq.archive(n.queue_name, v.queue_msg_id)
               FROM victims v, tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
              WHERE t.task_uuid = $1 AND v.queue_msg_id IS NOT NULL AND v.state IN ('enqueued', 'in_progress')
          ), upd AS (
-            UPDATE tasker.workflow_steps s SET state = 'cancelled', next_retry_at = NULL, updated_at = now()
+            UPDATE tasker.workflow_steps s
+               SET state = $3, last_error = coalesce($5, s.last_error), next_retry_at = NULL, updated_at = now()
               FROM victims v WHERE s.step_uuid = v.step_uuid
             RETURNING s.step_uuid
          )
-         SELECT tasker._step_transition(array_agg(upd.step_uuid), 'cancelled', $2)
+         SELECT tasker._step_transition(array_agg(upd.step_uuid), $3, $4, coalesce($5, '{}'))
            FROM upd, (SELECT count(*) FROM archived) a
          HAVING count(*) > 0",
-        &[task.into(), reason.into()],
-    )?;
+        &[task.into(), states.into(), to.into(), reason.into(), last_error.map(JsonB).into()],
+    )
+}
+
+/// Ends a task in a terminal state: nothing due, no claim, a transition.
+pub(crate) fn close_task(
+    task: pgrx::Uuid,
+    to: &str,
+    reason: &str,
+    metadata: Value,
+) -> ApiResult<()> {
     run(
-        "UPDATE tasker.tasks SET state = 'cancelled', next_action_at = NULL, completed_at = now(), updated_at = now(),
+        "UPDATE tasker.tasks SET state = $2, next_action_at = NULL, completed_at = now(), updated_at = now(),
                 claimed_by = NULL, claimed_at = NULL, claim_expires_at = NULL
           WHERE task_uuid = $1",
-        &[task.into()],
+        &[task.into(), to.into()],
     )?;
     run(
-        "SELECT tasker._task_transition($1, 'cancelled', $2)",
-        &[task.into(), reason.into()],
-    )?;
-    Ok("cancelled".into())
+        "SELECT tasker._task_transition($1, $2, $3, $4)",
+        &[
+            task.into(),
+            to.into(),
+            reason.into(),
+            JsonB(metadata).into(),
+        ],
+    )
 }
 
 /// `tasker.retry_step(step_uuid, reason) RETURNS text`: puts a failed step
