@@ -142,13 +142,7 @@ fn the_orchestrator_runs_workflows_by_itself() {
             "workflow did not finish"
         );
         let Some(msg) = read_one(&mut c, queue) else {
-            let state: String = c
-                .query_one(
-                    "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-                    &[&task],
-                )
-                .unwrap()
-                .get(0);
+            let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
             if state == "complete" {
                 break;
             }
@@ -472,13 +466,7 @@ fn lost_attempts_are_failed_and_retried() {
     assert!(row
         .get::<_, String>(2)
         .contains("delivered 3 times without a result"));
-    let state: String = c
-        .query_one(
-            "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-            &[&task],
-        )
-        .unwrap()
-        .get(0);
+    let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
     assert_eq!(state, "blocked_by_failures");
 }
 

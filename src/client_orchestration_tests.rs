@@ -300,21 +300,22 @@ fn retries_in_real_time() {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    let task_state = |c: &mut Client, task: uuid::Uuid| -> String {
-        c.query_one(
-            "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-            &[&task.to_string()],
-        )
-        .unwrap()
-        .get(0)
-    };
     assert_eq!(row(&mut c, flaky_task, "flaky"), ("complete".into(), 3));
     assert_eq!(row(&mut c, flaky_task, "after"), ("complete".into(), 1));
-    assert_eq!(task_state(&mut c, flaky_task), "complete");
+    assert_eq!(
+        crate::client_tests::task_state(&mut c, &flaky_task.to_string()),
+        "complete"
+    );
     assert_eq!(row(&mut c, broken_task, "broken"), ("error".into(), 3));
     assert_eq!(row(&mut c, broken_task, "never"), ("pending".into(), 0));
-    assert_eq!(task_state(&mut c, broken_task), "blocked_by_failures");
-    assert_eq!(task_state(&mut c, polite_task), "complete");
+    assert_eq!(
+        crate::client_tests::task_state(&mut c, &broken_task.to_string()),
+        "blocked_by_failures"
+    );
+    assert_eq!(
+        crate::client_tests::task_state(&mut c, &polite_task.to_string()),
+        "complete"
+    );
     // retry-after of 1 s was honoured (the policy alone would have said 10 ms)
     let gap = polite_times[1] - polite_times[0];
     assert!(
@@ -446,13 +447,7 @@ fn fan_in_join_is_enqueued_exactly_once_under_concurrency() {
             50
         );
         submit(&mut c, &join_msg, &Reply::Success(json!("joined")));
-        let state: String = c
-            .query_one(
-                "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-                &[&task.to_string()],
-            )
-            .unwrap()
-            .get(0);
+        let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
         assert_eq!(state, "complete");
     }
 }
@@ -608,13 +603,7 @@ fn an_unanswered_message_is_delivered_again_after_its_visibility_timeout() {
     assert_eq!(again[0].get::<_, i32>(1), 2);
     let msg: Value = serde_json::from_str(again[0].get::<_, &str>(2)).unwrap();
     assert_eq!(submit(&mut c, &msg, &Reply::Success(json!(1))), "complete");
-    let state: String = c
-        .query_one(
-            "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-            &[&task.to_string()],
-        )
-        .unwrap()
-        .get(0);
+    let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
     assert_eq!(state, "complete");
 }
 

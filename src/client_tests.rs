@@ -45,6 +45,16 @@ pub fn register_linear(c: &mut Client, ns: &str, name: &str, steps: usize) {
     .unwrap();
 }
 
+/// The state of a task.
+pub fn task_state(c: &mut Client, task: &str) -> String {
+    c.query_one(
+        "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
+        &[&task],
+    )
+    .unwrap()
+    .get(0)
+}
+
 fn count(c: &mut Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).unwrap().get(0)
 }
