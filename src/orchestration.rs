@@ -255,10 +255,10 @@ fn complete_step(
     if released.children == 0 {
         refresh_task(step.task_uuid, reason)?;
     } else if !released.ready.is_empty() {
-        let ids: Vec<pgrx::Uuid> = released.ready.iter().map(|u| pg_uuid(*u)).collect();
-        run(
-            "SELECT tasker._enqueue_ready_steps($1, $2)",
-            &[pg_uuid(step.task_uuid).into(), ids.into()],
+        enqueue_ready(
+            step.task_uuid,
+            Some(&released.ready),
+            Some(&step.queue_name),
         )?;
     }
     Ok(())
@@ -341,6 +341,103 @@ fn current_step_state(step: uuid::Uuid) -> ApiResult<String> {
 }
 
 // ---------------------------------------------------------------------------
+// Enqueueing
+// ---------------------------------------------------------------------------
+
+struct QueuePlans {
+    /// The queue table's msg_id sequence, for the enqueue statement.
+    sequence: String,
+    /// INSERT of pre-numbered messages into the queue table.
+    insert: pgrx::spi::OwnedPreparedStatement,
+}
+
+thread_local! {
+    static ENQUEUE_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
+        const { std::cell::RefCell::new(None) };
+    static QUEUE_PLANS: std::cell::RefCell<std::collections::HashMap<String, QueuePlans>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Enqueues a task's runnable steps (all, or only `only`) into `queue`, the
+/// task's namespace queue (looked up when not given), in the current
+/// transaction. Returns how many were enqueued.
+///
+/// Two kept plans do it: sql/queries/enqueue.sql locks and moves the steps
+/// and builds their messages; a per-queue INSERT puts the messages in the
+/// pgmq queue table with the msg_ids already recorded on the steps (pgmq's
+/// own columns and defaults, like pgmq.send, without its dynamic SQL).
+pub(crate) fn enqueue_ready(
+    task: uuid::Uuid,
+    only: Option<&[uuid::Uuid]>,
+    queue: Option<&str>,
+) -> ApiResult<i64> {
+    let task = pg_uuid(task);
+    let queue = match queue {
+        Some(q) => q.to_string(),
+        None => scalar::<String>(
+            "SELECT n.queue_name FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
+              WHERE t.task_uuid = $1",
+            &[task.into()],
+        )?
+        .ok_or_else(|| not_found("task", task))?,
+    };
+    QUEUE_PLANS.with(|plans| -> ApiResult<i64> {
+        let mut plans = plans.borrow_mut();
+        if !plans.contains_key(&queue) {
+            let sequence = scalar::<String>(
+                "SELECT pg_catalog.pg_get_serial_sequence(format('pgmq.%I', 'q_' || $1), 'msg_id')",
+                &[queue.as_str().into()],
+            )?
+            .ok_or_else(|| internal(format!("queue {queue} has no msg_id sequence")))?;
+            let q = spi::quote_identifier(format!("q_{queue}"));
+            let sql = format!(
+                "INSERT INTO pgmq.{q} (msg_id, vt, message) OVERRIDING SYSTEM VALUE
+                 SELECT m.id, clock_timestamp(), m.msg FROM unnest($1::bigint[], $2::jsonb[]) AS m(id, msg)"
+            );
+            let insert = Spi::connect(|c| {
+                c.prepare_mut(sql.as_str(), &[pgrx::PgBuiltInOids::INT8ARRAYOID.oid(), pgrx::PgBuiltInOids::JSONBARRAYOID.oid()])
+                    .map(|p| p.keep())
+            })
+            .map_err(internal)?;
+            plans.insert(queue.clone(), QueuePlans { sequence, insert });
+        }
+        let qp = plans.get(&queue).expect("just prepared");
+        let ids: Option<Vec<pgrx::Uuid>> = only.map(|o| o.iter().map(|u| pg_uuid(*u)).collect());
+        let (msg_ids, messages) = ENQUEUE_PLAN.with(|plan| -> ApiResult<(Vec<i64>, Vec<JsonB>)> {
+            let mut plan = plan.borrow_mut();
+            if plan.is_none() {
+                let kept = Spi::connect(|c| {
+                    c.prepare_mut(
+                        include_str!("../sql/queries/enqueue.sql"),
+                        &[pgrx::PgBuiltInOids::UUIDOID.oid(), pgrx::PgBuiltInOids::UUIDARRAYOID.oid(), pgrx::PgBuiltInOids::TEXTOID.oid()],
+                    )
+                    .map(|p| p.keep())
+                })
+                .map_err(internal)?;
+                *plan = Some(kept);
+            }
+            let stmt = plan.as_ref().expect("just prepared");
+            Spi::connect_mut(|c| {
+                let rows = c.update(stmt, None, &[task.into(), ids.clone().into(), qp.sequence.as_str().into()])?;
+                let mut out = (Vec::new(), Vec::new());
+                for row in rows {
+                    out.0.push(row.get::<i64>(1)?.expect("msg_id"));
+                    out.1.push(row.get::<JsonB>(2)?.expect("message"));
+                }
+                Ok::<_, pgrx::spi::Error>(out)
+            })
+            .map_err(internal)
+        })?;
+        if msg_ids.is_empty() {
+            return Ok(0);
+        }
+        let n = msg_ids.len() as i64;
+        Spi::connect_mut(|c| c.update(&qp.insert, None, &[msg_ids.into(), messages.into()]).map(|_| ())).map_err(internal)?;
+        Ok(n)
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Task evaluation
 // ---------------------------------------------------------------------------
 
@@ -404,8 +501,7 @@ pub fn refresh_task(task: uuid::Uuid, reason: &str) -> ApiResult<Refreshed> {
             ..Default::default()
         });
     }
-    let enqueued = scalar::<i32>("SELECT tasker._enqueue_ready_steps($1)", &[task.into()])?
-        .unwrap_or(0) as i64;
+    let enqueued = enqueue_ready(uuid::Uuid::from_bytes(*task.as_bytes()), None, None)?;
     let counts = step_counts(task)?;
     let exec = status::execution_status(&StepCounts::from(&counts));
     let new_state = exec.task_state();

@@ -40,6 +40,32 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Machine-wide CPU counters (busy, total) from /proc/stat.
+fn cpu_counters() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Percent of all cores busy between two `cpu_counters` readings.
+fn busy_percent(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let (busy, total) = (b.0 - a.0, b.1 - a.1);
+    if total == 0 {
+        0.0
+    } else {
+        busy as f64 * 100.0 / total as f64
+    }
+}
+
 fn step(name: &str, deps: &[&str]) -> Value {
     json!({"name": name, "dependencies": deps, "handler": {"callable": "Noop"}, "retry": {"max_attempts": 3}})
 }
@@ -112,6 +138,18 @@ fn drain(
     steps_per_task: usize,
     n: usize,
 ) -> f64 {
+    drain_with_cpu(b, ns, template, tasks, steps_per_task, n).0
+}
+
+/// `drain`, and how busy the machine's cores were meanwhile (%).
+fn drain_with_cpu(
+    b: &Bench,
+    ns: &str,
+    template: &str,
+    tasks: usize,
+    steps_per_task: usize,
+    n: usize,
+) -> (f64, f64) {
     let mut db = connect(&b.cluster);
     db.execute(
         "SELECT count(*) FROM (SELECT tasker.create_task($1, $2) FROM generate_series(1, $3)) x",
@@ -130,10 +168,12 @@ fn drain(
         .collect();
     start.wait();
     let t0 = Instant::now();
+    let cpu0 = cpu_counters();
     for h in handles {
         h.join().unwrap();
     }
     let elapsed = t0.elapsed();
+    let busy = busy_percent(cpu0, cpu_counters());
     let complete: i64 = db
         .query_one(
             "SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1 AND state = 'complete'",
@@ -142,11 +182,15 @@ fn drain(
         .unwrap()
         .get(0);
     assert_eq!(complete as usize, tasks, "every task completed");
-    total as f64 / elapsed.as_secs_f64()
+    (total as f64 / elapsed.as_secs_f64(), busy)
 }
 
 /// The floor: `n` clients each doing send → read → archive of one message.
 fn baseline(b: &Bench, messages: usize, n: usize) -> f64 {
+    baseline_with_cpu(b, messages, n).0
+}
+
+fn baseline_with_cpu(b: &Bench, messages: usize, n: usize) -> (f64, f64) {
     let mut db = connect(&b.cluster);
     db.batch_execute("SELECT pgmq.create('bench_baseline')")
         .unwrap();
@@ -179,21 +223,23 @@ fn baseline(b: &Bench, messages: usize, n: usize) -> f64 {
         .collect();
     start.wait();
     let t0 = Instant::now();
+    let cpu0 = cpu_counters();
     for h in handles {
         h.join().unwrap();
     }
     let elapsed = t0.elapsed();
+    let busy = busy_percent(cpu0, cpu_counters());
     db.batch_execute("SELECT pgmq.drop_queue('bench_baseline')")
         .unwrap();
-    messages as f64 / elapsed.as_secs_f64()
+    (messages as f64 / elapsed.as_secs_f64(), busy)
 }
 
 fn p1(b: &mut Bench) {
     let tasks = if b.quick { 300 } else { 2000 };
     println!("\nP1 throughput: {tasks} tasks, no-op workers, steps/s (baseline: pgmq send→read→archive per step)");
     println!(
-        "{:>3} {:>12} {:>12} {:>12} {:>8} {:>8}",
-        "N", "linear5", "diamond5", "baseline", "lin/base", "dia/base"
+        "{:>3} {:>12} {:>12} {:>12} {:>8} {:>8} {:>9} {:>9}",
+        "N", "linear5", "diamond5", "baseline", "lin/base", "dia/base", "cpu% lin", "cpu% base"
     );
     let mut rows = Vec::new();
     for n in [1usize, 2, 4, 8] {
@@ -201,16 +247,17 @@ fn p1(b: &mut Bench) {
         let (lns, dns) = (format!("p1_lin_{n}"), format!("p1_dia_{n}"));
         register(&mut db, &linear(&lns, 5));
         register(&mut db, &diamond(&dns));
-        let lin = drain(b, &lns, "linear", tasks, 5, n);
+        let (lin, lin_cpu) = drain_with_cpu(b, &lns, "linear", tasks, 5, n);
         let dia = drain(b, &dns, "diamond", tasks, 5, n);
-        let base = baseline(b, tasks * 5, n);
+        let (base, base_cpu) = baseline_with_cpu(b, tasks * 5, n);
         println!(
-            "{n:>3} {lin:>12.0} {dia:>12.0} {base:>12.0} {:>8.2} {:>8.2}",
+            "{n:>3} {lin:>12.0} {dia:>12.0} {base:>12.0} {:>8.2} {:>8.2} {lin_cpu:>9.0} {base_cpu:>9.0}",
             lin / base,
             dia / base
         );
         rows.push(json!({"n": n, "linear_steps_per_s": lin, "diamond_steps_per_s": dia, "baseline_msgs_per_s": base,
-                         "linear_ratio": lin / base, "diamond_ratio": dia / base}));
+                         "linear_ratio": lin / base, "diamond_ratio": dia / base,
+                         "cpu_busy_percent_linear": lin_cpu, "cpu_busy_percent_baseline": base_cpu}));
     }
     b.results
         .insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
