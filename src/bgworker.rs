@@ -19,7 +19,7 @@ use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 
 use crate::worker_state::{self, Status};
-use crate::{guc, orchestration, settings};
+use crate::{guc, settings};
 
 pub const ORCHESTRATOR_ID: &str = "pg_tasker-bgworker";
 
@@ -147,11 +147,7 @@ fn tick(
     o: &pg_tasker_core::config::OrchestrationSection,
     clock: &mut JobClock,
 ) -> Result<Tick, String> {
-    let (batch_size, claim_timeout, failed_backoff) = (
-        o.batch_size as i32,
-        o.claim_timeout_seconds as i32,
-        o.failed_task_backoff_seconds as i32,
-    );
+    let (batch_size, failed_backoff) = (o.batch_size as i32, o.failed_task_backoff_seconds as i32);
     let clock = std::panic::AssertUnwindSafe(clock);
     in_transaction(move || {
         let clock = clock;
@@ -165,8 +161,13 @@ fn tick(
             return Ok(Tick::VersionMismatch(version));
         }
         maintenance(o, clock.0);
-        let summary = orchestration::cycle(ORCHESTRATOR_ID, batch_size, claim_timeout, failed_backoff)
-            .map_err(|e| e.message().to_string())?;
+        let summary = Spi::get_one_with_args::<pgrx::JsonB>(
+            "SELECT tasker._run_cycle($1, $2, $3)",
+            &[ORCHESTRATOR_ID.into(), batch_size.into(), failed_backoff.into()],
+        )
+        .map_err(|e| e.to_string())?
+        .map(|j| j.0)
+        .unwrap_or_default();
         if let Some(errors) = summary["errors"].as_array().filter(|e| !e.is_empty()) {
             let text = format!("pg_tasker: {} task(s) failed in the orchestration cycle: {}", errors.len(), serde_json::Value::from(errors.clone()));
             pgrx::warning!("{text}");

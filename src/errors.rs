@@ -16,10 +16,6 @@ pub fn invalid(message: impl Into<String>) -> ErrorReport {
     err(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)
 }
 
-pub fn undefined(message: impl Into<String>) -> ErrorReport {
-    err(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, message)
-}
-
 pub fn null_arg(name: &str) -> ErrorReport {
     err(
         PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -45,6 +41,7 @@ pub fn from_core(e: Error) -> ErrorReport {
         ErrorKind::Undefined => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         ErrorKind::InvalidDefinition => PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
         ErrorKind::Unsupported => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        ErrorKind::LimitExceeded => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
     };
     let report = err(code, e.message);
     match e.hint {

@@ -6,75 +6,95 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
-use crate::errors::ApiResult;
-use crate::spi_util::json_row;
+use crate::errors::{internal, ApiResult};
 use crate::worker_state::{self, Status};
 use crate::{guc, settings};
 
-/// `tasker.health() RETURNS jsonb`: the orchestrator (running, pid, last
-/// tick, ticks, errors, last error), the configuration in force, queue depths
-/// per namespace and tasks by state.
-#[pg_extern(security_definer)]
+/// Whether the role the caller acts as (SET ROLE included, SECURITY DEFINER
+/// excluded) has the privileges of tasker_admin (superusers do).
+fn caller_is_admin() -> bool {
+    // SAFETY: plain catalog lookups of the current backend.
+    unsafe {
+        let admin = pg_sys::get_role_oid(c"tasker_admin".as_ptr(), true);
+        admin != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), admin)
+    }
+}
+
+fn current_database() -> String {
+    // SAFETY: the name of the database this backend is connected to.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a pointer
+    // into shared memory or NULL; only the NULL test is used.
+    pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+}
+
+fn orchestrator() -> Value {
+    if !worker_state::preloaded() {
+        return json!({"preloaded": false, "running": false,
+                      "status": "pg_tasker is not in shared_preload_libraries: no background worker"});
+    }
+    let serves = guc::database();
+    if serves != current_database() {
+        return json!({"preloaded": true, "running": false, "serves_database": serves,
+                      "status": format!("no orchestrator serves this database (pg_tasker.database = {serves})")});
+    }
+    let pid = worker_state::PID.get().load(Ordering::SeqCst);
+    let alive = process_alive(pid);
+    let last_tick_ms = worker_state::LAST_TICK_MS.get().load(Ordering::SeqCst);
+    let mut o = json!({
+        "preloaded": true,
+        "running": alive,
+        "serves_database": serves,
+        "pid": if alive { Some(pid) } else { None },
+        "status": if alive { Status::name(worker_state::STATUS.get().load(Ordering::SeqCst)) } else { "not running" },
+        "enabled": guc::ENABLED.get(),
+        "ticks": worker_state::TICKS.get().load(Ordering::SeqCst),
+        "cycle_interval_ms": worker_state::CYCLE_INTERVAL_MS.get().load(Ordering::SeqCst),
+        "last_tick_at": if last_tick_ms > 0 { Some(last_tick_ms) } else { None },
+        "errors": worker_state::ERRORS.get().load(Ordering::SeqCst),
+    });
+    if caller_is_admin() {
+        o["last_error"] = json!(Some(worker_state::LAST_ERROR.share().get()).filter(|e| !e.is_empty()));
+    }
+    o
+}
+
+/// `tasker.health() RETURNS jsonb`: the orchestrator serving this database
+/// (running, pid, status, ticks, last tick, errors; the last error for
+/// tasker_admin only), the configuration in force, queue depths per
+/// namespace, active tasks by state and the number of due tasks. Cheap and
+/// side-effect free: no file is read, no finished task is counted.
+#[pg_extern(stable, security_definer)]
 #[search_path(@extschema@, pg_catalog, pg_temp)]
 fn health() -> ApiResult<JsonB> {
-    let orchestrator = if worker_state::preloaded() {
-        let pid = worker_state::PID.get().load(Ordering::SeqCst);
-        let status = worker_state::STATUS.get().load(Ordering::SeqCst);
-        let last_tick_ms = worker_state::LAST_TICK_MS.get().load(Ordering::SeqCst);
-        let alive = pid > 0
-            && crate::spi_util::scalar::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = $1)",
-                &[pid.into()],
-            )?
-            .unwrap_or(false);
-        json!({
-            "preloaded": true,
-            "running": alive,
-            "pid": if alive { Some(pid) } else { None },
-            "status": Status::name(status),
-            "enabled": guc::ENABLED.get(),
-            "database": guc::database(),
-            "ticks": worker_state::TICKS.get().load(Ordering::SeqCst),
-            "cycle_interval_ms": worker_state::CYCLE_INTERVAL_MS.get().load(Ordering::SeqCst),
-            "last_tick_at": if last_tick_ms > 0 { Some(last_tick_ms) } else { None },
-            "errors": worker_state::ERRORS.get().load(Ordering::SeqCst),
-            "last_error": Some(worker_state::LAST_ERROR.share().get()).filter(|e| !e.is_empty()),
-        })
-    } else {
-        json!({"preloaded": false, "running": false,
-               "status": "pg_tasker is not in shared_preload_libraries: no background worker"})
-    };
     let cfg = settings::describe();
-    let data = json_row::<Value>(
-        "SELECT jsonb_build_object(
-            'queues', coalesce((SELECT jsonb_agg(jsonb_build_object(
-                          'namespace', n.name, 'queue', n.queue_name,
-                          'depth', m.queue_length, 'visible', m.queue_visible_length,
-                          'oldest_message_age_seconds', m.oldest_msg_age_sec,
-                          'total_messages', m.total_messages) ORDER BY n.name)
-                        FROM tasker.namespaces n
-                        CROSS JOIN LATERAL pgmq.metrics(n.queue_name) m
-                        WHERE EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = n.queue_name)), '[]'),
-            'tasks_by_state', coalesce((SELECT jsonb_object_agg(state, n)
-                        FROM (SELECT state, count(*) AS n FROM tasker.tasks GROUP BY state) s), '{}'),
-            'due_tasks', (SELECT count(*) FROM tasker.ready_tasks))",
-        &[],
-    )?
-    .unwrap_or_default();
+    let data = Spi::get_one::<JsonB>("SELECT tasker._health_data()")
+        .map_err(internal)?
+        .map(|j| j.0)
+        .unwrap_or_default();
     Ok(JsonB(json!({
-        "orchestrator": orchestrator,
+        "orchestrator": orchestrator(),
         "config": {"environment": cfg["environment"], "files": cfg["files"], "valid": cfg["valid"], "error": cfg["error"]},
         "queues": data["queues"],
-        "tasks_by_state": data["tasks_by_state"],
+        "active_tasks_by_state": data["active_tasks_by_state"],
         "due_tasks": data["due_tasks"],
     })))
 }
 
-/// `tasker.config() RETURNS jsonb`: the effective orchestration
-/// configuration (secrets redacted), the files it came from, the file each
+/// `tasker.config() RETURNS jsonb`: the orchestration configuration the
+/// files give now (secrets redacted), the files it came from, the file each
 /// key came from, and the error of a file that failed to load, if any.
 #[pg_extern(security_definer)]
 #[search_path(@extschema@, pg_catalog, pg_temp)]
 fn config() -> JsonB {
-    JsonB(settings::describe())
+    JsonB(settings::describe_fresh())
 }

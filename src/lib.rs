@@ -1,8 +1,11 @@
 //! pg_tasker: DAG workflow orchestration inside PostgreSQL, on pgmq.
 //!
-//! This crate is the thin pgrx layer: SQL-callable functions that parse their
-//! arguments, call the plain-Rust logic of `pg_tasker_core`, and run SQL
-//! through SPI. Tables, views and privileges live in `sql/`.
+//! The state machine and every operation's row work are SQL and PL/pgSQL in
+//! `sql/` (numbered by concern, one function per operation). This crate is
+//! the thin pgrx layer around it: pure decisions of `pg_tasker_core` exposed
+//! to SQL (`decisions`), template registration (`templates`), the pgmq
+//! adapter's kept plans (`pgmq`), the background orchestrator (`bgworker`),
+//! settings and health.
 
 // Functions return `Result<_, ErrorReport>` so that errors keep their SQLSTATE;
 // ErrorReport is large, and errors are the cold path.
@@ -13,46 +16,56 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod bgworker;
+mod decisions;
 mod errors;
 mod guc;
 mod health;
 mod ids;
 mod maintenance;
-mod orchestration;
+mod pgmq;
 mod settings;
-mod spi_util;
 mod subxact;
-mod tasks;
 mod templates;
 mod worker_state;
 
+extension_sql_file!("../sql/00_states.sql", name = "states");
+extension_sql_file!("../sql/01_pgmq.sql", name = "pgmq_adapter", requires = ["states"]);
 extension_sql_file!(
-    "../sql/schema.sql",
-    name = "schema",
-    requires = [ids::uuid_generate_v7]
+    "../sql/02_tables.sql",
+    name = "tables",
+    requires = ["pgmq_adapter", ids::uuid_generate_v7]
 );
-extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
+extension_sql_file!("../sql/03_transitions.sql", name = "transitions", requires = ["tables"]);
+extension_sql_file!("../sql/04_payloads.sql", name = "payloads", requires = ["transitions"]);
 extension_sql_file!(
-    "../sql/orchestration.sql",
-    name = "orchestration",
-    requires = ["schema"]
+    "../sql/05_enqueue.sql",
+    name = "enqueue",
+    requires = ["payloads", pgmq::_pgmq_send]
 );
 extension_sql_file!(
-    "../sql/health.sql",
+    "../sql/06_evaluate.sql",
+    name = "evaluate",
+    requires = ["enqueue", decisions::_execution_status]
+);
+extension_sql_file!(
+    "../sql/07_templates.sql",
+    name = "templates",
+    requires = ["evaluate", templates::_register_template, templates::queue_name]
+);
+extension_sql_file!("../sql/08_tasks.sql", name = "tasks", requires = ["templates"]);
+extension_sql_file!("../sql/09_results.sql", name = "results", requires = ["tasks"]);
+extension_sql_file!("../sql/10_workers.sql", name = "workers", requires = ["results"]);
+extension_sql_file!("../sql/11_operator.sql", name = "operator", requires = ["workers"]);
+extension_sql_file!("../sql/12_cycle.sql", name = "cycle", requires = ["operator"]);
+extension_sql_file!("../sql/13_maintenance.sql", name = "maintenance", requires = ["cycle"]);
+extension_sql_file!("../sql/14_views.sql", name = "views", requires = ["maintenance"]);
+extension_sql_file!(
+    "../sql/15_health.sql",
     name = "health_views",
-    requires = ["orchestration", health::health]
+    requires = ["views", health::health]
 );
-extension_sql_file!(
-    "../sql/maintenance.sql",
-    name = "maintenance",
-    requires = ["orchestration"]
-);
-extension_sql_file!(
-    "../sql/analytics.sql",
-    name = "analytics",
-    requires = ["schema"]
-);
-extension_sql_file!("../sql/security.sql", finalize);
+extension_sql_file!("../sql/16_analytics.sql", name = "analytics", requires = ["health_views"]);
+extension_sql_file!("../sql/99_security.sql", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -67,17 +80,7 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
-#[cfg(any(test, feature = "pg_test"))]
-mod tests_maintenance;
-#[cfg(any(test, feature = "pg_test"))]
-mod tests_orchestration;
 
-#[cfg(test)]
-mod client_bgworker_tests;
-#[cfg(test)]
-mod client_crash_tests;
-#[cfg(test)]
-mod client_orchestration_tests;
 #[cfg(test)]
 mod client_tests;
 

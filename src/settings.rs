@@ -69,9 +69,10 @@ pub fn reload() -> Option<ConfigError> {
     })
 }
 
-/// The configuration in force, loading it on first use or when the
-/// settings that select it changed.
-pub fn current() -> OrchestrationConfig {
+/// Runs `f` on the configuration in force, loading it on first use or when
+/// the settings that select it (config_dir, environment) changed; never
+/// reloads otherwise (the background worker reloads on SIGHUP).
+pub fn with_current<R>(f: impl FnOnce(&OrchestrationConfig) -> R) -> R {
     let key = (guc::config_dir(), guc::environment());
     let stale = STATE.with(|s| s.borrow().as_ref().is_none_or(|st| st.key != key));
     if stale {
@@ -79,14 +80,25 @@ pub fn current() -> OrchestrationConfig {
             pgrx::warning!("pg_tasker: invalid configuration, keeping the previous one: {e}");
         }
     }
-    STATE.with(|s| s.borrow().as_ref().expect("loaded").good.config.clone())
+    STATE.with(|s| f(&s.borrow().as_ref().expect("loaded").good.config))
 }
 
-/// `tasker.config()`'s body: effective configuration, sources, and the
-/// error that kept a newer one out, if any.
-pub fn describe() -> Value {
-    // Read the files again: the caller wants to know what they say now.
+/// A copy of the configuration in force (see `with_current`).
+pub fn current() -> OrchestrationConfig {
+    with_current(Clone::clone)
+}
+
+/// `tasker.config()`'s body: the configuration the files give now (they are
+/// read again), its sources, and the error that kept it out, if any.
+pub fn describe_fresh() -> Value {
     reload();
+    describe()
+}
+
+/// The configuration in force, its sources and the last load error,
+/// without reading any file (what health() reports).
+pub fn describe() -> Value {
+    with_current(|_| ());
     STATE.with(|s| {
         let s = s.borrow();
         let st = s.as_ref().expect("loaded");

@@ -4,7 +4,6 @@
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::{PgLogLevel, PgTryBuilder};
-use serde_json::{json, Value};
 
 use crate::errors::ApiResult;
 
@@ -13,12 +12,6 @@ use crate::errors::ApiResult;
 pub struct Failed {
     pub message: String,
     pub sqlstate: String,
-}
-
-impl Failed {
-    pub fn to_json(&self) -> Value {
-        json!({"message": self.message, "sqlstate": self.sqlstate})
-    }
 }
 
 impl std::fmt::Display for Failed {

@@ -1,11 +1,14 @@
-//! Template registration: validate in Rust, store the canonical definition,
-//! create the namespace and its pgmq queue.
+//! Template registration: parse and validate in pg_tasker_core, then store
+//! the canonical definition and the steps create_task copies (one set per
+//! environment with overrides) through `tasker._store_template`
+//! (sql/07_templates.sql).
 
-use pg_tasker_core::{naming, template, TaskTemplate};
+use pg_tasker_core::{naming, template, version, TaskTemplate};
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgSqlErrorCode};
+use pgrx::JsonB;
+use serde_json::{json, Value};
 
-use crate::errors::{err, from_core, internal, ApiResult};
+use crate::errors::{from_core, internal, invalid, ApiResult};
 
 /// `tasker.queue_name(namespace)`: the pgmq queue of a namespace
 /// (`tasker_<namespace>_queue`).
@@ -14,170 +17,98 @@ fn queue_name(namespace: &str) -> ApiResult<String> {
     naming::queue_name(namespace).map_err(from_core)
 }
 
-/// `tasker.register_template(template jsonb) RETURNS uuid`
-#[pg_extern(security_definer)]
-#[search_path(@extschema@, pg_catalog, pg_temp)]
-fn register_template(template: JsonB) -> ApiResult<pgrx::Uuid> {
-    let t = template::parse_value_with(template.0, &crate::settings::current().retry)
-        .map_err(from_core)?;
+/// `tasker._register_template(text, format)`: the body of
+/// tasker.register_template (format 'json') and register_template_yaml
+/// ('yaml').
+#[pg_extern]
+fn _register_template(template: &str, format: &str) -> ApiResult<pgrx::Uuid> {
+    let defaults = crate::settings::with_current(|c| c.retry.clone());
+    let t = match format {
+        "json" => template::parse_json_with(template, &defaults),
+        "yaml" => template::parse_yaml_with(template, &defaults),
+        other => return Err(invalid(format!("unknown template format \"{other}\""))),
+    }
+    .map_err(from_core)?;
     store(&t)
 }
 
-/// `tasker.register_template_yaml(template text) RETURNS uuid`; accepts
-/// Ruby-style `:key:` symbol keys.
-#[pg_extern(security_definer)]
-#[search_path(@extschema@, pg_catalog, pg_temp)]
-fn register_template_yaml(template: &str) -> ApiResult<pgrx::Uuid> {
-    let t = template::parse_yaml_with(template, &crate::settings::current().retry)
-        .map_err(from_core)?;
-    store(&t)
-}
-
-/// Creates the namespace (and its queue) if needed, then inserts the
-/// template, or returns the existing id when the definition is identical.
-fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
-    let namespace_uuid = ensure_namespace(&t.namespace_name)?;
-    // Applications may create tasks through the request queue from now on.
-    let requests = crate::settings::current().orchestration.task_requests;
-    if requests.enabled {
-        crate::maintenance::ensure_request_queue(&requests.queue)?;
-    }
-    let definition = JsonB(t.to_definition());
-    let name = t.name.as_str();
-    let version = t.version.as_str();
-
-    // Up to two rounds: a concurrent registration of the same new version
-    // makes our INSERT do nothing; the second round then finds its row.
-    for _ in 0..2 {
-        let existing = Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT template_uuid, definition = $4 AS same
-                   FROM tasker.task_templates
-                  WHERE namespace_uuid = $1 AND name = $2 AND version = $3
-                    FOR UPDATE",
-                Some(1),
-                &[
-                    namespace_uuid.into(),
-                    name.into(),
-                    version.into(),
-                    JsonB(definition.0.clone()).into(),
-                ],
-            )?;
-            match rows.into_iter().next() {
-                None => Ok::<_, pgrx::spi::Error>(None),
-                Some(r) => Ok(Some((
-                    r.get::<pgrx::Uuid>(1)?.expect("template_uuid is NOT NULL"),
-                    r.get::<bool>(2)?.unwrap_or(false),
-                ))),
-            }
-        })
-        .map_err(internal)?;
-
-        match existing {
-            Some((id, true)) => return Ok(id),
-            Some((id, false)) => {
-                // Checked after the row lock, in its own statement, so that a
-                // task committed by a concurrent create_task is seen.
-                let in_use = Spi::get_one_with_args::<bool>(
-                    "SELECT EXISTS (SELECT 1 FROM tasker.tasks WHERE template_uuid = $1)",
-                    &[id.into()],
-                )
-                .map_err(internal)?
-                .unwrap_or(false);
-                if in_use {
-                    return Err(err(
-                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        format!(
-                            "template {}/{} version {} is already used by tasks and cannot change",
-                            t.namespace_name, name, version
-                        ),
-                    )
-                    .set_hint("register the changed definition under a new version"));
-                }
-                Spi::run_with_args(
-                    "UPDATE tasker.task_templates
-                        SET definition = $2, description = $3, updated_at = now()
-                      WHERE template_uuid = $1",
-                    &[
-                        id.into(),
-                        JsonB(definition.0.clone()).into(),
-                        t.description.clone().into(),
-                    ],
-                )
-                .map_err(internal)?;
-                return Ok(id);
-            }
-            None => {
-                let inserted = Spi::get_one_with_args::<pgrx::Uuid>(
-                    "INSERT INTO tasker.task_templates (namespace_uuid, name, version, description, definition)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (namespace_uuid, name, version) DO NOTHING
-                     RETURNING template_uuid",
-                    &[
-                        namespace_uuid.into(),
-                        name.into(),
-                        version.into(),
-                        t.description.clone().into(),
-                        JsonB(definition.0.clone()).into(),
-                    ],
-                );
-                match inserted {
-                    Ok(Some(id)) => return Ok(id),
-                    Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => continue,
-                    Err(e) => return Err(internal(e)),
-                }
-            }
-        }
-    }
-    Err(internal(
-        "template registration did not settle after a concurrent registration",
-    ))
-}
-
-/// Returns the namespace's id, creating the namespace row, its pgmq queue and
-/// the queue grants for `tasker_worker` the first time.
-fn ensure_namespace(ns: &str) -> ApiResult<pgrx::Uuid> {
-    let queue = naming::queue_name(ns).map_err(from_core)?;
-    let inserted = Spi::get_one_with_args::<pgrx::Uuid>(
-        "INSERT INTO tasker.namespaces (name, queue_name) VALUES ($1, $2)
-         ON CONFLICT (name) DO NOTHING RETURNING namespace_uuid",
-        &[ns.into(), queue.as_str().into()],
-    );
-    let id = match inserted {
-        Ok(Some(id)) => {
-            create_queue(&queue)?;
-            id
-        }
-        Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => Spi::get_one_with_args::<pgrx::Uuid>(
-            "SELECT namespace_uuid FROM tasker.namespaces WHERE name = $1",
-            &[ns.into()],
-        )
-        .map_err(internal)?
-        .ok_or_else(|| internal("namespace vanished during registration"))?,
-        Err(e) => return Err(internal(e)),
+/// The rows of `tasker.template_steps` for one environment ('' = none).
+fn step_rows(t: &TaskTemplate, environment: &str, out: &mut Vec<Value>) -> ApiResult<()> {
+    let steps = if environment.is_empty() {
+        t.steps.clone()
+    } else {
+        t.steps_for_environment(environment).map_err(from_core)?
     };
-    // The queue may have been dropped by hand since; recreate it.
-    let exists = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = $1)",
-        &[queue.as_str().into()],
+    for (position, s) in steps.iter().enumerate() {
+        out.push(json!({
+            "environment": environment,
+            "position": position,
+            "name": s.name,
+            "handler_callable": s.handler.callable,
+            "handler_method": s.handler.method,
+            "inputs": s.handler.initialization,
+            "retryable": s.retry.retryable,
+            "max_attempts": s.retry.max_attempts,
+            "backoff": s.retry.backoff.as_str(),
+            "backoff_base_ms": s.retry.backoff_base_ms,
+            "max_backoff_ms": s.retry.max_backoff_ms,
+            "jitter": s.retry.jitter,
+            "timeout_seconds": s.timeout_seconds,
+            "parents": s.dependencies.len(),
+        }));
+    }
+    Ok(())
+}
+
+fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
+    let requests = crate::settings::with_current(|c| c.orchestration.task_requests.clone());
+    if requests.enabled {
+        // applications may create tasks through the request queue from now on
+        Spi::run_with_args(
+            "SELECT tasker._ensure_request_queue($1)",
+            &[requests.queue.as_str().into()],
+        )
+        .map_err(internal)?;
+    }
+    let environments: Vec<String> = t.environments.keys().cloned().collect();
+    let mut steps = Vec::with_capacity(t.steps.len() * (environments.len() + 1));
+    step_rows(t, "", &mut steps)?;
+    for env in &environments {
+        step_rows(t, env, &mut steps)?;
+    }
+    let position: std::collections::HashMap<&str, usize> = t
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let edges: Vec<Value> = t
+        .steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            let position = &position;
+            s.dependencies
+                .iter()
+                .map(move |d| json!({"from_position": position[d.as_str()], "to_position": i}))
+        })
+        .collect();
+    let key = version::sort_key(&version::parse(&t.version).map_err(from_core)?);
+    Spi::get_one_with_args::<pgrx::Uuid>(
+        "SELECT tasker._store_template($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            t.namespace_name.as_str().into(),
+            t.name.as_str().into(),
+            t.version.as_str().into(),
+            key.into(),
+            t.description.clone().into(),
+            JsonB(t.to_definition()).into(),
+            JsonB(Value::Array(steps)).into(),
+            JsonB(Value::Array(edges)).into(),
+            environments.into(),
+            t.input_schema.is_some().into(),
+        ],
     )
     .map_err(internal)?
-    .unwrap_or(false);
-    if !exists {
-        create_queue(&queue)?;
-    }
-    Ok(id)
-}
-
-fn create_queue(queue: &str) -> ApiResult<()> {
-    // `queue` is `tasker_<validated lowercase identifier>_queue`: safe to
-    // splice, but quote it anyway.
-    let q = spi::quote_identifier(format!("q_{queue}"));
-    let a = spi::quote_identifier(format!("a_{queue}"));
-    Spi::run_with_args("SELECT pgmq.create($1)", &[queue.into()]).map_err(internal)?;
-    Spi::run(&format!(
-        "GRANT SELECT, UPDATE ON pgmq.{q} TO tasker_worker; GRANT SELECT ON pgmq.{a} TO tasker_worker"
-    ))
-    .map_err(internal)?;
-    Ok(())
+    .ok_or_else(|| internal("template registration returned no uuid"))
 }

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     InvalidDefinition,
     /// Valid in tasker-core's format but not supported by pg_tasker. SQLSTATE 0A000.
     Unsupported,
+    /// Beyond a documented size limit (steps per template, nesting). SQLSTATE 54000.
+    LimitExceeded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

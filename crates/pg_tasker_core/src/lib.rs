@@ -7,12 +7,12 @@
 pub mod config;
 pub mod error;
 pub mod naming;
-pub mod request;
 pub mod retry;
+pub mod state;
 pub mod status;
-pub mod submission;
 pub mod template;
 pub mod version;
 
 pub use error::{Error, ErrorKind};
+pub use state::{StepState, TaskState};
 pub use template::{Backoff, Handler, RetryPolicy, StepTemplate, StepType, TaskTemplate};

@@ -61,9 +61,11 @@ pub enum FailureOutcome {
     Error { exhausted: bool },
 }
 
-/// Decides the outcome of a failed attempt. `attempts` counts attempts made
-/// so far (including the failed one); `error_retryable` is the handler's
-/// verdict; `requested_delay_ms` a delay the handler asked for.
+/// Decides the outcome of a failed attempt. `attempts` counts the attempts
+/// made in the current retry budget, the failed one included (an operator's
+/// retry starts a new budget; the attempt number itself only grows);
+/// `error_retryable` is the handler's verdict; `requested_delay_ms` a delay
+/// the handler asked for.
 pub fn on_failure(
     policy: &RetryPolicy,
     attempts: u32,

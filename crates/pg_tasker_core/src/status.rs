@@ -1,18 +1,22 @@
-//! A task's execution status, decided from the counts of its steps by state.
-//! One decision table serves `tasker.task_execution_context` and the task
-//! state the orchestrator records.
+//! A task's execution status, decided from its step counters (the
+//! `steps_<class>` columns of `tasker.tasks`). One decision table serves
+//! the task state the orchestrator records and
+//! `tasker.task_execution_context`.
 
-/// Step counts of one task. `ready` counts steps that could be enqueued now.
+use crate::state::TaskState;
+
+/// Step counts of one task by class; `ready` counts steps that could be
+/// enqueued now (after an evaluation it is 0: they were enqueued).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepCounts {
     pub total: i64,
     pub pending: i64,
-    pub ready: i64,
-    pub in_flight: i64,
+    pub out: i64,
     pub waiting_for_retry: i64,
-    pub complete: i64,
+    pub done: i64,
     pub error: i64,
     pub cancelled: i64,
+    pub ready: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +30,15 @@ pub enum ExecutionStatus {
 }
 
 impl ExecutionStatus {
+    pub const ALL: [ExecutionStatus; 6] = [
+        ExecutionStatus::AllComplete,
+        ExecutionStatus::HasReadySteps,
+        ExecutionStatus::Processing,
+        ExecutionStatus::WaitingForRetry,
+        ExecutionStatus::BlockedByFailures,
+        ExecutionStatus::WaitingForDependencies,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ExecutionStatus::AllComplete => "all_complete",
@@ -37,14 +50,20 @@ impl ExecutionStatus {
         }
     }
 
-    /// The task state that reflects this status (for a task not cancelled).
-    pub fn task_state(self) -> &'static str {
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// The task state that reflects this status (for an active task).
+    pub fn task_state(self) -> TaskState {
         match self {
-            ExecutionStatus::AllComplete => "complete",
-            ExecutionStatus::HasReadySteps | ExecutionStatus::Processing => "steps_in_process",
-            ExecutionStatus::WaitingForRetry => "waiting_for_retry",
-            ExecutionStatus::BlockedByFailures => "blocked_by_failures",
-            ExecutionStatus::WaitingForDependencies => "waiting_for_dependencies",
+            ExecutionStatus::AllComplete => TaskState::Complete,
+            ExecutionStatus::HasReadySteps | ExecutionStatus::Processing => {
+                TaskState::StepsInProcess
+            }
+            ExecutionStatus::WaitingForRetry => TaskState::WaitingForRetry,
+            ExecutionStatus::BlockedByFailures => TaskState::BlockedByFailures,
+            ExecutionStatus::WaitingForDependencies => TaskState::WaitingForDependencies,
         }
     }
 }
@@ -52,11 +71,11 @@ impl ExecutionStatus {
 /// First match wins. Unlike tasker-core, a failed step blocks the task only
 /// once nothing else can make progress: independent branches run on.
 pub fn execution_status(c: &StepCounts) -> ExecutionStatus {
-    if c.total > 0 && c.complete == c.total {
+    if c.total > 0 && c.done == c.total {
         ExecutionStatus::AllComplete
     } else if c.ready > 0 {
         ExecutionStatus::HasReadySteps
-    } else if c.in_flight > 0 {
+    } else if c.out > 0 {
         ExecutionStatus::Processing
     } else if c.waiting_for_retry > 0 {
         ExecutionStatus::WaitingForRetry
@@ -78,14 +97,6 @@ pub fn health(c: &StepCounts) -> &'static str {
     }
 }
 
-/// Completed share of the steps, 0..=100, two decimals.
-pub fn completion_percentage(c: &StepCounts) -> f64 {
-    if c.total == 0 {
-        return 0.0;
-    }
-    ((c.complete as f64 * 10_000.0) / c.total as f64).round() / 100.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,7 +113,7 @@ mod tests {
     #[test]
     fn decision_table() {
         use ExecutionStatus::*;
-        assert_eq!(execution_status(&counts(|c| c.complete = 4)), AllComplete);
+        assert_eq!(execution_status(&counts(|c| c.done = 4)), AllComplete);
         assert_eq!(
             execution_status(&counts(|c| {
                 c.ready = 1;
@@ -112,7 +123,7 @@ mod tests {
         );
         assert_eq!(
             execution_status(&counts(|c| {
-                c.in_flight = 1;
+                c.out = 1;
                 c.error = 1
             })),
             Processing
@@ -120,7 +131,7 @@ mod tests {
         assert_eq!(
             execution_status(&counts(|c| {
                 c.waiting_for_retry = 1;
-                c.complete = 3
+                c.done = 3
             })),
             WaitingForRetry
         );
@@ -128,7 +139,7 @@ mod tests {
             execution_status(&counts(|c| {
                 c.error = 1;
                 c.pending = 2;
-                c.complete = 1
+                c.done = 1
             })),
             BlockedByFailures
         );
@@ -136,23 +147,28 @@ mod tests {
             execution_status(&counts(|c| c.pending = 4)),
             WaitingForDependencies
         );
-        assert_eq!(BlockedByFailures.task_state(), "blocked_by_failures");
+        assert_eq!(BlockedByFailures.task_state(), TaskState::BlockedByFailures);
+        assert_eq!(AllComplete.task_state(), TaskState::Complete);
+        for s in ExecutionStatus::ALL {
+            assert_eq!(ExecutionStatus::parse(s.as_str()), Some(s));
+            assert!(!s.task_state().is_terminal() || s == AllComplete);
+        }
     }
 
     #[test]
-    fn health_and_percentage() {
-        assert_eq!(health(&counts(|c| c.in_flight = 4)), "healthy");
+    fn health_classes() {
+        assert_eq!(health(&counts(|c| c.out = 4)), "healthy");
         assert_eq!(
             health(&counts(|c| {
                 c.waiting_for_retry = 1;
-                c.in_flight = 1
+                c.out = 1
             })),
             "recovering"
         );
         assert_eq!(
             health(&counts(|c| {
                 c.error = 1;
-                c.in_flight = 1
+                c.out = 1
             })),
             "degraded"
         );
@@ -162,14 +178,6 @@ mod tests {
                 c.pending = 3
             })),
             "blocked"
-        );
-        assert_eq!(
-            completion_percentage(&StepCounts {
-                total: 3,
-                complete: 1,
-                ..Default::default()
-            }),
-            33.33
         );
     }
 }

@@ -91,7 +91,6 @@ pub struct QueuesConfig {
 pub struct OrchestrationSection {
     pub cycle_interval_ms: u64,
     pub batch_size: u32,
-    pub claim_timeout_seconds: u32,
     pub failed_task_backoff_seconds: u32,
     pub recovery: RecoveryConfig,
     pub staleness: StalenessConfig,
@@ -105,6 +104,19 @@ pub struct RecoveryConfig {
     pub enabled: bool,
     pub interval_seconds: u32,
     pub batch_size: u32,
+    /// Deliveries of one attempt's message without a result (each ending
+    /// with its lease) after which the attempt counts as lost.
+    pub max_deliveries: u32,
+}
+
+/// Size limits of user payloads (54000 above them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// `create_task` context, in bytes (as stored).
+    pub max_context_bytes: u64,
+    /// A step's result or error, in bytes (as stored).
+    pub max_result_bytes: u64,
 }
 
 /// Staleness thresholds; the same keys may appear in a template's `lifecycle`.
@@ -160,8 +172,15 @@ pub const LIFECYCLE_KEYS: [&str; 5] = [
     "task_max_lifetime_hours",
 ];
 
-/// States a finished task can be in (what retention may remove).
-pub const FINISHED_STATES: [&str; 4] = ["complete", "cancelled", "resolved_manually", "error"];
+/// The largest value of each lifecycle key (10 years), so that no threshold
+/// can overflow a timestamp computation. `None` for an unknown key.
+pub fn lifecycle_max(key: &str) -> Option<f64> {
+    match key {
+        "task_max_lifetime_hours" => Some(87_600.0),
+        k if LIFECYCLE_KEYS.contains(&k) => Some(5_256_000.0),
+        _ => None,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -181,6 +200,7 @@ pub struct OrchestrationConfig {
     pub database: DatabaseConfig,
     pub queues: QueuesConfig,
     pub retry: crate::template::RetryPolicy,
+    pub limits: LimitsConfig,
     pub orchestration: OrchestrationSection,
 }
 
@@ -191,6 +211,7 @@ pub struct WorkerConfig {
     pub database: DatabaseConfig,
     pub queues: QueuesConfig,
     pub retry: crate::template::RetryPolicy,
+    pub limits: LimitsConfig,
     pub worker: WorkerSection,
 }
 
@@ -209,7 +230,23 @@ fn common_problems(
     out: &mut Vec<(&'static str, String)>,
     queues: &QueuesConfig,
     retry: &crate::template::RetryPolicy,
+    limits: &LimitsConfig,
 ) {
+    // jsonb values are at most 255 MB
+    in_range(
+        out,
+        "limits.max_context_bytes",
+        limits.max_context_bytes,
+        1024,
+        255 << 20,
+    );
+    in_range(
+        out,
+        "limits.max_result_bytes",
+        limits.max_result_bytes,
+        1024,
+        255 << 20,
+    );
     in_range(
         out,
         "retry.max_attempts",
@@ -243,7 +280,7 @@ fn common_problems(
 impl Validate for OrchestrationConfig {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        common_problems(&mut out, &self.queues, &self.retry);
+        common_problems(&mut out, &self.queues, &self.retry, &self.limits);
         let o = &self.orchestration;
         in_range(
             &mut out,
@@ -258,13 +295,6 @@ impl Validate for OrchestrationConfig {
             o.batch_size as u64,
             1,
             10_000,
-        );
-        in_range(
-            &mut out,
-            "orchestration.claim_timeout_seconds",
-            o.claim_timeout_seconds as u64,
-            1,
-            86_400,
         );
         in_range(
             &mut out,
@@ -292,6 +322,13 @@ fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &Orchestration
         o.recovery.batch_size as u64,
         1,
         10_000,
+    );
+    in_range(
+        out,
+        "orchestration.recovery.max_deliveries",
+        o.recovery.max_deliveries as u64,
+        1,
+        1_000,
     );
     let st = &o.staleness;
     in_range(
@@ -338,8 +375,16 @@ fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &Orchestration
             o.retention.queue_archive_retention_days,
         ),
     ] {
-        if !(v.is_finite() && v > 0.0) {
-            out.push((key, format!("must be a positive number, got {v}")));
+        let max = key
+            .rsplit('.')
+            .next()
+            .and_then(lifecycle_max)
+            .unwrap_or(36_500.0);
+        if !(v.is_finite() && v > 0.0 && v <= max) {
+            out.push((
+                key,
+                format!("must be a positive number of at most {max}, got {v}"),
+            ));
         }
     }
     let r = &o.retention;
@@ -358,12 +403,17 @@ fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &Orchestration
         100_000,
     );
     for state in &r.states {
-        if !FINISHED_STATES.contains(&state.as_str()) {
+        if !crate::TaskState::parse(state).is_some_and(crate::TaskState::is_terminal) {
+            let finished: Vec<&str> = crate::TaskState::ALL
+                .iter()
+                .filter(|s| s.is_terminal())
+                .map(|s| s.as_str())
+                .collect();
             out.push((
                 "orchestration.retention.states",
                 format!(
                     "\"{state}\" is not a finished state ({})",
-                    FINISHED_STATES.join(", ")
+                    finished.join(", ")
                 ),
             ));
         }
@@ -407,7 +457,7 @@ fn maintenance_problems(out: &mut Vec<(&'static str, String)>, o: &Orchestration
 impl Validate for WorkerConfig {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        common_problems(&mut out, &self.queues, &self.retry);
+        common_problems(&mut out, &self.queues, &self.retry, &self.limits);
         let w = &self.worker;
         in_range(&mut out, "worker.batch_size", w.batch_size as u64, 1, 1000);
         in_range(

@@ -22,6 +22,12 @@ pub const DEFAULT_MAX_BACKOFF_MS: u64 = 60_000;
 pub const MAX_MAX_ATTEMPTS: u32 = 1_000;
 pub const MAX_BACKOFF_LIMIT_MS: u64 = 7 * 24 * 3_600 * 1_000;
 pub const MAX_TIMEOUT_SECONDS: u32 = 7 * 24 * 3_600;
+/// Most steps a template may have (54000 above it).
+pub const MAX_STEPS: usize = 10_000;
+/// Most dependency edges a template may have, all steps together (54000).
+pub const MAX_EDGES: usize = 100_000;
+/// serde_json's nesting limit: deeper JSON cannot be parsed in Rust.
+pub const MAX_JSON_DEPTH: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -206,12 +212,46 @@ pub fn parse_yaml(text: &str) -> Result<TaskTemplate> {
 /// `parse_yaml` with the retry policy that fills fields a step leaves out.
 pub fn parse_yaml_with(text: &str, retry_defaults: &RetryPolicy) -> Result<TaskTemplate> {
     let value: Value = serde_norway::from_str(text).map_err(|e| {
-        Error::new(
-            ErrorKind::Syntax,
-            format!("template is not valid YAML: {e}"),
-        )
+        if e.to_string().contains("recursion limit") {
+            Error::new(
+                ErrorKind::LimitExceeded,
+                format!("the template is nested more than {MAX_JSON_DEPTH} levels deep"),
+            )
+        } else {
+            Error::new(
+                ErrorKind::Syntax,
+                format!("template is not valid YAML: {e}"),
+            )
+        }
     })?;
     parse_value_with(strip_symbol_keys(value), retry_defaults)
+}
+
+/// Parses JSON text (a template, or a payload to validate against a JSON
+/// Schema) into a value. Syntax errors are `Syntax`; numbers outside the
+/// range of an f64 are `InvalidValue`; nesting deeper than
+/// [`MAX_JSON_DEPTH`] is `LimitExceeded`.
+pub fn parse_json_text(text: &str, what: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("recursion limit") {
+            Error::new(
+                ErrorKind::LimitExceeded,
+                format!("{what} is nested more than {MAX_JSON_DEPTH} levels deep"),
+            )
+        } else if msg.contains("number out of range") {
+            Error::invalid(format!(
+                "{what} contains a number outside the range of a 64-bit float ({msg})"
+            ))
+        } else {
+            Error::new(ErrorKind::Syntax, format!("{what} is not valid JSON: {msg}"))
+        }
+    })
+}
+
+/// Parses and validates a template given as JSON text.
+pub fn parse_json_with(text: &str, retry_defaults: &RetryPolicy) -> Result<TaskTemplate> {
+    parse_value_with(parse_json_text(text, "the template")?, retry_defaults)
 }
 
 /// Parses and validates a template given as JSON.
@@ -265,9 +305,25 @@ pub fn parse_value_with(value: Value, retry_defaults: &RetryPolicy) -> Result<Ta
             )))
         }
     };
+    if raw_steps.len() > MAX_STEPS {
+        return Err(Error::new(
+            ErrorKind::LimitExceeded,
+            format!(
+                "template has {} steps, more than the limit of {MAX_STEPS}",
+                raw_steps.len()
+            ),
+        ));
+    }
     let mut steps = Vec::with_capacity(raw_steps.len());
     for (i, raw_step) in raw_steps.into_iter().enumerate() {
         steps.push(parse_step(raw_step, i, retry_defaults)?);
+    }
+    let edges: usize = steps.iter().map(|s| s.dependencies.len()).sum();
+    if edges > MAX_EDGES {
+        return Err(Error::new(
+            ErrorKind::LimitExceeded,
+            format!("template has {edges} dependencies, more than the limit of {MAX_EDGES}"),
+        ));
     }
     let steps = order_steps(steps)?;
 
@@ -667,20 +723,21 @@ fn apply_override(step: &mut StepTemplate, o: &Map<String, Value>, ctx: &str) ->
     Ok(())
 }
 
-/// `lifecycle`: staleness threshold overrides, positive numbers.
+/// `lifecycle`: staleness threshold overrides, positive numbers within
+/// the bounds of `config::lifecycle_max`.
 fn validate_lifecycle(lifecycle: &Map<String, Value>) -> Result<()> {
     for (k, v) in lifecycle {
-        if !crate::config::LIFECYCLE_KEYS.contains(&k.as_str()) {
+        let Some(max) = crate::config::lifecycle_max(k) else {
             return Err(
                 Error::invalid(format!("lifecycle: unknown key \"{k}\"")).with_hint(format!(
                     "lifecycle keys: {}",
                     crate::config::LIFECYCLE_KEYS.join(", ")
                 )),
             );
-        }
-        if !v.as_f64().is_some_and(|f| f > 0.0 && f.is_finite()) {
+        };
+        if !v.as_f64().is_some_and(|f| f > 0.0 && f <= max) {
             return Err(Error::invalid(format!(
-                "lifecycle.{k} must be a positive number, got {v}"
+                "lifecycle.{k} must be a positive number of at most {max}, got {v}"
             )));
         }
     }
@@ -763,8 +820,25 @@ fn pointer_or_root(p: &str) -> String {
     }
 }
 
+/// A template's input_schema, compiled once, checking many contexts.
+pub struct ContextValidator(jsonschema::Validator);
+
+impl ContextValidator {
+    pub fn new(schema: &Value) -> Result<Self> {
+        compile_schema(schema).map(ContextValidator)
+    }
+
+    /// 22023-class error listing every violation, with its JSON pointer.
+    pub fn validate(&self, instance: &Value) -> Result<()> {
+        report_violations(&self.0, instance)
+    }
+}
+
 fn validate_against(schema: &Value, instance: &Value) -> Result<()> {
-    let validator = compile_schema(schema)?;
+    report_violations(&compile_schema(schema)?, instance)
+}
+
+fn report_violations(validator: &jsonschema::Validator, instance: &Value) -> Result<()> {
     let violations: Vec<String> = validator
         .iter_errors(instance)
         .map(|e| format!("{}: {e}", pointer_or_root(&e.instance_path().to_string())))

@@ -1,4 +1,25 @@
--- psql-friendly views over tasker.health().
+-- Health: what tasker.health() (src/health.rs) reports besides the
+-- orchestrator's shared-memory state, and psql-friendly views over it.
+-- Cheap and side-effect free: queue depths, active tasks (never the
+-- finished history), due tasks.
+
+CREATE FUNCTION tasker._health_data() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'queues', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'namespace', n.name, 'queue', n.queue_name, 'depth', m.depth, 'visible', m.visible,
+                       'oldest_message_age_seconds', m.oldest_message_age_seconds,
+                       'total_messages', m.total_messages) ORDER BY n.name)
+            FROM tasker.namespaces n
+            CROSS JOIN LATERAL tasker._pgmq_metrics(n.queue_name) m
+            WHERE tasker._pgmq_queue_exists(n.queue_name)), '[]'),
+        'active_tasks_by_state', coalesce((
+            SELECT jsonb_object_agg(a.state, a.n)
+            FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
+                  WHERE NOT tasker.task_state_is_terminal(t.state) GROUP BY t.state) a), '{}'),
+        'due_tasks', (SELECT count(*) FROM tasker.ready_tasks))
+$$;
 
 CREATE VIEW tasker.orchestrator_status AS
 SELECT (h -> 'orchestrator' ->> 'running')::boolean AS running,

@@ -1,6 +1,6 @@
-//! SQL-level tests of the orchestration core that need no commits: message
-//! contents, result handling, backoff per policy, claiming and priority,
-//! index use on a large history. Each test has its own namespace.
+//! The orchestration core through SQL, inside one transaction: messages,
+//! results, retries and backoff, fencing, task evaluation after every kind
+//! of change, readiness, claims, operator actions, the worker functions.
 
 use pgrx::prelude::*;
 
@@ -10,54 +10,7 @@ mod tests {
     use pgrx::JsonB;
     use serde_json::{json, Value};
 
-    use crate::tests::tests::{failure, register, sql_value, step, template};
-
-    fn count(q: &str) -> i64 {
-        sql_value::<i64>(q).unwrap()
-    }
-
-    fn create(ns: &str, name: &str, ctx: Value) -> pgrx::Uuid {
-        Spi::get_one_with_args::<pgrx::Uuid>(
-            "SELECT tasker.create_task($1, $2, $3)",
-            &[ns.into(), name.into(), JsonB(ctx).into()],
-        )
-        .unwrap()
-        .unwrap()
-    }
-
-    /// Reads every visible message of a namespace queue (as a worker would).
-    fn read_all(ns: &str) -> Vec<Value> {
-        sql_value::<JsonB>(&format!(
-            "SELECT coalesce(jsonb_agg(message ORDER BY msg_id), '[]') FROM pgmq.read('tasker_{ns}_queue', 30, 100)"
-        ))
-        .unwrap()
-        .0
-        .as_array()
-        .unwrap()
-        .clone()
-    }
-
-    fn submit(step: &str, status: &str, result: Value, error: Value, metadata: Value) -> String {
-        Spi::get_one_with_args::<String>(
-            "SELECT tasker.submit_result($1::uuid, $2, $3, $4, $5)",
-            &[
-                step.into(),
-                status.into(),
-                JsonB(result).into(),
-                JsonB(error).into(),
-                JsonB(metadata).into(),
-            ],
-        )
-        .unwrap()
-        .unwrap()
-    }
-
-    fn step_field(task: pgrx::Uuid, name: &str, expr: &str) -> String {
-        sql_value::<String>(&format!(
-            "SELECT ({expr})::text FROM tasker.workflow_steps WHERE task_uuid = '{task}' AND name = '{name}'"
-        ))
-        .unwrap_or_default()
-    }
+    use crate::tests::helpers::*;
 
     #[pg_test]
     fn message_carries_everything_a_worker_needs() {
@@ -91,7 +44,7 @@ mod tests {
             "task_name": "flow", "task_version": "2.1.0", "step_name": "b",
             "handler": {"callable": "Test::b", "method": null, "initialization": {"url": "http://x"}},
             "task_context": {"order": 9}, "dependency_results": {"a": {"total": 42}},
-            "attempt": 1, "max_attempts": 3, "timeout_seconds": 12,
+            "attempt": 1, "budget_attempt": 1, "max_attempts": 3, "timeout_seconds": 12,
         });
         for (k, v) in expect.as_object().unwrap() {
             assert_eq!(&b[k], v, "field {k}");
@@ -251,7 +204,7 @@ mod tests {
                 assert_eq!(count(&format!("SELECT (extract(epoch FROM next_action_at - now()) * 1000)::bigint FROM tasker.tasks WHERE task_uuid = '{task}'")), *want_ms);
                 assert_eq!(
                     sql_value::<String>(&format!(
-                        "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+                        "SELECT state::text FROM tasker.tasks WHERE task_uuid = '{task}'"
                     ))
                     .unwrap(),
                     "waiting_for_retry"
@@ -386,7 +339,7 @@ mod tests {
         );
         assert_eq!(
             sql_value::<String>(&format!(
-                "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+                "SELECT state::text FROM tasker.tasks WHERE task_uuid = '{task}'"
             ))
             .unwrap(),
             "blocked_by_failures"
@@ -418,12 +371,12 @@ mod tests {
             }
         }
         assert_eq!(
-            step_field(task, "a", "last_error->>'attempts_exhausted'"),
+            text(&format!("SELECT metadata->>'attempts_exhausted' FROM tasker.step_transitions WHERE step_uuid = '{a}' AND to_state = 'error'")),
             "true"
         );
         assert_eq!(
             sql_value::<String>(&format!(
-                "SELECT state FROM tasker.tasks WHERE task_uuid = '{task}'"
+                "SELECT state::text FROM tasker.tasks WHERE task_uuid = '{task}'"
             ))
             .unwrap(),
             "blocked_by_failures"
@@ -602,7 +555,7 @@ mod tests {
         );
         let state = |q: &str| {
             sql_value::<String>(&format!(
-                "SELECT state FROM tasker.tasks WHERE task_uuid = '{q}'"
+                "SELECT state::text FROM tasker.tasks WHERE task_uuid = '{q}'"
             ))
             .unwrap()
         };
@@ -621,9 +574,9 @@ mod tests {
             "enqueued"
         );
         assert_eq!(
-            step_field(task, "pay", "attempts"),
-            "1",
-            "attempts were reset, then the retry enqueued"
+            step_field(task, "pay", "attempts || '/' || (attempts - budget_offset)"),
+            "2/1",
+            "a new budget: attempt 2 is the first of the new budget"
         );
         assert_eq!(state(&task.to_string()), "steps_in_process");
         assert_eq!(
@@ -699,7 +652,7 @@ mod tests {
         assert_eq!(n, 2);
         assert_eq!(step_field(task, "a", "state"), "in_progress");
         assert_eq!(
-            sql_value::<String>(&format!("SELECT metadata->>'worker_id' FROM tasker.step_transitions st JOIN tasker.workflow_steps s USING (step_uuid) WHERE s.task_uuid = '{task}' AND s.name = 'a' AND st.most_recent")).unwrap(),
+            sql_value::<String>(&format!("SELECT metadata->>'worker_id' FROM tasker.step_transitions st JOIN tasker.workflow_steps s ON s.step_uuid = st.step_uuid AND st.sort_key = s.transitions WHERE s.task_uuid = '{task}' AND s.name = 'a'")).unwrap(),
             "worker-1"
         );
         assert_eq!(
@@ -734,8 +687,8 @@ mod tests {
         )
         .unwrap();
         Spi::run(&format!(
-            "INSERT INTO tasker.tasks (template_uuid, namespace_name, task_name, task_version, state, total_steps, completed_at)
-             SELECT '{tpl}', 'o_explain', 'flow', '1.0.0', 'complete', 1, now() FROM generate_series(1, 50000)"
+            "INSERT INTO tasker.tasks (template_uuid, namespace_name, task_name, task_version, state, steps_total, steps_pending, steps_done, completed_at)
+             SELECT '{tpl}', 'o_explain', 'flow', '1.0.0', 'complete', 1, 0, 1, now() FROM generate_series(1, 50000)"
         ))
         .unwrap();
         Spi::run("ANALYZE tasker.tasks").unwrap();
@@ -746,5 +699,164 @@ mod tests {
             let plan = Spi::explain(q).unwrap().0.to_string();
             assert!(plan.contains("tasks_next_action_idx"), "{q}: {plan}");
         }
+    }
+
+    fn diamond_task(ns: &str) -> (pgrx::Uuid, [String; 4]) {
+        let mut t = diamond(ns);
+        t["steps"][1]["retry"] = json!({"max_attempts": 1});
+        register(&t);
+        let task = create(ns, "diamond", json!({}));
+        let ids = ["start", "left", "right", "end"].map(|n| step_field(task, n, "step_uuid"));
+        (task, ids)
+    }
+
+    /// A branch failing for good while its sibling succeeds blocks the task
+    /// (whatever the order), and nothing is left in steps_in_process.
+    #[pg_test]
+    fn a_failed_branch_blocks_its_task_in_either_order() {
+        for (ns, fail_first) in [("o_branch_a", true), ("o_branch_b", false)] {
+            let (task, [start, left, right, _]) = diamond_task(ns);
+            submit(&start, "success", json!(1), Value::Null, Value::Null);
+            let fail = || submit(&left, "failure", Value::Null, json!({"message": "no", "retryable": false}), Value::Null);
+            let ok = || submit(&right, "success", json!(2), Value::Null, Value::Null);
+            if fail_first {
+                assert_eq!(fail(), "error");
+                assert_eq!(task_state(task), "steps_in_process", "right still runs");
+                ok();
+            } else {
+                ok();
+                assert_eq!(fail(), "error");
+            }
+            assert_eq!(task_state(task), "blocked_by_failures", "{ns}");
+            assert_task_consistent(task);
+        }
+    }
+
+    /// Resolving a step whose parent still runs: the task completes when the
+    /// rest is done (it used to stay unfinished with every step done).
+    #[pg_test]
+    fn resolving_a_step_whose_parent_still_runs() {
+        let (task, [start, left, right, end]) = diamond_task("o_resolve_mid");
+        assert_eq!(text(&format!("SELECT tasker.resolve_step_manually('{left}', '{{\"by\": \"hand\"}}')")), "resolved_manually");
+        assert_eq!(task_state(task), "steps_in_process");
+        assert_task_consistent(task);
+        submit(&start, "success", json!(1), Value::Null, Value::Null);
+        assert_eq!(step_field(task, "right", "state"), "enqueued");
+        assert_eq!(step_field(task, "end", "state"), "pending", "end still waits for right");
+        submit(&right, "success", json!(2), Value::Null, Value::Null);
+        let end_msg = read_all("o_resolve_mid").into_iter().find(|m| m["step_name"] == "end").unwrap();
+        assert_eq!(end_msg["dependency_results"], json!({"left": {"by": "hand"}, "right": 2}));
+        submit(&end, "success", json!(3), Value::Null, Value::Null);
+        assert_eq!(task_state(task), "complete");
+        assert_task_consistent(task);
+        // resolving the last open step of a task completes it at once
+        let (task, [start, left, right, end]) = diamond_task("o_resolve_last");
+        for s in [&start, &left, &right] {
+            submit(s, "success", json!(1), Value::Null, Value::Null);
+        }
+        assert_eq!(text(&format!("SELECT tasker.resolve_step_manually('{end}')")), "resolved_manually");
+        assert_eq!(task_state(task), "complete");
+        assert_task_consistent(task);
+    }
+
+    /// A blocked task whose failed step is resolved (or retried) resumes.
+    #[pg_test]
+    fn a_blocked_task_resumes_when_its_failure_is_resolved_or_retried() {
+        let (task, [start, left, right, end]) = diamond_task("o_unblock");
+        submit(&start, "success", json!(1), Value::Null, Value::Null);
+        submit(&right, "success", json!(2), Value::Null, Value::Null);
+        submit(&left, "failure", Value::Null, json!({"message": "no", "retryable": false}), Value::Null);
+        assert_eq!(task_state(task), "blocked_by_failures");
+        text(&format!("SELECT tasker.resolve_step_manually('{left}', '\"fixed\"')"));
+        assert_eq!(task_state(task), "steps_in_process");
+        assert_eq!(step_field(task, "end", "state"), "enqueued");
+        submit(&end, "success", json!(3), Value::Null, Value::Null);
+        assert_eq!(task_state(task), "complete");
+        assert_task_consistent(task);
+
+        let (task, [start, left, right, _]) = diamond_task("o_unblock_retry");
+        submit(&start, "success", json!(1), Value::Null, Value::Null);
+        submit(&right, "success", json!(2), Value::Null, Value::Null);
+        submit(&left, "failure", Value::Null, json!({"message": "no"}), Value::Null);
+        assert_eq!(task_state(task), "blocked_by_failures");
+        assert_eq!(text(&format!("SELECT tasker.retry_step('{left}')")), "enqueued");
+        assert_eq!(task_state(task), "steps_in_process");
+        assert_task_consistent(task);
+    }
+
+    /// Attempts only grow: an operator's retry starts attempt 2, and a late
+    /// result of attempt 1 is ignored with a NOTICE.
+    #[pg_test]
+    fn attempts_are_fenced_across_operator_retries() {
+        let mut s = step("a", &[]);
+        s["retry"] = json!({"max_attempts": 1});
+        register(&template("o_fence", "flow", "1.0.0", json!([s])));
+        let task = create("o_fence", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        let first = read_all("o_fence");
+        assert_eq!(first[0]["attempt"], 1);
+        assert_eq!(submit(&a, "failure", Value::Null, json!({"message": "down"}), json!({"attempt": 1})), "error");
+        assert_eq!(text(&format!("SELECT tasker.retry_step('{a}')")), "enqueued");
+        let second = read_all("o_fence");
+        assert_eq!((second[0]["attempt"].clone(), second[0]["budget_attempt"].clone()), (json!(2), json!(1)));
+        // the late result of attempt 1 changes nothing
+        assert_eq!(submit(&a, "success", json!("stale"), Value::Null, json!({"attempt": 1})), "enqueued");
+        assert_eq!(step_field(task, "a", "results"), "");
+        assert_eq!(submit(&a, "success", json!("fresh"), Value::Null, json!({"attempt": 2})), "complete");
+        assert_eq!(step_field(task, "a", "results"), "\"fresh\"");
+        assert_eq!(task_state(task), "complete");
+        assert_eq!(
+            text(&format!("SELECT string_agg(to_state || '@' || coalesce(metadata->>'attempt', ''), ',' ORDER BY sort_key) FROM tasker.step_transitions WHERE step_uuid = '{a}'")),
+            "pending@,enqueued@1,error@1,pending@1,enqueued@2,complete@2"
+        );
+        assert_task_consistent(task);
+    }
+
+    #[pg_test]
+    fn read_steps_survives_poison_and_foreign_messages() {
+        register(&template("o_poison", "flow", "1.0.0", json!([step("a", &[])])));
+        register(&template("o_poison_other", "flow", "1.0.0", json!([step("a", &[])])));
+        let other = create("o_poison_other", "flow", json!({}));
+        let other_a = step_field(other, "a", "step_uuid");
+        let other_msg = step_field(other, "a", "queue_msg_id");
+        // a forged message naming another namespace's step, with its msg_id
+        Spi::run(&format!(
+            "INSERT INTO pgmq.q_tasker_o_poison_queue (msg_id, vt, message) OVERRIDING SYSTEM VALUE
+             VALUES ({other_msg}, clock_timestamp(), '{{\"step_uuid\": \"{other_a}\"}}');
+             SELECT setval(pg_get_serial_sequence('pgmq.q_tasker_o_poison_queue', 'msg_id'), 1000)"
+        )).unwrap();
+        Spi::run("SELECT pgmq.send('tasker_o_poison_queue', '{\"hello\": 1}')").unwrap();
+        Spi::run("SELECT pgmq.send('tasker_o_poison_queue', '{\"step_uuid\": \"not-a-uuid\"}')").unwrap();
+        let task = create("o_poison", "flow", json!({}));
+        let rows = json_of("SELECT jsonb_agg(jsonb_build_array(step_uuid, message ->> 'step_name')) FROM tasker.read_steps('o_poison', 'w', 10, 30)");
+        assert_eq!(rows.as_array().unwrap().len(), 4, "{rows}");
+        assert_eq!(step_field(task, "a", "state"), "in_progress");
+        assert_eq!(step_field(other, "a", "state"), "enqueued", "a foreign message marks nothing");
+        assert_task_consistent(task);
+        assert_task_consistent(other);
+    }
+
+    #[pg_test]
+    fn extend_lease_is_for_the_current_attempt_within_its_timeout() {
+        let mut s = step("a", &[]);
+        s["timeout_seconds"] = json!(60);
+        register(&template("o_lease", "flow", "1.0.0", json!([s, step("b", &[])])));
+        let task = create("o_lease", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        let b = step_field(task, "b", "step_uuid");
+        count("SELECT count(*) FROM tasker.read_steps('o_lease', 'w', 10, 5)");
+        let secs = |step: &str, attempt: i32, want: i32| {
+            sql_value::<i64>(&format!(
+                "SELECT extract(epoch FROM tasker.extend_lease('{step}', {attempt}, {want}) - clock_timestamp())::bigint"
+            ))
+        };
+        assert_eq!(secs(&b, 1, 300), Some(300), "no timeout: as asked");
+        let capped = secs(&a, 1, 300).unwrap();
+        assert!((58..=60).contains(&capped), "capped at the 60 s timeout: {capped}");
+        assert_eq!(secs(&a, 2, 30), None, "not the current attempt");
+        assert_fails(&format!("SELECT tasker.extend_lease('{a}', 1, 0)"), "22023", "seconds");
+        assert_fails(&format!("SELECT tasker.extend_lease('{}', 1, 5)", uuid::Uuid::now_v7()), "P0002", "does not exist");
+        submit(&a, "success", json!(1), Value::Null, Value::Null);
+        assert_eq!(secs(&a, 1, 30), None, "settled");
     }
 }

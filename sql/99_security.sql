@@ -35,7 +35,13 @@ GRANT USAGE ON SCHEMA tasker TO tasker_admin, tasker_app, tasker_worker;
 
 -- ... except the API, role by role. Functions that write are SECURITY DEFINER
 -- with a pinned search_path; the tables themselves stay closed.
-GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status, tasker.ready_tasks
+GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status, tasker.ready_tasks,
+                tasker.step_state_transitions, tasker.task_state_transitions
+    TO tasker_app, tasker_worker;
+GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
+                          tasker.step_state_class(tasker.step_state),
+                          tasker.step_is_runnable(tasker.step_state, integer),
+                          tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz)
     TO tasker_app, tasker_worker;
 
 GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_app, tasker_worker;
@@ -51,7 +57,8 @@ GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_app;
 
 -- Workers: take steps and report results.
 GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
-                          tasker.read_steps(text, text, integer, integer)
+                          tasker.read_steps(text, text, integer, integer),
+                          tasker.extend_lease(uuid, integer, integer)
     TO tasker_worker;
 
 -- Orchestration and operator actions.
@@ -60,7 +67,8 @@ GRANT EXECUTE ON FUNCTION tasker.run_orchestration_cycle(text, integer),
                           tasker.release_task_claim(uuid, text),
                           tasker.extend_task_claim(uuid, text, integer),
                           tasker.retry_step(uuid, text),
-                          tasker.resolve_step_manually(uuid, jsonb, text)
+                          tasker.resolve_step_manually(uuid, jsonb, text),
+                          tasker.resolve_task_manually(uuid, text)
     TO tasker_admin;
 
 -- Workers read step messages with plain pgmq calls; each namespace queue

@@ -1,0 +1,132 @@
+-- States of tasks and steps: their one definition.
+--
+-- Every table, view and function uses these types and the functions below;
+-- crates/pg_tasker_core/src/state.rs mirrors them in Rust and
+-- src/tests/states.rs compares the two, value by value and class by class.
+-- The legal moves between states are rows of the two transition tables at
+-- the end; tasker._move_steps / tasker._move_task (03_transitions.sql)
+-- refuse any other move.
+
+CREATE TYPE tasker.task_state AS ENUM (
+    'pending',                   -- created; its first evaluation has not run
+    'steps_in_process',          -- work is out with workers (or ready to go)
+    'waiting_for_dependencies',  -- nothing runnable and nothing out (unreachable today, kept for tasker-core)
+    'waiting_for_retry',         -- only retries remain, due at next_action_at
+    'blocked_by_failures',       -- a step is in error and nothing else can progress
+    'complete',                  -- every step complete or resolved
+    'error',                     -- given up (staleness)
+    'cancelled',                 -- cancelled by an operator or application
+    'resolved_manually'          -- closed by an operator
+);
+
+CREATE TYPE tasker.step_state AS ENUM (
+    'pending',            -- waiting for its parents, or runnable
+    'enqueued',           -- its current attempt's message is in the namespace queue
+    'in_progress',        -- a worker read that message through tasker.read_steps
+    'waiting_for_retry',  -- failed, retried at next_retry_at
+    'complete',           -- a worker reported success
+    'error',              -- failed for good (permanent error or retries exhausted)
+    'cancelled',          -- its task was cancelled or closed
+    'resolved_manually'   -- an operator supplied its result
+);
+
+-- Finished tasks never change again.
+CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
+
+-- The class of a step state; each class has a counter on its task row
+-- (tasks.steps_<class>), kept by tasker._move_steps.
+--   pending  - pending
+--   out      - enqueued, in_progress: an attempt is with the workers
+--   waiting  - waiting_for_retry
+--   done     - complete, resolved_manually: satisfies its dependents
+--   error    - error
+--   cancelled
+CREATE FUNCTION tasker.step_state_class(state tasker.step_state) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE state
+           WHEN 'pending' THEN 'pending'
+           WHEN 'enqueued' THEN 'out'
+           WHEN 'in_progress' THEN 'out'
+           WHEN 'waiting_for_retry' THEN 'waiting'
+           WHEN 'complete' THEN 'done'
+           WHEN 'resolved_manually' THEN 'done'
+           WHEN 'error' THEN 'error'
+           WHEN 'cancelled' THEN 'cancelled'
+       END;
+
+-- Runnable: could be enqueued as soon as its retry time (if any) has come.
+-- The partial index workflow_steps_runnable_idx is defined with exactly
+-- this predicate.
+CREATE FUNCTION tasker.step_is_runnable(state tasker.step_state, pending_parents integer)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
+
+-- Ready: runnable and due at `at`. The one readiness predicate.
+CREATE FUNCTION tasker.step_is_ready(state tasker.step_state, pending_parents integer,
+                                     next_retry_at timestamptz, at timestamptz)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN tasker.step_is_runnable(state, pending_parents)
+       AND (next_retry_at IS NULL OR next_retry_at <= at);
+
+-- Legal moves. `via` names the operations that make them (docs/schema.md).
+CREATE TABLE tasker.step_state_transitions (
+    from_state tasker.step_state,          -- NULL: the step is created
+    to_state   tasker.step_state NOT NULL,
+    via        text NOT NULL,
+    CONSTRAINT step_state_transitions_key UNIQUE NULLS NOT DISTINCT (from_state, to_state),
+    CHECK (from_state IS DISTINCT FROM to_state)
+);
+COMMENT ON TABLE tasker.step_state_transitions IS
+    'The legal step state changes; tasker._move_steps refuses any other.';
+INSERT INTO tasker.step_state_transitions (from_state, to_state, via) VALUES
+    (NULL,                'pending',           'create_task'),
+    ('pending',           'enqueued',          'evaluation: parents done'),
+    ('waiting_for_retry', 'enqueued',          'evaluation: retry due'),
+    ('enqueued',          'in_progress',       'read_steps'),
+    ('enqueued',          'complete',          'submit_result success'),
+    ('in_progress',       'complete',          'submit_result success'),
+    ('enqueued',          'waiting_for_retry', 'submit_result failure; recovery (lost attempt, timeout)'),
+    ('in_progress',       'waiting_for_retry', 'submit_result failure; recovery (lost attempt, timeout)'),
+    ('enqueued',          'error',             'submit_result failure; recovery; staleness'),
+    ('in_progress',       'error',             'submit_result failure; recovery; staleness'),
+    ('error',             'pending',           'retry_step, dlq_requeue (a new retry budget)'),
+    ('pending',           'resolved_manually', 'resolve_step_manually'),
+    ('enqueued',          'resolved_manually', 'resolve_step_manually'),
+    ('in_progress',       'resolved_manually', 'resolve_step_manually'),
+    ('waiting_for_retry', 'resolved_manually', 'resolve_step_manually'),
+    ('error',             'resolved_manually', 'resolve_step_manually'),
+    ('pending',           'cancelled',         'cancel_task, resolve_task_manually'),
+    ('enqueued',          'cancelled',         'cancel_task, resolve_task_manually'),
+    ('in_progress',       'cancelled',         'cancel_task, resolve_task_manually'),
+    ('waiting_for_retry', 'cancelled',         'cancel_task, resolve_task_manually');
+
+CREATE TABLE tasker.task_state_transitions (
+    from_state tasker.task_state,          -- NULL: the task is created
+    to_state   tasker.task_state NOT NULL,
+    via        text NOT NULL,
+    CONSTRAINT task_state_transitions_key UNIQUE NULLS NOT DISTINCT (from_state, to_state),
+    CHECK (from_state IS DISTINCT FROM to_state)
+);
+COMMENT ON TABLE tasker.task_state_transitions IS
+    'The legal task state changes; tasker._move_task refuses any other.';
+INSERT INTO tasker.task_state_transitions (from_state, to_state, via)
+SELECT NULL, 'pending', 'create_task'
+UNION ALL
+-- evaluation moves an active task between the active states, and to complete
+SELECT f, t, 'evaluation'
+FROM unnest(enum_range(NULL::tasker.task_state)) f, unnest(enum_range(NULL::tasker.task_state)) t
+WHERE NOT tasker.task_state_is_terminal(f) AND f <> t
+  AND (NOT tasker.task_state_is_terminal(t) OR t = 'complete') AND t <> 'pending'
+UNION ALL
+SELECT f, 'cancelled', 'cancel_task' FROM unnest(enum_range(NULL::tasker.task_state)) f
+WHERE NOT tasker.task_state_is_terminal(f)
+UNION ALL
+SELECT f, 'resolved_manually', 'resolve_task_manually' FROM unnest(enum_range(NULL::tasker.task_state)) f
+WHERE NOT tasker.task_state_is_terminal(f)
+UNION ALL
+SELECT f, 'error', 'staleness' FROM unnest(enum_range(NULL::tasker.task_state)) f
+WHERE NOT tasker.task_state_is_terminal(f)
+UNION ALL
+SELECT 'error', 'steps_in_process', 'dlq_requeue';

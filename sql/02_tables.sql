@@ -1,0 +1,275 @@
+-- Tables: namespaces, templates (and their materialised steps), tasks,
+-- steps, edges, the audit trail, the dead letter queue and the archive.
+--
+-- Each row's current state lives on the row (`state`); the transition
+-- tables are an append-only audit trail keyed by (row, sort_key), where
+-- sort_key is the row's own `transitions` counter. Per-task step counters
+-- (`steps_<class>`) are kept by tasker._move_steps, so a task's status
+-- never needs a scan of its steps. Invariants are CHECK constraints.
+-- Primary keys are UUIDv7 (time-ordered), from tasker.uuid_generate_v7().
+--
+-- Note: CREATE EXTENSION creates the control file's schema `tasker` itself
+-- and Postgres forbids making it a member of the extension, so DROP
+-- EXTENSION removes every object below but leaves the empty schema.
+
+CREATE TABLE tasker.namespaces (
+    namespace_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    name           text NOT NULL UNIQUE
+                   CONSTRAINT namespaces_name_check CHECK (name ~ '^[a-z][a-z0-9_]{0,31}$'),
+    queue_name     text NOT NULL UNIQUE,
+    -- the queue's msg_id sequence (tasker._pgmq_ensure_queue)
+    queue_seq      regclass NOT NULL,
+    description    text,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tasker.namespaces IS
+    'A namespace groups templates and owns one pgmq queue (tasker.queue_name(namespace)).';
+
+CREATE TABLE tasker.task_templates (
+    template_uuid  uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    namespace_uuid uuid NOT NULL REFERENCES tasker.namespaces,
+    name           text NOT NULL CHECK (name <> ''),
+    version        text NOT NULL CHECK (version <> ''),
+    -- sorts bytewise in semver order (pg_tasker_core::version::sort_key);
+    -- create_task without a version takes the highest
+    version_key    bytea NOT NULL,
+    description    text,
+    definition     jsonb NOT NULL CHECK (jsonb_typeof(definition) = 'object'),
+    step_count     integer NOT NULL CHECK (step_count >= 1),
+    -- environments whose overrides change steps (rows in template_steps)
+    environments   text[] NOT NULL DEFAULT '{}',
+    has_input_schema boolean NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (namespace_uuid, name, version)
+);
+COMMENT ON TABLE tasker.task_templates IS
+    'Validated templates in canonical form; (namespace, name, version) is unique.';
+
+-- A template's steps as create_task copies them: one set for the base
+-- definition (environment '') and one per environment with overrides.
+CREATE TABLE tasker.template_steps (
+    template_uuid    uuid NOT NULL REFERENCES tasker.task_templates ON DELETE CASCADE,
+    environment      text NOT NULL,
+    position         integer NOT NULL CHECK (position >= 0),
+    name             text NOT NULL,
+    handler_callable text NOT NULL,
+    handler_method   text,
+    inputs           jsonb NOT NULL CHECK (jsonb_typeof(inputs) = 'object'),
+    retryable        boolean NOT NULL,
+    max_attempts     integer NOT NULL CHECK (max_attempts >= 1),
+    backoff          text NOT NULL CHECK (backoff IN ('none', 'linear', 'exponential', 'fibonacci')),
+    backoff_base_ms  bigint NOT NULL CHECK (backoff_base_ms >= 0),
+    max_backoff_ms   bigint NOT NULL,
+    jitter           boolean NOT NULL,
+    timeout_seconds  integer CHECK (timeout_seconds > 0),
+    parents          integer NOT NULL CHECK (parents >= 0),
+    PRIMARY KEY (template_uuid, environment, position),
+    CHECK (max_backoff_ms >= backoff_base_ms)
+);
+
+CREATE TABLE tasker.template_edges (
+    template_uuid uuid NOT NULL REFERENCES tasker.task_templates ON DELETE CASCADE,
+    from_position integer NOT NULL,
+    to_position   integer NOT NULL,
+    PRIMARY KEY (template_uuid, from_position, to_position),
+    CHECK (from_position <> to_position)
+);
+
+CREATE TABLE tasker.tasks (
+    task_uuid        uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    template_uuid    uuid NOT NULL REFERENCES tasker.task_templates,
+    namespace_name   text NOT NULL,
+    task_name        text NOT NULL,
+    task_version     text NOT NULL,
+    state            tasker.task_state NOT NULL DEFAULT 'pending',
+    context          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(context) = 'object'),
+    priority         integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
+    initiator        text,
+    source_system    text,
+    reason           text,
+    tags             text[] NOT NULL DEFAULT '{}',
+    idempotency_key  text,
+    correlation_id   uuid NOT NULL DEFAULT tasker.uuid_generate_v7(),
+    -- step counters by class (tasker.step_state_class), kept by tasker._move_steps
+    steps_total      integer NOT NULL CHECK (steps_total > 0),
+    steps_pending    integer NOT NULL CHECK (steps_pending >= 0),
+    steps_out        integer NOT NULL DEFAULT 0 CHECK (steps_out >= 0),
+    steps_waiting    integer NOT NULL DEFAULT 0 CHECK (steps_waiting >= 0),
+    steps_done       integer NOT NULL DEFAULT 0 CHECK (steps_done >= 0),
+    steps_error      integer NOT NULL DEFAULT 0 CHECK (steps_error >= 0),
+    steps_cancelled  integer NOT NULL DEFAULT 0 CHECK (steps_cancelled >= 0),
+    -- number of state changes so far; the sort_key of the latest transition
+    transitions      integer NOT NULL DEFAULT 1 CHECK (transitions >= 1),
+    -- when the orchestrator must look at this task next (NULL: nothing due)
+    next_action_at   timestamptz,
+    -- claims of external orchestrators (tasker.claim_ready_tasks)
+    claimed_by       text,
+    claim_expires_at timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    completed_at     timestamptz,
+    CONSTRAINT tasks_counters_sum CHECK (
+        steps_pending + steps_out + steps_waiting + steps_done + steps_error + steps_cancelled = steps_total),
+    CONSTRAINT tasks_complete_means_all_done CHECK (state <> 'complete' OR steps_done = steps_total),
+    CONSTRAINT tasks_finished_when_terminal CHECK (
+        tasker.task_state_is_terminal(state) = (completed_at IS NOT NULL)),
+    CONSTRAINT tasks_terminal_has_nothing_due CHECK (
+        NOT tasker.task_state_is_terminal(state) OR (next_action_at IS NULL AND claimed_by IS NULL)),
+    CONSTRAINT tasks_claim_has_expiry CHECK ((claimed_by IS NULL) = (claim_expires_at IS NULL))
+);
+-- Idempotency keys are scoped to a template family (namespace + name), so
+-- that a new version does not silently duplicate work.
+CREATE UNIQUE INDEX tasks_idempotency_key_idx
+    ON tasker.tasks (namespace_name, task_name, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Due work: only tasks with something to do are in this index.
+CREATE INDEX tasks_next_action_idx ON tasker.tasks (next_action_at)
+    WHERE next_action_at IS NOT NULL;
+-- Active tasks by state and last progress (health, staleness).
+CREATE INDEX tasks_active_state_idx ON tasker.tasks (state, updated_at)
+    WHERE NOT tasker.task_state_is_terminal(state);
+-- Finished tasks by age (retention).
+CREATE INDEX tasks_finished_idx ON tasker.tasks (completed_at)
+    WHERE tasker.task_state_is_terminal(state);
+CREATE INDEX tasks_template_idx ON tasker.tasks (template_uuid);
+CREATE INDEX tasks_created_at_idx ON tasker.tasks (created_at);
+
+CREATE TABLE tasker.workflow_steps (
+    step_uuid        uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_uuid        uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
+    name             text NOT NULL,
+    position         integer NOT NULL CHECK (position >= 0),
+    state            tasker.step_state NOT NULL DEFAULT 'pending',
+    handler_callable text NOT NULL,
+    handler_method   text,
+    inputs           jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(inputs) = 'object'),
+    -- retry policy (max_attempts counts the first attempt of a budget)
+    retryable        boolean NOT NULL DEFAULT true,
+    max_attempts     integer NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
+    -- the number of the latest attempt; only grows (messages carry it, and
+    -- a result for any other attempt is ignored)
+    attempts         integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    -- attempts made before the current retry budget (retry_step and
+    -- dlq_requeue start a new budget of max_attempts)
+    budget_offset    integer NOT NULL DEFAULT 0 CHECK (budget_offset >= 0),
+    backoff          text NOT NULL DEFAULT 'exponential'
+                     CHECK (backoff IN ('none', 'linear', 'exponential', 'fibonacci')),
+    backoff_base_ms  bigint NOT NULL DEFAULT 1000 CHECK (backoff_base_ms >= 0),
+    max_backoff_ms   bigint NOT NULL DEFAULT 60000,
+    jitter           boolean NOT NULL DEFAULT false,
+    timeout_seconds  integer CHECK (timeout_seconds > 0),
+    -- dependency counters: runnable when pending_parents = 0
+    total_parents    integer NOT NULL DEFAULT 0 CHECK (total_parents >= 0),
+    pending_parents  integer NOT NULL DEFAULT 0 CHECK (pending_parents BETWEEN 0 AND total_parents),
+    results          jsonb,
+    last_error       jsonb,
+    next_retry_at    timestamptz,
+    -- the message of the latest attempt, when it was sent, and when a worker
+    -- first took it through tasker.read_steps
+    queue_msg_id     bigint,
+    enqueued_at      timestamptz,
+    started_at       timestamptz,
+    completed_at     timestamptz,
+    -- number of state changes so far; the sort_key of the latest transition
+    transitions      integer NOT NULL DEFAULT 1 CHECK (transitions >= 1),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (task_uuid, name),
+    CHECK (max_backoff_ms >= backoff_base_ms),
+    CONSTRAINT steps_budget_within_attempts CHECK (budget_offset <= attempts),
+    CONSTRAINT steps_budget_not_exceeded CHECK (attempts - budget_offset <= max_attempts),
+    CONSTRAINT steps_out_has_message CHECK (
+        tasker.step_state_class(state) <> 'out' OR (queue_msg_id IS NOT NULL AND enqueued_at IS NOT NULL)),
+    CONSTRAINT steps_in_progress_has_start CHECK (state <> 'in_progress' OR started_at IS NOT NULL),
+    CONSTRAINT steps_retry_has_time CHECK ((state = 'waiting_for_retry') = (next_retry_at IS NOT NULL)),
+    CONSTRAINT steps_done_has_completion CHECK (
+        (tasker.step_state_class(state) = 'done') = (completed_at IS NOT NULL)),
+    CONSTRAINT steps_attempted_before_leaving_pending CHECK (
+        state NOT IN ('enqueued', 'in_progress', 'waiting_for_retry', 'complete', 'error') OR attempts > 0)
+);
+-- Runnable steps only (tasker.step_is_runnable): O(ready work) per task.
+CREATE INDEX workflow_steps_runnable_idx ON tasker.workflow_steps (task_uuid)
+    WHERE tasker.step_is_runnable(state, pending_parents);
+
+CREATE TABLE tasker.step_edges (
+    from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    to_step_uuid   uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    name           text NOT NULL DEFAULT 'provides',
+    PRIMARY KEY (from_step_uuid, to_step_uuid),
+    CHECK (from_step_uuid <> to_step_uuid)
+);
+CREATE INDEX step_edges_to_idx ON tasker.step_edges (to_step_uuid);
+COMMENT ON TABLE tasker.step_edges IS 'Dependency edges: from (parent) provides to (child).';
+
+CREATE TABLE tasker.task_transitions (
+    task_uuid  uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
+    sort_key   integer NOT NULL CHECK (sort_key >= 1),
+    from_state tasker.task_state,
+    to_state   tasker.task_state NOT NULL,
+    reason     text,
+    metadata   jsonb NOT NULL DEFAULT '{}',
+    actor      text NOT NULL DEFAULT session_user,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (task_uuid, sort_key),
+    CHECK ((from_state IS NULL) = (sort_key = 1))
+);
+COMMENT ON TABLE tasker.task_transitions IS
+    'Audit trail of task state changes, append-only; the latest has sort_key = tasks.transitions.';
+
+CREATE TABLE tasker.step_transitions (
+    step_uuid  uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    sort_key   integer NOT NULL CHECK (sort_key >= 1),
+    from_state tasker.step_state,
+    to_state   tasker.step_state NOT NULL,
+    reason     text,
+    metadata   jsonb NOT NULL DEFAULT '{}',
+    actor      text NOT NULL DEFAULT session_user,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (step_uuid, sort_key),
+    CHECK ((from_state IS NULL) = (sort_key = 1))
+);
+COMMENT ON TABLE tasker.step_transitions IS
+    'Audit trail of step state changes, append-only; the latest has sort_key = workflow_steps.transitions.';
+
+CREATE TABLE tasker.dlq (
+    dlq_uuid          uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_uuid         uuid REFERENCES tasker.tasks ON DELETE SET NULL,
+    reason            text NOT NULL CHECK (reason IN ('staleness_timeout', 'task_max_lifetime_exceeded',
+                                                      'invalid_task_request')),
+    original_state    tasker.task_state,
+    error             jsonb,
+    -- the task and its steps (or the rejected request) as they were
+    snapshot          jsonb NOT NULL,
+    resolution_status text NOT NULL DEFAULT 'pending'
+                      CHECK (resolution_status IN ('pending', 'requeued', 'resolved', 'discarded')),
+    resolution_note   text,
+    resolved_by       text,
+    resolved_at       timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    CHECK ((resolution_status = 'pending') = (resolved_at IS NULL)),
+    CHECK ((task_uuid IS NULL AND original_state IS NULL) OR reason <> 'invalid_task_request')
+);
+COMMENT ON TABLE tasker.dlq IS
+    'Dead letter queue: stale tasks and rejected task requests, with a snapshot and a resolution status.';
+CREATE INDEX dlq_pending_idx ON tasker.dlq (created_at) WHERE resolution_status = 'pending';
+CREATE INDEX dlq_task_idx ON tasker.dlq (task_uuid);
+-- at most one open entry per task
+CREATE UNIQUE INDEX dlq_open_task_idx ON tasker.dlq (task_uuid)
+    WHERE resolution_status = 'pending' AND task_uuid IS NOT NULL;
+
+CREATE TABLE tasker.task_archive (
+    task_uuid      uuid PRIMARY KEY,
+    namespace_name text NOT NULL,
+    task_name      text NOT NULL,
+    task_version   text NOT NULL,
+    state          tasker.task_state NOT NULL CHECK (tasker.task_state_is_terminal(state)),
+    created_at     timestamptz NOT NULL,
+    completed_at   timestamptz NOT NULL,
+    archived_at    timestamptz NOT NULL DEFAULT now(),
+    -- task row, steps, edges and transitions as they were
+    snapshot       jsonb NOT NULL
+);
+COMMENT ON TABLE tasker.task_archive IS
+    'Finished tasks removed by retention under policy = "archive".';
+CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);

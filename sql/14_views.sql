@@ -1,0 +1,125 @@
+-- Views and read functions for people at a psql prompt. The views run with
+-- the extension owner's rights, so tasker_app / tasker_worker read them
+-- without any access to the tables underneath. Step counts come from the
+-- task's counters: a task's row is O(1) whatever its size.
+
+CREATE VIEW tasker.templates AS
+SELECT tt.template_uuid,
+       n.name          AS namespace,
+       tt.name,
+       tt.version,
+       tt.description,
+       tt.step_count,
+       n.queue_name,
+       tt.created_at,
+       tt.updated_at,
+       tt.definition
+FROM tasker.task_templates tt
+JOIN tasker.namespaces n USING (namespace_uuid);
+COMMENT ON VIEW tasker.templates IS 'Registered task templates, one row per version.';
+
+CREATE VIEW tasker.task_status AS
+SELECT t.task_uuid,
+       t.namespace_name  AS namespace,
+       t.task_name,
+       t.task_version,
+       t.state,
+       t.priority,
+       t.steps_total,
+       t.steps_pending,
+       t.steps_out       AS steps_in_flight,
+       t.steps_waiting   AS steps_waiting_for_retry,
+       t.steps_done      AS steps_complete,
+       t.steps_error,
+       t.steps_cancelled,
+       t.initiator,
+       t.tags,
+       t.created_at,
+       t.updated_at,
+       t.completed_at
+FROM tasker.tasks t;
+COMMENT ON VIEW tasker.task_status IS
+    'One row per task: state, priority and step counts by class (complete includes resolved_manually).';
+
+CREATE VIEW tasker.step_status AS
+SELECT s.task_uuid,
+       t.namespace_name AS namespace,
+       t.task_name,
+       s.step_uuid,
+       s.name           AS step_name,
+       s.position,
+       s.state,
+       s.attempts,
+       s.attempts - s.budget_offset AS budget_attempts,
+       s.max_attempts,
+       coalesce((SELECT array_agg(p.name ORDER BY p.position)
+                 FROM tasker.step_edges e
+                 JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
+                 WHERE e.to_step_uuid = s.step_uuid), '{}')      AS dependencies,
+       CASE jsonb_typeof(s.last_error) WHEN 'string' THEN s.last_error #>> '{}'
+                                       ELSE s.last_error ->> 'message' END AS last_error_message,
+       s.next_retry_at,
+       s.results,
+       s.last_error,
+       s.enqueued_at,
+       s.started_at,
+       s.completed_at,
+       s.updated_at
+FROM tasker.workflow_steps s
+JOIN tasker.tasks t USING (task_uuid);
+COMMENT ON VIEW tasker.step_status IS
+    'One row per step: state, attempts, dependencies by name, last error, results, next retry time.';
+
+-- tasker.step_readiness(task_uuid): per step, what readiness is made of
+-- (tasker-core's get_step_readiness_status).
+CREATE FUNCTION tasker.step_readiness(task_uuid uuid)
+RETURNS TABLE (step_uuid uuid, step_name text, state tasker.step_state, dependencies_satisfied boolean,
+               retry_eligible boolean, ready boolean, next_retry_at timestamptz,
+               total_parents integer, completed_parents integer, attempts integer,
+               max_attempts integer)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    SELECT s.step_uuid, s.name, s.state,
+           s.pending_parents = 0,
+           s.attempts - s.budget_offset < s.max_attempts,
+           tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now()),
+           s.next_retry_at,
+           s.total_parents,
+           s.total_parents - s.pending_parents,
+           s.attempts,
+           s.max_attempts
+    FROM tasker.workflow_steps s
+    WHERE s.task_uuid = step_readiness.task_uuid
+    ORDER BY s.position
+$$;
+
+-- The task's uuid; P0002 when there is no such task.
+CREATE FUNCTION tasker._existing_task(p_task uuid) RETURNS uuid
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'P0002';
+    END IF;
+    RETURN p_task;
+END
+$$;
+
+-- tasker.task_execution_context(task_uuid): the task's execution status,
+-- health and step counts (tasker-core's get_task_execution_context).
+CREATE FUNCTION tasker.task_execution_context(task_uuid uuid)
+RETURNS TABLE (task_uuid uuid, state tasker.task_state, execution_status text, health text,
+               total_steps integer, pending_steps integer, ready_steps integer, in_progress_steps integer,
+               waiting_for_retry_steps integer, completed_steps integer, failed_steps integer,
+               cancelled_steps integer, completion_percentage double precision)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    SELECT t.task_uuid, t.state,
+           tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                                    t.steps_done, t.steps_error, t.steps_cancelled, r.ready),
+           tasker._task_health(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                               t.steps_done, t.steps_error, t.steps_cancelled, r.ready),
+           t.steps_total, t.steps_pending, r.ready, t.steps_out, t.steps_waiting, t.steps_done,
+           t.steps_error, t.steps_cancelled,
+           round((t.steps_done * 10000.0) / t.steps_total) / 100.0
+    FROM tasker.tasks t
+    CROSS JOIN LATERAL (SELECT coalesce(cardinality(tasker._ready_steps(t.task_uuid)), 0) AS ready) r
+    WHERE t.task_uuid = tasker._existing_task($1)
+$$;

@@ -1,0 +1,1 @@
+//! Client-side tests: real connections to the test cluster.

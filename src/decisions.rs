@@ -1,0 +1,219 @@
+//! Pure decisions of pg_tasker_core, callable from the SQL layer: the retry
+//! policy, the task status table, context validation against a template's
+//! input_schema, canonical versions; and the settings the SQL layer needs.
+//! Every argument is a scalar or text: user payloads never reach Rust as
+//! anything but text that is parsed for validation only.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pg_tasker_core::retry::{self, FailureOutcome};
+use pg_tasker_core::status::{self, ExecutionStatus, StepCounts};
+use pg_tasker_core::template::{self, Backoff, RetryPolicy};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use crate::errors::{from_core, internal, invalid, ApiResult};
+
+fn random_unit() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+}
+
+/// `tasker._retry_decision(...)`: what a failed attempt leads to
+/// (pg_tasker_core::retry::on_failure). `attempts` counts the attempts of
+/// the current retry budget, the failed one included.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(parallel_safe)]
+fn _retry_decision(
+    retryable: bool,
+    max_attempts: i32,
+    attempts: i32,
+    backoff: &str,
+    backoff_base_ms: i64,
+    max_backoff_ms: i64,
+    jitter: bool,
+    error_retryable: bool,
+    requested_delay_ms: Option<i64>,
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(retry, bool),
+            name!(delay_ms, i64),
+            name!(exhausted, bool),
+            name!(requested, bool),
+        ),
+    >,
+    ErrorReport,
+> {
+    let policy = RetryPolicy {
+        retryable,
+        max_attempts: max_attempts.max(1) as u32,
+        backoff: match backoff {
+            "none" => Backoff::None,
+            "linear" => Backoff::Linear,
+            "exponential" => Backoff::Exponential,
+            "fibonacci" => Backoff::Fibonacci,
+            other => return Err(internal(format!("unknown backoff {other}"))),
+        },
+        backoff_base_ms: backoff_base_ms.max(0) as u64,
+        max_backoff_ms: max_backoff_ms.max(0) as u64,
+        jitter,
+    };
+    let row = match retry::on_failure(
+        &policy,
+        attempts.max(0) as u32,
+        error_retryable,
+        requested_delay_ms.map(|d| d.max(0) as u64),
+        random_unit(),
+    ) {
+        FailureOutcome::Retry {
+            delay_ms,
+            requested,
+        } => (true, delay_ms as i64, false, requested),
+        FailureOutcome::Error { exhausted } => (false, 0, exhausted, false),
+    };
+    Ok(TableIterator::once(row))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn counts(
+    total: i32,
+    pending: i32,
+    out: i32,
+    waiting: i32,
+    done: i32,
+    error: i32,
+    cancelled: i32,
+    ready: i32,
+) -> StepCounts {
+    StepCounts {
+        total: total.into(),
+        pending: pending.into(),
+        out: out.into(),
+        waiting_for_retry: waiting.into(),
+        done: done.into(),
+        error: error.into(),
+        cancelled: cancelled.into(),
+        ready: ready.into(),
+    }
+}
+
+/// `tasker._execution_status(counters..., ready)`: pg_tasker_core::status.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(immutable, parallel_safe)]
+fn _execution_status(
+    total: i32,
+    pending: i32,
+    out: i32,
+    waiting: i32,
+    done: i32,
+    error: i32,
+    cancelled: i32,
+    ready: i32,
+) -> &'static str {
+    status::execution_status(&counts(
+        total, pending, out, waiting, done, error, cancelled, ready,
+    ))
+    .as_str()
+}
+
+/// `tasker._task_health(counters..., ready)`.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(immutable, parallel_safe)]
+fn _task_health(
+    total: i32,
+    pending: i32,
+    out: i32,
+    waiting: i32,
+    done: i32,
+    error: i32,
+    cancelled: i32,
+    ready: i32,
+) -> &'static str {
+    status::health(&counts(
+        total, pending, out, waiting, done, error, cancelled, ready,
+    ))
+}
+
+/// `tasker._task_state_of(execution_status) RETURNS text`: the task state
+/// an execution status stands for.
+#[pg_extern(immutable, parallel_safe)]
+fn _task_state_of(execution_status: &str) -> ApiResult<&'static str> {
+    ExecutionStatus::parse(execution_status)
+        .map(|s| s.task_state().as_str())
+        .ok_or_else(|| internal(format!("unknown execution status {execution_status}")))
+}
+
+thread_local! {
+    /// Compiled input schemas by (template, updated_at).
+    static SCHEMAS: RefCell<HashMap<(pgrx::Uuid, i64), template::ContextValidator>> =
+        RefCell::new(HashMap::new());
+}
+
+/// `tasker._validate_context(template_uuid, updated_at, input_schema text,
+/// context text)`: 22023 listing every violation of the template's
+/// input_schema; 54000 / 22023 for a context that cannot be validated
+/// (nested too deeply, numbers beyond a float's range).
+#[pg_extern]
+fn _validate_context(
+    template_uuid: pgrx::Uuid,
+    updated_at: pgrx::datum::TimestampWithTimeZone,
+    input_schema: &str,
+    context: &str,
+) -> ApiResult<()> {
+    let key = (template_uuid, updated_at.into_inner());
+    let instance = template::parse_json_text(context, "the task context").map_err(from_core)?;
+    SCHEMAS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !cache.contains_key(&key) {
+            let schema =
+                template::parse_json_text(input_schema, "input_schema").map_err(from_core)?;
+            let v = template::ContextValidator::new(&schema).map_err(from_core)?;
+            if cache.len() > 256 {
+                cache.clear();
+            }
+            cache.insert(key, v);
+        }
+        cache[&key].validate(&instance).map_err(from_core)
+    })
+}
+
+/// `tasker._canonical_version(version) RETURNS text`: `1.2` is `1.2.0`;
+/// 22023 for what is not a semantic version.
+#[pg_extern(immutable, parallel_safe)]
+fn _canonical_version(version: &str) -> ApiResult<String> {
+    pg_tasker_core::version::parse(version)
+        .map(|v| v.to_string())
+        .map_err(from_core)
+}
+
+/// `tasker._setting(key) RETURNS bigint`: a number from the configuration
+/// in force, for the SQL layer.
+#[pg_extern(stable, parallel_safe)]
+fn _setting(key: &str) -> ApiResult<i64> {
+    crate::settings::with_current(|c| match key {
+        "queues.default_visibility_timeout_seconds" => {
+            Ok(c.queues.default_visibility_timeout_seconds.into())
+        }
+        "orchestration.failed_task_backoff_seconds" => {
+            Ok(c.orchestration.failed_task_backoff_seconds.into())
+        }
+        "limits.max_context_bytes" => Ok(c.limits.max_context_bytes as i64),
+        "limits.max_result_bytes" => Ok(c.limits.max_result_bytes as i64),
+        other => Err(invalid(format!("unknown setting \"{other}\""))),
+    })
+}
+
+/// `tasker._environment() RETURNS text`: pg_tasker.environment.
+#[pg_extern(stable, parallel_safe)]
+fn _environment() -> String {
+    crate::guc::environment()
+}
+
+/// `tasker._wake_orchestrator()`: the background worker recomputes its
+/// sleep when the current transaction commits.
+#[pg_extern]
+fn _wake_orchestrator() {
+    crate::worker_state::wake_on_commit();
+}

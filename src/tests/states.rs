@@ -1,0 +1,125 @@
+//! The state machine's one home: the SQL types against their Rust mirror,
+//! the legal-transition tables, and the invariants the tables enforce.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pg_tasker_core::{StepState, TaskState};
+    use pgrx::prelude::*;
+    use serde_json::json;
+
+    use crate::tests::helpers::*;
+
+    #[pg_test]
+    fn sql_enums_match_the_rust_mirror() {
+        let sql_tasks = text("SELECT string_agg(s::text, ',' ORDER BY s) FROM unnest(enum_range(NULL::tasker.task_state)) s");
+        let rust_tasks: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(sql_tasks, rust_tasks.join(","));
+        let sql_steps = text("SELECT string_agg(s::text, ',' ORDER BY s) FROM unnest(enum_range(NULL::tasker.step_state)) s");
+        let rust_steps: Vec<&str> = StepState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(sql_steps, rust_steps.join(","));
+        for s in TaskState::ALL {
+            let terminal = sql_value::<bool>(&format!(
+                "SELECT tasker.task_state_is_terminal('{s}')"
+            ))
+            .unwrap();
+            assert_eq!(terminal, s.is_terminal(), "{s}");
+        }
+        for s in StepState::ALL {
+            assert_eq!(
+                text(&format!("SELECT tasker.step_state_class('{s}')")),
+                s.class(),
+                "{s}"
+            );
+        }
+        // the execution statuses map to states of the enum
+        for status in pg_tasker_core::status::ExecutionStatus::ALL {
+            assert_eq!(
+                text(&format!(
+                    "SELECT tasker._task_state_of('{}')::tasker.task_state::text",
+                    status.as_str()
+                )),
+                status.task_state().as_str()
+            );
+        }
+    }
+
+    #[pg_test]
+    fn transition_tables_describe_the_machine() {
+        // every state but the initial one can be reached, and every
+        // non-terminal task state can be left
+        assert_eq!(
+            count("SELECT count(*) FROM unnest(enum_range(NULL::tasker.step_state)) s
+                   WHERE NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions t WHERE t.to_state = s)"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM unnest(enum_range(NULL::tasker.task_state)) s
+                   WHERE NOT EXISTS (SELECT 1 FROM tasker.task_state_transitions t WHERE t.to_state = s)"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM unnest(enum_range(NULL::tasker.task_state)) s
+                   WHERE NOT tasker.task_state_is_terminal(s)
+                     AND NOT EXISTS (SELECT 1 FROM tasker.task_state_transitions t WHERE t.from_state = s)"),
+            0
+        );
+        // terminal task states are never left, except error by a DLQ requeue
+        assert_eq!(
+            text("SELECT string_agg(from_state || '>' || to_state, ',') FROM tasker.task_state_transitions
+                  WHERE tasker.task_state_is_terminal(from_state)"),
+            "error>steps_in_process"
+        );
+        // only done steps are never left; error goes back to pending (a new budget)
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.step_state_transitions
+                   WHERE tasker.step_state_class(from_state) IN ('done', 'cancelled')"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn the_primitives_refuse_illegal_moves() {
+        register(&template("st_moves", "flow", "1.0.0", json!([step("a", &[]), step("b", &["a"])])));
+        let task = create("st_moves", "flow", json!({}));
+        let b = step_field(task, "b", "step_uuid");
+        // pending -> complete is not a legal move (a step completes from out)
+        assert_fails(
+            &format!("SELECT tasker._move_steps(ARRAY[ROW('{b}', NULL, NULL, NULL, NULL)::tasker.step_change], 'complete', 'x')"),
+            "XX000",
+            "could not move to complete",
+        );
+        assert_fails(
+            &format!("SELECT tasker._move_task('{task}', 'pending', 'x')"),
+            "XX000",
+            "cannot move to pending",
+        );
+        assert_eq!(step_field(task, "b", "state"), "pending");
+        assert_task_consistent(task);
+    }
+
+    #[pg_test]
+    fn check_constraints_encode_the_invariants() {
+        register(&template("st_check", "flow", "1.0.0", json!([step("a", &[]), step("b", &["a"])])));
+        let task = create("st_check", "flow", json!({}));
+        for (stmt, constraint) in [
+            (format!("UPDATE tasker.tasks SET state = 'bogus' WHERE task_uuid = '{task}'"), "invalid input value for enum"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'done' WHERE task_uuid = '{task}'"), "invalid input value for enum"),
+            (format!("UPDATE tasker.tasks SET steps_done = steps_done + 1 WHERE task_uuid = '{task}'"), "tasks_counters_sum"),
+            (format!("UPDATE tasker.tasks SET state = 'complete', completed_at = now() WHERE task_uuid = '{task}'"), "tasks_complete_means_all_done"),
+            (format!("UPDATE tasker.tasks SET state = 'cancelled' WHERE task_uuid = '{task}'"), "tasks_finished_when_terminal"),
+            (format!("UPDATE tasker.workflow_steps SET queue_msg_id = NULL WHERE task_uuid = '{task}' AND name = 'a'"), "steps_out_has_message"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'waiting_for_retry' WHERE task_uuid = '{task}' AND name = 'a'"), "steps_retry_has_time"),
+            (format!("UPDATE tasker.workflow_steps SET budget_offset = attempts + 1 WHERE task_uuid = '{task}' AND name = 'a'"), "steps_budget_within_attempts"),
+            (format!("UPDATE tasker.workflow_steps SET attempts = max_attempts + 1 WHERE task_uuid = '{task}' AND name = 'a'"), "steps_budget_not_exceeded"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'resolved_manually' WHERE task_uuid = '{task}' AND name = 'b'"), "steps_done_has_completion"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'error' WHERE task_uuid = '{task}' AND name = 'b'"), "steps_attempted_before_leaving_pending"),
+            (format!("INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state) VALUES ('{task}', 1, NULL, 'pending')"), "task_transitions_pkey"),
+        ] {
+            let f = failure(&stmt);
+            assert!(f.contains(constraint), "{stmt}: {f}");
+        }
+        assert_task_consistent(task);
+    }
+}
