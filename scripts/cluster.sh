@@ -5,11 +5,13 @@
 #   scripts/cluster.sh stop
 #   scripts/cluster.sh psql [args...]
 # Settings: PG_TASKER_CLUSTER_DIR (default /tmp/pg_tasker_cluster),
-#           PG_TASKER_PORT (default 28815).
+#           PG_TASKER_PORT (default 28815),
+#           PG_TASKER_PRELOAD (default pg_tasker; empty: no orchestrator).
 set -euo pipefail
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 DIR="${PG_TASKER_CLUSTER_DIR:-/tmp/pg_tasker_cluster}"
 PORT="${PG_TASKER_PORT:-28815}"
+PRELOAD="${PG_TASKER_PRELOAD-pg_tasker}"
 DATA="$DIR/data"
 SOCK="$DIR"
 
@@ -29,7 +31,7 @@ start() {
 listen_addresses = ''
 unix_socket_directories = '$SOCK'
 port = $PORT
-shared_preload_libraries = 'pg_tasker'
+shared_preload_libraries = '$PRELOAD'
 pg_tasker.database = 'postgres'
 CONF
     fi

@@ -57,7 +57,7 @@ SQL
 
 echo "==> waiting for the orders to settle"
 for _ in $(seq 1 150); do
-    open="$(psql_ -At -c "SELECT count(*) FROM tasker.tasks WHERE state NOT IN ('complete', 'blocked_by_failures', 'error', 'cancelled')")"
+    open="$(psql_ -At -c "SELECT count(*) FROM tasker.tasks WHERE NOT tasker.task_state_is_terminal(state) AND state <> 'blocked_by_failures'")"
     [ "$open" = 0 ] && break
     sleep 0.2
 done

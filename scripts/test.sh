@@ -11,6 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 scripts/setup.sh
+# the released 0.1.0 beside this version, for the upgrade test
+scripts/install-release.sh 0.1.0
 
 echo "==> core unit tests"
 cargo test --quiet -p pg_tasker_core

@@ -39,6 +39,31 @@ BEGIN
 END
 $$;
 
+-- Replaces a template's rows in template_steps and template_edges (p_steps,
+-- p_edges: jsonb arrays of their rows; p_environments: the environments
+-- with overrides, each having a full set of steps).
+CREATE FUNCTION tasker._replace_template_rows(p_template uuid, p_steps jsonb, p_edges jsonb,
+                                              p_environments text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM tasker.template_steps ts WHERE ts.template_uuid = p_template;
+    DELETE FROM tasker.template_edges te WHERE te.template_uuid = p_template;
+    UPDATE tasker.task_templates tt SET environments = p_environments WHERE tt.template_uuid = p_template;
+    INSERT INTO tasker.template_steps
+    SELECT p_template, r.environment, r.position, r.name, r.handler_callable, r.handler_method, r.inputs,
+           r.retryable, r.max_attempts, r.backoff, r.backoff_base_ms, r.max_backoff_ms, r.jitter,
+           r.timeout_seconds, r.parents
+    FROM jsonb_to_recordset(p_steps) AS r(environment text, position integer, name text,
+         handler_callable text, handler_method text, inputs jsonb, retryable boolean,
+         max_attempts integer, backoff text, backoff_base_ms bigint, max_backoff_ms bigint,
+         jitter boolean, timeout_seconds integer, parents integer);
+    INSERT INTO tasker.template_edges
+    SELECT p_template, e.from_position, e.to_position
+    FROM jsonb_to_recordset(p_edges) AS e(from_position integer, to_position integer);
+END
+$$;
+
 -- Inserts a template version, or returns the existing id when the
 -- definition is identical, or replaces an unused version's definition
 -- (55000 when tasks use it). p_steps: rows of template_steps (all
@@ -76,8 +101,6 @@ BEGIN
             SET definition = p_definition, description = p_description, step_count = v_count,
                 environments = p_environments, has_input_schema = p_has_input_schema, updated_at = now()
             WHERE tt.template_uuid = v_uuid;
-            DELETE FROM tasker.template_steps ts WHERE ts.template_uuid = v_uuid;
-            DELETE FROM tasker.template_edges te WHERE te.template_uuid = v_uuid;
         ELSE
             INSERT INTO tasker.task_templates AS tt (namespace_uuid, name, version, version_key, description,
                                                      definition, step_count, environments, has_input_schema)
@@ -89,17 +112,7 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        INSERT INTO tasker.template_steps
-        SELECT v_uuid, r.environment, r.position, r.name, r.handler_callable, r.handler_method, r.inputs,
-               r.retryable, r.max_attempts, r.backoff, r.backoff_base_ms, r.max_backoff_ms, r.jitter,
-               r.timeout_seconds, r.parents
-        FROM jsonb_to_recordset(p_steps) AS r(environment text, position integer, name text,
-             handler_callable text, handler_method text, inputs jsonb, retryable boolean,
-             max_attempts integer, backoff text, backoff_base_ms bigint, max_backoff_ms bigint,
-             jitter boolean, timeout_seconds integer, parents integer);
-        INSERT INTO tasker.template_edges
-        SELECT v_uuid, e.from_position, e.to_position
-        FROM jsonb_to_recordset(p_edges) AS e(from_position integer, to_position integer);
+        PERFORM tasker._replace_template_rows(v_uuid, p_steps, p_edges, p_environments);
         RETURN v_uuid;
     END LOOP;
     RAISE EXCEPTION 'pg_tasker internal error: template registration did not settle after a concurrent registration'

@@ -1,7 +1,7 @@
 -- Task creation, in the caller's transaction: the task, its steps (copied
 -- from the template's materialised steps), edges and first transitions in
 -- one statement, then the first evaluation, which enqueues the root steps.
--- O(steps): every join is by key.
+-- O(steps): rows find their step ids by array subscript, never by a join.
 
 -- tasker.create_task(namespace, name, context, version, priority, initiator,
 -- source_system, reason, tags, idempotency_key) RETURNS uuid
@@ -25,6 +25,7 @@ DECLARE
     tt record;
     v_env text;
     v_task uuid;
+    v_ids uuid[];
     v_created uuid;
 BEGIN
     IF v_ns IS NULL THEN
@@ -97,7 +98,10 @@ BEGIN
         v_env := '';
     END IF;
 
+    -- Step ids by position, made up front: every row below finds its ids by
+    -- array subscript, so nothing joins on an unindexed intermediate result.
     v_task := tasker.uuid_generate_v7();
+    v_ids := ARRAY(SELECT tasker.uuid_generate_v7() FROM generate_series(1, tt.step_count));
     WITH task AS (
         INSERT INTO tasker.tasks AS t (task_uuid, template_uuid, namespace_name, task_name, task_version,
                                        context, priority, initiator, source_system, reason, tags,
@@ -109,27 +113,24 @@ BEGIN
         DO NOTHING
         RETURNING t.task_uuid
     ), steps AS (
-        INSERT INTO tasker.workflow_steps AS s (step_uuid, task_uuid, name, position, handler_callable,
-                                                handler_method, inputs, retryable, max_attempts, backoff,
-                                                backoff_base_ms, max_backoff_ms, jitter, timeout_seconds,
-                                                total_parents, pending_parents)
-        SELECT tasker.uuid_generate_v7(), task.task_uuid, ts.name, ts.position, ts.handler_callable,
+        INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, handler_callable,
+                                           handler_method, inputs, retryable, max_attempts, backoff,
+                                           backoff_base_ms, max_backoff_ms, jitter, timeout_seconds,
+                                           total_parents, pending_parents)
+        SELECT v_ids[ts.position + 1], task.task_uuid, ts.name, ts.position, ts.handler_callable,
                ts.handler_method, ts.inputs, ts.retryable, ts.max_attempts, ts.backoff,
                ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter, ts.timeout_seconds, ts.parents, ts.parents
         FROM task, tasker.template_steps ts
         WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env
         ORDER BY ts.position
-        RETURNING s.step_uuid, s.position
     ), edges AS (
         INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
-        SELECT p.step_uuid, c.step_uuid
-        FROM tasker.template_edges te
-        JOIN steps p ON p.position = te.from_position
-        JOIN steps c ON c.position = te.to_position
+        SELECT v_ids[te.from_position + 1], v_ids[te.to_position + 1]
+        FROM task, tasker.template_edges te
         WHERE te.template_uuid = tt.template_uuid
     ), step_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason)
-        SELECT steps.step_uuid, 1, NULL, 'pending', 'task created' FROM steps
+        SELECT u, 1, NULL, 'pending', 'task created' FROM task, unnest(v_ids) u
     )
     INSERT INTO tasker.task_transitions AS a (task_uuid, sort_key, from_state, to_state, reason, metadata)
     SELECT task.task_uuid, 1, NULL, 'pending', 'task created',

@@ -16,15 +16,21 @@ pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Directory laid out like config/tasker; unset: the compiled-in files.
 pub static CONFIG_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-pub fn init() {
-    GucRegistry::define_string_guc(
-        c"pg_tasker.database",
-        c"Database the pg_tasker background worker connects to.",
-        c"The orchestrator serves the pg_tasker extension installed in this database.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+/// Defines the settings. `preloading`: the library is being loaded through
+/// shared_preload_libraries; only then may the postmaster-only setting
+/// (which database the background worker serves) be defined: loading the
+/// library later, in a backend, must not (Postgres refuses with FATAL).
+pub fn init(preloading: bool) {
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"pg_tasker.database",
+            c"Database the pg_tasker background worker connects to.",
+            c"The orchestrator serves the pg_tasker extension installed in this database.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_bool_guc(
         c"pg_tasker.enabled",
         c"Whether the pg_tasker background worker does any work.",

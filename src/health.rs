@@ -27,7 +27,9 @@ fn current_database() -> String {
         if name.is_null() {
             return String::new();
         }
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -63,7 +65,8 @@ fn orchestrator() -> Value {
         "errors": worker_state::ERRORS.get().load(Ordering::SeqCst),
     });
     if caller_is_admin() {
-        o["last_error"] = json!(Some(worker_state::LAST_ERROR.share().get()).filter(|e| !e.is_empty()));
+        o["last_error"] =
+            json!(Some(worker_state::LAST_ERROR.share().get()).filter(|e| !e.is_empty()));
     }
     o
 }

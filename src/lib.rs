@@ -29,14 +29,26 @@ mod templates;
 mod worker_state;
 
 extension_sql_file!("../sql/00_states.sql", name = "states");
-extension_sql_file!("../sql/01_pgmq.sql", name = "pgmq_adapter", requires = ["states"]);
+extension_sql_file!(
+    "../sql/01_pgmq.sql",
+    name = "pgmq_adapter",
+    requires = ["states"]
+);
 extension_sql_file!(
     "../sql/02_tables.sql",
     name = "tables",
     requires = ["pgmq_adapter", ids::uuid_generate_v7]
 );
-extension_sql_file!("../sql/03_transitions.sql", name = "transitions", requires = ["tables"]);
-extension_sql_file!("../sql/04_payloads.sql", name = "payloads", requires = ["transitions"]);
+extension_sql_file!(
+    "../sql/03_transitions.sql",
+    name = "transitions",
+    requires = ["tables"]
+);
+extension_sql_file!(
+    "../sql/04_payloads.sql",
+    name = "payloads",
+    requires = ["transitions"]
+);
 extension_sql_file!(
     "../sql/05_enqueue.sql",
     name = "enqueue",
@@ -50,29 +62,66 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/07_templates.sql",
     name = "templates",
-    requires = ["evaluate", templates::_register_template, templates::queue_name]
+    requires = [
+        "evaluate",
+        templates::_register_template,
+        templates::queue_name
+    ]
 );
-extension_sql_file!("../sql/08_tasks.sql", name = "tasks", requires = ["templates"]);
-extension_sql_file!("../sql/09_results.sql", name = "results", requires = ["tasks"]);
-extension_sql_file!("../sql/10_workers.sql", name = "workers", requires = ["results"]);
-extension_sql_file!("../sql/11_operator.sql", name = "operator", requires = ["workers"]);
-extension_sql_file!("../sql/12_cycle.sql", name = "cycle", requires = ["operator"]);
-extension_sql_file!("../sql/13_maintenance.sql", name = "maintenance", requires = ["cycle"]);
-extension_sql_file!("../sql/14_views.sql", name = "views", requires = ["maintenance"]);
+extension_sql_file!(
+    "../sql/08_tasks.sql",
+    name = "tasks",
+    requires = ["templates"]
+);
+extension_sql_file!(
+    "../sql/09_results.sql",
+    name = "results",
+    requires = ["tasks"]
+);
+extension_sql_file!(
+    "../sql/10_workers.sql",
+    name = "workers",
+    requires = ["results"]
+);
+extension_sql_file!(
+    "../sql/11_operator.sql",
+    name = "operator",
+    requires = ["workers"]
+);
+extension_sql_file!(
+    "../sql/12_cycle.sql",
+    name = "cycle",
+    requires = ["operator"]
+);
+extension_sql_file!(
+    "../sql/13_maintenance.sql",
+    name = "maintenance",
+    requires = ["cycle"]
+);
+extension_sql_file!(
+    "../sql/14_views.sql",
+    name = "views",
+    requires = ["maintenance"]
+);
 extension_sql_file!(
     "../sql/15_health.sql",
     name = "health_views",
     requires = ["views", health::health]
 );
-extension_sql_file!("../sql/16_analytics.sql", name = "analytics", requires = ["health_views"]);
+extension_sql_file!(
+    "../sql/16_analytics.sql",
+    name = "analytics",
+    requires = ["health_views"]
+);
 extension_sql_file!("../sql/99_security.sql", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    guc::init();
     // SAFETY: a plain flag set by the postmaster while it loads
     // shared_preload_libraries.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    guc::init(preloading);
+    if preloading {
         worker_state::init_shmem();
         bgworker::register();
     }

@@ -60,16 +60,9 @@ fn step_rows(t: &TaskTemplate, environment: &str, out: &mut Vec<Value>) -> ApiRe
     Ok(())
 }
 
-fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
-    let requests = crate::settings::with_current(|c| c.orchestration.task_requests.clone());
-    if requests.enabled {
-        // applications may create tasks through the request queue from now on
-        Spi::run_with_args(
-            "SELECT tasker._ensure_request_queue($1)",
-            &[requests.queue.as_str().into()],
-        )
-        .map_err(internal)?;
-    }
+/// What `tasker.template_steps` / `template_edges` hold for a template:
+/// (steps of every environment, edges, environments with overrides).
+fn materialised(t: &TaskTemplate) -> ApiResult<(Value, Value, Vec<String>)> {
     let environments: Vec<String> = t.environments.keys().cloned().collect();
     let mut steps = Vec::with_capacity(t.steps.len() * (environments.len() + 1));
     step_rows(t, "", &mut steps)?;
@@ -93,6 +86,20 @@ fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
                 .map(move |d| json!({"from_position": position[d.as_str()], "to_position": i}))
         })
         .collect();
+    Ok((Value::Array(steps), Value::Array(edges), environments))
+}
+
+fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
+    let requests = crate::settings::with_current(|c| c.orchestration.task_requests.clone());
+    if requests.enabled {
+        // applications may create tasks through the request queue from now on
+        Spi::run_with_args(
+            "SELECT tasker._ensure_request_queue($1)",
+            &[requests.queue.as_str().into()],
+        )
+        .map_err(internal)?;
+    }
+    let (steps, edges, environments) = materialised(t)?;
     let key = version::sort_key(&version::parse(&t.version).map_err(from_core)?);
     Spi::get_one_with_args::<pgrx::Uuid>(
         "SELECT tasker._store_template($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -103,12 +110,46 @@ fn store(t: &TaskTemplate) -> ApiResult<pgrx::Uuid> {
             key.into(),
             t.description.clone().into(),
             JsonB(t.to_definition()).into(),
-            JsonB(Value::Array(steps)).into(),
-            JsonB(Value::Array(edges)).into(),
+            JsonB(steps).into(),
+            JsonB(edges).into(),
             environments.into(),
             t.input_schema.is_some().into(),
         ],
     )
     .map_err(internal)?
     .ok_or_else(|| internal("template registration returned no uuid"))
+}
+
+/// `tasker._version_key(version) RETURNS bytea`: the byte string that sorts
+/// versions in semver precedence (`task_templates.version_key`).
+#[pg_extern(immutable, parallel_safe)]
+fn _version_key(version: &str) -> ApiResult<Vec<u8>> {
+    Ok(version::sort_key(
+        &version::parse(version).map_err(from_core)?,
+    ))
+}
+
+/// `tasker._materialise_template(template_uuid)`: (re)builds a stored
+/// template's rows in template_steps / template_edges from its definition
+/// (used by the upgrade from 0.1.0).
+#[pg_extern]
+fn _materialise_template(template_uuid: pgrx::Uuid) -> ApiResult<()> {
+    let definition = Spi::get_one_with_args::<JsonB>(
+        "SELECT definition FROM tasker.task_templates WHERE template_uuid = $1",
+        &[template_uuid.into()],
+    )
+    .map_err(internal)?
+    .ok_or_else(|| internal(format!("template {template_uuid} does not exist")))?;
+    let t = TaskTemplate::from_definition(definition.0).map_err(from_core)?;
+    let (steps, edges, environments) = materialised(&t)?;
+    Spi::run_with_args(
+        "SELECT tasker._replace_template_rows($1, $2, $3, $4)",
+        &[
+            template_uuid.into(),
+            JsonB(steps).into(),
+            JsonB(edges).into(),
+            environments.into(),
+        ],
+    )
+    .map_err(internal)
 }

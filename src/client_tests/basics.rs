@@ -1,63 +1,9 @@
-//! Client-side tests: real connections to the test cluster, autocommit, real
-//! transactions. Used where commits, rollbacks, other databases or
-//! concurrency matter (a `#[pg_test]` runs inside one rolled-back transaction).
+//! Basics over real connections: the caller's transaction, SQLSTATEs on
+//! the wire, CREATE / DROP EXTENSION in a fresh database.
 
 use postgres::error::SqlState;
-use postgres::{Client, NoTls};
 
-/// Boots the shared test cluster (once per test binary) by running one
-/// ordinary `#[pg_test]`, then returns an autocommit connection.
-pub fn connect() -> Client {
-    pgrx_tests::run_test(
-        "latest_version_is_semver_highest",
-        None,
-        crate::pg_test::postgresql_conf_options(),
-    )
-    .expect("test cluster boots");
-    pgrx_tests::client().expect("client connects").0
-}
-
-/// A connection to another database of the test cluster.
-pub fn connect_db(via: &mut Client, dbname: &str) -> Client {
-    let port: String = via.query_one("SHOW port", &[]).unwrap().get(0);
-    postgres::Config::new()
-        .host("localhost")
-        .port(port.parse().unwrap())
-        .user(&pgrx_tests::get_pg_user())
-        .dbname(dbname)
-        .connect(NoTls)
-        .expect("connect to the fresh database")
-}
-
-pub fn register_linear(c: &mut Client, ns: &str, name: &str, steps: usize) {
-    let steps: Vec<serde_json::Value> = (0..steps)
-        .map(|i| {
-            let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] };
-            serde_json::json!({"name": format!("s{i}"), "dependencies": deps, "handler": {"callable": "Test::Step"}})
-        })
-        .collect();
-    let t =
-        serde_json::json!({"name": name, "namespace_name": ns, "version": "1.0.0", "steps": steps});
-    c.execute(
-        "SELECT tasker.register_template($1::text::jsonb)",
-        &[&t.to_string()],
-    )
-    .unwrap();
-}
-
-/// The state of a task.
-pub fn task_state(c: &mut Client, task: &str) -> String {
-    c.query_one(
-        "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-        &[&task],
-    )
-    .unwrap()
-    .get(0)
-}
-
-fn count(c: &mut Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
+use super::*;
 
 #[test]
 fn rollback_of_the_callers_transaction_leaves_nothing() {
@@ -103,7 +49,7 @@ fn rollback_of_the_callers_transaction_leaves_nothing() {
 fn errors_reach_clients_with_their_sqlstate() {
     let mut c = connect();
     register_linear(&mut c, "c_errors", "flow", 1);
-    let cases: [(&str, SqlState); 4] = [
+    let cases: [(&str, SqlState); 7] = [
         (
             "SELECT tasker.create_task('c_errors', 'missing')",
             SqlState::UNDEFINED_OBJECT,
@@ -119,6 +65,18 @@ fn errors_reach_clients_with_their_sqlstate() {
         (
             "SELECT tasker.register_template_yaml(':name: [')",
             SqlState::INVALID_TEXT_REPRESENTATION,
+        ),
+        (
+            "SELECT tasker.create_task('c_errors', 'flow', '{\"x\": 1}'::jsonb || jsonb_build_object('blob', repeat('x', 2000000)))",
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+        ),
+        (
+            "SELECT tasker.submit_result('00000000-0000-7000-8000-000000000000', 'success')",
+            SqlState::NO_DATA_FOUND,
+        ),
+        (
+            "SELECT tasker.cancel_task(NULL)",
+            SqlState::NULL_VALUE_NOT_ALLOWED,
         ),
     ];
     for (sql, state) in cases {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 use serde_json::{json, Value};
 
-use crate::client_tests::connect;
+use super::{connect, connect_db, register, step_state};
 
 /// Serializes the tests that change the orchestrator's settings.
 pub static ORCHESTRATOR: Mutex<()> = Mutex::new(());
@@ -73,14 +73,6 @@ pub fn set_enabled(c: &mut Client, on: bool) {
     }
 }
 
-fn register(c: &mut Client, t: &Value) {
-    c.execute(
-        "SELECT tasker.register_template($1::text::jsonb)",
-        &[&t.to_string()],
-    )
-    .unwrap();
-}
-
 fn read_one(c: &mut Client, queue: &str) -> Option<Value> {
     c.query("SELECT message::text FROM pgmq.read($1, 30, 1)", &[&queue])
         .unwrap()
@@ -90,21 +82,13 @@ fn read_one(c: &mut Client, queue: &str) -> Option<Value> {
 
 fn submit(c: &mut Client, msg: &Value, status: &str, error: Option<Value>) -> String {
     c.query_one(
-        "SELECT tasker.submit_result($1::text::uuid, $2, '{}'::jsonb, $3::text::jsonb)",
+        "SELECT tasker.submit_result($1::text::uuid, $2, '{}'::jsonb, $3::text::jsonb, $4::text::jsonb)",
         &[
             &msg["step_uuid"].as_str().unwrap(),
             &status,
             &error.map(|e| e.to_string()),
+            &json!({"attempt": msg["attempt"]}).to_string(),
         ],
-    )
-    .unwrap()
-    .get(0)
-}
-
-fn step_state(c: &mut Client, task: &str, step: &str) -> String {
-    c.query_one(
-        "SELECT state FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid AND name = $2",
-        &[&task, &step],
     )
     .unwrap()
     .get(0)
@@ -142,7 +126,7 @@ fn the_orchestrator_runs_workflows_by_itself() {
             "workflow did not finish"
         );
         let Some(msg) = read_one(&mut c, queue) else {
-            let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
+            let state: String = super::task_state(&mut c, &task);
             if state == "complete" {
                 break;
             }
@@ -426,7 +410,7 @@ fn lost_attempts_are_failed_and_retried() {
         .unwrap()
         .get(0);
     let lose_attempt = |c: &mut Client| {
-        // three deliveries (more than max_attempts = 2), no result
+        // three deliveries (recovery.max_deliveries), each lease ending without a result
         for _ in 0..3 {
             let start = Instant::now();
             while c
@@ -448,7 +432,7 @@ fn lost_attempts_are_failed_and_retried() {
             .unwrap();
     };
     lose_attempt(&mut c);
-    let row = c.query_one("SELECT state, attempts, last_error->>'error_code' FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid", &[&task]).unwrap();
+    let row = c.query_one("SELECT state::text, attempts, last_error->>'error_code' FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid", &[&task]).unwrap();
     assert_eq!(
         (
             row.get::<_, String>(0),
@@ -458,7 +442,7 @@ fn lost_attempts_are_failed_and_retried() {
         ("enqueued".into(), 2, Some("LOST_ATTEMPT".into()))
     );
     lose_attempt(&mut c);
-    let row = c.query_one("SELECT state, attempts, last_error->>'message' FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid", &[&task]).unwrap();
+    let row = c.query_one("SELECT state::text, attempts, last_error->>'message' FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid", &[&task]).unwrap();
     assert_eq!(
         (row.get::<_, String>(0), row.get::<_, i32>(1)),
         ("error".into(), 2)
@@ -466,7 +450,7 @@ fn lost_attempts_are_failed_and_retried() {
     assert!(row
         .get::<_, String>(2)
         .contains("delivered 3 times without a result"));
-    let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
+    let state: String = super::task_state(&mut c, &task);
     assert_eq!(state, "blocked_by_failures");
 }
 
@@ -486,7 +470,7 @@ fn a_worker_that_dies_holding_messages_does_not_lose_them() {
     }
     {
         // a worker takes every message for 1 s, and dies
-        let mut doomed = crate::client_tests::connect_db(&mut c, pgrx_tests::get_pg_dbname());
+        let mut doomed = connect_db(&mut c, pgrx_tests::get_pg_dbname());
         let taken = doomed
             .query(
                 "SELECT msg_id FROM pgmq.read('tasker_b_die_queue', 1, 10)",

@@ -8,64 +8,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 use serde_json::{json, Value};
 
-use crate::client_tests::{connect, connect_db};
-
-fn register(c: &mut Client, t: &Value) {
-    c.execute(
-        "SELECT tasker.register_template($1::text::jsonb)",
-        &[&t.to_string()],
-    )
-    .unwrap();
-}
-
-fn step(name: &str, deps: &[&str]) -> Value {
-    json!({"name": name, "dependencies": deps, "handler": {"callable": format!("Test::{name}")}})
-}
-
-fn template(ns: &str, name: &str, steps: Vec<Value>) -> Value {
-    json!({"name": name, "namespace_name": ns, "version": "1.0.0", "steps": steps})
-}
-
-fn create(c: &mut Client, ns: &str, name: &str) -> uuid::Uuid {
-    let s: String = c
-        .query_one("SELECT tasker.create_task($1, $2)::text", &[&ns, &name])
-        .unwrap()
-        .get(0);
-    s.parse().unwrap()
-}
-
-fn query_json(c: &mut Client, sql: &str) -> Value {
-    let s: Option<String> = c
-        .query_one(&format!("SELECT ({sql})::text"), &[])
-        .unwrap()
-        .get(0);
-    s.map(|s| serde_json::from_str(&s).unwrap())
-        .unwrap_or(Value::Null)
-}
-
-fn other_connection(c: &mut Client) -> Client {
-    connect_db(c, pgrx_tests::get_pg_dbname())
-}
-
-enum Reply {
-    Success(Value),
-    Failure(Value),
-}
-
-fn submit(c: &mut Client, msg: &Value, reply: &Reply) -> String {
-    let step = msg["step_uuid"].as_str().unwrap();
-    let metadata = json!({"attempt": msg["attempt"], "worker_id": "test-worker"}).to_string();
-    let (status, result, error) = match reply {
-        Reply::Success(r) => ("success", Some(r.to_string()), None),
-        Reply::Failure(e) => ("failure", None, Some(e.to_string())),
-    };
-    c.query_one(
-        "SELECT tasker.submit_result($1::text::uuid, $2, $3::text::jsonb, $4::text::jsonb, $5::text::jsonb)",
-        &[&step, &status, &result, &error, &metadata],
-    )
-    .unwrap()
-    .get(0)
-}
+use super::*;
 
 /// A worker loop: reads the namespace queue, answers each message with
 /// `handler`, and when the queue is empty runs an orchestration cycle (the
@@ -112,7 +55,7 @@ fn all_tasks_settled(ns: &'static str) -> impl Fn(&mut Client) -> bool {
         let open: i64 = c
             .query_one(
                 "SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1
-                   AND state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually', 'blocked_by_failures')",
+                   AND NOT tasker.task_state_is_terminal(state) AND state <> 'blocked_by_failures'",
                 &[&ns],
             )
             .unwrap()
@@ -294,7 +237,7 @@ fn retries_in_real_time() {
     let row = |c: &mut Client, task: uuid::Uuid, step: &str| -> (String, i32) {
         let r = c
             .query_one(
-                "SELECT state, attempts FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid AND name = $2",
+                "SELECT state::text, attempts FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid AND name = $2",
                 &[&task.to_string(), &step],
             )
             .unwrap();
@@ -302,20 +245,11 @@ fn retries_in_real_time() {
     };
     assert_eq!(row(&mut c, flaky_task, "flaky"), ("complete".into(), 3));
     assert_eq!(row(&mut c, flaky_task, "after"), ("complete".into(), 1));
-    assert_eq!(
-        crate::client_tests::task_state(&mut c, &flaky_task.to_string()),
-        "complete"
-    );
+    assert_eq!(task_state(&mut c, flaky_task), "complete");
     assert_eq!(row(&mut c, broken_task, "broken"), ("error".into(), 3));
     assert_eq!(row(&mut c, broken_task, "never"), ("pending".into(), 0));
-    assert_eq!(
-        crate::client_tests::task_state(&mut c, &broken_task.to_string()),
-        "blocked_by_failures"
-    );
-    assert_eq!(
-        crate::client_tests::task_state(&mut c, &polite_task.to_string()),
-        "complete"
-    );
+    assert_eq!(task_state(&mut c, broken_task), "blocked_by_failures");
+    assert_eq!(task_state(&mut c, polite_task), "complete");
     // retry-after of 1 s was honoured (the policy alone would have said 10 ms)
     let gap = polite_times[1] - polite_times[0];
     assert!(
@@ -410,7 +344,7 @@ fn fan_in_join_is_enqueued_exactly_once_under_concurrency() {
         }
         let join = c
             .query_one(
-                "SELECT state, attempts, pending_parents FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid AND name = 'join'",
+                "SELECT state::text, attempts, pending_parents FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid AND name = 'join'",
                 &[&task.to_string()],
             )
             .unwrap();
@@ -447,7 +381,7 @@ fn fan_in_join_is_enqueued_exactly_once_under_concurrency() {
             50
         );
         submit(&mut c, &join_msg, &Reply::Success(json!("joined")));
-        let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
+        let state: String = task_state(&mut c, task);
         assert_eq!(state, "complete");
     }
 }
@@ -455,9 +389,9 @@ fn fan_in_join_is_enqueued_exactly_once_under_concurrency() {
 #[test]
 fn concurrent_orchestrators_never_process_the_same_task_twice() {
     // the background orchestrator stays out of this race
-    let _guard = crate::client_bgworker_tests::lock();
+    let _guard = super::bgworker::lock();
     let mut c = connect();
-    crate::client_bgworker_tests::set_enabled(&mut c, false);
+    super::bgworker::set_enabled(&mut c, false);
     let mut s = step("a", &[]);
     s["retry"] = json!({"max_attempts": 5, "backoff": "linear", "backoff_base_ms": 1});
     register(&mut c, &template("c_orch", "flow", vec![s]));
@@ -568,7 +502,7 @@ fn concurrent_orchestrators_never_process_the_same_task_twice() {
     assert!(a.iter().all(|x| !b.contains(x)), "claims are disjoint");
     t1.rollback().unwrap();
     t2.rollback().unwrap();
-    crate::client_bgworker_tests::set_enabled(&mut c, true);
+    super::bgworker::set_enabled(&mut c, true);
 }
 
 #[test]
@@ -603,7 +537,7 @@ fn an_unanswered_message_is_delivered_again_after_its_visibility_timeout() {
     assert_eq!(again[0].get::<_, i32>(1), 2);
     let msg: Value = serde_json::from_str(again[0].get::<_, &str>(2)).unwrap();
     assert_eq!(submit(&mut c, &msg, &Reply::Success(json!(1))), "complete");
-    let state: String = crate::client_tests::task_state(&mut c, &task.to_string());
+    let state: String = task_state(&mut c, task);
     assert_eq!(state, "complete");
 }
 

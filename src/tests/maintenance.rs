@@ -231,7 +231,12 @@ mod tests {
               WHERE task_uuid IN ('{held}', '{idle}')"
         )).unwrap();
         let out = maintenance("staleness");
-        let stale: Vec<&str> = out["stale"].as_array().unwrap().iter().map(|s| s["task_uuid"].as_str().unwrap()).collect();
+        let stale: Vec<&str> = out["stale"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["task_uuid"].as_str().unwrap())
+            .collect();
         assert_eq!(stale, vec![idle.as_str()], "{out}");
         assert_eq!(state(&held), "steps_in_process");
         assert_eq!(state(&idle), "error");
@@ -243,7 +248,12 @@ mod tests {
     /// before lifecycle values were bounded.
     #[pg_test]
     fn huge_thresholds_in_old_definitions_do_not_break_staleness() {
-        register(&template("m_huge", "flow", "1.0.0", json!([step("a", &[])])));
+        register(&template(
+            "m_huge",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[])]),
+        ));
         let task = create_text("m_huge", "flow");
         Spi::run("UPDATE tasker.task_templates SET definition = jsonb_set(definition, '{lifecycle}', '{\"task_max_lifetime_hours\": 1e300, \"steps_in_process_minutes\": 1e300}')
                    WHERE name = 'flow' AND namespace_uuid = (SELECT namespace_uuid FROM tasker.namespaces WHERE name = 'm_huge')").unwrap();
@@ -262,31 +272,71 @@ mod tests {
         s["retry"] = json!({"max_attempts": 3, "backoff": "none"});
         let mut l = step("lossy", &[]);
         l["retry"] = json!({"max_attempts": 3, "backoff": "none"});
-        register(&template("m_rec", "flow", "1.0.0", json!([s, l, step("fine", &[])])));
+        register(&template(
+            "m_rec",
+            "flow",
+            "1.0.0",
+            json!([s, l, step("fine", &[])]),
+        ));
         let task = create("m_rec", "flow", json!({}));
         count("SELECT count(*) FROM tasker.read_steps('m_rec', 'w', 10, 5)");
         let set = |name: &str, sql: &str| {
             Spi::run(&format!(
                 "UPDATE pgmq.q_tasker_m_rec_queue q SET {sql} FROM tasker.workflow_steps s
                   WHERE s.task_uuid = '{task}' AND s.name = '{name}' AND q.msg_id = s.queue_msg_id"
-            )).unwrap();
+            ))
+            .unwrap();
         };
         // slow: started 40 s ago, lease over; lossy: read 3 times, lease over;
         // fine: read once, lease over, no timeout
         Spi::run(&format!("UPDATE tasker.workflow_steps SET started_at = now() - interval '40 seconds' WHERE task_uuid = '{task}' AND name = 'slow'")).unwrap();
         set("slow", "vt = clock_timestamp() - interval '1 second'");
-        set("lossy", "vt = clock_timestamp() - interval '1 second', read_ct = 3");
+        set(
+            "lossy",
+            "vt = clock_timestamp() - interval '1 second', read_ct = 3",
+        );
         set("fine", "vt = clock_timestamp() - interval '1 second'");
         let out = maintenance("recovery");
-        let kinds: Vec<(String, String)> = out["recovered"].as_array().unwrap().iter()
-            .map(|r| (r["kind"].as_str().unwrap().to_string(), r["state"].as_str().unwrap().to_string()))
+        let kinds: Vec<(String, String)> = out["recovered"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["kind"].as_str().unwrap().to_string(),
+                    r["state"].as_str().unwrap().to_string(),
+                )
+            })
             .collect();
         assert_eq!(kinds.len(), 2, "{out}");
-        assert!(kinds.contains(&("TIMEOUT".into(), "enqueued".into())), "{out}");
-        assert!(kinds.contains(&("LOST_ATTEMPT".into(), "enqueued".into())), "{out}");
-        assert_eq!(step_field(task, "slow", "attempts::text || ':' || (last_error->>'error_code')"), "2:TIMEOUT");
-        assert_eq!(step_field(task, "lossy", "attempts::text || ':' || (last_error->>'error_code')"), "2:LOST_ATTEMPT");
-        assert_eq!(step_field(task, "fine", "state || ':' || attempts"), "in_progress:1");
+        assert!(
+            kinds.contains(&("TIMEOUT".into(), "enqueued".into())),
+            "{out}"
+        );
+        assert!(
+            kinds.contains(&("LOST_ATTEMPT".into(), "enqueued".into())),
+            "{out}"
+        );
+        assert_eq!(
+            step_field(
+                task,
+                "slow",
+                "attempts::text || ':' || (last_error->>'error_code')"
+            ),
+            "2:TIMEOUT"
+        );
+        assert_eq!(
+            step_field(
+                task,
+                "lossy",
+                "attempts::text || ':' || (last_error->>'error_code')"
+            ),
+            "2:LOST_ATTEMPT"
+        );
+        assert_eq!(
+            step_field(task, "fine", "state || ':' || attempts"),
+            "in_progress:1"
+        );
         // a live lease is never touched, however old the attempt
         count("SELECT count(*) FROM tasker.read_steps('m_rec', 'w', 10, 60)");
         Spi::run(&format!("UPDATE tasker.workflow_steps SET started_at = now() - interval '1 hour' WHERE task_uuid = '{task}' AND name = 'slow'")).unwrap();
@@ -321,6 +371,10 @@ mod tests {
         for r in out["rejected"].as_array().unwrap() {
             assert_eq!(r["error"]["sqlstate"], "22023", "{r}");
         }
-        assert_eq!(count("SELECT count(*) FROM pgmq.q_m_req_requests"), 0, "every message archived");
+        assert_eq!(
+            count("SELECT count(*) FROM pgmq.q_m_req_requests"),
+            0,
+            "every message archived"
+        );
     }
 }

@@ -717,7 +717,15 @@ mod tests {
         for (ns, fail_first) in [("o_branch_a", true), ("o_branch_b", false)] {
             let (task, [start, left, right, _]) = diamond_task(ns);
             submit(&start, "success", json!(1), Value::Null, Value::Null);
-            let fail = || submit(&left, "failure", Value::Null, json!({"message": "no", "retryable": false}), Value::Null);
+            let fail = || {
+                submit(
+                    &left,
+                    "failure",
+                    Value::Null,
+                    json!({"message": "no", "retryable": false}),
+                    Value::Null,
+                )
+            };
             let ok = || submit(&right, "success", json!(2), Value::Null, Value::Null);
             if fail_first {
                 assert_eq!(fail(), "error");
@@ -737,15 +745,30 @@ mod tests {
     #[pg_test]
     fn resolving_a_step_whose_parent_still_runs() {
         let (task, [start, left, right, end]) = diamond_task("o_resolve_mid");
-        assert_eq!(text(&format!("SELECT tasker.resolve_step_manually('{left}', '{{\"by\": \"hand\"}}')")), "resolved_manually");
+        assert_eq!(
+            text(&format!(
+                "SELECT tasker.resolve_step_manually('{left}', '{{\"by\": \"hand\"}}')"
+            )),
+            "resolved_manually"
+        );
         assert_eq!(task_state(task), "steps_in_process");
         assert_task_consistent(task);
         submit(&start, "success", json!(1), Value::Null, Value::Null);
         assert_eq!(step_field(task, "right", "state"), "enqueued");
-        assert_eq!(step_field(task, "end", "state"), "pending", "end still waits for right");
+        assert_eq!(
+            step_field(task, "end", "state"),
+            "pending",
+            "end still waits for right"
+        );
         submit(&right, "success", json!(2), Value::Null, Value::Null);
-        let end_msg = read_all("o_resolve_mid").into_iter().find(|m| m["step_name"] == "end").unwrap();
-        assert_eq!(end_msg["dependency_results"], json!({"left": {"by": "hand"}, "right": 2}));
+        let end_msg = read_all("o_resolve_mid")
+            .into_iter()
+            .find(|m| m["step_name"] == "end")
+            .unwrap();
+        assert_eq!(
+            end_msg["dependency_results"],
+            json!({"left": {"by": "hand"}, "right": 2})
+        );
         submit(&end, "success", json!(3), Value::Null, Value::Null);
         assert_eq!(task_state(task), "complete");
         assert_task_consistent(task);
@@ -754,7 +777,10 @@ mod tests {
         for s in [&start, &left, &right] {
             submit(s, "success", json!(1), Value::Null, Value::Null);
         }
-        assert_eq!(text(&format!("SELECT tasker.resolve_step_manually('{end}')")), "resolved_manually");
+        assert_eq!(
+            text(&format!("SELECT tasker.resolve_step_manually('{end}')")),
+            "resolved_manually"
+        );
         assert_eq!(task_state(task), "complete");
         assert_task_consistent(task);
     }
@@ -765,9 +791,17 @@ mod tests {
         let (task, [start, left, right, end]) = diamond_task("o_unblock");
         submit(&start, "success", json!(1), Value::Null, Value::Null);
         submit(&right, "success", json!(2), Value::Null, Value::Null);
-        submit(&left, "failure", Value::Null, json!({"message": "no", "retryable": false}), Value::Null);
+        submit(
+            &left,
+            "failure",
+            Value::Null,
+            json!({"message": "no", "retryable": false}),
+            Value::Null,
+        );
         assert_eq!(task_state(task), "blocked_by_failures");
-        text(&format!("SELECT tasker.resolve_step_manually('{left}', '\"fixed\"')"));
+        text(&format!(
+            "SELECT tasker.resolve_step_manually('{left}', '\"fixed\"')"
+        ));
         assert_eq!(task_state(task), "steps_in_process");
         assert_eq!(step_field(task, "end", "state"), "enqueued");
         submit(&end, "success", json!(3), Value::Null, Value::Null);
@@ -777,9 +811,18 @@ mod tests {
         let (task, [start, left, right, _]) = diamond_task("o_unblock_retry");
         submit(&start, "success", json!(1), Value::Null, Value::Null);
         submit(&right, "success", json!(2), Value::Null, Value::Null);
-        submit(&left, "failure", Value::Null, json!({"message": "no"}), Value::Null);
+        submit(
+            &left,
+            "failure",
+            Value::Null,
+            json!({"message": "no"}),
+            Value::Null,
+        );
         assert_eq!(task_state(task), "blocked_by_failures");
-        assert_eq!(text(&format!("SELECT tasker.retry_step('{left}')")), "enqueued");
+        assert_eq!(
+            text(&format!("SELECT tasker.retry_step('{left}')")),
+            "enqueued"
+        );
         assert_eq!(task_state(task), "steps_in_process");
         assert_task_consistent(task);
     }
@@ -795,14 +838,50 @@ mod tests {
         let a = step_field(task, "a", "step_uuid");
         let first = read_all("o_fence");
         assert_eq!(first[0]["attempt"], 1);
-        assert_eq!(submit(&a, "failure", Value::Null, json!({"message": "down"}), json!({"attempt": 1})), "error");
-        assert_eq!(text(&format!("SELECT tasker.retry_step('{a}')")), "enqueued");
+        assert_eq!(
+            submit(
+                &a,
+                "failure",
+                Value::Null,
+                json!({"message": "down"}),
+                json!({"attempt": 1})
+            ),
+            "error"
+        );
+        assert_eq!(
+            text(&format!("SELECT tasker.retry_step('{a}')")),
+            "enqueued"
+        );
         let second = read_all("o_fence");
-        assert_eq!((second[0]["attempt"].clone(), second[0]["budget_attempt"].clone()), (json!(2), json!(1)));
+        assert_eq!(
+            (
+                second[0]["attempt"].clone(),
+                second[0]["budget_attempt"].clone()
+            ),
+            (json!(2), json!(1))
+        );
         // the late result of attempt 1 changes nothing
-        assert_eq!(submit(&a, "success", json!("stale"), Value::Null, json!({"attempt": 1})), "enqueued");
+        assert_eq!(
+            submit(
+                &a,
+                "success",
+                json!("stale"),
+                Value::Null,
+                json!({"attempt": 1})
+            ),
+            "enqueued"
+        );
         assert_eq!(step_field(task, "a", "results"), "");
-        assert_eq!(submit(&a, "success", json!("fresh"), Value::Null, json!({"attempt": 2})), "complete");
+        assert_eq!(
+            submit(
+                &a,
+                "success",
+                json!("fresh"),
+                Value::Null,
+                json!({"attempt": 2})
+            ),
+            "complete"
+        );
         assert_eq!(step_field(task, "a", "results"), "\"fresh\"");
         assert_eq!(task_state(task), "complete");
         assert_eq!(
@@ -814,8 +893,18 @@ mod tests {
 
     #[pg_test]
     fn read_steps_survives_poison_and_foreign_messages() {
-        register(&template("o_poison", "flow", "1.0.0", json!([step("a", &[])])));
-        register(&template("o_poison_other", "flow", "1.0.0", json!([step("a", &[])])));
+        register(&template(
+            "o_poison",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[])]),
+        ));
+        register(&template(
+            "o_poison_other",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[])]),
+        ));
         let other = create("o_poison_other", "flow", json!({}));
         let other_a = step_field(other, "a", "step_uuid");
         let other_msg = step_field(other, "a", "queue_msg_id");
@@ -824,14 +913,20 @@ mod tests {
             "INSERT INTO pgmq.q_tasker_o_poison_queue (msg_id, vt, message) OVERRIDING SYSTEM VALUE
              VALUES ({other_msg}, clock_timestamp(), '{{\"step_uuid\": \"{other_a}\"}}');
              SELECT setval(pg_get_serial_sequence('pgmq.q_tasker_o_poison_queue', 'msg_id'), 1000)"
-        )).unwrap();
+        ))
+        .unwrap();
         Spi::run("SELECT pgmq.send('tasker_o_poison_queue', '{\"hello\": 1}')").unwrap();
-        Spi::run("SELECT pgmq.send('tasker_o_poison_queue', '{\"step_uuid\": \"not-a-uuid\"}')").unwrap();
+        Spi::run("SELECT pgmq.send('tasker_o_poison_queue', '{\"step_uuid\": \"not-a-uuid\"}')")
+            .unwrap();
         let task = create("o_poison", "flow", json!({}));
         let rows = json_of("SELECT jsonb_agg(jsonb_build_array(step_uuid, message ->> 'step_name')) FROM tasker.read_steps('o_poison', 'w', 10, 30)");
         assert_eq!(rows.as_array().unwrap().len(), 4, "{rows}");
         assert_eq!(step_field(task, "a", "state"), "in_progress");
-        assert_eq!(step_field(other, "a", "state"), "enqueued", "a foreign message marks nothing");
+        assert_eq!(
+            step_field(other, "a", "state"),
+            "enqueued",
+            "a foreign message marks nothing"
+        );
         assert_task_consistent(task);
         assert_task_consistent(other);
     }
@@ -840,7 +935,12 @@ mod tests {
     fn extend_lease_is_for_the_current_attempt_within_its_timeout() {
         let mut s = step("a", &[]);
         s["timeout_seconds"] = json!(60);
-        register(&template("o_lease", "flow", "1.0.0", json!([s, step("b", &[])])));
+        register(&template(
+            "o_lease",
+            "flow",
+            "1.0.0",
+            json!([s, step("b", &[])]),
+        ));
         let task = create("o_lease", "flow", json!({}));
         let a = step_field(task, "a", "step_uuid");
         let b = step_field(task, "b", "step_uuid");
@@ -852,10 +952,24 @@ mod tests {
         };
         assert_eq!(secs(&b, 1, 300), Some(300), "no timeout: as asked");
         let capped = secs(&a, 1, 300).unwrap();
-        assert!((58..=60).contains(&capped), "capped at the 60 s timeout: {capped}");
+        assert!(
+            (58..=60).contains(&capped),
+            "capped at the 60 s timeout: {capped}"
+        );
         assert_eq!(secs(&a, 2, 30), None, "not the current attempt");
-        assert_fails(&format!("SELECT tasker.extend_lease('{a}', 1, 0)"), "22023", "seconds");
-        assert_fails(&format!("SELECT tasker.extend_lease('{}', 1, 5)", uuid::Uuid::now_v7()), "P0002", "does not exist");
+        assert_fails(
+            &format!("SELECT tasker.extend_lease('{a}', 1, 0)"),
+            "22023",
+            "seconds",
+        );
+        assert_fails(
+            &format!(
+                "SELECT tasker.extend_lease('{}', 1, 5)",
+                uuid::Uuid::now_v7()
+            ),
+            "P0002",
+            "does not exist",
+        );
         submit(&a, "success", json!(1), Value::Null, Value::Null);
         assert_eq!(secs(&a, 1, 30), None, "settled");
     }

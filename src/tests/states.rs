@@ -20,10 +20,8 @@ mod tests {
         let rust_steps: Vec<&str> = StepState::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(sql_steps, rust_steps.join(","));
         for s in TaskState::ALL {
-            let terminal = sql_value::<bool>(&format!(
-                "SELECT tasker.task_state_is_terminal('{s}')"
-            ))
-            .unwrap();
+            let terminal =
+                sql_value::<bool>(&format!("SELECT tasker.task_state_is_terminal('{s}')")).unwrap();
             assert_eq!(terminal, s.is_terminal(), "{s}");
         }
         for s in StepState::ALL {
@@ -73,15 +71,22 @@ mod tests {
         );
         // only done steps are never left; error goes back to pending (a new budget)
         assert_eq!(
-            count("SELECT count(*) FROM tasker.step_state_transitions
-                   WHERE tasker.step_state_class(from_state) IN ('done', 'cancelled')"),
+            count(
+                "SELECT count(*) FROM tasker.step_state_transitions
+                   WHERE tasker.step_state_class(from_state) IN ('done', 'cancelled')"
+            ),
             0
         );
     }
 
     #[pg_test]
     fn the_primitives_refuse_illegal_moves() {
-        register(&template("st_moves", "flow", "1.0.0", json!([step("a", &[]), step("b", &["a"])])));
+        register(&template(
+            "st_moves",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        ));
         let task = create("st_moves", "flow", json!({}));
         let b = step_field(task, "b", "step_uuid");
         // pending -> complete is not a legal move (a step completes from out)
@@ -101,7 +106,12 @@ mod tests {
 
     #[pg_test]
     fn check_constraints_encode_the_invariants() {
-        register(&template("st_check", "flow", "1.0.0", json!([step("a", &[]), step("b", &["a"])])));
+        register(&template(
+            "st_check",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        ));
         let task = create("st_check", "flow", json!({}));
         for (stmt, constraint) in [
             (format!("UPDATE tasker.tasks SET state = 'bogus' WHERE task_uuid = '{task}'"), "invalid input value for enum"),

@@ -217,7 +217,12 @@ mod tests {
     fn template_rows_are_share_locked_while_a_task_is_created() {
         // create_task reads the definition under FOR SHARE, so a concurrent
         // re-registration waits (client_tests::concurrency races them for real)
-        register(&template("t_lock", "flow", "1.0.0", json!([step("a", &[])])));
+        register(&template(
+            "t_lock",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[])]),
+        ));
         Spi::run("SELECT tasker.create_task('t_lock', 'flow')").unwrap();
         let locked = count(
             "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation

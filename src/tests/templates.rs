@@ -237,16 +237,31 @@ mod tests {
         // lifecycle values are bounded (a huge one used to break staleness for everyone)
         let mut t = template("t_limit", "life", "1.0.0", json!([step("a", &[])]));
         t["lifecycle"] = json!({"task_max_lifetime_hours": 1e300});
-        assert_fails(&register_sql(&t), "22023", "lifecycle.task_max_lifetime_hours must be a positive number of at most");
+        assert_fails(
+            &register_sql(&t),
+            "22023",
+            "lifecycle.task_max_lifetime_hours must be a positive number of at most",
+        );
         t["lifecycle"] = json!({"steps_in_process_minutes": 0});
-        assert_fails(&register_sql(&t), "22023", "lifecycle.steps_in_process_minutes");
+        assert_fails(
+            &register_sql(&t),
+            "22023",
+            "lifecycle.steps_in_process_minutes",
+        );
         t["lifecycle"] = json!({"steps_in_process_minutes": 90, "task_max_lifetime_hours": 48});
         register(&t);
         // timeouts are bounded too
         let mut s = step("a", &[]);
         s["timeout_seconds"] = json!(0);
-        assert_fails(&register_sql(&template("t_limit", "to", "1.0.0", json!([s]))), "22023", "timeout_seconds");
-        assert_eq!(count("SELECT count(*) FROM tasker.templates WHERE namespace = 't_limit'"), 1);
+        assert_fails(
+            &register_sql(&template("t_limit", "to", "1.0.0", json!([s]))),
+            "22023",
+            "timeout_seconds",
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.templates WHERE namespace = 't_limit'"),
+            1
+        );
     }
 
     #[pg_test]
@@ -262,21 +277,42 @@ mod tests {
         let deep_yaml = format!("SELECT tasker.register_template_yaml('x: {deep}')");
         let f = failure(&deep_yaml);
         assert!(f.starts_with("54000") || f.starts_with("22P02"), "{f}");
-        assert_eq!(count("SELECT count(*) FROM tasker.namespaces WHERE name = 't_json'"), 0);
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.namespaces WHERE name = 't_json'"),
+            0
+        );
     }
 
     #[pg_test]
     fn latest_version_follows_semver_precedence() {
-        for v in ["1.2.0", "1.10.0", "1.9.3", "1.10.0-rc.1", "1.10.0-rc.10", "1.10.0-rc.2"] {
+        for v in [
+            "1.2.0",
+            "1.10.0",
+            "1.9.3",
+            "1.10.0-rc.1",
+            "1.10.0-rc.10",
+            "1.10.0-rc.2",
+        ] {
             register(&template("t_semver", "flow", v, json!([step("a", &[])])));
         }
         let version_of = |call: &str| {
             let id = sql_value::<pgrx::Uuid>(call).unwrap();
-            text(&format!("SELECT task_version FROM tasker.tasks WHERE task_uuid = '{id}'"))
+            text(&format!(
+                "SELECT task_version FROM tasker.tasks WHERE task_uuid = '{id}'"
+            ))
         };
-        assert_eq!(version_of("SELECT tasker.create_task('t_semver', 'flow')"), "1.10.0");
-        assert_eq!(version_of("SELECT tasker.create_task('t_semver', 'flow', version => '1.2')"), "1.2.0");
-        assert_eq!(version_of("SELECT tasker.create_task('t_semver', 'flow', version => '1.9.3')"), "1.9.3");
+        assert_eq!(
+            version_of("SELECT tasker.create_task('t_semver', 'flow')"),
+            "1.10.0"
+        );
+        assert_eq!(
+            version_of("SELECT tasker.create_task('t_semver', 'flow', version => '1.2')"),
+            "1.2.0"
+        );
+        assert_eq!(
+            version_of("SELECT tasker.create_task('t_semver', 'flow', version => '1.9.3')"),
+            "1.9.3"
+        );
         // the hint lists versions in precedence order
         let f = failure("SELECT tasker.create_task('t_semver', 'flow', version => '3.0.0')");
         assert!(
@@ -291,13 +327,24 @@ mod tests {
 
     #[pg_test]
     fn environments_are_materialised_per_template() {
-        let mut t = template("t_envrows", "flow", "1.0.0", json!([step("a", &[]), step("b", &["a"])]));
-        t["environments"] = json!({"test": {"steps": [{"name": "b", "retry": {"max_attempts": 9}}]}});
+        let mut t = template(
+            "t_envrows",
+            "flow",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"])]),
+        );
+        t["environments"] =
+            json!({"test": {"steps": [{"name": "b", "retry": {"max_attempts": 9}}]}});
         let id = register(&t);
         assert_eq!(
             text(&format!("SELECT string_agg(environment || ':' || name || ':' || max_attempts, ',' ORDER BY environment, position) FROM tasker.template_steps WHERE template_uuid = '{id}'")),
             ":a:3,:b:3,test:a:3,test:b:9"
         );
-        assert_eq!(count(&format!("SELECT count(*) FROM tasker.template_edges WHERE template_uuid = '{id}'")), 1);
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM tasker.template_edges WHERE template_uuid = '{id}'"
+            )),
+            1
+        );
     }
 }

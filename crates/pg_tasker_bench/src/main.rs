@@ -382,21 +382,28 @@ fn add_history(db: &mut Client, upto: i64) {
     let add = upto - have;
     db.batch_execute(&format!(
         "WITH t AS (
-            INSERT INTO tasker.tasks (template_uuid, namespace_name, task_name, task_version, state, total_steps, completed_at, created_at)
+            INSERT INTO tasker.tasks (template_uuid, namespace_name, task_name, task_version, state, steps_total,
+                                      steps_pending, steps_done, transitions, completed_at, created_at)
             SELECT (SELECT template_uuid FROM tasker.templates WHERE namespace = 'p4_hist'), 'p4_hist', 'linear', '1.0.0',
-                   'complete', 1, now() - interval '1 hour', now() - interval '2 hours'
+                   'complete', 1, 0, 1, 2, now() - interval '1 hour', now() - interval '2 hours'
             FROM generate_series(1, {add})
             RETURNING task_uuid
          ), s AS (
-            INSERT INTO tasker.workflow_steps (task_uuid, name, position, state, handler_callable, attempts, completed_at, results)
-            SELECT task_uuid, 's0', 0, 'complete', 'Noop', 1, now() - interval '1 hour', '{{}}'::jsonb FROM t
+            INSERT INTO tasker.workflow_steps (task_uuid, name, position, state, handler_callable, attempts, queue_msg_id,
+                                               enqueued_at, completed_at, results, transitions)
+            SELECT task_uuid, 's0', 0, 'complete', 'Noop', 1, 0, now() - interval '2 hours', now() - interval '1 hour',
+                   '{{}}'::jsonb, 3 FROM t
             RETURNING step_uuid
          ), st AS (
-            INSERT INTO tasker.step_transitions (step_uuid, from_state, to_state, sort_key, most_recent)
-            SELECT step_uuid, 'enqueued', 'complete', 3, true FROM s
+            INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state)
+            SELECT step_uuid, k, CASE k WHEN 1 THEN NULL WHEN 2 THEN 'pending' ELSE 'enqueued' END::tasker.step_state,
+                   CASE k WHEN 1 THEN 'pending' WHEN 2 THEN 'enqueued' ELSE 'complete' END::tasker.step_state
+            FROM s, generate_series(1, 3) k
          )
-         INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, sort_key, most_recent)
-         SELECT task_uuid, 'steps_in_process', 'complete', 2, true FROM t;
+         INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state)
+         SELECT task_uuid, k, CASE k WHEN 1 THEN NULL ELSE 'steps_in_process' END::tasker.task_state,
+                CASE k WHEN 1 THEN 'steps_in_process' ELSE 'complete' END::tasker.task_state
+         FROM t, generate_series(1, 2) k;
          ANALYZE tasker.tasks; ANALYZE tasker.workflow_steps; ANALYZE tasker.step_transitions; ANALYZE tasker.task_transitions;"
     ))
     .unwrap();

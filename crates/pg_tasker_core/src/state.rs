@@ -68,7 +68,10 @@ impl TaskState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskState::Complete | TaskState::Error | TaskState::Cancelled | TaskState::ResolvedManually
+            TaskState::Complete
+                | TaskState::Error
+                | TaskState::Cancelled
+                | TaskState::ResolvedManually
         )
     }
 }

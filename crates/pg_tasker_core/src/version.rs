@@ -94,9 +94,25 @@ mod tests {
     #[test]
     fn sort_key_follows_semver_precedence() {
         let versions = [
-            "0.9.9", "1.0.0-0", "1.0.0-1", "1.0.0-10", "1.0.0-alpha", "1.0.0-alpha.1",
-            "1.0.0-alpha.beta", "1.0.0-alpha1", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
-            "1.0.0-rc.1", "1.0.0", "1.0.1", "1.2.0", "1.10.0", "2.0.0-rc.1", "2.0.0", "10.0.0",
+            "0.9.9",
+            "1.0.0-0",
+            "1.0.0-1",
+            "1.0.0-10",
+            "1.0.0-alpha",
+            "1.0.0-alpha.1",
+            "1.0.0-alpha.beta",
+            "1.0.0-alpha1",
+            "1.0.0-beta",
+            "1.0.0-beta.2",
+            "1.0.0-beta.11",
+            "1.0.0-rc.1",
+            "1.0.0",
+            "1.0.1",
+            "1.2.0",
+            "1.10.0",
+            "2.0.0-rc.1",
+            "2.0.0",
+            "10.0.0",
         ];
         for pair in versions.windows(2) {
             let (a, b) = (parse(pair[0]).unwrap(), parse(pair[1]).unwrap());

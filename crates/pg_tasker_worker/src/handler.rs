@@ -22,7 +22,12 @@ pub struct StepMessage {
     pub handler: HandlerSpec,
     pub task_context: Value,
     pub dependency_results: Map<String, Value>,
+    /// The attempt's number: only grows, fences the result.
     pub attempt: u32,
+    /// The attempt's place in its retry budget (1..=max_attempts); an
+    /// operator's retry starts a new budget.
+    #[serde(default)]
+    pub budget_attempt: Option<u32>,
     pub max_attempts: u32,
     pub timeout_seconds: Option<u64>,
     pub correlation_id: String,

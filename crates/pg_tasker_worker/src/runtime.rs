@@ -233,16 +233,15 @@ pub async fn run(
                     read_ct,
                     worker_id: options.worker_id.clone(),
                 };
-                let (db, registry, options, stats, in_flight, queue) = (
+                let (db, registry, options, stats, in_flight) = (
                     db.clone(),
                     registry.clone(),
                     options.clone(),
                     stats.clone(),
                     in_flight.clone(),
-                    queue.clone(),
                 );
                 tokio::spawn(async move {
-                    process(&db, &registry, &options, &stats, &queue, ctx).await;
+                    process(&db, &registry, &options, &stats, ctx).await;
                     in_flight.lock().unwrap().remove(&msg_id);
                     drop(permit);
                 });
@@ -299,7 +298,6 @@ async fn process(
     registry: &Registry,
     options: &WorkerOptions,
     stats: &Mutex<Stats>,
-    queue: &str,
     ctx: StepContext,
 ) {
     let started = Instant::now();
@@ -309,18 +307,19 @@ async fn process(
     let callable = ctx.message.handler.callable.clone();
     let timeout = ctx.message.timeout_seconds.map(Duration::from_secs);
 
-    // keep the lease while the handler runs
+    // keep the lease while the handler runs (tasker.extend_lease: for this
+    // attempt only, never beyond the step's timeout_seconds)
     let lease = {
         let client = db.get().await;
-        let (queue, vt) = (queue.to_string(), options.visibility_timeout);
+        let (step, vt) = (step_uuid.clone(), options.visibility_timeout);
         tokio::spawn(async move {
             let every = (vt / 2).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
                 let extended = client
                     .execute(
-                        "SELECT pgmq.set_vt($1::text, $2::bigint, $3::integer)",
-                        &[&queue, &msg_id, &(vt.as_secs().max(1) as i32)],
+                        "SELECT tasker.extend_lease($1::text::uuid, $2::integer, $3::integer)",
+                        &[&step, &(attempt as i32), &(vt.as_secs().max(1) as i32)],
                     )
                     .await;
                 if let Err(e) = extended {

@@ -58,20 +58,44 @@ impl Cluster {
 
     /// `pg_ctl restart -m immediate` (crash recovery, no shutdown checkpoint).
     pub fn restart_immediate(&self) {
-        let status = Command::new("sudo")
-            .args(["-u", "postgres", "/usr/lib/postgresql/15/bin/pg_ctl", "-D"])
+        self.restart("immediate");
+    }
+
+    /// `pg_ctl restart -m fast` (a clean restart, e.g. after ALTER SYSTEM).
+    pub fn restart_fast(&self) {
+        self.restart("fast");
+    }
+
+    fn restart(&self, mode: &str) {
+        let mut cmd = if is_root() {
+            let mut c = Command::new("sudo");
+            c.args(["-u", "postgres", "/usr/lib/postgresql/15/bin/pg_ctl"]);
+            c
+        } else {
+            Command::new("/usr/lib/postgresql/15/bin/pg_ctl")
+        };
+        let status = cmd
+            .arg("-D")
             .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "-w", "-l"])
+            .args(["-m", mode, "-w", "-l"])
             .arg(self.dir.join("postgres.log"))
             .arg("restart")
             .status()
             .expect("pg_ctl runs");
-        assert!(status.success(), "pg_ctl restart failed");
+        assert!(status.success(), "pg_ctl restart -m {mode} failed");
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
     }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 impl Drop for Cluster {

@@ -90,7 +90,7 @@ fn settle(env: &mut Env, ns: &str, limit: Duration) {
             .db
             .query_one(
                 "SELECT count(*) FROM tasker.tasks WHERE namespace_name = $1
-                   AND state NOT IN ('complete', 'blocked_by_failures', 'error', 'cancelled')",
+                   AND NOT tasker.task_state_is_terminal(state) AND state <> 'blocked_by_failures'",
                 &[&ns],
             )
             .unwrap()
@@ -126,7 +126,7 @@ fn step(db: &mut Client, task: &str, name: &str) -> Value {
 
 fn task_state(db: &mut Client, task: &str) -> String {
     db.query_one(
-        "SELECT state FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
+        "SELECT state::text FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
         &[&task],
     )
     .unwrap()

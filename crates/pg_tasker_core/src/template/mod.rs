@@ -244,7 +244,10 @@ pub fn parse_json_text(text: &str, what: &str) -> Result<Value> {
                 "{what} contains a number outside the range of a 64-bit float ({msg})"
             ))
         } else {
-            Error::new(ErrorKind::Syntax, format!("{what} is not valid JSON: {msg}"))
+            Error::new(
+                ErrorKind::Syntax,
+                format!("{what} is not valid JSON: {msg}"),
+            )
         }
     })
 }
