@@ -6,7 +6,8 @@
 # it were installed) and its full install script, kept in
 # sql/pg_tasker--<version>.sql. The library is built once from the
 # release's commit and cached under target/releases/<version>.
-#   scripts/install-release.sh 0.1.0
+#   scripts/install-release.sh 0.1.0             # debug build (tests)
+#   PROFILE=release scripts/install-release.sh 0.1.0   # optimized (benchmarks)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
@@ -17,20 +18,24 @@ case "$VERSION" in
 esac
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+PROFILE="${PROFILE:-debug}"
 OUT="$ROOT/target/releases/$VERSION"
-LIB="$OUT/libpg_tasker.so"
+LIB="$OUT/libpg_tasker-$PROFILE.so"
 if [ ! -f "$LIB" ]; then
     if ! git -C "$ROOT" cat-file -e "${COMMIT}^{commit}" 2>/dev/null; then
         echo "release $VERSION (commit $COMMIT) is not in this clone's history; clone without --depth" >&2
         exit 1
     fi
-    echo "==> building pg_tasker $VERSION from $COMMIT (once; cached in $OUT)"
-    rm -rf "$OUT/src"
-    mkdir -p "$OUT/src"
-    git -C "$ROOT" archive "$COMMIT" | tar -x -C "$OUT/src"
+    echo "==> building pg_tasker $VERSION ($PROFILE) from $COMMIT (once; cached in $OUT)"
+    if [ ! -f "$OUT/src/Cargo.toml" ]; then
+        mkdir -p "$OUT/src"
+        git -C "$ROOT" archive "$COMMIT" | tar -x -C "$OUT/src"
+    fi
+    flag=""
+    [ "$PROFILE" = release ] && flag="--release"
     (cd "$OUT/src" && CARGO_TARGET_DIR="$ROOT/target/releases/target" \
-        cargo build --quiet --locked --lib -p pg_tasker --features pg15)
-    cp "$ROOT/target/releases/target/debug/libpg_tasker.so" "$LIB"
+        cargo build --quiet --locked --lib -p pg_tasker --features pg15 $flag)
+    cp "$ROOT/target/releases/target/$PROFILE/libpg_tasker.so" "$LIB"
 fi
 LIBDIR="$("$PG_CONFIG" --pkglibdir)/pg_tasker-releases/$VERSION"
 EXTDIR="$("$PG_CONFIG" --sharedir)/extension"

@@ -30,10 +30,18 @@ CREATE TYPE tasker.step_state AS ENUM (
     'resolved_manually'   -- an operator supplied its result
 );
 
+-- The functions below classify states. They are PL/pgSQL on purpose: CHECK
+-- constraints and partial-index predicates use them on every write, and a
+-- SQL-language body would be parsed and inlined again each time a
+-- statement starts; a PL/pgSQL function is compiled once per session.
+
 -- Finished tasks never change again.
 CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
+END
+$$;
 
 -- The class of a step state; each class has a counter on its task row
 -- (tasks.steps_<class>), kept by tasker._move_steps.
@@ -44,31 +52,40 @@ RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 --   error    - error
 --   cancelled
 CREATE FUNCTION tasker.step_state_class(state tasker.step_state) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE state
-           WHEN 'pending' THEN 'pending'
-           WHEN 'enqueued' THEN 'out'
-           WHEN 'in_progress' THEN 'out'
-           WHEN 'waiting_for_retry' THEN 'waiting'
-           WHEN 'complete' THEN 'done'
-           WHEN 'resolved_manually' THEN 'done'
-           WHEN 'error' THEN 'error'
-           WHEN 'cancelled' THEN 'cancelled'
-       END;
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN CASE state
+               WHEN 'pending' THEN 'pending'
+               WHEN 'enqueued' THEN 'out'
+               WHEN 'in_progress' THEN 'out'
+               WHEN 'waiting_for_retry' THEN 'waiting'
+               WHEN 'complete' THEN 'done'
+               WHEN 'resolved_manually' THEN 'done'
+               WHEN 'error' THEN 'error'
+               WHEN 'cancelled' THEN 'cancelled'
+           END;
+END
+$$;
 
 -- Runnable: could be enqueued as soon as its retry time (if any) has come.
 -- The partial index workflow_steps_runnable_idx is defined with exactly
--- this predicate.
+-- this predicate (queries that want the index spell it out).
 CREATE FUNCTION tasker.step_is_runnable(state tasker.step_state, pending_parents integer)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
+END
+$$;
 
 -- Ready: runnable and due at `at`. The one readiness predicate.
 CREATE FUNCTION tasker.step_is_ready(state tasker.step_state, pending_parents integer,
                                      next_retry_at timestamptz, at timestamptz)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN tasker.step_is_runnable(state, pending_parents)
-       AND (next_retry_at IS NULL OR next_retry_at <= at);
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN tasker.step_is_runnable(state, pending_parents)
+           AND (next_retry_at IS NULL OR next_retry_at <= at);
+END
+$$;
 
 -- Legal moves. `via` names the operations that make them (docs/schema.md).
 CREATE TABLE tasker.step_state_transitions (

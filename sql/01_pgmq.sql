@@ -85,15 +85,17 @@ $$;
 -- Reads up to qty messages, leasing each for vt seconds (pgmq.read).
 CREATE FUNCTION tasker._pgmq_read(queue text, vt integer, qty integer)
 RETURNS TABLE (msg_id bigint, read_ct integer, message jsonb)
-LANGUAGE sql AS $$
-    SELECT r.msg_id, r.read_ct, r.message FROM pgmq.read(queue, vt, qty) r
+LANGUAGE plpgsql ROWS 10 AS $$
+BEGIN
+    RETURN QUERY SELECT r.msg_id, r.read_ct, r.message FROM pgmq.read(queue, vt, qty) r;
+END
 $$;
 
 -- Messages that were delivered and whose lease has ended without an
 -- archive: candidates for lost-attempt and timeout recovery.
 CREATE FUNCTION tasker._pgmq_expired_leases(queue text)
 RETURNS TABLE (msg_id bigint, read_ct integer, last_read_at timestamptz, step_uuid text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 10 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT m.msg_id, m.read_ct, m.last_read_at, m.message ->> ''step_uuid''
@@ -105,7 +107,7 @@ $$;
 
 -- Which of the given messages are under a live lease (read, vt not passed).
 CREATE FUNCTION tasker._pgmq_live_leases(queue text, msg_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 1 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT m.msg_id FROM %s m
@@ -118,7 +120,7 @@ $$;
 -- message is gone.
 CREATE FUNCTION tasker._pgmq_lease(queue text, msg bigint)
 RETURNS TABLE (read_ct integer, last_read_at timestamptz, vt timestamptz)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 1 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT m.read_ct, m.last_read_at, m.vt FROM %s m WHERE m.msg_id = $1',
@@ -129,8 +131,10 @@ $$;
 -- Moves a message's lease end to `until` (pgmq.set_vt); NULL when gone.
 CREATE FUNCTION tasker._pgmq_set_lease(queue text, msg bigint, until timestamptz)
 RETURNS timestamptz
-LANGUAGE sql AS $$
-    SELECT r.vt FROM pgmq.set_vt(queue, msg, until) r
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN (SELECT r.vt FROM pgmq.set_vt(queue, msg, until) r);
+END
 $$;
 
 -- Depth and age of a queue (pgmq.metrics).

@@ -1,3 +1,10 @@
+-- Plans: the API functions and the maintenance entry points run with
+-- plan_cache_mode = force_generic_plan, so the statements of these
+-- primitives (and of everything else they call) are planned once per
+-- session; custom plans re-plan on every call, which was most of the cost
+-- of a small state change. Every statement here joins by key, so the
+-- generic plan is the right one for 1 row and for 10,000.
+
 -- The two primitives that change state. Every operation changes a step's
 -- or a task's state through them, and nothing else writes `state`.
 --
@@ -30,9 +37,11 @@ CREATE FUNCTION tasker._move_steps(p_changes tasker.step_change[], p_to tasker.s
                                    p_queue_seq regclass DEFAULT NULL)
 RETURNS TABLE (step_uuid uuid, task_uuid uuid, from_state tasker.step_state, attempts integer,
                queue_msg_id bigint)
-LANGUAGE plpgsql AS $$
+-- (most calls move one step: joins on the result use the keys)
+LANGUAGE plpgsql ROWS 1 AS $$
 DECLARE
     moved integer;
+    to_class text := tasker.step_state_class(p_to);
 BEGIN
     IF p_to = 'enqueued' AND p_queue_seq IS NULL THEN
         RAISE EXCEPTION 'pg_tasker internal error: enqueueing needs the queue''s sequence'
@@ -57,16 +66,16 @@ BEGIN
             started_at    = CASE WHEN p_to = 'enqueued' THEN NULL
                                  WHEN p_to = 'in_progress' THEN coalesce(s.started_at, now())
                                  ELSE s.started_at END,
-            results       = CASE WHEN tasker.step_state_class(p_to) = 'done' THEN v.payload ELSE s.results END,
+            results       = CASE WHEN to_class = 'done' THEN v.payload ELSE s.results END,
             last_error    = CASE WHEN p_to IN ('waiting_for_retry', 'error') THEN coalesce(v.payload, s.last_error)
                                  ELSE s.last_error END,
             next_retry_at = CASE WHEN p_to = 'waiting_for_retry' THEN v.retry_at END,
-            completed_at  = CASE WHEN tasker.step_state_class(p_to) = 'done' THEN now() END
+            completed_at  = CASE WHEN to_class = 'done' THEN now() END
         FROM v
         JOIN tasker.step_state_transitions l ON l.from_state = v.from_state AND l.to_state = p_to
         WHERE s.step_uuid = v.step_uuid
-        RETURNING s.step_uuid, s.task_uuid, v.from_state, s.attempts, s.queue_msg_id, s.transitions,
-                  v.reason, v.metadata
+        RETURNING s.step_uuid, s.task_uuid, v.from_state, tasker.step_state_class(v.from_state) AS from_class,
+                  s.attempts, s.queue_msg_id, s.transitions, v.reason, v.metadata
     ), audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
         SELECT m.step_uuid, m.transitions, m.from_state, p_to, coalesce(m.reason, p_reason),
@@ -75,18 +84,12 @@ BEGIN
         FROM m
     ), delta AS (
         SELECT m.task_uuid,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'pending')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'pending') AS pending,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'out')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'out') AS out,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'waiting')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'waiting') AS waiting,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'done')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'done') AS done,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'error')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'error') AS error,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'cancelled')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'cancelled') AS cancelled
+               count(*) FILTER (WHERE to_class = 'pending') - count(*) FILTER (WHERE m.from_class = 'pending') AS pending,
+               count(*) FILTER (WHERE to_class = 'out') - count(*) FILTER (WHERE m.from_class = 'out') AS out,
+               count(*) FILTER (WHERE to_class = 'waiting') - count(*) FILTER (WHERE m.from_class = 'waiting') AS waiting,
+               count(*) FILTER (WHERE to_class = 'done') - count(*) FILTER (WHERE m.from_class = 'done') AS done,
+               count(*) FILTER (WHERE to_class = 'error') - count(*) FILTER (WHERE m.from_class = 'error') AS error,
+               count(*) FILTER (WHERE to_class = 'cancelled') - count(*) FILTER (WHERE m.from_class = 'cancelled') AS cancelled
         FROM m GROUP BY m.task_uuid
     ), counters AS (
         UPDATE tasker.tasks t
@@ -123,6 +126,7 @@ RETURNS tasker.task_state
 LANGUAGE plpgsql AS $$
 DECLARE
     previous tasker.task_state;
+    terminal boolean := tasker.task_state_is_terminal(p_to);
 BEGIN
     WITH v AS (
         SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = p_task
@@ -131,10 +135,10 @@ BEGIN
         SET state            = p_to,
             transitions      = t.transitions + 1,
             updated_at       = now(),
-            completed_at     = CASE WHEN tasker.task_state_is_terminal(p_to) THEN now() END,
-            next_action_at   = CASE WHEN tasker.task_state_is_terminal(p_to) THEN NULL ELSE p_next_action_at END,
-            claimed_by       = CASE WHEN tasker.task_state_is_terminal(p_to) THEN NULL ELSE t.claimed_by END,
-            claim_expires_at = CASE WHEN tasker.task_state_is_terminal(p_to) THEN NULL ELSE t.claim_expires_at END
+            completed_at     = CASE WHEN terminal THEN now() END,
+            next_action_at   = CASE WHEN terminal THEN NULL ELSE p_next_action_at END,
+            claimed_by       = CASE WHEN terminal THEN NULL ELSE t.claimed_by END,
+            claim_expires_at = CASE WHEN terminal THEN NULL ELSE t.claim_expires_at END
         FROM v
         JOIN tasker.task_state_transitions l ON l.from_state = v.state AND l.to_state = p_to
         WHERE t.task_uuid = p_task

@@ -22,17 +22,6 @@ BEGIN
 END
 $$;
 
--- A non-negative jsonb number as numeric, or 22023 naming the field.
-CREATE FUNCTION tasker._non_negative(p_value jsonb, p_what text) RETURNS numeric
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF jsonb_typeof(p_value) = 'number' AND p_value::numeric >= 0 THEN
-        RETURN p_value::numeric;
-    END IF;
-    RAISE EXCEPTION '% must be a non-negative number, got %', p_what, p_value USING ERRCODE = '22023';
-END
-$$;
-
 -- A string field of an object (NULL when absent or null), or 22023.
 CREATE FUNCTION tasker._string_field(p_object jsonb, p_key text, p_what text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -72,104 +61,102 @@ CREATE TYPE tasker.submission AS (
     requested_delay_ms bigint
 );
 
+-- One statement computes every field and the first problem, if any, so
+-- that a call costs one cached plan rather than dozens of expressions.
 CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
 RETURNS tasker.submission
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
+    x record;
     r tasker.submission;
-    v jsonb;
-    header record;
-    error_secs numeric;
-    header_secs numeric;
-    hint_secs numeric;
 BEGIN
-    IF p_status = 'success' THEN
-        IF p_error IS NOT NULL AND jsonb_typeof(p_error) <> 'null' THEN
-            RAISE EXCEPTION 'a successful result carries no error (status is ''success'')' USING ERRCODE = '22023';
-        END IF;
-        r.success := true;
-    ELSIF p_status = 'failure' THEN
-        r.success := false;
-        IF p_error IS NULL OR jsonb_typeof(p_error) = 'null' THEN
-            RAISE EXCEPTION 'a failure needs an error object' USING ERRCODE = '22023',
-                HINT = 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}';
-        ELSIF jsonb_typeof(p_error) = 'string' THEN
-            r.message := p_error #>> '{}';
-        ELSIF jsonb_typeof(p_error) = 'object' THEN
-            v := p_error -> 'message';
-            IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('string', 'null') THEN
-                RAISE EXCEPTION 'error.message must be a string, got %', v USING ERRCODE = '22023';
-            END IF;
-            r.message := v #>> '{}';
-            r.error_code := tasker._string_field(p_error, 'error_code', 'error.error_code');
-            v := p_error -> 'retryable';
-            IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('boolean', 'null') THEN
-                RAISE EXCEPTION 'error.retryable must be a boolean, got %', v USING ERRCODE = '22023';
-            END IF;
-            r.retryable := (v #>> '{}')::boolean;
-            v := p_error -> 'retry_after_seconds';
-            IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
-                error_secs := tasker._non_negative(v, 'error.retry_after_seconds');
-            END IF;
-        ELSE
-            RAISE EXCEPTION 'error must be an object, got %', p_error USING ERRCODE = '22023';
-        END IF;
-        IF r.message IS NULL OR r.message = '' THEN
-            RAISE EXCEPTION 'error.message is required' USING ERRCODE = '22023';
-        END IF;
-        r.retryable := coalesce(r.retryable, true);
-    ELSE
-        RAISE EXCEPTION 'invalid status "%"', p_status USING ERRCODE = '22023',
-            HINT = 'status is ''success'' or ''failure''';
+    SELECT
+        CASE
+            WHEN p_status IS DISTINCT FROM 'success' AND p_status IS DISTINCT FROM 'failure' THEN
+                format('invalid status "%s"', p_status)
+            WHEN p_status = 'success' AND coalesce(a.et, 'null') <> 'null' THEN
+                'a successful result carries no error (status is ''success'')'
+            WHEN p_status = 'failure' AND coalesce(a.et, 'null') = 'null' THEN
+                'a failure needs an error object'
+            WHEN p_status = 'failure' AND a.et NOT IN ('string', 'object') THEN
+                format('error must be an object, got %s', p_error)
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'message'), 'null') NOT IN ('string', 'null') THEN
+                format('error.message must be a string, got %s', p_error -> 'message')
+            WHEN p_status = 'failure' AND coalesce(a.message, '') = '' THEN
+                'error.message is required'
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'error_code'), 'null') NOT IN ('string', 'null') THEN
+                format('error.error_code must be a string, got %s', p_error -> 'error_code')
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'retryable'), 'null') NOT IN ('boolean', 'null') THEN
+                format('error.retryable must be a boolean, got %s', p_error -> 'retryable')
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'retry_after_seconds'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_error -> 'retry_after_seconds') = 'number' THEN (p_error -> 'retry_after_seconds')::numeric >= 0 ELSE false END) THEN
+                format('error.retry_after_seconds must be a non-negative number, got %s', p_error -> 'retry_after_seconds')
+            WHEN coalesce(a.mt, 'null') NOT IN ('object', 'null') THEN
+                format('metadata must be an object, got %s', p_metadata)
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'execution_time_ms'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'execution_time_ms') = 'number' THEN (p_metadata -> 'execution_time_ms')::numeric >= 0 ELSE false END) THEN
+                format('metadata.execution_time_ms must be a non-negative number, got %s', p_metadata -> 'execution_time_ms')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'worker_id'), 'null') NOT IN ('string', 'null') THEN
+                format('metadata.worker_id must be a string, got %s', p_metadata -> 'worker_id')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'attempt'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'attempt') = 'number'
+                               THEN (p_metadata -> 'attempt')::numeric BETWEEN 1 AND 2147483647
+                                    AND (p_metadata -> 'attempt')::numeric = trunc((p_metadata -> 'attempt')::numeric)
+                               ELSE false END) THEN
+                format('metadata.attempt must be a positive integer, got %s', p_metadata -> 'attempt')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'headers'), 'null') NOT IN ('object', 'null') THEN
+                format('metadata.headers must be an object, got %s', p_metadata -> 'headers')
+            WHEN h.value IS NOT NULL AND h.seconds IS NULL THEN
+                format('metadata.headers.retry-after must be a number of seconds, got %s', h.value)
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'backoff_hint'), 'null') NOT IN ('object', 'null') THEN
+                format('metadata.backoff_hint must be an object, got %s', p_metadata -> 'backoff_hint')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'backoff_hint' -> 'seconds'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'backoff_hint' -> 'seconds') = 'number' THEN (p_metadata -> 'backoff_hint' -> 'seconds')::numeric >= 0 ELSE false END) THEN
+                format('metadata.backoff_hint.seconds must be a non-negative number, got %s',
+                       p_metadata -> 'backoff_hint' -> 'seconds')
+        END AS problem,
+        a.message,
+        h.seconds AS header_seconds
+    INTO x
+    FROM (SELECT jsonb_typeof(p_error) AS et, jsonb_typeof(p_metadata) AS mt,
+                 CASE jsonb_typeof(p_error) WHEN 'string' THEN p_error #>> '{}'
+                                            WHEN 'object' THEN p_error ->> 'message' END AS message) a
+    LEFT JOIN LATERAL (
+        -- the retry-after header (any case), and its seconds when valid
+        SELECT e.value,
+               CASE WHEN jsonb_typeof(e.value) = 'number'
+                    THEN CASE WHEN e.value::numeric >= 0 THEN e.value::numeric END
+                    WHEN jsonb_typeof(e.value) = 'string'
+                    THEN CASE WHEN btrim(e.value #>> '{}') ~ '^[0-9]+(\.[0-9]+)?$'
+                              THEN btrim(e.value #>> '{}')::numeric END END AS seconds
+        FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
+                             THEN p_metadata -> 'headers' ELSE '{}' END) e
+        WHERE lower(e.key) = 'retry-after'
+        ORDER BY e.key LIMIT 1) h ON true;
+    IF x.problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', x.problem USING ERRCODE = '22023',
+            HINT = CASE WHEN x.problem LIKE 'invalid status%' THEN 'status is ''success'' or ''failure'''
+                        WHEN x.problem LIKE 'a failure needs%'
+                        THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
+                        ELSE '' END;
     END IF;
-
-    IF p_metadata IS NOT NULL AND jsonb_typeof(p_metadata) <> 'null' THEN
-        IF jsonb_typeof(p_metadata) <> 'object' THEN
-            RAISE EXCEPTION 'metadata must be an object, got %', p_metadata USING ERRCODE = '22023';
-        END IF;
-        v := p_metadata -> 'execution_time_ms';
-        IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
-            r.execution_time_ms := tasker._non_negative(v, 'metadata.execution_time_ms');
-        END IF;
-        r.worker_id := tasker._string_field(p_metadata, 'worker_id', 'metadata.worker_id');
-        v := p_metadata -> 'attempt';
-        IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
-            IF jsonb_typeof(v) <> 'number' OR v::numeric < 1 OR v::numeric > 2147483647
-               OR v::numeric <> trunc(v::numeric) THEN
-                RAISE EXCEPTION 'metadata.attempt must be a positive integer, got %', v USING ERRCODE = '22023';
-            END IF;
-            r.attempt := v::numeric::integer;
-        END IF;
-        v := p_metadata -> 'headers';
-        IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('object', 'null') THEN
-            RAISE EXCEPTION 'metadata.headers must be an object, got %', v USING ERRCODE = '22023';
-        ELSIF jsonb_typeof(v) = 'object' THEN
-            SELECT h.key, h.value INTO header FROM jsonb_each(v) h
-            WHERE lower(h.key) = 'retry-after' ORDER BY h.key LIMIT 1;
-            IF FOUND THEN
-                IF jsonb_typeof(header.value) = 'number' AND header.value::numeric >= 0 THEN
-                    header_secs := header.value::numeric;
-                ELSIF jsonb_typeof(header.value) = 'string'
-                      AND btrim(header.value #>> '{}') ~ '^[0-9]+(\.[0-9]+)?$' THEN
-                    header_secs := btrim(header.value #>> '{}')::numeric;
-                ELSE
-                    RAISE EXCEPTION 'metadata.headers.retry-after must be a number of seconds, got %', header.value
-                        USING ERRCODE = '22023';
-                END IF;
-            END IF;
-        END IF;
-        v := p_metadata -> 'backoff_hint';
-        IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('object', 'null') THEN
-            RAISE EXCEPTION 'metadata.backoff_hint must be an object, got %', v USING ERRCODE = '22023';
-        ELSIF jsonb_typeof(v) = 'object' AND jsonb_typeof(v -> 'seconds') IS DISTINCT FROM 'null'
-              AND v -> 'seconds' IS NOT NULL THEN
-            hint_secs := tasker._non_negative(v -> 'seconds', 'metadata.backoff_hint.seconds');
-        END IF;
-    END IF;
+    r.success := p_status = 'success';
+    r.attempt := (p_metadata ->> 'attempt')::numeric::integer;
+    r.worker_id := p_metadata ->> 'worker_id';
+    r.execution_time_ms := (p_metadata ->> 'execution_time_ms')::numeric;
     IF NOT r.success THEN
-        -- (least() would turn a NULL into the bound)
-        r.requested_delay_ms := CASE WHEN coalesce(error_secs, header_secs, hint_secs) IS NOT NULL THEN
-            least(round(coalesce(error_secs, header_secs, hint_secs) * 1000), 9000000000000000)::bigint END;
+        r.message := x.message;
+        r.error_code := p_error ->> 'error_code';
+        r.retryable := coalesce((p_error ->> 'retryable')::boolean, true);
+        -- error.retry_after_seconds, else the retry-after header, else the
+        -- backoff hint (least() would turn a NULL into the bound)
+        r.requested_delay_ms := least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
+                                                     (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
+                                      9000000000000000)::bigint;
+        IF coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
+                    (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NULL THEN
+            r.requested_delay_ms := NULL;
+        END IF;
     END IF;
     RETURN r;
 END

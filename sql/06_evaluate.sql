@@ -3,12 +3,16 @@
 -- returns, in the same transaction.
 
 -- The ready steps of a task now (tasker.step_is_ready), in uuid order.
+-- (PL/pgSQL rather than SQL: its plan is kept for the session.)
 CREATE FUNCTION tasker._ready_steps(p_task uuid) RETURNS uuid[]
-LANGUAGE sql STABLE AS $$
-    SELECT array_agg(s.step_uuid ORDER BY s.step_uuid)
-    FROM tasker.workflow_steps s
-    WHERE s.task_uuid = p_task
-      AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT array_agg(s.step_uuid ORDER BY s.step_uuid)
+            FROM tasker.workflow_steps s
+            WHERE s.task_uuid = p_task
+              AND tasker.step_is_runnable(s.state, s.pending_parents)  -- workflow_steps_runnable_idx
+              AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now()));
+END
 $$;
 
 -- Enqueues the task's ready steps, decides its state from its step
@@ -16,7 +20,11 @@ $$;
 -- it when the state changes and records when the orchestrator must look at
 -- it again (the earliest retry; NULL when nothing is due). The caller holds
 -- the task row lock. A finished task is left as it is.
-CREATE FUNCTION tasker._evaluate_task(p_task uuid, p_reason text) RETURNS tasker.task_state
+-- (p_queue, p_queue_seq: the task's queue and its sequence, when the caller
+-- has them from tasker._lock_task.)
+CREATE FUNCTION tasker._evaluate_task(p_task uuid, p_reason text, p_queue text DEFAULT NULL,
+                                      p_queue_seq regclass DEFAULT NULL)
+RETURNS tasker.task_state
 LANGUAGE plpgsql AS $$
 DECLARE
     t tasker.tasks%ROWTYPE;
@@ -34,7 +42,7 @@ BEGIN
     END IF;
     v_ready := tasker._ready_steps(p_task);
     IF v_ready IS NOT NULL THEN
-        PERFORM tasker._enqueue_steps(p_task, v_ready);
+        PERFORM tasker._enqueue_steps(p_task, v_ready, p_queue, p_queue_seq);
         SELECT * INTO t FROM tasker.tasks WHERE task_uuid = p_task;
     END IF;
     v_status := tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,

@@ -11,7 +11,8 @@ CREATE FUNCTION tasker.create_task(namespace text, name text, context jsonb DEFA
                                    reason text DEFAULT NULL, tags text[] DEFAULT '{}',
                                    idempotency_key text DEFAULT NULL)
 RETURNS uuid
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_ns text := create_task.namespace;

@@ -11,16 +11,25 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done uuid[];
+    v_children uuid[];
+    v_counts integer[];
 BEGIN
     SELECT array_agg(m.step_uuid) INTO v_done
     FROM tasker._move_steps(p_changes, p_to, p_reason, p_metadata) m;
-    UPDATE tasker.workflow_steps c
-    SET pending_parents = c.pending_parents - e.n
-    FROM (SELECT ed.to_step_uuid, count(*)::integer AS n
+    SELECT array_agg(x.child), array_agg(x.n) INTO v_children, v_counts
+    FROM (SELECT ed.to_step_uuid AS child, count(*)::integer AS n
           FROM tasker.step_edges ed
           WHERE ed.from_step_uuid = ANY (v_done)
-          GROUP BY ed.to_step_uuid) e
-    WHERE c.step_uuid = e.to_step_uuid;
+          GROUP BY ed.to_step_uuid) x;
+    IF v_children IS NOT NULL THEN
+        -- (joined through unnest of arrays: a generic plan looks each child
+        -- up by key; a join with the aggregate above was planned as a hash
+        -- join over every step)
+        UPDATE tasker.workflow_steps c
+        SET pending_parents = c.pending_parents - e.n
+        FROM unnest(v_children, v_counts) AS e(child, n)
+        WHERE c.step_uuid = e.child;
+    END IF;
 END
 $$;
 
@@ -64,7 +73,8 @@ $$;
 CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb DEFAULT NULL,
                                      error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_step uuid := submit_result.step_uuid;
@@ -81,13 +91,7 @@ BEGIN
     sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
 
     -- lock order: the task row, then the step
-    SELECT tk.task_uuid, tk.state, n.queue_name INTO t
-    FROM tasker.tasks tk JOIN tasker.namespaces n ON n.name = tk.namespace_name
-    WHERE tk.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step)
-    FOR NO KEY UPDATE OF tk;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'step % does not exist', v_step USING ERRCODE = 'P0002';
-    END IF;
+    t := tasker._lock_task_of_step(v_step);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step;
 
     IF tasker.step_state_class(s.state) <> 'out' THEN
@@ -120,11 +124,12 @@ BEGIN
         PERFORM tasker._complete_steps(
             ARRAY[ROW(v_step, coalesce(submit_result.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
             'complete', 'completed by worker', v_audit);
-    ELSE
-        PERFORM tasker._fail_attempt(v_step, submit_result.error, sub.message, sub.retryable,
-                                     sub.requested_delay_ms, v_audit);
+        PERFORM tasker._evaluate_task(t.task_uuid, 'step completed', t.queue_name, t.queue_seq);
+        RETURN 'complete';
     END IF;
-    PERFORM tasker._evaluate_task(t.task_uuid, CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END);
+    PERFORM tasker._fail_attempt(v_step, submit_result.error, sub.message, sub.retryable,
+                                 sub.requested_delay_ms, v_audit);
+    PERFORM tasker._evaluate_task(t.task_uuid, 'step failed', t.queue_name, t.queue_seq);
     -- a retry due at once was enqueued again by the evaluation
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step);
 END

@@ -8,7 +8,8 @@
 CREATE FUNCTION tasker.read_steps(namespace text, worker_id text, qty integer DEFAULT 10,
                                   visibility_timeout_seconds integer DEFAULT NULL)
 RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_ns text := read_steps.namespace;
@@ -73,7 +74,8 @@ $$;
 -- when the attempt is no longer current (settled, stopped, retried).
 CREATE FUNCTION tasker.extend_lease(step_uuid uuid, attempt integer, seconds integer)
 RETURNS timestamptz
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     s record;

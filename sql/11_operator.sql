@@ -2,12 +2,14 @@
 -- a task, retry a failed step, resolve a step.
 
 -- Locks a task row (the first lock of every operation that changes a task
--- or its steps); P0002 when it does not exist.
+-- or its steps); P0002 when it does not exist. Also returns the task's
+-- queue and the queue's msg_id sequence.
 CREATE FUNCTION tasker._lock_task(p_task uuid, OUT task_uuid uuid, OUT state tasker.task_state,
-                                  OUT queue_name text)
+                                  OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT t.task_uuid, t.state, n.queue_name INTO _lock_task.task_uuid, _lock_task.state, _lock_task.queue_name
+    SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
+    INTO _lock_task.task_uuid, _lock_task.state, _lock_task.queue_name, _lock_task.queue_seq
     FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
     WHERE t.task_uuid = p_task
     FOR NO KEY UPDATE OF t;
@@ -17,18 +19,21 @@ BEGIN
 END
 $$;
 
--- Locks the task of a step; P0002 when the step does not exist.
+-- Locks the task of a step (its row first: the lock order); P0002 when the
+-- step does not exist.
 CREATE FUNCTION tasker._lock_task_of_step(p_step uuid, OUT task_uuid uuid, OUT state tasker.task_state,
-                                          OUT queue_name text)
+                                          OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_task uuid;
 BEGIN
-    SELECT ws.task_uuid INTO v_task FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step;
+    SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
+    INTO _lock_task_of_step.task_uuid, _lock_task_of_step.state, _lock_task_of_step.queue_name,
+         _lock_task_of_step.queue_seq
+    FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
+    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step)
+    FOR NO KEY UPDATE OF t;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'step % does not exist', p_step USING ERRCODE = 'P0002';
     END IF;
-    SELECT * INTO task_uuid, state, queue_name FROM tasker._lock_task(v_task);
 END
 $$;
 
@@ -66,7 +71,8 @@ $$;
 -- tasker.cancel_task(task_uuid, reason) RETURNS text: cancels every
 -- unfinished step (archiving their messages) and the task.
 CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     v_reason text := coalesce(cancel_task.reason, 'cancelled by operator');
@@ -88,7 +94,8 @@ $$;
 -- closes an active task (typically blocked_by_failures) as resolved; its
 -- unfinished steps are cancelled, steps in error stay as they are.
 CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     v_reason text := coalesce(resolve_task_manually.reason, 'resolved manually by operator');
@@ -110,7 +117,8 @@ $$;
 -- new retry budget (max_attempts more attempts; the attempt number keeps
 -- growing) and the task resumes. Returns the step's state afterwards.
 CREATE FUNCTION tasker.retry_step(step_uuid uuid, reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -128,7 +136,7 @@ BEGIN
     PERFORM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change], 'pending',
                                coalesce(retry_step.reason, 'retried by operator'),
                                jsonb_build_object('previous_attempts', s.attempts));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step retried by operator');
+    PERFORM tasker._evaluate_task(t.task_uuid, 'step retried by operator', t.queue_name, t.queue_seq);
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = s.step_uuid);
 END
 $$;
@@ -138,7 +146,8 @@ $$;
 -- completion would (an attempt out with a worker is withdrawn).
 CREATE FUNCTION tasker.resolve_step_manually(step_uuid uuid, result jsonb DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -162,7 +171,7 @@ BEGIN
     PERFORM tasker._complete_steps(
         ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
         'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator'));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step resolved manually');
+    PERFORM tasker._evaluate_task(t.task_uuid, 'step resolved manually', t.queue_name, t.queue_seq);
     RETURN 'resolved_manually';
 END
 $$;

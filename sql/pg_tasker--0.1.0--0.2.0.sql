@@ -91,10 +91,18 @@ CREATE TYPE tasker.step_state AS ENUM (
     'resolved_manually'   -- an operator supplied its result
 );
 
+-- The functions below classify states. They are PL/pgSQL on purpose: CHECK
+-- constraints and partial-index predicates use them on every write, and a
+-- SQL-language body would be parsed and inlined again each time a
+-- statement starts; a PL/pgSQL function is compiled once per session.
+
 -- Finished tasks never change again.
 CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
+END
+$$;
 
 -- The class of a step state; each class has a counter on its task row
 -- (tasks.steps_<class>), kept by tasker._move_steps.
@@ -105,31 +113,40 @@ RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 --   error    - error
 --   cancelled
 CREATE FUNCTION tasker.step_state_class(state tasker.step_state) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE state
-           WHEN 'pending' THEN 'pending'
-           WHEN 'enqueued' THEN 'out'
-           WHEN 'in_progress' THEN 'out'
-           WHEN 'waiting_for_retry' THEN 'waiting'
-           WHEN 'complete' THEN 'done'
-           WHEN 'resolved_manually' THEN 'done'
-           WHEN 'error' THEN 'error'
-           WHEN 'cancelled' THEN 'cancelled'
-       END;
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN CASE state
+               WHEN 'pending' THEN 'pending'
+               WHEN 'enqueued' THEN 'out'
+               WHEN 'in_progress' THEN 'out'
+               WHEN 'waiting_for_retry' THEN 'waiting'
+               WHEN 'complete' THEN 'done'
+               WHEN 'resolved_manually' THEN 'done'
+               WHEN 'error' THEN 'error'
+               WHEN 'cancelled' THEN 'cancelled'
+           END;
+END
+$$;
 
 -- Runnable: could be enqueued as soon as its retry time (if any) has come.
 -- The partial index workflow_steps_runnable_idx is defined with exactly
--- this predicate.
+-- this predicate (queries that want the index spell it out).
 CREATE FUNCTION tasker.step_is_runnable(state tasker.step_state, pending_parents integer)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
+END
+$$;
 
 -- Ready: runnable and due at `at`. The one readiness predicate.
 CREATE FUNCTION tasker.step_is_ready(state tasker.step_state, pending_parents integer,
                                      next_retry_at timestamptz, at timestamptz)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN tasker.step_is_runnable(state, pending_parents)
-       AND (next_retry_at IS NULL OR next_retry_at <= at);
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN tasker.step_is_runnable(state, pending_parents)
+           AND (next_retry_at IS NULL OR next_retry_at <= at);
+END
+$$;
 
 -- Legal moves. `via` names the operations that make them (docs/schema.md).
 CREATE TABLE tasker.step_state_transitions (
@@ -285,15 +302,17 @@ $$;
 -- Reads up to qty messages, leasing each for vt seconds (pgmq.read).
 CREATE FUNCTION tasker._pgmq_read(queue text, vt integer, qty integer)
 RETURNS TABLE (msg_id bigint, read_ct integer, message jsonb)
-LANGUAGE sql AS $$
-    SELECT r.msg_id, r.read_ct, r.message FROM pgmq.read(queue, vt, qty) r
+LANGUAGE plpgsql ROWS 10 AS $$
+BEGIN
+    RETURN QUERY SELECT r.msg_id, r.read_ct, r.message FROM pgmq.read(queue, vt, qty) r;
+END
 $$;
 
 -- Messages that were delivered and whose lease has ended without an
 -- archive: candidates for lost-attempt and timeout recovery.
 CREATE FUNCTION tasker._pgmq_expired_leases(queue text)
 RETURNS TABLE (msg_id bigint, read_ct integer, last_read_at timestamptz, step_uuid text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 10 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT m.msg_id, m.read_ct, m.last_read_at, m.message ->> ''step_uuid''
@@ -305,7 +324,7 @@ $$;
 
 -- Which of the given messages are under a live lease (read, vt not passed).
 CREATE FUNCTION tasker._pgmq_live_leases(queue text, msg_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 1 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT m.msg_id FROM %s m
@@ -318,7 +337,7 @@ $$;
 -- message is gone.
 CREATE FUNCTION tasker._pgmq_lease(queue text, msg bigint)
 RETURNS TABLE (read_ct integer, last_read_at timestamptz, vt timestamptz)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 1 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT m.read_ct, m.last_read_at, m.vt FROM %s m WHERE m.msg_id = $1',
@@ -329,8 +348,10 @@ $$;
 -- Moves a message's lease end to `until` (pgmq.set_vt); NULL when gone.
 CREATE FUNCTION tasker._pgmq_set_lease(queue text, msg bigint, until timestamptz)
 RETURNS timestamptz
-LANGUAGE sql AS $$
-    SELECT r.vt FROM pgmq.set_vt(queue, msg, until) r
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN (SELECT r.vt FROM pgmq.set_vt(queue, msg, until) r);
+END
 $$;
 
 -- Depth and age of a queue (pgmq.metrics).
@@ -430,7 +451,7 @@ CREATE  FUNCTION "_pgmq_send"(
 	"queue" TEXT, /* & str */
 	"msg_ids" bigint[], /* Vec < i64 > */
 	"messages" anyarray /* AnyArray */
-) RETURNS VOID /* ApiResult < () > */
+) RETURNS bigint /* ApiResult < i64 > */
 STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_pgmq_send_wrapper';
@@ -547,7 +568,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:96
+-- src/health.rs:99
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -557,7 +578,7 @@ AS 'MODULE_PATHNAME', 'config_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:76
+-- src/health.rs:79
 -- pg_tasker::health::health
 CREATE  FUNCTION "health"() RETURNS jsonb /* ApiResult < JsonB > */
 STRICT STABLE SECURITY DEFINER
@@ -599,7 +620,7 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:33
+-- src/lib.rs:37
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
@@ -882,9 +903,16 @@ CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:38
+-- src/lib.rs:42
 -- requires:
 --   tables
+
+-- Plans: the API functions and the maintenance entry points run with
+-- plan_cache_mode = force_generic_plan, so the statements of these
+-- primitives (and of everything else they call) are planned once per
+-- session; custom plans re-plan on every call, which was most of the cost
+-- of a small state change. Every statement here joins by key, so the
+-- generic plan is the right one for 1 row and for 10,000.
 
 -- The two primitives that change state. Every operation changes a step's
 -- or a task's state through them, and nothing else writes `state`.
@@ -918,9 +946,11 @@ CREATE FUNCTION tasker._move_steps(p_changes tasker.step_change[], p_to tasker.s
                                    p_queue_seq regclass DEFAULT NULL)
 RETURNS TABLE (step_uuid uuid, task_uuid uuid, from_state tasker.step_state, attempts integer,
                queue_msg_id bigint)
-LANGUAGE plpgsql AS $$
+-- (most calls move one step: joins on the result use the keys)
+LANGUAGE plpgsql ROWS 1 AS $$
 DECLARE
     moved integer;
+    to_class text := tasker.step_state_class(p_to);
 BEGIN
     IF p_to = 'enqueued' AND p_queue_seq IS NULL THEN
         RAISE EXCEPTION 'pg_tasker internal error: enqueueing needs the queue''s sequence'
@@ -945,16 +975,16 @@ BEGIN
             started_at    = CASE WHEN p_to = 'enqueued' THEN NULL
                                  WHEN p_to = 'in_progress' THEN coalesce(s.started_at, now())
                                  ELSE s.started_at END,
-            results       = CASE WHEN tasker.step_state_class(p_to) = 'done' THEN v.payload ELSE s.results END,
+            results       = CASE WHEN to_class = 'done' THEN v.payload ELSE s.results END,
             last_error    = CASE WHEN p_to IN ('waiting_for_retry', 'error') THEN coalesce(v.payload, s.last_error)
                                  ELSE s.last_error END,
             next_retry_at = CASE WHEN p_to = 'waiting_for_retry' THEN v.retry_at END,
-            completed_at  = CASE WHEN tasker.step_state_class(p_to) = 'done' THEN now() END
+            completed_at  = CASE WHEN to_class = 'done' THEN now() END
         FROM v
         JOIN tasker.step_state_transitions l ON l.from_state = v.from_state AND l.to_state = p_to
         WHERE s.step_uuid = v.step_uuid
-        RETURNING s.step_uuid, s.task_uuid, v.from_state, s.attempts, s.queue_msg_id, s.transitions,
-                  v.reason, v.metadata
+        RETURNING s.step_uuid, s.task_uuid, v.from_state, tasker.step_state_class(v.from_state) AS from_class,
+                  s.attempts, s.queue_msg_id, s.transitions, v.reason, v.metadata
     ), audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
         SELECT m.step_uuid, m.transitions, m.from_state, p_to, coalesce(m.reason, p_reason),
@@ -963,18 +993,12 @@ BEGIN
         FROM m
     ), delta AS (
         SELECT m.task_uuid,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'pending')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'pending') AS pending,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'out')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'out') AS out,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'waiting')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'waiting') AS waiting,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'done')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'done') AS done,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'error')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'error') AS error,
-               count(*) FILTER (WHERE tasker.step_state_class(p_to) = 'cancelled')
-                 - count(*) FILTER (WHERE tasker.step_state_class(m.from_state) = 'cancelled') AS cancelled
+               count(*) FILTER (WHERE to_class = 'pending') - count(*) FILTER (WHERE m.from_class = 'pending') AS pending,
+               count(*) FILTER (WHERE to_class = 'out') - count(*) FILTER (WHERE m.from_class = 'out') AS out,
+               count(*) FILTER (WHERE to_class = 'waiting') - count(*) FILTER (WHERE m.from_class = 'waiting') AS waiting,
+               count(*) FILTER (WHERE to_class = 'done') - count(*) FILTER (WHERE m.from_class = 'done') AS done,
+               count(*) FILTER (WHERE to_class = 'error') - count(*) FILTER (WHERE m.from_class = 'error') AS error,
+               count(*) FILTER (WHERE to_class = 'cancelled') - count(*) FILTER (WHERE m.from_class = 'cancelled') AS cancelled
         FROM m GROUP BY m.task_uuid
     ), counters AS (
         UPDATE tasker.tasks t
@@ -1011,6 +1035,7 @@ RETURNS tasker.task_state
 LANGUAGE plpgsql AS $$
 DECLARE
     previous tasker.task_state;
+    terminal boolean := tasker.task_state_is_terminal(p_to);
 BEGIN
     WITH v AS (
         SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = p_task
@@ -1019,10 +1044,10 @@ BEGIN
         SET state            = p_to,
             transitions      = t.transitions + 1,
             updated_at       = now(),
-            completed_at     = CASE WHEN tasker.task_state_is_terminal(p_to) THEN now() END,
-            next_action_at   = CASE WHEN tasker.task_state_is_terminal(p_to) THEN NULL ELSE p_next_action_at END,
-            claimed_by       = CASE WHEN tasker.task_state_is_terminal(p_to) THEN NULL ELSE t.claimed_by END,
-            claim_expires_at = CASE WHEN tasker.task_state_is_terminal(p_to) THEN NULL ELSE t.claim_expires_at END
+            completed_at     = CASE WHEN terminal THEN now() END,
+            next_action_at   = CASE WHEN terminal THEN NULL ELSE p_next_action_at END,
+            claimed_by       = CASE WHEN terminal THEN NULL ELSE t.claimed_by END,
+            claim_expires_at = CASE WHEN terminal THEN NULL ELSE t.claim_expires_at END
         FROM v
         JOIN tasker.task_state_transitions l ON l.from_state = v.state AND l.to_state = p_to
         WHERE t.task_uuid = p_task
@@ -1042,7 +1067,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:39
+-- src/lib.rs:47
 -- requires:
 --   transitions
 
@@ -1067,17 +1092,6 @@ BEGIN
         RAISE EXCEPTION '% is % bytes, more than the limit of % bytes', p_what, size, lim
             USING ERRCODE = '54000', HINT = format('the limit is %s in the configuration', p_setting);
     END IF;
-END
-$$;
-
--- A non-negative jsonb number as numeric, or 22023 naming the field.
-CREATE FUNCTION tasker._non_negative(p_value jsonb, p_what text) RETURNS numeric
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF jsonb_typeof(p_value) = 'number' AND p_value::numeric >= 0 THEN
-        RETURN p_value::numeric;
-    END IF;
-    RAISE EXCEPTION '% must be a non-negative number, got %', p_what, p_value USING ERRCODE = '22023';
 END
 $$;
 
@@ -1120,104 +1134,102 @@ CREATE TYPE tasker.submission AS (
     requested_delay_ms bigint
 );
 
+-- One statement computes every field and the first problem, if any, so
+-- that a call costs one cached plan rather than dozens of expressions.
 CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
 RETURNS tasker.submission
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
+    x record;
     r tasker.submission;
-    v jsonb;
-    header record;
-    error_secs numeric;
-    header_secs numeric;
-    hint_secs numeric;
 BEGIN
-    IF p_status = 'success' THEN
-        IF p_error IS NOT NULL AND jsonb_typeof(p_error) <> 'null' THEN
-            RAISE EXCEPTION 'a successful result carries no error (status is ''success'')' USING ERRCODE = '22023';
-        END IF;
-        r.success := true;
-    ELSIF p_status = 'failure' THEN
-        r.success := false;
-        IF p_error IS NULL OR jsonb_typeof(p_error) = 'null' THEN
-            RAISE EXCEPTION 'a failure needs an error object' USING ERRCODE = '22023',
-                HINT = 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}';
-        ELSIF jsonb_typeof(p_error) = 'string' THEN
-            r.message := p_error #>> '{}';
-        ELSIF jsonb_typeof(p_error) = 'object' THEN
-            v := p_error -> 'message';
-            IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('string', 'null') THEN
-                RAISE EXCEPTION 'error.message must be a string, got %', v USING ERRCODE = '22023';
-            END IF;
-            r.message := v #>> '{}';
-            r.error_code := tasker._string_field(p_error, 'error_code', 'error.error_code');
-            v := p_error -> 'retryable';
-            IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('boolean', 'null') THEN
-                RAISE EXCEPTION 'error.retryable must be a boolean, got %', v USING ERRCODE = '22023';
-            END IF;
-            r.retryable := (v #>> '{}')::boolean;
-            v := p_error -> 'retry_after_seconds';
-            IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
-                error_secs := tasker._non_negative(v, 'error.retry_after_seconds');
-            END IF;
-        ELSE
-            RAISE EXCEPTION 'error must be an object, got %', p_error USING ERRCODE = '22023';
-        END IF;
-        IF r.message IS NULL OR r.message = '' THEN
-            RAISE EXCEPTION 'error.message is required' USING ERRCODE = '22023';
-        END IF;
-        r.retryable := coalesce(r.retryable, true);
-    ELSE
-        RAISE EXCEPTION 'invalid status "%"', p_status USING ERRCODE = '22023',
-            HINT = 'status is ''success'' or ''failure''';
+    SELECT
+        CASE
+            WHEN p_status IS DISTINCT FROM 'success' AND p_status IS DISTINCT FROM 'failure' THEN
+                format('invalid status "%s"', p_status)
+            WHEN p_status = 'success' AND coalesce(a.et, 'null') <> 'null' THEN
+                'a successful result carries no error (status is ''success'')'
+            WHEN p_status = 'failure' AND coalesce(a.et, 'null') = 'null' THEN
+                'a failure needs an error object'
+            WHEN p_status = 'failure' AND a.et NOT IN ('string', 'object') THEN
+                format('error must be an object, got %s', p_error)
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'message'), 'null') NOT IN ('string', 'null') THEN
+                format('error.message must be a string, got %s', p_error -> 'message')
+            WHEN p_status = 'failure' AND coalesce(a.message, '') = '' THEN
+                'error.message is required'
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'error_code'), 'null') NOT IN ('string', 'null') THEN
+                format('error.error_code must be a string, got %s', p_error -> 'error_code')
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'retryable'), 'null') NOT IN ('boolean', 'null') THEN
+                format('error.retryable must be a boolean, got %s', p_error -> 'retryable')
+            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'retry_after_seconds'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_error -> 'retry_after_seconds') = 'number' THEN (p_error -> 'retry_after_seconds')::numeric >= 0 ELSE false END) THEN
+                format('error.retry_after_seconds must be a non-negative number, got %s', p_error -> 'retry_after_seconds')
+            WHEN coalesce(a.mt, 'null') NOT IN ('object', 'null') THEN
+                format('metadata must be an object, got %s', p_metadata)
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'execution_time_ms'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'execution_time_ms') = 'number' THEN (p_metadata -> 'execution_time_ms')::numeric >= 0 ELSE false END) THEN
+                format('metadata.execution_time_ms must be a non-negative number, got %s', p_metadata -> 'execution_time_ms')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'worker_id'), 'null') NOT IN ('string', 'null') THEN
+                format('metadata.worker_id must be a string, got %s', p_metadata -> 'worker_id')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'attempt'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'attempt') = 'number'
+                               THEN (p_metadata -> 'attempt')::numeric BETWEEN 1 AND 2147483647
+                                    AND (p_metadata -> 'attempt')::numeric = trunc((p_metadata -> 'attempt')::numeric)
+                               ELSE false END) THEN
+                format('metadata.attempt must be a positive integer, got %s', p_metadata -> 'attempt')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'headers'), 'null') NOT IN ('object', 'null') THEN
+                format('metadata.headers must be an object, got %s', p_metadata -> 'headers')
+            WHEN h.value IS NOT NULL AND h.seconds IS NULL THEN
+                format('metadata.headers.retry-after must be a number of seconds, got %s', h.value)
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'backoff_hint'), 'null') NOT IN ('object', 'null') THEN
+                format('metadata.backoff_hint must be an object, got %s', p_metadata -> 'backoff_hint')
+            WHEN coalesce(jsonb_typeof(p_metadata -> 'backoff_hint' -> 'seconds'), 'null') <> 'null'
+                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'backoff_hint' -> 'seconds') = 'number' THEN (p_metadata -> 'backoff_hint' -> 'seconds')::numeric >= 0 ELSE false END) THEN
+                format('metadata.backoff_hint.seconds must be a non-negative number, got %s',
+                       p_metadata -> 'backoff_hint' -> 'seconds')
+        END AS problem,
+        a.message,
+        h.seconds AS header_seconds
+    INTO x
+    FROM (SELECT jsonb_typeof(p_error) AS et, jsonb_typeof(p_metadata) AS mt,
+                 CASE jsonb_typeof(p_error) WHEN 'string' THEN p_error #>> '{}'
+                                            WHEN 'object' THEN p_error ->> 'message' END AS message) a
+    LEFT JOIN LATERAL (
+        -- the retry-after header (any case), and its seconds when valid
+        SELECT e.value,
+               CASE WHEN jsonb_typeof(e.value) = 'number'
+                    THEN CASE WHEN e.value::numeric >= 0 THEN e.value::numeric END
+                    WHEN jsonb_typeof(e.value) = 'string'
+                    THEN CASE WHEN btrim(e.value #>> '{}') ~ '^[0-9]+(\.[0-9]+)?$'
+                              THEN btrim(e.value #>> '{}')::numeric END END AS seconds
+        FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
+                             THEN p_metadata -> 'headers' ELSE '{}' END) e
+        WHERE lower(e.key) = 'retry-after'
+        ORDER BY e.key LIMIT 1) h ON true;
+    IF x.problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', x.problem USING ERRCODE = '22023',
+            HINT = CASE WHEN x.problem LIKE 'invalid status%' THEN 'status is ''success'' or ''failure'''
+                        WHEN x.problem LIKE 'a failure needs%'
+                        THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
+                        ELSE '' END;
     END IF;
-
-    IF p_metadata IS NOT NULL AND jsonb_typeof(p_metadata) <> 'null' THEN
-        IF jsonb_typeof(p_metadata) <> 'object' THEN
-            RAISE EXCEPTION 'metadata must be an object, got %', p_metadata USING ERRCODE = '22023';
-        END IF;
-        v := p_metadata -> 'execution_time_ms';
-        IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
-            r.execution_time_ms := tasker._non_negative(v, 'metadata.execution_time_ms');
-        END IF;
-        r.worker_id := tasker._string_field(p_metadata, 'worker_id', 'metadata.worker_id');
-        v := p_metadata -> 'attempt';
-        IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
-            IF jsonb_typeof(v) <> 'number' OR v::numeric < 1 OR v::numeric > 2147483647
-               OR v::numeric <> trunc(v::numeric) THEN
-                RAISE EXCEPTION 'metadata.attempt must be a positive integer, got %', v USING ERRCODE = '22023';
-            END IF;
-            r.attempt := v::numeric::integer;
-        END IF;
-        v := p_metadata -> 'headers';
-        IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('object', 'null') THEN
-            RAISE EXCEPTION 'metadata.headers must be an object, got %', v USING ERRCODE = '22023';
-        ELSIF jsonb_typeof(v) = 'object' THEN
-            SELECT h.key, h.value INTO header FROM jsonb_each(v) h
-            WHERE lower(h.key) = 'retry-after' ORDER BY h.key LIMIT 1;
-            IF FOUND THEN
-                IF jsonb_typeof(header.value) = 'number' AND header.value::numeric >= 0 THEN
-                    header_secs := header.value::numeric;
-                ELSIF jsonb_typeof(header.value) = 'string'
-                      AND btrim(header.value #>> '{}') ~ '^[0-9]+(\.[0-9]+)?$' THEN
-                    header_secs := btrim(header.value #>> '{}')::numeric;
-                ELSE
-                    RAISE EXCEPTION 'metadata.headers.retry-after must be a number of seconds, got %', header.value
-                        USING ERRCODE = '22023';
-                END IF;
-            END IF;
-        END IF;
-        v := p_metadata -> 'backoff_hint';
-        IF v IS NOT NULL AND jsonb_typeof(v) NOT IN ('object', 'null') THEN
-            RAISE EXCEPTION 'metadata.backoff_hint must be an object, got %', v USING ERRCODE = '22023';
-        ELSIF jsonb_typeof(v) = 'object' AND jsonb_typeof(v -> 'seconds') IS DISTINCT FROM 'null'
-              AND v -> 'seconds' IS NOT NULL THEN
-            hint_secs := tasker._non_negative(v -> 'seconds', 'metadata.backoff_hint.seconds');
-        END IF;
-    END IF;
+    r.success := p_status = 'success';
+    r.attempt := (p_metadata ->> 'attempt')::numeric::integer;
+    r.worker_id := p_metadata ->> 'worker_id';
+    r.execution_time_ms := (p_metadata ->> 'execution_time_ms')::numeric;
     IF NOT r.success THEN
-        -- (least() would turn a NULL into the bound)
-        r.requested_delay_ms := CASE WHEN coalesce(error_secs, header_secs, hint_secs) IS NOT NULL THEN
-            least(round(coalesce(error_secs, header_secs, hint_secs) * 1000), 9000000000000000)::bigint END;
+        r.message := x.message;
+        r.error_code := p_error ->> 'error_code';
+        r.retryable := coalesce((p_error ->> 'retryable')::boolean, true);
+        -- error.retry_after_seconds, else the retry-after header, else the
+        -- backoff hint (least() would turn a NULL into the bound)
+        r.requested_delay_ms := least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
+                                                     (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
+                                      9000000000000000)::bigint;
+        IF coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
+                    (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NULL THEN
+            r.requested_delay_ms := NULL;
+        END IF;
     END IF;
     RETURN r;
 END
@@ -1292,7 +1304,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:40
+-- src/lib.rs:52
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -1302,64 +1314,67 @@ $$;
 -- (docs/worker-protocol.md).
 
 -- Enqueues the given runnable steps of one task; the caller holds the task
--- row lock. Returns how many were enqueued.
-CREATE FUNCTION tasker._enqueue_steps(p_task uuid, p_steps uuid[]) RETURNS integer
+-- row lock. p_queue / p_queue_seq: the task's queue and its msg_id
+-- sequence (looked up when NULL). Returns how many were enqueued.
+CREATE FUNCTION tasker._enqueue_steps(p_task uuid, p_steps uuid[], p_queue text DEFAULT NULL,
+                                      p_queue_seq regclass DEFAULT NULL)
+RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_queue text;
-    v_seq regclass;
-    v_moved uuid[];
-    v_ids bigint[];
-    v_messages jsonb[];
+    v_queue text := p_queue;
+    v_seq regclass := p_queue_seq;
+    v_sent integer;
 BEGIN
-    SELECT n.queue_name, n.queue_seq INTO v_queue, v_seq
-    FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
-    WHERE t.task_uuid = p_task;
-
-    SELECT array_agg(m.step_uuid) INTO v_moved
-    FROM tasker._move_steps(
-        ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(p_steps) u),
-        'enqueued', 'ready', '{}', v_seq) m;
-
-    SELECT array_agg(s.queue_msg_id ORDER BY s.queue_msg_id),
-           array_agg(jsonb_build_object(
-               'message_version', 1,
-               'task_uuid', s.task_uuid,
-               'step_uuid', s.step_uuid,
-               'namespace', t.namespace_name,
-               'task_name', t.task_name,
-               'task_version', t.task_version,
-               'step_name', s.name,
-               'handler', jsonb_build_object('callable', s.handler_callable,
-                                             'method', s.handler_method,
-                                             'initialization', s.inputs),
-               'task_context', t.context,
-               'dependency_results', (
-                   SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
-                   FROM tasker.step_edges e
-                   JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-                   WHERE e.to_step_uuid = s.step_uuid),
-               'attempt', s.attempts,
-               'budget_attempt', s.attempts - s.budget_offset,
-               'max_attempts', s.max_attempts,
-               'timeout_seconds', s.timeout_seconds,
-               'correlation_id', t.correlation_id,
-               'enqueued_at', s.enqueued_at) ORDER BY s.queue_msg_id)
-    INTO v_ids, v_messages
-    FROM tasker.workflow_steps s
-    JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-    WHERE s.step_uuid = ANY (v_moved);
-
-    IF v_ids IS NOT NULL THEN
-        PERFORM tasker._pgmq_send(v_queue, v_ids, v_messages);
+    IF v_queue IS NULL OR v_seq IS NULL THEN
+        SELECT n.queue_name, n.queue_seq INTO v_queue, v_seq
+        FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
+        WHERE t.task_uuid = p_task;
     END IF;
-    RETURN coalesce(cardinality(v_ids), 0);
+    -- One statement: the steps move (a new attempt, a new msg_id each), and
+    -- their messages are built and sent. The joined step and task rows are
+    -- read as they were when the statement began, which is right for every
+    -- column used here but attempts and queue_msg_id, which come from the
+    -- move itself.
+    SELECT tasker._pgmq_send(v_queue, array_agg(x.queue_msg_id ORDER BY x.queue_msg_id),
+                             array_agg(x.message ORDER BY x.queue_msg_id))
+    INTO v_sent
+    FROM (
+        SELECT m.queue_msg_id,
+               jsonb_build_object(
+                   'message_version', 1,
+                   'task_uuid', s.task_uuid,
+                   'step_uuid', s.step_uuid,
+                   'namespace', t.namespace_name,
+                   'task_name', t.task_name,
+                   'task_version', t.task_version,
+                   'step_name', s.name,
+                   'handler', jsonb_build_object('callable', s.handler_callable,
+                                                 'method', s.handler_method,
+                                                 'initialization', s.inputs),
+                   'task_context', t.context,
+                   'dependency_results', (
+                       SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
+                       FROM tasker.step_edges e
+                       JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
+                       WHERE e.to_step_uuid = s.step_uuid),
+                   'attempt', m.attempts,
+                   'budget_attempt', m.attempts - s.budget_offset,
+                   'max_attempts', s.max_attempts,
+                   'timeout_seconds', s.timeout_seconds,
+                   'correlation_id', t.correlation_id,
+                   'enqueued_at', now()) AS message
+        FROM tasker._move_steps(
+                 ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(p_steps) u),
+                 'enqueued', 'ready', '{}', v_seq) m
+        JOIN tasker.workflow_steps s ON s.step_uuid = m.step_uuid
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid) x;
+    RETURN coalesce(v_sent, 0);
 END
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:45
+-- src/lib.rs:57
 -- requires:
 --   enqueue
 --   decisions::_execution_status
@@ -1369,12 +1384,16 @@ $$;
 -- returns, in the same transaction.
 
 -- The ready steps of a task now (tasker.step_is_ready), in uuid order.
+-- (PL/pgSQL rather than SQL: its plan is kept for the session.)
 CREATE FUNCTION tasker._ready_steps(p_task uuid) RETURNS uuid[]
-LANGUAGE sql STABLE AS $$
-    SELECT array_agg(s.step_uuid ORDER BY s.step_uuid)
-    FROM tasker.workflow_steps s
-    WHERE s.task_uuid = p_task
-      AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT array_agg(s.step_uuid ORDER BY s.step_uuid)
+            FROM tasker.workflow_steps s
+            WHERE s.task_uuid = p_task
+              AND tasker.step_is_runnable(s.state, s.pending_parents)  -- workflow_steps_runnable_idx
+              AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now()));
+END
 $$;
 
 -- Enqueues the task's ready steps, decides its state from its step
@@ -1382,7 +1401,11 @@ $$;
 -- it when the state changes and records when the orchestrator must look at
 -- it again (the earliest retry; NULL when nothing is due). The caller holds
 -- the task row lock. A finished task is left as it is.
-CREATE FUNCTION tasker._evaluate_task(p_task uuid, p_reason text) RETURNS tasker.task_state
+-- (p_queue, p_queue_seq: the task's queue and its sequence, when the caller
+-- has them from tasker._lock_task.)
+CREATE FUNCTION tasker._evaluate_task(p_task uuid, p_reason text, p_queue text DEFAULT NULL,
+                                      p_queue_seq regclass DEFAULT NULL)
+RETURNS tasker.task_state
 LANGUAGE plpgsql AS $$
 DECLARE
     t tasker.tasks%ROWTYPE;
@@ -1400,7 +1423,7 @@ BEGIN
     END IF;
     v_ready := tasker._ready_steps(p_task);
     IF v_ready IS NOT NULL THEN
-        PERFORM tasker._enqueue_steps(p_task, v_ready);
+        PERFORM tasker._enqueue_steps(p_task, v_ready, p_queue, p_queue_seq);
         SELECT * INTO t FROM tasker.tasks WHERE task_uuid = p_task;
     END IF;
     v_status := tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
@@ -1428,7 +1451,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:50
+-- src/lib.rs:62
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -1572,7 +1595,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:55
+-- src/lib.rs:71
 -- requires:
 --   templates
 
@@ -1589,7 +1612,8 @@ CREATE FUNCTION tasker.create_task(namespace text, name text, context jsonb DEFA
                                    reason text DEFAULT NULL, tags text[] DEFAULT '{}',
                                    idempotency_key text DEFAULT NULL)
 RETURNS uuid
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_ns text := create_task.namespace;
@@ -1733,7 +1757,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:56
+-- src/lib.rs:76
 -- requires:
 --   tasks
 
@@ -1750,16 +1774,25 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done uuid[];
+    v_children uuid[];
+    v_counts integer[];
 BEGIN
     SELECT array_agg(m.step_uuid) INTO v_done
     FROM tasker._move_steps(p_changes, p_to, p_reason, p_metadata) m;
-    UPDATE tasker.workflow_steps c
-    SET pending_parents = c.pending_parents - e.n
-    FROM (SELECT ed.to_step_uuid, count(*)::integer AS n
+    SELECT array_agg(x.child), array_agg(x.n) INTO v_children, v_counts
+    FROM (SELECT ed.to_step_uuid AS child, count(*)::integer AS n
           FROM tasker.step_edges ed
           WHERE ed.from_step_uuid = ANY (v_done)
-          GROUP BY ed.to_step_uuid) e
-    WHERE c.step_uuid = e.to_step_uuid;
+          GROUP BY ed.to_step_uuid) x;
+    IF v_children IS NOT NULL THEN
+        -- (joined through unnest of arrays: a generic plan looks each child
+        -- up by key; a join with the aggregate above was planned as a hash
+        -- join over every step)
+        UPDATE tasker.workflow_steps c
+        SET pending_parents = c.pending_parents - e.n
+        FROM unnest(v_children, v_counts) AS e(child, n)
+        WHERE c.step_uuid = e.child;
+    END IF;
 END
 $$;
 
@@ -1803,7 +1836,8 @@ $$;
 CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb DEFAULT NULL,
                                      error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_step uuid := submit_result.step_uuid;
@@ -1820,13 +1854,7 @@ BEGIN
     sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
 
     -- lock order: the task row, then the step
-    SELECT tk.task_uuid, tk.state, n.queue_name INTO t
-    FROM tasker.tasks tk JOIN tasker.namespaces n ON n.name = tk.namespace_name
-    WHERE tk.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step)
-    FOR NO KEY UPDATE OF tk;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'step % does not exist', v_step USING ERRCODE = 'P0002';
-    END IF;
+    t := tasker._lock_task_of_step(v_step);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step;
 
     IF tasker.step_state_class(s.state) <> 'out' THEN
@@ -1859,11 +1887,12 @@ BEGIN
         PERFORM tasker._complete_steps(
             ARRAY[ROW(v_step, coalesce(submit_result.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
             'complete', 'completed by worker', v_audit);
-    ELSE
-        PERFORM tasker._fail_attempt(v_step, submit_result.error, sub.message, sub.retryable,
-                                     sub.requested_delay_ms, v_audit);
+        PERFORM tasker._evaluate_task(t.task_uuid, 'step completed', t.queue_name, t.queue_seq);
+        RETURN 'complete';
     END IF;
-    PERFORM tasker._evaluate_task(t.task_uuid, CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END);
+    PERFORM tasker._fail_attempt(v_step, submit_result.error, sub.message, sub.retryable,
+                                 sub.requested_delay_ms, v_audit);
+    PERFORM tasker._evaluate_task(t.task_uuid, 'step failed', t.queue_name, t.queue_seq);
     -- a retry due at once was enqueued again by the evaluation
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step);
 END
@@ -1871,7 +1900,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:57
+-- src/lib.rs:81
 -- requires:
 --   results
 
@@ -1885,7 +1914,8 @@ $$;
 CREATE FUNCTION tasker.read_steps(namespace text, worker_id text, qty integer DEFAULT 10,
                                   visibility_timeout_seconds integer DEFAULT NULL)
 RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_ns text := read_steps.namespace;
@@ -1950,7 +1980,8 @@ $$;
 -- when the attempt is no longer current (settled, stopped, retried).
 CREATE FUNCTION tasker.extend_lease(step_uuid uuid, attempt integer, seconds integer)
 RETURNS timestamptz
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     s record;
@@ -1988,7 +2019,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:58
+-- src/lib.rs:86
 -- requires:
 --   workers
 
@@ -1996,12 +2027,14 @@ $$;
 -- a task, retry a failed step, resolve a step.
 
 -- Locks a task row (the first lock of every operation that changes a task
--- or its steps); P0002 when it does not exist.
+-- or its steps); P0002 when it does not exist. Also returns the task's
+-- queue and the queue's msg_id sequence.
 CREATE FUNCTION tasker._lock_task(p_task uuid, OUT task_uuid uuid, OUT state tasker.task_state,
-                                  OUT queue_name text)
+                                  OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT t.task_uuid, t.state, n.queue_name INTO _lock_task.task_uuid, _lock_task.state, _lock_task.queue_name
+    SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
+    INTO _lock_task.task_uuid, _lock_task.state, _lock_task.queue_name, _lock_task.queue_seq
     FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
     WHERE t.task_uuid = p_task
     FOR NO KEY UPDATE OF t;
@@ -2011,18 +2044,21 @@ BEGIN
 END
 $$;
 
--- Locks the task of a step; P0002 when the step does not exist.
+-- Locks the task of a step (its row first: the lock order); P0002 when the
+-- step does not exist.
 CREATE FUNCTION tasker._lock_task_of_step(p_step uuid, OUT task_uuid uuid, OUT state tasker.task_state,
-                                          OUT queue_name text)
+                                          OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_task uuid;
 BEGIN
-    SELECT ws.task_uuid INTO v_task FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step;
+    SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
+    INTO _lock_task_of_step.task_uuid, _lock_task_of_step.state, _lock_task_of_step.queue_name,
+         _lock_task_of_step.queue_seq
+    FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
+    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step)
+    FOR NO KEY UPDATE OF t;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'step % does not exist', p_step USING ERRCODE = 'P0002';
     END IF;
-    SELECT * INTO task_uuid, state, queue_name FROM tasker._lock_task(v_task);
 END
 $$;
 
@@ -2060,7 +2096,8 @@ $$;
 -- tasker.cancel_task(task_uuid, reason) RETURNS text: cancels every
 -- unfinished step (archiving their messages) and the task.
 CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     v_reason text := coalesce(cancel_task.reason, 'cancelled by operator');
@@ -2082,7 +2119,8 @@ $$;
 -- closes an active task (typically blocked_by_failures) as resolved; its
 -- unfinished steps are cancelled, steps in error stay as they are.
 CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     v_reason text := coalesce(resolve_task_manually.reason, 'resolved manually by operator');
@@ -2104,7 +2142,8 @@ $$;
 -- new retry budget (max_attempts more attempts; the attempt number keeps
 -- growing) and the task resumes. Returns the step's state afterwards.
 CREATE FUNCTION tasker.retry_step(step_uuid uuid, reason text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -2122,7 +2161,7 @@ BEGIN
     PERFORM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change], 'pending',
                                coalesce(retry_step.reason, 'retried by operator'),
                                jsonb_build_object('previous_attempts', s.attempts));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step retried by operator');
+    PERFORM tasker._evaluate_task(t.task_uuid, 'step retried by operator', t.queue_name, t.queue_seq);
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = s.step_uuid);
 END
 $$;
@@ -2132,7 +2171,8 @@ $$;
 -- completion would (an attempt out with a worker is withdrawn).
 CREATE FUNCTION tasker.resolve_step_manually(step_uuid uuid, result jsonb DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -2156,14 +2196,14 @@ BEGIN
     PERFORM tasker._complete_steps(
         ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
         'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator'));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step resolved manually');
+    PERFORM tasker._evaluate_task(t.task_uuid, 'step resolved manually', t.queue_name, t.queue_seq);
     RETURN 'resolved_manually';
 END
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:59
+-- src/lib.rs:91
 -- requires:
 --   operator
 
@@ -2186,7 +2226,7 @@ RETURN least(100, priority + greatest(0, floor(extract(epoch FROM waiting)))::in
 -- p_failed_backoff_seconds and reported; the others go on.
 CREATE FUNCTION tasker._run_cycle(p_orchestrator text, p_max_tasks integer, p_failed_backoff_seconds integer)
 RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_task uuid;
     v_before tasker.task_state;
@@ -2238,7 +2278,8 @@ $$;
 -- databases without the background worker, and for tests.
 CREATE FUNCTION tasker.run_orchestration_cycle(orchestrator_id text DEFAULT 'manual', max_tasks integer DEFAULT 100)
 RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF orchestrator_id IS NULL THEN
         RAISE EXCEPTION 'orchestrator_id must not be NULL' USING ERRCODE = '22004';
@@ -2279,7 +2320,8 @@ CREATE FUNCTION tasker.claim_ready_tasks(orchestrator_id text, max_tasks integer
                                          claim_timeout_seconds integer DEFAULT 60)
 RETURNS TABLE (task_uuid uuid, task_namespace text, task_name text, priority integer,
                effective_priority integer, claim_expires_at timestamptz)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF orchestrator_id IS NULL OR orchestrator_id = '' THEN
         RAISE EXCEPTION 'orchestrator_id must not be empty' USING ERRCODE = '22023';
@@ -2311,7 +2353,8 @@ END
 $$;
 
 CREATE FUNCTION tasker.release_task_claim(task_uuid uuid, orchestrator_id text)
-RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     released boolean;
 BEGIN
@@ -2328,7 +2371,8 @@ $$;
 
 CREATE FUNCTION tasker.extend_task_claim(task_uuid uuid, orchestrator_id text,
                                          claim_timeout_seconds integer DEFAULT 60)
-RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     extended boolean;
 BEGIN
@@ -2351,7 +2395,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:60
+-- src/lib.rs:96
 -- requires:
 --   cycle
 
@@ -2368,7 +2412,7 @@ $$;
 -- namespace's queue is joined only with its own steps; an attempt under a
 -- live lease is never touched.
 CREATE FUNCTION tasker._recover_attempts(p_max_deliveries integer, p_batch integer) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     ns record;
     c record;
@@ -2464,7 +2508,7 @@ CREATE FUNCTION tasker._detect_stale(p_steps_in_process_minutes numeric, p_waiti
                                      p_task_max_lifetime_hours numeric, p_to_error boolean, p_to_dlq boolean,
                                      p_batch integer)
 RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     c record;
     t record;
@@ -2603,7 +2647,7 @@ $$;
 -- goes to the DLQ with its error. Either way its message is archived, so
 -- nothing is dropped silently, retried forever, or blocks the others.
 CREATE FUNCTION tasker._ingest_requests(p_queue text, p_vt integer, p_batch integer) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     m record;
     v_task uuid;
@@ -2644,7 +2688,8 @@ $$;
 -- task another chance: its failed steps get a new retry budget, its retries
 -- become due, and the task resumes. Returns the task state.
 CREATE FUNCTION tasker.dlq_requeue(dlq_uuid uuid, note text DEFAULT NULL) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     e record;
     t record;
@@ -2695,7 +2740,8 @@ $$;
 -- closes a DLQ entry as resolved or discarded.
 CREATE FUNCTION tasker.dlq_resolve(dlq_uuid uuid, note text DEFAULT NULL, status text DEFAULT 'resolved')
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -2721,7 +2767,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:61
+-- src/lib.rs:101
 -- requires:
 --   maintenance
 
@@ -2853,7 +2899,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:62
+-- src/lib.rs:106
 -- requires:
 --   views
 --   health::health
@@ -2907,7 +2953,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:67
+-- src/lib.rs:111
 -- requires:
 --   health_views
 
@@ -3003,7 +3049,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:68
+-- src/lib.rs:116
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --

@@ -65,11 +65,11 @@ fn with_plans<R>(queue: &str, f: impl FnOnce(&QueuePlans) -> ApiResult<R>) -> Ap
     })
 }
 
-/// `tasker._pgmq_send(queue, msg_ids bigint[], messages jsonb[])`: inserts
-/// the messages with the given ids (taken from the queue's sequence by
-/// tasker._move_steps), visible at once.
+/// `tasker._pgmq_send(queue, msg_ids bigint[], messages jsonb[]) RETURNS
+/// bigint`: inserts the messages with the given ids (taken from the queue's
+/// sequence by tasker._move_steps), visible at once; returns how many.
 #[pg_extern]
-fn _pgmq_send(queue: &str, msg_ids: Vec<i64>, messages: AnyArray) -> ApiResult<()> {
+fn _pgmq_send(queue: &str, msg_ids: Vec<i64>, messages: AnyArray) -> ApiResult<i64> {
     if messages.oid() != pg_sys::JSONBARRAYOID {
         return Err(internal("_pgmq_send takes jsonb[] messages"));
     }
@@ -79,7 +79,7 @@ fn _pgmq_send(queue: &str, msg_ids: Vec<i64>, messages: AnyArray) -> ApiResult<(
         let messages = unsafe { DatumWithOid::new(messages, pg_sys::JSONBARRAYOID) };
         Spi::connect_mut(|c| {
             c.update(&p.send, None, &[msg_ids.into(), messages])
-                .map(|_| ())
+                .map(|t| t.len() as i64)
         })
         .map_err(internal)
     })

@@ -140,6 +140,13 @@ mod tests {
         // a new retry budget; the attempt number keeps growing (fencing)
         assert_eq!(sql_value::<String>(&format!("SELECT state || ':' || attempts || ':' || (attempts - budget_offset) FROM tasker.workflow_steps WHERE task_uuid = '{fast}' AND name = 'a'")).unwrap(), "enqueued:2:1");
         assert_task_consistent(&fast);
+        // a late result of the attempt that went stale is fenced out
+        let a_fast = sql_value::<String>(&format!("SELECT step_uuid::text FROM tasker.workflow_steps WHERE task_uuid = '{fast}' AND name = 'a'")).unwrap();
+        assert_eq!(
+            sql_value::<String>(&format!("SELECT tasker.submit_result('{a_fast}', 'success', '\"late\"', NULL, '{{\"attempt\": 1}}')")).unwrap(),
+            "enqueued"
+        );
+        assert_eq!(sql_value::<String>(&format!("SELECT coalesce(results::text, '-') FROM tasker.workflow_steps WHERE step_uuid = '{a_fast}'")).unwrap(), "-");
         assert_eq!(sql_value::<String>(&format!("SELECT resolution_status || ':' || resolution_note FROM tasker.dlq WHERE dlq_uuid = '{fast_dlq}'")).unwrap(), "requeued:worker fleet restored");
         let f = failure(&format!("SELECT tasker.dlq_requeue('{fast_dlq}')"));
         assert!(f.starts_with("55000"), "{f}");

@@ -15,17 +15,26 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
     script: PathBuf,
+    preload: String,
 }
 
 impl Cluster {
-    /// Starts a new cluster. `repo` is the repository root (for
-    /// scripts/cluster.sh); `tag` names its directory.
+    /// Starts a new cluster with pg_tasker preloaded (its orchestrator runs).
+    /// `repo` is the repository root (for scripts/cluster.sh); `tag` names
+    /// its directory.
     pub fn start(repo: &Path, tag: &str) -> Cluster {
+        Self::start_with_preload(repo, tag, "pg_tasker")
+    }
+
+    /// Starts a new cluster with the given shared_preload_libraries (empty:
+    /// none, so no orchestrator).
+    pub fn start_with_preload(repo: &Path, tag: &str, preload: &str) -> Cluster {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let c = Cluster {
             dir: std::env::temp_dir().join(format!("pg_tasker_{tag}_{}_{n}", std::process::id())),
             port: 30000 + ((std::process::id() % 500) as u16) * 10 + n % 10,
             script: repo.join("scripts/cluster.sh"),
+            preload: preload.to_string(),
         };
         c.run("destroy");
         c.run("start");
@@ -38,6 +47,7 @@ impl Cluster {
             .arg(action)
             .env("PG_TASKER_CLUSTER_DIR", &self.dir)
             .env("PG_TASKER_PORT", self.port.to_string())
+            .env("PG_TASKER_PRELOAD", &self.preload)
             .output()
             .expect("cluster.sh runs");
         assert!(
