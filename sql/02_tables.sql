@@ -12,6 +12,9 @@
 -- and Postgres forbids making it a member of the extension, so DROP
 -- EXTENSION removes every object below but leaves the empty schema.
 
+-- A step's backoff policy (pg_tasker_core::template::Backoff mirrors it).
+CREATE TYPE tasker.backoff AS ENUM ('none', 'linear', 'exponential', 'fibonacci');
+
 CREATE TABLE tasker.namespaces (
     namespace_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     name           text NOT NULL UNIQUE
@@ -58,7 +61,7 @@ CREATE TABLE tasker.template_steps (
     inputs           jsonb NOT NULL CHECK (jsonb_typeof(inputs) = 'object'),
     retryable        boolean NOT NULL,
     max_attempts     integer NOT NULL CHECK (max_attempts >= 1),
-    backoff          text NOT NULL CHECK (backoff IN ('none', 'linear', 'exponential', 'fibonacci')),
+    backoff          tasker.backoff NOT NULL,
     backoff_base_ms  bigint NOT NULL CHECK (backoff_base_ms >= 0),
     max_backoff_ms   bigint NOT NULL,
     jitter           boolean NOT NULL,
@@ -92,15 +95,15 @@ CREATE TABLE tasker.tasks (
     idempotency_key  text,
     correlation_id   uuid NOT NULL DEFAULT tasker.uuid_generate_v7(),
     -- step counters by class (tasker.step_state_class), kept by tasker._move_steps
-    steps_total      integer NOT NULL CHECK (steps_total > 0),
-    steps_pending    integer NOT NULL CHECK (steps_pending >= 0),
-    steps_out        integer NOT NULL DEFAULT 0 CHECK (steps_out >= 0),
-    steps_waiting    integer NOT NULL DEFAULT 0 CHECK (steps_waiting >= 0),
-    steps_done       integer NOT NULL DEFAULT 0 CHECK (steps_done >= 0),
-    steps_error      integer NOT NULL DEFAULT 0 CHECK (steps_error >= 0),
-    steps_cancelled  integer NOT NULL DEFAULT 0 CHECK (steps_cancelled >= 0),
+    steps_total      integer NOT NULL,
+    steps_pending    integer NOT NULL,
+    steps_out        integer NOT NULL DEFAULT 0,
+    steps_waiting    integer NOT NULL DEFAULT 0,
+    steps_done       integer NOT NULL DEFAULT 0,
+    steps_error      integer NOT NULL DEFAULT 0,
+    steps_cancelled  integer NOT NULL DEFAULT 0,
     -- number of state changes so far; the sort_key of the latest transition
-    transitions      integer NOT NULL DEFAULT 1 CHECK (transitions >= 1),
+    transitions      integer NOT NULL DEFAULT 1,
     -- when the orchestrator must look at this task next (NULL: nothing due)
     next_action_at   timestamptz,
     -- claims of external orchestrators (tasker.claim_ready_tasks)
@@ -109,6 +112,10 @@ CREATE TABLE tasker.tasks (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     completed_at     timestamptz,
+    -- (checks cost every UPDATE of a row: few, and not for what never changes)
+    CONSTRAINT tasks_counters_non_negative CHECK (
+        least(steps_pending, steps_out, steps_waiting, steps_done, steps_error, steps_cancelled) >= 0
+        AND transitions >= 1),
     CONSTRAINT tasks_counters_sum CHECK (
         steps_pending + steps_out + steps_waiting + steps_done + steps_error + steps_cancelled = steps_total),
     CONSTRAINT tasks_complete_means_all_done CHECK (state <> 'complete' OR steps_done = steps_total),
@@ -141,27 +148,29 @@ CREATE TABLE tasker.workflow_steps (
     name             text NOT NULL,
     position         integer NOT NULL CHECK (position >= 0),
     state            tasker.step_state NOT NULL DEFAULT 'pending',
+    -- handler and retry policy: copied from template_steps, whose CHECKs
+    -- they passed (checks cost every UPDATE of a row: none for what never
+    -- changes)
     handler_callable text NOT NULL,
     handler_method   text,
-    inputs           jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(inputs) = 'object'),
+    inputs           jsonb NOT NULL DEFAULT '{}',
     -- retry policy (max_attempts counts the first attempt of a budget)
     retryable        boolean NOT NULL DEFAULT true,
-    max_attempts     integer NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
+    max_attempts     integer NOT NULL DEFAULT 3,
     -- the number of the latest attempt; only grows (messages carry it, and
     -- a result for any other attempt is ignored)
-    attempts         integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    attempts         integer NOT NULL DEFAULT 0,
     -- attempts made before the current retry budget (retry_step and
     -- dlq_requeue start a new budget of max_attempts)
-    budget_offset    integer NOT NULL DEFAULT 0 CHECK (budget_offset >= 0),
-    backoff          text NOT NULL DEFAULT 'exponential'
-                     CHECK (backoff IN ('none', 'linear', 'exponential', 'fibonacci')),
-    backoff_base_ms  bigint NOT NULL DEFAULT 1000 CHECK (backoff_base_ms >= 0),
+    budget_offset    integer NOT NULL DEFAULT 0,
+    backoff          tasker.backoff NOT NULL DEFAULT 'exponential',
+    backoff_base_ms  bigint NOT NULL DEFAULT 1000,
     max_backoff_ms   bigint NOT NULL DEFAULT 60000,
     jitter           boolean NOT NULL DEFAULT false,
-    timeout_seconds  integer CHECK (timeout_seconds > 0),
+    timeout_seconds  integer,
     -- dependency counters: runnable when pending_parents = 0
-    total_parents    integer NOT NULL DEFAULT 0 CHECK (total_parents >= 0),
-    pending_parents  integer NOT NULL DEFAULT 0 CHECK (pending_parents BETWEEN 0 AND total_parents),
+    total_parents    integer NOT NULL DEFAULT 0,
+    pending_parents  integer NOT NULL DEFAULT 0,
     results          jsonb,
     last_error       jsonb,
     next_retry_at    timestamptz,
@@ -172,12 +181,13 @@ CREATE TABLE tasker.workflow_steps (
     started_at       timestamptz,
     completed_at     timestamptz,
     -- number of state changes so far; the sort_key of the latest transition
-    transitions      integer NOT NULL DEFAULT 1 CHECK (transitions >= 1),
+    transitions      integer NOT NULL DEFAULT 1,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (task_uuid, name),
-    CHECK (max_backoff_ms >= backoff_base_ms),
-    CONSTRAINT steps_budget_within_attempts CHECK (budget_offset <= attempts),
+    CONSTRAINT steps_counters CHECK (
+        pending_parents BETWEEN 0 AND total_parents AND transitions >= 1),
+    CONSTRAINT steps_budget_within_attempts CHECK (budget_offset BETWEEN 0 AND attempts),
     CONSTRAINT steps_budget_not_exceeded CHECK (attempts - budget_offset <= max_attempts),
     CONSTRAINT steps_out_has_message CHECK (
         tasker.step_state_class(state) <> 'out' OR (queue_msg_id IS NOT NULL AND enqueued_at IS NOT NULL)),
@@ -186,7 +196,7 @@ CREATE TABLE tasker.workflow_steps (
     CONSTRAINT steps_done_has_completion CHECK (
         (tasker.step_state_class(state) = 'done') = (completed_at IS NOT NULL)),
     CONSTRAINT steps_attempted_before_leaving_pending CHECK (
-        state NOT IN ('enqueued', 'in_progress', 'waiting_for_retry', 'complete', 'error') OR attempts > 0)
+        attempts > 0 OR state IN ('pending', 'cancelled', 'resolved_manually'))
 );
 -- Runnable steps only (tasker.step_is_runnable): O(ready work) per task.
 CREATE INDEX workflow_steps_runnable_idx ON tasker.workflow_steps (task_uuid)

@@ -56,7 +56,7 @@ BEGIN
            r.timeout_seconds, r.parents
     FROM jsonb_to_recordset(p_steps) AS r(environment text, position integer, name text,
          handler_callable text, handler_method text, inputs jsonb, retryable boolean,
-         max_attempts integer, backoff text, backoff_base_ms bigint, max_backoff_ms bigint,
+         max_attempts integer, backoff tasker.backoff, backoff_base_ms bigint, max_backoff_ms bigint,
          jitter boolean, timeout_seconds integer, parents integer);
     INSERT INTO tasker.template_edges
     SELECT p_template, e.from_position, e.to_position

@@ -48,7 +48,7 @@ DECLARE
 BEGIN
     SELECT * INTO s FROM tasker.workflow_steps WHERE step_uuid = p_step;
     SELECT * INTO d FROM tasker._retry_decision(s.retryable, s.max_attempts, s.attempts - s.budget_offset,
-                                                s.backoff, s.backoff_base_ms, s.max_backoff_ms, s.jitter,
+                                                s.backoff::text, s.backoff_base_ms, s.max_backoff_ms, s.jitter,
                                                 p_error_retryable, p_requested_delay_ms);
     IF d.retry THEN
         PERFORM tasker._move_steps(

@@ -46,7 +46,7 @@ INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, state, 
                                    pending_parents, results, last_error, next_retry_at, queue_msg_id,
                                    enqueued_at, started_at, completed_at, transitions, created_at, updated_at)
 SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state, s.handler_callable,
-       s.handler_method, s.inputs, s.retryable, s.max_attempts, s.attempts, 0, s.backoff, s.backoff_base_ms,
+       s.handler_method, s.inputs, s.retryable, s.max_attempts, s.attempts, 0, s.backoff::tasker.backoff, s.backoff_base_ms,
        s.max_backoff_ms, s.jitter, s.timeout_seconds, s.total_parents, s.pending_parents, s.results,
        s.last_error,
        CASE WHEN s.state = 'waiting_for_retry' THEN coalesce(s.next_retry_at, now()) END,

@@ -31,6 +31,18 @@ mod tests {
                 "{s}"
             );
         }
+        // the backoff policies too
+        let sql_backoff = text("SELECT string_agg(b::text, ',' ORDER BY b) FROM unnest(enum_range(NULL::tasker.backoff)) b");
+        let rust_backoff: Vec<&str> = [
+            pg_tasker_core::Backoff::None,
+            pg_tasker_core::Backoff::Linear,
+            pg_tasker_core::Backoff::Exponential,
+            pg_tasker_core::Backoff::Fibonacci,
+        ]
+        .iter()
+        .map(|b| b.as_str())
+        .collect();
+        assert_eq!(sql_backoff, rust_backoff.join(","));
         // the execution statuses map to states of the enum
         for status in pg_tasker_core::status::ExecutionStatus::ALL {
             assert_eq!(
