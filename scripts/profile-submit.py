@@ -12,6 +12,7 @@ the top-level submit_result call and how many statements run inside one.
 Prints a Markdown table (docs/benchmarks.md records it).
 """
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -97,34 +98,54 @@ def measure(version):
         WHERE NOT toplevel AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND query NOT LIKE '%pgmq.read%'""").fetchone()
     nested = (nested[0] / calls, )
+    if os.environ.get("DETAIL"):
+        for row in c.execute("""
+                SELECT round(total_exec_time::numeric / %s, 4), calls / %s, left(regexp_replace(query, '\\s+', ' ', 'g'), 100)
+                FROM pg_stat_statements WHERE NOT toplevel ORDER BY total_exec_time DESC LIMIT 25""", [calls, calls]):
+            print(version, row, file=sys.stderr)
     c.close()
     return {"version": version, "calls": top[0], "mean_ms": top[1],
             "nested_per_call": nested[0], "wall_s": wall}
 
 
+def use_version(version):
+    c = connect()
+    if version == "0.1.0":
+        c.execute("ALTER SYSTEM SET dynamic_library_path = '$libdir/pg_tasker-releases/0.1.0:$libdir'")
+    else:
+        c.execute("ALTER SYSTEM RESET dynamic_library_path")
+    c.close()
+    restart()
+
+
 def main():
     if not os.path.exists("/usr/share/postgresql/15/extension/pg_tasker--0.1.0.sql"):
         raise SystemExit("run scripts/install-release.sh 0.1.0 first")
+    current = subprocess.run(["sed", "-n", 's/^version = "\\(.*\\)"/\\1/p', os.path.join(ROOT, "Cargo.toml")],
+                             capture_output=True, text=True).stdout.split()[0]
+    rounds = int(os.environ.get("ROUNDS", "3"))
     cluster("destroy")
     cluster("start")
     c = connect()
     c.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = off")
-    c.execute("ALTER SYSTEM SET dynamic_library_path = '$libdir/pg_tasker-releases/0.1.0:$libdir'")
     c.close()
-    restart()
-    old = measure("0.1.0")
-    c = connect()
-    c.execute("ALTER SYSTEM RESET dynamic_library_path")
-    c.close()
-    restart()
-    current = measure(subprocess.run(["sed", "-n", 's/^version = "\\(.*\\)"/\\1/p', os.path.join(ROOT, "Cargo.toml")],
-                                     capture_output=True, text=True).stdout.split()[0])
+    results = {"0.1.0": [], current: []}
+    # alternate the versions, so that both see the same machine (its speed
+    # varies by 20 % from minute to minute here); report medians
+    for _ in range(rounds):
+        for version in ("0.1.0", current):
+            use_version(version)
+            results[version].append(measure(version))
     cluster("destroy")
-    print("| version | submit_result calls | mean server time (ms) | statements inside one call | wall time of the run (s) |")
+    print(f"| version | submit_result calls | mean server time (ms), median of {rounds} | "
+          "statements inside one call | wall time of a run (s) |")
     print("|---|---|---|---|---|")
-    for r in (old, current):
-        print(f"| {r['version']} | {r['calls']} | {r['mean_ms']:.3f} | {r['nested_per_call']:.1f} | {r['wall_s']:.1f} |")
-
+    for version, runs in results.items():
+        mean = statistics.median(r["mean_ms"] for r in runs)
+        wall = statistics.median(r["wall_s"] for r in runs)
+        each = ", ".join(f"{r['mean_ms']:.2f}" for r in runs)
+        print(f"| {version} | {runs[0]['calls']} | {mean:.3f} ({each}) "
+              f"| {runs[0]['nested_per_call']:.1f} | {wall:.1f} |")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -133,8 +133,10 @@ CREATE UNIQUE INDEX tasks_idempotency_key_idx
 -- Due work: only tasks with something to do are in this index.
 CREATE INDEX tasks_next_action_idx ON tasker.tasks (next_action_at)
     WHERE next_action_at IS NOT NULL;
--- Active tasks by state and last progress (health, staleness).
-CREATE INDEX tasks_active_state_idx ON tasker.tasks (state, updated_at)
+-- Active tasks by state (health, staleness). Not on updated_at: every
+-- step change touches it, and an indexed column would make each of those
+-- updates write every index of the table (no HOT update).
+CREATE INDEX tasks_active_state_idx ON tasker.tasks (state)
     WHERE NOT tasker.task_state_is_terminal(state);
 -- Finished tasks by age (retention).
 CREATE INDEX tasks_finished_idx ON tasker.tasks (completed_at)
@@ -205,7 +207,6 @@ CREATE INDEX workflow_steps_runnable_idx ON tasker.workflow_steps (task_uuid)
 CREATE TABLE tasker.step_edges (
     from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
     to_step_uuid   uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
-    name           text NOT NULL DEFAULT 'provides',
     PRIMARY KEY (from_step_uuid, to_step_uuid),
     CHECK (from_step_uuid <> to_step_uuid)
 );

@@ -760,8 +760,10 @@ CREATE UNIQUE INDEX tasks_idempotency_key_idx
 -- Due work: only tasks with something to do are in this index.
 CREATE INDEX tasks_next_action_idx ON tasker.tasks (next_action_at)
     WHERE next_action_at IS NOT NULL;
--- Active tasks by state and last progress (health, staleness).
-CREATE INDEX tasks_active_state_idx ON tasker.tasks (state, updated_at)
+-- Active tasks by state (health, staleness). Not on updated_at: every
+-- step change touches it, and an indexed column would make each of those
+-- updates write every index of the table (no HOT update).
+CREATE INDEX tasks_active_state_idx ON tasker.tasks (state)
     WHERE NOT tasker.task_state_is_terminal(state);
 -- Finished tasks by age (retention).
 CREATE INDEX tasks_finished_idx ON tasker.tasks (completed_at)
@@ -832,7 +834,6 @@ CREATE INDEX workflow_steps_runnable_idx ON tasker.workflow_steps (task_uuid)
 CREATE TABLE tasker.step_edges (
     from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
     to_step_uuid   uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
-    name           text NOT NULL DEFAULT 'provides',
     PRIMARY KEY (from_step_uuid, to_step_uuid),
     CHECK (from_step_uuid <> to_step_uuid)
 );
@@ -3219,8 +3220,8 @@ SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state,
        s.created_at, s.updated_at
 FROM tasker_0_1_0.workflow_steps s;
 
-INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid, name)
-SELECT e.from_step_uuid, e.to_step_uuid, e.name FROM tasker_0_1_0.step_edges e;
+INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
+SELECT e.from_step_uuid, e.to_step_uuid FROM tasker_0_1_0.step_edges e;
 
 INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata, actor, created_at)
 SELECT x.task_uuid, x.sort_key, x.from_state::tasker.task_state, x.to_state::tasker.task_state, x.reason,

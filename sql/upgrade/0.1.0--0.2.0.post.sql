@@ -59,8 +59,8 @@ SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state,
        s.created_at, s.updated_at
 FROM tasker_0_1_0.workflow_steps s;
 
-INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid, name)
-SELECT e.from_step_uuid, e.to_step_uuid, e.name FROM tasker_0_1_0.step_edges e;
+INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
+SELECT e.from_step_uuid, e.to_step_uuid FROM tasker_0_1_0.step_edges e;
 
 INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata, actor, created_at)
 SELECT x.task_uuid, x.sort_key, x.from_state::tasker.task_state, x.to_state::tasker.task_state, x.reason,

@@ -92,6 +92,20 @@ mod tests {
     }
 
     #[pg_test]
+    fn unsupported_pgmq_versions_are_refused_clearly() {
+        assert_eq!(text("SELECT tasker._pgmq_check_version()"), "1.11.1");
+        for (v, code) in [("1.9.0", "0A000"), ("2.0.0", "0A000"), ("nightly", "0A000")] {
+            Spi::run(&format!("UPDATE pg_catalog.pg_extension SET extversion = '{v}' WHERE extname = 'pgmq'")).unwrap();
+            let f = failure("SELECT tasker._pgmq_check_version()");
+            assert!(f.starts_with(&format!("{code}: ")) && f.contains("pgmq"), "{v}: {f}");
+        }
+        Spi::run("UPDATE pg_catalog.pg_extension SET extversion = '1.11.1' WHERE extname = 'pgmq'").unwrap();
+        // and a queue whose table lacks a column pg_tasker uses is refused
+        Spi::run("SELECT pgmq.create('st_oddqueue'); ALTER TABLE pgmq.q_st_oddqueue DROP COLUMN headers").unwrap();
+        assert_fails("SELECT tasker._pgmq_ensure_queue('st_oddqueue')", "0A000", "lacks columns pg_tasker needs: {headers}");
+    }
+
+    #[pg_test]
     fn the_primitives_refuse_illegal_moves() {
         register(&template(
             "st_moves",
