@@ -16,7 +16,7 @@ END
 $$;
 
 -- Enqueues the task's ready steps, decides its state from its step
--- counters (tasker._execution_status, i.e. pg_tasker_core::status), moves
+-- counters (tasker._task_status, i.e. pg_tasker_core::status), moves
 -- it when the state changes and records when the orchestrator must look at
 -- it again (the earliest retry; NULL when nothing is due). The caller holds
 -- the task row lock. A finished task is left as it is.
@@ -45,9 +45,9 @@ BEGIN
         PERFORM tasker._enqueue_steps(p_task, v_ready, p_queue, p_queue_seq);
         SELECT * INTO t FROM tasker.tasks WHERE task_uuid = p_task;
     END IF;
-    v_status := tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                                         t.steps_done, t.steps_error, t.steps_cancelled, 0);
-    v_state := tasker._task_state_of(v_status);
+    SELECT d.execution_status, d.task_state INTO v_status, v_state
+    FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                             t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
     IF t.steps_waiting > 0 THEN
         SELECT min(s.next_retry_at) INTO v_next
         FROM tasker.workflow_steps s

@@ -68,24 +68,35 @@ BEGIN
 END
 $$;
 
+-- Closes an active task: its unfinished steps are cancelled (attempts out
+-- with workers withdrawn), the task moves to p_to (cancelled,
+-- resolved_manually). 55000 for a finished task.
+CREATE FUNCTION tasker._close_task(p_task uuid, p_to tasker.task_state, p_reason text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    t record;
+BEGIN
+    IF p_task IS NULL THEN
+        RAISE EXCEPTION 'task_uuid must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    t := tasker._lock_task(p_task);
+    IF tasker.task_state_is_terminal(t.state) THEN
+        RAISE EXCEPTION 'task % is already % and cannot be %', t.task_uuid, t.state,
+            CASE p_to WHEN 'cancelled' THEN 'cancelled' ELSE 'resolved' END USING ERRCODE = '55000';
+    END IF;
+    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason);
+    PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
+END
+$$;
+
 -- tasker.cancel_task(task_uuid, reason) RETURNS text: cancels every
 -- unfinished step (archiving their messages) and the task.
 CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    t record;
-    v_reason text := coalesce(cancel_task.reason, 'cancelled by operator');
 BEGIN
-    IF cancel_task.task_uuid IS NULL THEN
-        RAISE EXCEPTION 'task_uuid must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    t := tasker._lock_task(cancel_task.task_uuid);
-    IF tasker.task_state_is_terminal(t.state) THEN
-        RAISE EXCEPTION 'task % is already % and cannot be cancelled', t.task_uuid, t.state USING ERRCODE = '55000';
-    END IF;
-    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', v_reason);
-    PERFORM tasker._move_task(t.task_uuid, 'cancelled', v_reason);
+    PERFORM tasker._close_task(cancel_task.task_uuid, 'cancelled',
+                               coalesce(cancel_task.reason, 'cancelled by operator'));
     RETURN 'cancelled';
 END
 $$;
@@ -96,19 +107,9 @@ $$;
 CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    t record;
-    v_reason text := coalesce(resolve_task_manually.reason, 'resolved manually by operator');
 BEGIN
-    IF resolve_task_manually.task_uuid IS NULL THEN
-        RAISE EXCEPTION 'task_uuid must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    t := tasker._lock_task(resolve_task_manually.task_uuid);
-    IF tasker.task_state_is_terminal(t.state) THEN
-        RAISE EXCEPTION 'task % is already % and cannot be resolved', t.task_uuid, t.state USING ERRCODE = '55000';
-    END IF;
-    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', v_reason);
-    PERFORM tasker._move_task(t.task_uuid, 'resolved_manually', v_reason);
+    PERFORM tasker._close_task(resolve_task_manually.task_uuid, 'resolved_manually',
+                               coalesce(resolve_task_manually.reason, 'resolved manually by operator'));
     RETURN 'resolved_manually';
 END
 $$;

@@ -111,15 +111,13 @@ RETURNS TABLE (task_uuid uuid, state tasker.task_state, execution_status text, h
                waiting_for_retry_steps integer, completed_steps integer, failed_steps integer,
                cancelled_steps integer, completion_percentage double precision)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-    SELECT t.task_uuid, t.state,
-           tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                                    t.steps_done, t.steps_error, t.steps_cancelled, r.ready),
-           tasker._task_health(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                               t.steps_done, t.steps_error, t.steps_cancelled, r.ready),
+    SELECT t.task_uuid, t.state, d.execution_status, d.health,
            t.steps_total, t.steps_pending, r.ready, t.steps_out, t.steps_waiting, t.steps_done,
            t.steps_error, t.steps_cancelled,
            round((t.steps_done * 10000.0) / t.steps_total) / 100.0
     FROM tasker.tasks t
     CROSS JOIN LATERAL (SELECT coalesce(cardinality(tasker._ready_steps(t.task_uuid)), 0) AS ready) r
+    CROSS JOIN LATERAL tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                                           t.steps_done, t.steps_error, t.steps_cancelled, r.ready) d
     WHERE t.task_uuid = tasker._existing_task($1)
 $$;

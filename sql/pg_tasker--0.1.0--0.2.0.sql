@@ -384,7 +384,7 @@ SELECT tasker._pgmq_check_version();
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:184
+-- src/decisions.rs:155
 -- pg_tasker::decisions::_canonical_version
 CREATE  FUNCTION "_canonical_version"(
 	"version" TEXT /* & str */
@@ -395,30 +395,12 @@ AS 'MODULE_PATHNAME', '_canonical_version_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:209
+-- src/decisions.rs:180
 -- pg_tasker::decisions::_environment
 CREATE  FUNCTION "_environment"() RETURNS TEXT /* String */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_environment_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/decisions.rs:104
--- pg_tasker::decisions::_execution_status
-CREATE  FUNCTION "_execution_status"(
-	"total" INT, /* i32 */
-	"pending" INT, /* i32 */
-	"out" INT, /* i32 */
-	"waiting" INT, /* i32 */
-	"done" INT, /* i32 */
-	"error" INT, /* i32 */
-	"cancelled" INT, /* i32 */
-	"ready" INT /* i32 */
-) RETURNS TEXT /* & '_ str */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_execution_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -494,7 +476,7 @@ AS 'MODULE_PATHNAME', '_retry_decision_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:193
+-- src/decisions.rs:164
 -- pg_tasker::decisions::_setting
 CREATE  FUNCTION "_setting"(
 	"key" TEXT /* & str */
@@ -505,9 +487,9 @@ AS 'MODULE_PATHNAME', '_setting_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:123
--- pg_tasker::decisions::_task_health
-CREATE  FUNCTION "_task_health"(
+-- src/decisions.rs:83
+-- pg_tasker::decisions::_task_status
+CREATE  FUNCTION "_task_status"(
 	"total" INT, /* i32 */
 	"pending" INT, /* i32 */
 	"out" INT, /* i32 */
@@ -516,25 +498,18 @@ CREATE  FUNCTION "_task_health"(
 	"error" INT, /* i32 */
 	"cancelled" INT, /* i32 */
 	"ready" INT /* i32 */
-) RETURNS TEXT /* & '_ str */
+) RETURNS TABLE (
+	"execution_status" TEXT,  /* & '_ str */
+	"health" TEXT,  /* & '_ str */
+	"task_state" TEXT  /* & '_ str */
+)
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_task_health_wrapper';
+AS 'MODULE_PATHNAME', '_task_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:141
--- pg_tasker::decisions::_task_state_of
-CREATE  FUNCTION "_task_state_of"(
-	"execution_status" TEXT /* & str */
-) RETURNS TEXT /* ApiResult < & '_ str > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_task_state_of_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/decisions.rs:158
+-- src/decisions.rs:129
 -- pg_tasker::decisions::_validate_context
 CREATE  FUNCTION "_validate_context"(
 	"template_uuid" uuid, /* pgrx :: Uuid */
@@ -559,7 +534,7 @@ AS 'MODULE_PATHNAME', '_version_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:216
+-- src/decisions.rs:187
 -- pg_tasker::decisions::_wake_orchestrator
 CREATE  FUNCTION "_wake_orchestrator"() RETURNS void
 STRICT
@@ -1388,7 +1363,7 @@ $$;
 -- src/lib.rs:57
 -- requires:
 --   enqueue
---   decisions::_execution_status
+--   decisions::_task_status
 
 -- Task evaluation: the one place that decides a task's state. Every
 -- operation that changes a step of an active task calls it before it
@@ -1408,7 +1383,7 @@ END
 $$;
 
 -- Enqueues the task's ready steps, decides its state from its step
--- counters (tasker._execution_status, i.e. pg_tasker_core::status), moves
+-- counters (tasker._task_status, i.e. pg_tasker_core::status), moves
 -- it when the state changes and records when the orchestrator must look at
 -- it again (the earliest retry; NULL when nothing is due). The caller holds
 -- the task row lock. A finished task is left as it is.
@@ -1437,9 +1412,9 @@ BEGIN
         PERFORM tasker._enqueue_steps(p_task, v_ready, p_queue, p_queue_seq);
         SELECT * INTO t FROM tasker.tasks WHERE task_uuid = p_task;
     END IF;
-    v_status := tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                                         t.steps_done, t.steps_error, t.steps_cancelled, 0);
-    v_state := tasker._task_state_of(v_status);
+    SELECT d.execution_status, d.task_state INTO v_status, v_state
+    FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                             t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
     IF t.steps_waiting > 0 THEN
         SELECT min(s.next_retry_at) INTO v_next
         FROM tasker.workflow_steps s
@@ -2104,24 +2079,35 @@ BEGIN
 END
 $$;
 
+-- Closes an active task: its unfinished steps are cancelled (attempts out
+-- with workers withdrawn), the task moves to p_to (cancelled,
+-- resolved_manually). 55000 for a finished task.
+CREATE FUNCTION tasker._close_task(p_task uuid, p_to tasker.task_state, p_reason text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    t record;
+BEGIN
+    IF p_task IS NULL THEN
+        RAISE EXCEPTION 'task_uuid must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    t := tasker._lock_task(p_task);
+    IF tasker.task_state_is_terminal(t.state) THEN
+        RAISE EXCEPTION 'task % is already % and cannot be %', t.task_uuid, t.state,
+            CASE p_to WHEN 'cancelled' THEN 'cancelled' ELSE 'resolved' END USING ERRCODE = '55000';
+    END IF;
+    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason);
+    PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
+END
+$$;
+
 -- tasker.cancel_task(task_uuid, reason) RETURNS text: cancels every
 -- unfinished step (archiving their messages) and the task.
 CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    t record;
-    v_reason text := coalesce(cancel_task.reason, 'cancelled by operator');
 BEGIN
-    IF cancel_task.task_uuid IS NULL THEN
-        RAISE EXCEPTION 'task_uuid must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    t := tasker._lock_task(cancel_task.task_uuid);
-    IF tasker.task_state_is_terminal(t.state) THEN
-        RAISE EXCEPTION 'task % is already % and cannot be cancelled', t.task_uuid, t.state USING ERRCODE = '55000';
-    END IF;
-    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', v_reason);
-    PERFORM tasker._move_task(t.task_uuid, 'cancelled', v_reason);
+    PERFORM tasker._close_task(cancel_task.task_uuid, 'cancelled',
+                               coalesce(cancel_task.reason, 'cancelled by operator'));
     RETURN 'cancelled';
 END
 $$;
@@ -2132,19 +2118,9 @@ $$;
 CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    t record;
-    v_reason text := coalesce(resolve_task_manually.reason, 'resolved manually by operator');
 BEGIN
-    IF resolve_task_manually.task_uuid IS NULL THEN
-        RAISE EXCEPTION 'task_uuid must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    t := tasker._lock_task(resolve_task_manually.task_uuid);
-    IF tasker.task_state_is_terminal(t.state) THEN
-        RAISE EXCEPTION 'task % is already % and cannot be resolved', t.task_uuid, t.state USING ERRCODE = '55000';
-    END IF;
-    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', v_reason);
-    PERFORM tasker._move_task(t.task_uuid, 'resolved_manually', v_reason);
+    PERFORM tasker._close_task(resolve_task_manually.task_uuid, 'resolved_manually',
+                               coalesce(resolve_task_manually.reason, 'resolved manually by operator'));
     RETURN 'resolved_manually';
 END
 $$;
@@ -2895,16 +2871,14 @@ RETURNS TABLE (task_uuid uuid, state tasker.task_state, execution_status text, h
                waiting_for_retry_steps integer, completed_steps integer, failed_steps integer,
                cancelled_steps integer, completion_percentage double precision)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-    SELECT t.task_uuid, t.state,
-           tasker._execution_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                                    t.steps_done, t.steps_error, t.steps_cancelled, r.ready),
-           tasker._task_health(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                               t.steps_done, t.steps_error, t.steps_cancelled, r.ready),
+    SELECT t.task_uuid, t.state, d.execution_status, d.health,
            t.steps_total, t.steps_pending, r.ready, t.steps_out, t.steps_waiting, t.steps_done,
            t.steps_error, t.steps_cancelled,
            round((t.steps_done * 10000.0) / t.steps_total) / 100.0
     FROM tasker.tasks t
     CROSS JOIN LATERAL (SELECT coalesce(cardinality(tasker._ready_steps(t.task_uuid)), 0) AS ready) r
+    CROSS JOIN LATERAL tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                                           t.steps_done, t.steps_error, t.steps_cancelled, r.ready) d
     WHERE t.task_uuid = tasker._existing_task($1)
 $$;
 /* </end connected objects> */

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pg_tasker_core::retry::{self, FailureOutcome};
-use pg_tasker_core::status::{self, ExecutionStatus, StepCounts};
+use pg_tasker_core::status::{self, StepCounts};
 use pg_tasker_core::template::{self, Backoff, RetryPolicy};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -76,8 +76,12 @@ fn _retry_decision(
     Ok(TableIterator::once(row))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn counts(
+/// `tasker._task_status(counters..., ready)`: what pg_tasker_core::status
+/// decides from a task's step counters: its execution status, its health,
+/// and the task state the status stands for.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(immutable, parallel_safe)]
+fn _task_status(
     total: i32,
     pending: i32,
     out: i32,
@@ -86,8 +90,15 @@ fn counts(
     error: i32,
     cancelled: i32,
     ready: i32,
-) -> StepCounts {
-    StepCounts {
+) -> TableIterator<
+    'static,
+    (
+        name!(execution_status, &'static str),
+        name!(health, &'static str),
+        name!(task_state, &'static str),
+    ),
+> {
+    let c = StepCounts {
         total: total.into(),
         pending: pending.into(),
         out: out.into(),
@@ -96,53 +107,13 @@ fn counts(
         error: error.into(),
         cancelled: cancelled.into(),
         ready: ready.into(),
-    }
-}
-
-/// `tasker._execution_status(counters..., ready)`: pg_tasker_core::status.
-#[allow(clippy::too_many_arguments)]
-#[pg_extern(immutable, parallel_safe)]
-fn _execution_status(
-    total: i32,
-    pending: i32,
-    out: i32,
-    waiting: i32,
-    done: i32,
-    error: i32,
-    cancelled: i32,
-    ready: i32,
-) -> &'static str {
-    status::execution_status(&counts(
-        total, pending, out, waiting, done, error, cancelled, ready,
+    };
+    let status = status::execution_status(&c);
+    TableIterator::once((
+        status.as_str(),
+        status::health(&c),
+        status.task_state().as_str(),
     ))
-    .as_str()
-}
-
-/// `tasker._task_health(counters..., ready)`.
-#[allow(clippy::too_many_arguments)]
-#[pg_extern(immutable, parallel_safe)]
-fn _task_health(
-    total: i32,
-    pending: i32,
-    out: i32,
-    waiting: i32,
-    done: i32,
-    error: i32,
-    cancelled: i32,
-    ready: i32,
-) -> &'static str {
-    status::health(&counts(
-        total, pending, out, waiting, done, error, cancelled, ready,
-    ))
-}
-
-/// `tasker._task_state_of(execution_status) RETURNS text`: the task state
-/// an execution status stands for.
-#[pg_extern(immutable, parallel_safe)]
-fn _task_state_of(execution_status: &str) -> ApiResult<&'static str> {
-    ExecutionStatus::parse(execution_status)
-        .map(|s| s.task_state().as_str())
-        .ok_or_else(|| internal(format!("unknown execution status {execution_status}")))
 }
 
 thread_local! {

@@ -57,7 +57,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/06_evaluate.sql",
     name = "evaluate",
-    requires = ["enqueue", decisions::_execution_status]
+    requires = ["enqueue", decisions::_task_status]
 );
 extension_sql_file!(
     "../sql/07_templates.sql",

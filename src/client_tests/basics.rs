@@ -154,7 +154,8 @@ fn the_extension_works_without_shared_preload_libraries() {
         .dbname("postgres")
         .connect(postgres::NoTls)
         .unwrap();
-    c.batch_execute("CREATE EXTENSION pg_tasker CASCADE").unwrap();
+    c.batch_execute("CREATE EXTENSION pg_tasker CASCADE")
+        .unwrap();
     let mut s = step("b", &["a"]);
     s["retry"] = json!({"max_attempts": 2, "backoff_base_ms": 50});
     register(&mut c, &template("nopre", "flow", vec![step("a", &[]), s]));
@@ -164,9 +165,15 @@ fn the_extension_works_without_shared_preload_libraries() {
     let start = std::time::Instant::now();
     let mut failed_once = false;
     while task_state(&mut c, task) != "complete" {
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "did not finish");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "did not finish"
+        );
         let msgs = c
-            .query("SELECT message::text FROM pgmq.read('tasker_nopre_queue', 30, 10)", &[])
+            .query(
+                "SELECT message::text FROM pgmq.read('tasker_nopre_queue', 30, 10)",
+                &[],
+            )
             .unwrap();
         for m in &msgs {
             let m: Value = serde_json::from_str(m.get::<_, &str>(0)).unwrap();
@@ -179,7 +186,8 @@ fn the_extension_works_without_shared_preload_libraries() {
             submit(&mut c, &m, &reply);
         }
         // the retry timer is nobody's job here but ours
-        c.batch_execute("SELECT tasker.run_orchestration_cycle()").unwrap();
+        c.batch_execute("SELECT tasker.run_orchestration_cycle()")
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(failed_once);
@@ -190,7 +198,10 @@ fn the_extension_works_without_shared_preload_libraries() {
 /// install script has it; an upgraded database does not).
 pub fn task_problems_in(c: &mut Client, task: uuid::Uuid) -> i64 {
     let present: bool = c
-        .query_one("SELECT to_regprocedure('tests.task_problems(uuid)') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regprocedure('tests.task_problems(uuid)') IS NOT NULL",
+            &[],
+        )
         .unwrap()
         .get(0);
     if !present {
@@ -200,7 +211,10 @@ pub fn task_problems_in(c: &mut Client, task: uuid::Uuid) -> i64 {
         ))
         .unwrap();
     }
-    count(c, &format!("SELECT count(*) FROM tests.task_problems('{task}')"))
+    count(
+        c,
+        &format!("SELECT count(*) FROM tests.task_problems('{task}')"),
+    )
 }
 
 /// Payloads cross the wire and come back byte-exact (jsonb equality), in
@@ -209,22 +223,34 @@ pub fn task_problems_in(c: &mut Client, task: uuid::Uuid) -> i64 {
 #[test]
 fn payloads_are_exact_over_real_connections() {
     let mut c = connect();
-    register(&mut c, &template("c_exact", "flow", vec![step("a", &[]), step("b", &["a"])]));
+    register(
+        &mut c,
+        &template("c_exact", "flow", vec![step("a", &[]), step("b", &["a"])]),
+    );
     let deep = format!("{}\"end\"{}", "[".repeat(500), "]".repeat(500));
     let v = format!(
         r#"{{"dec": 0.1000000000000000055511151231257827, "big": 63340286662973277706162286946811886609896461828096, "huge": 1e400, "deep": {deep}}}"#
     );
     let task: String = c
-        .query_one("SELECT tasker.create_task('c_exact', 'flow', $1::text::jsonb)::text", &[&v])
+        .query_one(
+            "SELECT tasker.create_task('c_exact', 'flow', $1::text::jsonb)::text",
+            &[&v],
+        )
         .unwrap()
         .get(0);
     let row = c
-        .query_one("SELECT message::text FROM pgmq.read('tasker_c_exact_queue', 30, 1)", &[])
+        .query_one(
+            "SELECT message::text FROM pgmq.read('tasker_c_exact_queue', 30, 1)",
+            &[],
+        )
         .unwrap();
     let msg_text: String = row.get(0);
     // compared in the database, as jsonb: the client never parses the numbers
     let same: bool = c
-        .query_one("SELECT ($1::text::jsonb) -> 'task_context' = $2::text::jsonb", &[&msg_text, &v])
+        .query_one(
+            "SELECT ($1::text::jsonb) -> 'task_context' = $2::text::jsonb",
+            &[&msg_text, &v],
+        )
         .unwrap()
         .get(0);
     assert!(same);
@@ -233,7 +259,10 @@ fn payloads_are_exact_over_real_connections() {
         .unwrap()
         .get(0);
     let attempt: i32 = c
-        .query_one("SELECT (($1::text::jsonb) ->> 'attempt')::int", &[&msg_text])
+        .query_one(
+            "SELECT (($1::text::jsonb) ->> 'attempt')::int",
+            &[&msg_text],
+        )
         .unwrap()
         .get(0);
     c.query_one(

@@ -12,6 +12,16 @@ mod tests {
 
     use crate::tests::helpers::*;
 
+    /// The tasks a staleness run handled.
+    fn stale_tasks(out: &Value) -> Vec<&str> {
+        out["stale"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["task_uuid"].as_str().unwrap())
+            .collect()
+    }
+
     fn create_text(ns: &str, name: &str) -> String {
         create(ns, name, json!({})).to_string()
     }
@@ -57,12 +67,7 @@ mod tests {
         age(&plain, 2);
         age(&fast, 2);
         let out = maintenance("staleness");
-        let stale: Vec<&str> = out["stale"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["task_uuid"].as_str().unwrap())
-            .collect();
+        let stale = stale_tasks(&out);
         assert!(
             stale.contains(&fast.as_str()) && !stale.contains(&plain.as_str()),
             "{out}"
@@ -238,12 +243,7 @@ mod tests {
               WHERE task_uuid IN ('{held}', '{idle}')"
         )).unwrap();
         let out = maintenance("staleness");
-        let stale: Vec<&str> = out["stale"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["task_uuid"].as_str().unwrap())
-            .collect();
+        let stale = stale_tasks(&out);
         assert_eq!(stale, vec![idle.as_str()], "{out}");
         assert_eq!(state(&held), "steps_in_process");
         assert_eq!(state(&idle), "error");
