@@ -302,3 +302,53 @@ fn configured_retry_defaults_fill_missing_fields() {
         (7, Backoff::Linear)
     );
 }
+
+#[test]
+fn step_count_limit() {
+    let steps: Vec<Value> = (0..=MAX_STEPS)
+        .map(|i| step(&format!("s{i}"), &[]))
+        .collect();
+    let e = err(tpl(steps));
+    assert_eq!(e.kind, ErrorKind::LimitExceeded);
+    assert!(e.message.contains("10001 steps"), "{}", e.message);
+    // Exactly at the limit is accepted.
+    let steps: Vec<Value> = (0..MAX_STEPS)
+        .map(|i| step(&format!("s{i}"), &[]))
+        .collect();
+    assert_eq!(parse_value(tpl(steps)).unwrap().steps.len(), MAX_STEPS);
+}
+
+#[test]
+fn lifecycle_bounds() {
+    let with = |k: &str, v: Value| {
+        let mut t = tpl(vec![step("a", &[])]);
+        t["lifecycle"] = json!({ k: v });
+        parse_value(t)
+    };
+    assert!(with("task_max_lifetime_hours", json!(24)).is_ok());
+    for bad in [json!(1e300), json!(0), json!(-1), json!("5")] {
+        let e = with("task_max_lifetime_hours", bad.clone()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidValue, "{bad}");
+    }
+    let e = with("no_such_key", json!(1)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
+    assert!(e.hint.unwrap().contains("task_max_lifetime_hours"));
+}
+
+#[test]
+fn json_text_errors_have_kinds() {
+    let deep = "[".repeat(MAX_JSON_DEPTH + 10) + &"]".repeat(MAX_JSON_DEPTH + 10);
+    assert_eq!(
+        parse_json_text(&deep, "x").unwrap_err().kind,
+        ErrorKind::LimitExceeded
+    );
+    assert_eq!(
+        parse_json_text("[1e400]", "x").unwrap_err().kind,
+        ErrorKind::InvalidValue
+    );
+    assert_eq!(
+        parse_json_text("{nope", "x").unwrap_err().kind,
+        ErrorKind::Syntax
+    );
+    assert_eq!(parse_json_text("[[1]]", "x").unwrap(), json!([[1]]));
+}
