@@ -57,6 +57,28 @@ pub fn set_system(c: &mut Client, setting: &str, value: Option<&str>) {
             .unwrap(),
     }
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    // The reload reaches this backend asynchronously: wait until this
+    // session sees the value the configuration files now give.
+    let expected: String = c
+        .query_one(
+            "SELECT coalesce(
+                 (SELECT f.setting FROM pg_file_settings f WHERE f.name = $1 ORDER BY f.seqno DESC LIMIT 1),
+                 (SELECT s.boot_val FROM pg_settings s WHERE s.name = $1), '')",
+            &[&setting],
+        )
+        .unwrap()
+        .get(0);
+    for _ in 0..500 {
+        let now: String = c
+            .query_one("SELECT coalesce(current_setting($1, true), '')", &[&setting])
+            .unwrap()
+            .get(0);
+        if now == expected {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{setting} did not reach {expected:?} after a reload");
 }
 
 /// Turns the orchestrator on or off and waits until it says so.

@@ -154,13 +154,8 @@ fn kill_9_of_the_orchestrator_and_an_immediate_restart_lose_nothing() {
     let cluster = Arc::new(OwnCluster::start("crash"));
     {
         let mut c = cluster.connect();
-        for sql in [
-            "CREATE EXTENSION pg_tasker CASCADE",
-            "ALTER SYSTEM SET pg_tasker.environment = 'test'",
-            "SELECT pg_reload_conf()",
-        ] {
-            c.batch_execute(sql).unwrap();
-        }
+        c.batch_execute("CREATE EXTENSION pg_tasker CASCADE").unwrap();
+        super::bgworker::set_system(&mut c, "pg_tasker.environment", Some("test"));
         let step = |n: &str, d: &[&str]| json!({"name": n, "dependencies": d, "handler": {"callable": "T"}, "retry": {"max_attempts": 10, "backoff": "none"}});
         let t = json!({"name": "chain", "namespace_name": "crash", "version": "1.0.0",
                        "steps": [step("a", &[]), step("b", &["a"]), step("c", &["b"])]});
