@@ -4,8 +4,8 @@
 -- crates/pg_tasker_core/src/state.rs mirrors them in Rust and
 -- src/tests/states.rs compares the two, value by value and class by class.
 -- The legal moves between states are rows of the two transition tables at
--- the end; tasker._move_steps / tasker._move_task (03_transitions.sql)
--- refuse any other move.
+-- the end; tasker._move_steps, tasker._enqueue_steps and tasker._move_task
+-- (03_transitions.sql, 05_enqueue.sql) refuse any other move.
 
 CREATE TYPE tasker.task_state AS ENUM (
     'pending',                   -- created; its first evaluation has not run
@@ -30,21 +30,19 @@ CREATE TYPE tasker.step_state AS ENUM (
     'resolved_manually'   -- an operator supplied its result
 );
 
--- The functions below classify states. They are PL/pgSQL on purpose: CHECK
--- constraints and partial-index predicates use them on every write, and a
--- SQL-language body would be parsed and inlined again each time a
--- statement starts; a PL/pgSQL function is compiled once per session.
+-- The functions below classify states. They are SQL functions, inlined
+-- into the plans (and index predicates) that use them, where they cost
+-- nothing per row. Row invariants do not call them: each table has one
+-- CHECK calling pg_tasker_core's row check (02_tables.sql), which uses the
+-- Rust mirror of these classes.
 
 -- Finished tasks never change again.
 CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
-END
-$$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 
 -- The class of a step state; each class has a counter on its task row
--- (tasks.steps_<class>), kept by tasker._move_steps.
+-- (tasks.steps_<class>), kept by tasker._settle_tasks.
 --   pending  - pending
 --   out      - enqueued, in_progress: an attempt is with the workers
 --   waiting  - waiting_for_retry
@@ -52,40 +50,30 @@ $$;
 --   error    - error
 --   cancelled
 CREATE FUNCTION tasker.step_state_class(state tasker.step_state) RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN CASE state
-               WHEN 'pending' THEN 'pending'
-               WHEN 'enqueued' THEN 'out'
-               WHEN 'in_progress' THEN 'out'
-               WHEN 'waiting_for_retry' THEN 'waiting'
-               WHEN 'complete' THEN 'done'
-               WHEN 'resolved_manually' THEN 'done'
-               WHEN 'error' THEN 'error'
-               WHEN 'cancelled' THEN 'cancelled'
-           END;
-END
-$$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE state
+           WHEN 'pending' THEN 'pending'
+           WHEN 'enqueued' THEN 'out'
+           WHEN 'in_progress' THEN 'out'
+           WHEN 'waiting_for_retry' THEN 'waiting'
+           WHEN 'complete' THEN 'done'
+           WHEN 'resolved_manually' THEN 'done'
+           WHEN 'error' THEN 'error'
+           WHEN 'cancelled' THEN 'cancelled'
+       END;
 
 -- Runnable: could be enqueued as soon as its retry time (if any) has come.
--- The partial index workflow_steps_runnable_idx is defined with exactly
--- this predicate (queries that want the index spell it out).
 CREATE FUNCTION tasker.step_is_runnable(state tasker.step_state, pending_parents integer)
-RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
-END
-$$;
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
 
--- Ready: runnable and due at `at`. The one readiness predicate.
+-- Ready: runnable and due at `at`. The one readiness predicate
+-- (tasker._enqueue_steps applies it).
 CREATE FUNCTION tasker.step_is_ready(state tasker.step_state, pending_parents integer,
                                      next_retry_at timestamptz, at timestamptz)
-RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN tasker.step_is_runnable(state, pending_parents)
-           AND (next_retry_at IS NULL OR next_retry_at <= at);
-END
-$$;
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN tasker.step_is_runnable(state, pending_parents)
+       AND (next_retry_at IS NULL OR next_retry_at <= at);
 
 -- Legal moves. `via` names the operations that make them (docs/schema.md).
 CREATE TABLE tasker.step_state_transitions (

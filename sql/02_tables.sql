@@ -4,8 +4,12 @@
 -- Each row's current state lives on the row (`state`); the transition
 -- tables are an append-only audit trail keyed by (row, sort_key), where
 -- sort_key is the row's own `transitions` counter. Per-task step counters
--- (`steps_<class>`) are kept by tasker._move_steps, so a task's status
--- never needs a scan of its steps. Invariants are CHECK constraints.
+-- (`steps_<class>`) are kept by tasker._settle_tasks, so a task's status
+-- never needs a scan of its steps. Invariants are CHECK constraints: one
+-- per table for the rows that change on every step (tasks, workflow_steps),
+-- calling pg_tasker_core's row check, since every CHECK costs each UPDATE
+-- statement its own preparation; the hot tables leave room on their pages
+-- (fillfactor) so that state changes are HOT updates.
 -- Primary keys are UUIDv7 (time-ordered), from tasker.uuid_generate_v7().
 --
 -- Note: CREATE EXTENSION creates the control file's schema `tasker` itself
@@ -86,15 +90,15 @@ CREATE TABLE tasker.tasks (
     task_name        text NOT NULL,
     task_version     text NOT NULL,
     state            tasker.task_state NOT NULL DEFAULT 'pending',
-    context          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(context) = 'object'),
-    priority         integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
+    context          jsonb NOT NULL DEFAULT '{}',
+    priority         integer NOT NULL DEFAULT 0,
     initiator        text,
     source_system    text,
     reason           text,
     tags             text[] NOT NULL DEFAULT '{}',
     idempotency_key  text,
     correlation_id   uuid NOT NULL DEFAULT tasker.uuid_generate_v7(),
-    -- step counters by class (tasker.step_state_class), kept by tasker._move_steps
+    -- step counters by class (tasker.step_state_class), kept by tasker._settle_tasks
     steps_total      integer NOT NULL,
     steps_pending    integer NOT NULL,
     steps_out        integer NOT NULL DEFAULT 0,
@@ -112,19 +116,15 @@ CREATE TABLE tasker.tasks (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     completed_at     timestamptz,
-    -- (checks cost every UPDATE of a row: few, and not for what never changes)
-    CONSTRAINT tasks_counters_non_negative CHECK (
-        least(steps_pending, steps_out, steps_waiting, steps_done, steps_error, steps_cancelled) >= 0
-        AND transitions >= 1),
-    CONSTRAINT tasks_counters_sum CHECK (
-        steps_pending + steps_out + steps_waiting + steps_done + steps_error + steps_cancelled = steps_total),
-    CONSTRAINT tasks_complete_means_all_done CHECK (state <> 'complete' OR steps_done = steps_total),
-    CONSTRAINT tasks_finished_when_terminal CHECK (
-        tasker.task_state_is_terminal(state) = (completed_at IS NOT NULL)),
-    CONSTRAINT tasks_terminal_has_nothing_due CHECK (
-        NOT tasker.task_state_is_terminal(state) OR (next_action_at IS NULL AND claimed_by IS NULL)),
-    CONSTRAINT tasks_claim_has_expiry CHECK ((claimed_by IS NULL) = (claim_expires_at IS NULL))
-);
+    -- counters >= 0 adding up to steps_total; complete = every step done;
+    -- completed_at exactly when terminal; nothing due and no claim when
+    -- terminal; claims with an expiry; priority in -100..100; context an
+    -- object (pg_tasker_core::TaskRow::problem)
+    CONSTRAINT tasks_invariants CHECK (tasker._task_row_check(
+        state::text, steps_total, steps_pending, steps_out, steps_waiting, steps_done, steps_error,
+        steps_cancelled, transitions, priority, jsonb_typeof(context) = 'object', completed_at IS NOT NULL,
+        next_action_at IS NOT NULL, claimed_by IS NOT NULL, claim_expires_at IS NOT NULL))
+) WITH (fillfactor = 80);
 -- Idempotency keys are scoped to a template family (namespace + name), so
 -- that a new version does not silently duplicate work.
 CREATE UNIQUE INDEX tasks_idempotency_key_idx
@@ -148,8 +148,11 @@ CREATE TABLE tasker.workflow_steps (
     step_uuid        uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     task_uuid        uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
     name             text NOT NULL,
-    position         integer NOT NULL CHECK (position >= 0),
+    position         integer NOT NULL,
     state            tasker.step_state NOT NULL DEFAULT 'pending',
+    -- the state before the latest change (what the audit row records as
+    -- from_state; set in the same UPDATE as state)
+    previous_state   tasker.step_state,
     -- handler and retry policy: copied from template_steps, whose CHECKs
     -- they passed (checks cost every UPDATE of a row: none for what never
     -- changes)
@@ -187,22 +190,22 @@ CREATE TABLE tasker.workflow_steps (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (task_uuid, name),
-    CONSTRAINT steps_counters CHECK (
-        pending_parents BETWEEN 0 AND total_parents AND transitions >= 1),
-    CONSTRAINT steps_budget_within_attempts CHECK (budget_offset BETWEEN 0 AND attempts),
-    CONSTRAINT steps_budget_not_exceeded CHECK (attempts - budget_offset <= max_attempts),
-    CONSTRAINT steps_out_has_message CHECK (
-        tasker.step_state_class(state) <> 'out' OR (queue_msg_id IS NOT NULL AND enqueued_at IS NOT NULL)),
-    CONSTRAINT steps_in_progress_has_start CHECK (state <> 'in_progress' OR started_at IS NOT NULL),
-    CONSTRAINT steps_retry_has_time CHECK ((state = 'waiting_for_retry') = (next_retry_at IS NOT NULL)),
-    CONSTRAINT steps_done_has_completion CHECK (
-        (tasker.step_state_class(state) = 'done') = (completed_at IS NOT NULL)),
-    CONSTRAINT steps_attempted_before_leaving_pending CHECK (
-        attempts > 0 OR state IN ('pending', 'cancelled', 'resolved_manually'))
-);
--- Runnable steps only (tasker.step_is_runnable): O(ready work) per task.
-CREATE INDEX workflow_steps_runnable_idx ON tasker.workflow_steps (task_uuid)
-    WHERE tasker.step_is_runnable(state, pending_parents);
+    -- 0 <= pending_parents <= total_parents; 0 <= budget_offset <= attempts;
+    -- attempts - budget_offset <= max_attempts; out with workers = has a
+    -- message; in_progress = started; waiting_for_retry = next_retry_at set;
+    -- done = completed_at set; attempted unless pending/cancelled/resolved
+    -- (pg_tasker_core::StepRow::problem)
+    CONSTRAINT steps_invariants CHECK (tasker._step_row_check(
+        state::text, attempts, budget_offset, max_attempts, pending_parents, total_parents, transitions,
+        queue_msg_id IS NOT NULL AND enqueued_at IS NOT NULL, started_at IS NOT NULL,
+        next_retry_at IS NOT NULL, completed_at IS NOT NULL))
+) WITH (fillfactor = 75);
+-- Steps waiting for a retry, by task and due time (next_retry_at is set
+-- exactly in waiting_for_retry). No index mentions state or the parent
+-- counters, so the changes of every step's life are HOT updates; readiness
+-- is found through the counters (tasker._enqueue_steps), not by a scan.
+CREATE INDEX workflow_steps_retry_idx ON tasker.workflow_steps (task_uuid, next_retry_at)
+    WHERE next_retry_at IS NOT NULL;
 
 CREATE TABLE tasker.step_edges (
     from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
@@ -215,7 +218,7 @@ COMMENT ON TABLE tasker.step_edges IS 'Dependency edges: from (parent) provides 
 
 CREATE TABLE tasker.task_transitions (
     task_uuid  uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
-    sort_key   integer NOT NULL CHECK (sort_key >= 1),
+    sort_key   integer NOT NULL,
     from_state tasker.task_state,
     to_state   tasker.task_state NOT NULL,
     reason     text,
@@ -223,14 +226,14 @@ CREATE TABLE tasker.task_transitions (
     actor      text NOT NULL DEFAULT session_user,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (task_uuid, sort_key),
-    CHECK ((from_state IS NULL) = (sort_key = 1))
+    CHECK (sort_key >= 1 AND (from_state IS NULL) = (sort_key = 1))
 );
 COMMENT ON TABLE tasker.task_transitions IS
     'Audit trail of task state changes, append-only; the latest has sort_key = tasks.transitions.';
 
 CREATE TABLE tasker.step_transitions (
     step_uuid  uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
-    sort_key   integer NOT NULL CHECK (sort_key >= 1),
+    sort_key   integer NOT NULL,
     from_state tasker.step_state,
     to_state   tasker.step_state NOT NULL,
     reason     text,
@@ -238,7 +241,7 @@ CREATE TABLE tasker.step_transitions (
     actor      text NOT NULL DEFAULT session_user,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (step_uuid, sort_key),
-    CHECK ((from_state IS NULL) = (sort_key = 1))
+    CHECK (sort_key >= 1 AND (from_state IS NULL) = (sort_key = 1))
 );
 COMMENT ON TABLE tasker.step_transitions IS
     'Audit trail of step state changes, append-only; the latest has sort_key = workflow_steps.transitions.';

@@ -5,15 +5,26 @@
 -- of a small state change. Every statement here joins by key, so the
 -- generic plan is the right one for 1 row and for 10,000.
 
--- The two primitives that change state. Every operation changes a step's
--- or a task's state through them, and nothing else writes `state`.
+-- The primitives that change state. Every operation changes a step's or a
+-- task's state through them, and nothing else writes `state`:
+--   tasker._move_steps     steps to any state but enqueued
+--   tasker._enqueue_steps  steps to enqueued (05_enqueue.sql: readiness,
+--                          messages)
+--   tasker._move_task      a task to any state
+-- and every operation ends with tasker._settle_tasks over the moves it
+-- made: the step counters of the tasks, and their state.
 --
--- Lock order (docs/schema.md): the task row first (FOR NO KEY UPDATE), then
--- its steps in uuid order, then queue messages. Every caller of
--- tasker._move_steps holds the row locks of the tasks whose steps move,
--- except tasker.read_steps, whose move enqueued -> in_progress changes no
--- counter and so touches no task row; it locks the steps with SKIP LOCKED
--- and never waits.
+-- Lock order (docs/schema.md): the task rows first (FOR NO KEY UPDATE, in
+-- task_uuid order when there are several), then their steps, then queue
+-- messages. Every caller of the primitives holds the row locks of the
+-- tasks whose steps move, except tasker.read_steps, whose move enqueued ->
+-- in_progress changes no counter and so touches no task row; it locks the
+-- steps with SKIP LOCKED and never waits. Holding the task lock, nobody
+-- else waits for its steps, so steps need no order among themselves.
+--
+-- Each primitive is one UPDATE of the rows (with their audit rows in the
+-- same statement): a row changes once per operation, so its other indexes
+-- and foreign keys are not visited again.
 
 -- One change of one step, as tasker._move_steps applies it.
 CREATE TYPE tasker.step_change AS (
@@ -28,83 +39,65 @@ CREATE TYPE tasker.step_change AS (
     metadata  jsonb
 );
 
--- Moves steps to p_to: the columns p_to implies, one audit row per step and
--- the counters of their tasks, in one statement. Refuses (XX000: a bug in
--- the caller) a move that step_state_transitions does not list. Moving to
--- 'enqueued' starts a new attempt and takes a msg_id from p_queue_seq.
+-- One step that moved, as the primitives return it and
+-- tasker._settle_tasks counts it.
+CREATE TYPE tasker.step_move AS (
+    step_uuid    uuid,
+    task_uuid    uuid,
+    from_state   tasker.step_state,
+    to_state     tasker.step_state,
+    attempts     integer,
+    queue_msg_id bigint
+);
+
+-- Moves steps to p_to (not 'enqueued': tasker._enqueue_steps): the columns
+-- p_to implies and one audit row per step, in one statement. Refuses (XX000:
+-- a bug in the caller) a move that step_state_transitions does not list.
+-- The caller settles the returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._move_steps(p_changes tasker.step_change[], p_to tasker.step_state,
-                                   p_reason text, p_metadata jsonb DEFAULT '{}',
-                                   p_queue_seq regclass DEFAULT NULL)
-RETURNS TABLE (step_uuid uuid, task_uuid uuid, from_state tasker.step_state, attempts integer,
-               queue_msg_id bigint)
+                                   p_reason text, p_metadata jsonb DEFAULT '{}')
+RETURNS SETOF tasker.step_move
 -- (most calls move one step: joins on the result use the keys)
 LANGUAGE plpgsql ROWS 1 AS $$
 DECLARE
     moved integer;
     to_class text := tasker.step_state_class(p_to);
 BEGIN
-    IF p_to = 'enqueued' AND p_queue_seq IS NULL THEN
-        RAISE EXCEPTION 'pg_tasker internal error: enqueueing needs the queue''s sequence'
+    IF p_to = 'enqueued' THEN
+        RAISE EXCEPTION 'pg_tasker internal error: steps are enqueued by tasker._enqueue_steps'
             USING ERRCODE = 'XX000';
     END IF;
+    -- (SET expressions see the row before the change: previous_state takes
+    -- the old state, so RETURNING has both)
     RETURN QUERY
-    WITH v AS (
-        SELECT s.step_uuid, s.state AS from_state, c.payload, c.retry_at, c.reason, c.metadata
-        FROM tasker.workflow_steps s
-        JOIN unnest(p_changes) c ON c.step_uuid = s.step_uuid
-        ORDER BY s.step_uuid
-        FOR NO KEY UPDATE OF s
-    ), m AS (
+    WITH m AS (
         UPDATE tasker.workflow_steps s
-        SET state         = p_to,
-            transitions   = s.transitions + 1,
-            updated_at    = now(),
-            attempts      = s.attempts + CASE WHEN p_to = 'enqueued' THEN 1 ELSE 0 END,
-            budget_offset = CASE WHEN p_to = 'pending' THEN s.attempts ELSE s.budget_offset END,
-            queue_msg_id  = CASE WHEN p_to = 'enqueued' THEN nextval(p_queue_seq) ELSE s.queue_msg_id END,
-            enqueued_at   = CASE WHEN p_to = 'enqueued' THEN now() ELSE s.enqueued_at END,
-            started_at    = CASE WHEN p_to = 'enqueued' THEN NULL
-                                 WHEN p_to = 'in_progress' THEN coalesce(s.started_at, now())
-                                 ELSE s.started_at END,
-            results       = CASE WHEN to_class = 'done' THEN v.payload ELSE s.results END,
-            last_error    = CASE WHEN p_to IN ('waiting_for_retry', 'error') THEN coalesce(v.payload, s.last_error)
-                                 ELSE s.last_error END,
-            next_retry_at = CASE WHEN p_to = 'waiting_for_retry' THEN v.retry_at END,
-            completed_at  = CASE WHEN to_class = 'done' THEN now() END
-        FROM v
-        JOIN tasker.step_state_transitions l ON l.from_state = v.from_state AND l.to_state = p_to
-        WHERE s.step_uuid = v.step_uuid
-        RETURNING s.step_uuid, s.task_uuid, v.from_state, tasker.step_state_class(v.from_state) AS from_class,
-                  s.attempts, s.queue_msg_id, s.transitions, v.reason, v.metadata
+        SET previous_state = s.state,
+            state          = p_to,
+            transitions    = s.transitions + 1,
+            updated_at     = now(),
+            budget_offset  = CASE WHEN p_to = 'pending' THEN s.attempts ELSE s.budget_offset END,
+            started_at     = CASE WHEN p_to = 'in_progress' THEN coalesce(s.started_at, now())
+                                  ELSE s.started_at END,
+            results        = CASE WHEN to_class = 'done' THEN c.payload ELSE s.results END,
+            last_error     = CASE WHEN p_to IN ('waiting_for_retry', 'error') THEN coalesce(c.payload, s.last_error)
+                                  ELSE s.last_error END,
+            next_retry_at  = CASE WHEN p_to = 'waiting_for_retry' THEN c.retry_at END,
+            completed_at   = CASE WHEN to_class = 'done' THEN now() END
+        FROM unnest(p_changes) c
+        WHERE s.step_uuid = c.step_uuid
+          AND EXISTS (SELECT 1 FROM tasker.step_state_transitions l
+                      WHERE l.from_state = s.state AND l.to_state = p_to)
+        RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.queue_msg_id, s.transitions,
+                  c.reason, c.metadata
     ), audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
-        SELECT m.step_uuid, m.transitions, m.from_state, p_to, coalesce(m.reason, p_reason),
+        SELECT m.step_uuid, m.transitions, m.previous_state, p_to, coalesce(m.reason, p_reason),
                coalesce(p_metadata, '{}') || coalesce(m.metadata, '{}')
                    || jsonb_build_object('attempt', m.attempts)
         FROM m
-    ), delta AS (
-        SELECT m.task_uuid,
-               count(*) FILTER (WHERE to_class = 'pending') - count(*) FILTER (WHERE m.from_class = 'pending') AS pending,
-               count(*) FILTER (WHERE to_class = 'out') - count(*) FILTER (WHERE m.from_class = 'out') AS out,
-               count(*) FILTER (WHERE to_class = 'waiting') - count(*) FILTER (WHERE m.from_class = 'waiting') AS waiting,
-               count(*) FILTER (WHERE to_class = 'done') - count(*) FILTER (WHERE m.from_class = 'done') AS done,
-               count(*) FILTER (WHERE to_class = 'error') - count(*) FILTER (WHERE m.from_class = 'error') AS error,
-               count(*) FILTER (WHERE to_class = 'cancelled') - count(*) FILTER (WHERE m.from_class = 'cancelled') AS cancelled
-        FROM m GROUP BY m.task_uuid
-    ), counters AS (
-        UPDATE tasker.tasks t
-        SET steps_pending   = t.steps_pending + d.pending,
-            steps_out       = t.steps_out + d.out,
-            steps_waiting   = t.steps_waiting + d.waiting,
-            steps_done      = t.steps_done + d.done,
-            steps_error     = t.steps_error + d.error,
-            steps_cancelled = t.steps_cancelled + d.cancelled,
-            updated_at      = now()
-        FROM delta d
-        WHERE t.task_uuid = d.task_uuid
-          AND (d.pending, d.out, d.waiting, d.done, d.error, d.cancelled) <> (0, 0, 0, 0, 0, 0)
     )
-    SELECT m.step_uuid, m.task_uuid, m.from_state, m.attempts, m.queue_msg_id FROM m;
+    SELECT m.step_uuid, m.task_uuid, m.previous_state, p_to, m.attempts, m.queue_msg_id FROM m;
 
     GET DIAGNOSTICS moved = ROW_COUNT;
     IF moved <> coalesce(cardinality(p_changes), 0) THEN
@@ -153,5 +146,82 @@ BEGIN
             USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
     END IF;
     RETURN previous;
+END
+$$;
+
+-- The end of every operation that moved steps: for each task the moves
+-- touched (and each of p_tasks, moved or not), the step counters take the
+-- moves (by class, tasker.step_state_class), the task's state is decided
+-- from the counters (tasker._task_status, i.e. pg_tasker_core::status) and
+-- changed when it differs, and next_action_at becomes the earliest retry
+-- (NULL when nothing is due). One UPDATE per task; a second one
+-- (tasker._move_task) only when the state changes. The caller holds the
+-- task row locks. A finished task only takes its counters. Returns each
+-- task's state.
+CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, state tasker.task_state)
+LANGUAGE plpgsql ROWS 1 AS $$
+#variable_conflict use_column
+DECLARE
+    t record;
+    v_status text;
+    v_state tasker.task_state;
+BEGIN
+    FOR t IN
+        WITH x AS (
+            SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
+                   tasker.step_state_class(m.to_state) AS to_class
+            FROM unnest(p_moves) m
+            UNION ALL
+            SELECT u, NULL, NULL FROM unnest(p_tasks) u
+        ), d AS (
+            SELECT x.task_uuid,
+                   count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
+                   count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
+                   count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
+                   count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
+                   count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
+                   count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
+            FROM x GROUP BY x.task_uuid
+        )
+        UPDATE tasker.tasks k
+        SET steps_pending   = k.steps_pending + d.pending,
+            steps_out       = k.steps_out + d.out,
+            steps_waiting   = k.steps_waiting + d.waiting,
+            steps_done      = k.steps_done + d.done,
+            steps_error     = k.steps_error + d.error,
+            steps_cancelled = k.steps_cancelled + d.cancelled,
+            updated_at      = now(),
+            -- (the retries as this transaction left them: workflow_steps_retry_idx)
+            next_action_at  = CASE WHEN tasker.task_state_is_terminal(k.state) THEN NULL
+                                   WHEN k.steps_waiting + d.waiting = 0 THEN NULL
+                                   ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
+                                         WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END
+        FROM d
+        WHERE k.task_uuid = d.task_uuid
+        RETURNING k.*
+    LOOP
+        IF tasker.task_state_is_terminal(t.state) THEN
+            task_uuid := t.task_uuid;
+            state := t.state;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        -- every ready step was enqueued by the operation: ready = 0
+        SELECT d.execution_status, d.task_state INTO v_status, v_state
+        FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                                 t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
+        IF v_state <> t.state THEN
+            PERFORM tasker._move_task(t.task_uuid, v_state, p_reason,
+                                      jsonb_build_object('execution_status', v_status), t.next_action_at);
+        END IF;
+        IF t.next_action_at IS NOT NULL THEN
+            -- the orchestrator recomputes its sleep when this commits
+            PERFORM tasker._wake_orchestrator();
+        END IF;
+        task_uuid := t.task_uuid;
+        state := v_state;
+        RETURN NEXT;
+    END LOOP;
 END
 $$;

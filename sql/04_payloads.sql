@@ -43,8 +43,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN p_text ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$'
             THEN p_text::uuid END;
 
--- What a worker submits for an attempt (tasker.submit_result), checked.
+-- What a worker submits for an attempt (tasker.submit_result, one element
+-- of tasker.submit_results), checked.
 CREATE TYPE tasker.submission AS (
+    -- the first thing wrong with it (NULL: nothing); the rest is then NULL
+    problem            text,
     success            boolean,
     -- metadata.attempt: the attempt the worker ran (NULL: unfenced)
     attempt            integer,
@@ -61,15 +64,32 @@ CREATE TYPE tasker.submission AS (
     requested_delay_ms bigint
 );
 
--- One statement computes every field and the first problem, if any, so
--- that a call costs one cached plan rather than dozens of expressions.
-CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
-RETURNS tasker.submission
-LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    x record;
-    r tasker.submission;
-BEGIN
+-- The fields of a submission and its first problem, as one SELECT: an SQL
+-- function that the planner inlines, into the one statement that reads a
+-- whole batch (tasker.submit_results) as into tasker._read_submission.
+CREATE FUNCTION tasker._submission_fields(p_status text, p_error jsonb, p_metadata jsonb)
+RETURNS SETOF tasker.submission
+-- (STABLE, not IMMUTABLE: format() is stable, and an IMMUTABLE function
+-- with a stable body is not inlined)
+LANGUAGE sql STABLE ROWS 1 AS $$
+    SELECT y.problem,
+           CASE WHEN y.problem IS NULL THEN p_status = 'success' END,
+           CASE WHEN y.problem IS NULL THEN (p_metadata ->> 'attempt')::numeric::integer END,
+           CASE WHEN y.problem IS NULL THEN p_metadata ->> 'worker_id' END,
+           CASE WHEN y.problem IS NULL THEN (p_metadata ->> 'execution_time_ms')::numeric END,
+           CASE WHEN y.problem IS NULL AND p_status = 'failure' THEN y.message END,
+           CASE WHEN y.problem IS NULL AND p_status = 'failure' THEN p_error ->> 'error_code' END,
+           CASE WHEN y.problem IS NULL AND p_status = 'failure'
+                THEN coalesce((p_error ->> 'retryable')::boolean, true) END,
+           -- error.retry_after_seconds, else the retry-after header, else the
+           -- backoff hint (least() would turn a NULL into the bound)
+           CASE WHEN y.problem IS NULL AND p_status = 'failure'
+                     AND coalesce((p_error ->> 'retry_after_seconds')::numeric, y.header_seconds,
+                                  (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NOT NULL
+                THEN least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, y.header_seconds,
+                                          (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
+                           9000000000000000)::bigint END
+    FROM (
     SELECT
         CASE
             WHEN p_status IS DISTINCT FROM 'success' AND p_status IS DISTINCT FROM 'failure' THEN
@@ -117,7 +137,6 @@ BEGIN
         END AS problem,
         a.message,
         h.seconds AS header_seconds
-    INTO x
     FROM (SELECT jsonb_typeof(p_error) AS et, jsonb_typeof(p_metadata) AS mt,
                  CASE jsonb_typeof(p_error) WHEN 'string' THEN p_error #>> '{}'
                                             WHEN 'object' THEN p_error ->> 'message' END AS message) a
@@ -132,35 +151,31 @@ BEGIN
         FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
                              THEN p_metadata -> 'headers' ELSE '{}' END) e
         WHERE lower(e.key) = 'retry-after'
-        ORDER BY e.key LIMIT 1) h ON true;
-    IF x.problem IS NOT NULL THEN
-        RAISE EXCEPTION '%', x.problem USING ERRCODE = '22023',
-            HINT = CASE WHEN x.problem LIKE 'invalid status%' THEN 'status is ''success'' or ''failure'''
-                        WHEN x.problem LIKE 'a failure needs%'
-                        THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
-                        ELSE '' END;
-    END IF;
-    r.success := p_status = 'success';
-    r.attempt := (p_metadata ->> 'attempt')::numeric::integer;
-    r.worker_id := p_metadata ->> 'worker_id';
-    r.execution_time_ms := (p_metadata ->> 'execution_time_ms')::numeric;
-    IF NOT r.success THEN
-        r.message := x.message;
-        r.error_code := p_error ->> 'error_code';
-        r.retryable := coalesce((p_error ->> 'retryable')::boolean, true);
-        -- error.retry_after_seconds, else the retry-after header, else the
-        -- backoff hint (least() would turn a NULL into the bound)
-        r.requested_delay_ms := least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
-                                                     (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
-                                      9000000000000000)::bigint;
-        IF coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
-                    (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NULL THEN
-            r.requested_delay_ms := NULL;
-        END IF;
+        ORDER BY e.key LIMIT 1) h ON true) y
+$$;
+
+-- One submission, checked: 22023 naming its first problem.
+CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
+RETURNS tasker.submission
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    r tasker.submission;
+BEGIN
+    SELECT * INTO r FROM tasker._submission_fields(p_status, p_error, p_metadata);
+    IF r.problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', r.problem USING ERRCODE = '22023', HINT = tasker._submission_hint(r.problem);
     END IF;
     RETURN r;
 END
 $$;
+
+-- The hint that goes with a submission problem.
+CREATE FUNCTION tasker._submission_hint(p_problem text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p_problem LIKE 'invalid status%' THEN 'status is ''success'' or ''failure'''
+            WHEN p_problem LIKE 'a failure needs%'
+            THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
+            ELSE '' END;
 
 -- The fields of a task request (the task request queue's message format):
 -- what tasker.create_task takes, as one object.

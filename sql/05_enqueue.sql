@@ -1,62 +1,121 @@
--- Enqueueing: a runnable step starts a new attempt and gets one message in
--- its namespace queue, carrying everything a worker needs
+-- Enqueueing: a ready step starts a new attempt and gets one message in its
+-- namespace queue, carrying everything a worker needs
 -- (docs/worker-protocol.md).
 
--- Enqueues the given runnable steps of one task; the caller holds the task
--- row lock. p_queue / p_queue_seq: the task's queue and its msg_id
--- sequence (looked up when NULL). Returns how many were enqueued.
-CREATE FUNCTION tasker._enqueue_steps(p_task uuid, p_steps uuid[], p_queue text DEFAULT NULL,
-                                      p_queue_seq regclass DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_queue text := p_queue;
-    v_seq regclass := p_queue_seq;
-    v_sent integer;
+-- A candidate for enqueueing: a step, and how many of its parents the
+-- operation has just completed (0 for a root, a due retry, a step put back
+-- to pending).
+CREATE TYPE tasker.step_release AS (
+    step_uuid uuid,
+    released  integer
+);
+
+-- The candidates for p_done, the steps an operation has just completed:
+-- their children, each with the number of its parents among them.
+CREATE FUNCTION tasker._children_of(p_done uuid[]) RETURNS tasker.step_release[]
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF v_queue IS NULL OR v_seq IS NULL THEN
-        SELECT n.queue_name, n.queue_seq INTO v_queue, v_seq
-        FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
-        WHERE t.task_uuid = p_task;
+    RETURN ARRAY(SELECT ROW(e.to_step_uuid, count(*))::tasker.step_release
+                 FROM tasker.step_edges e
+                 WHERE e.from_step_uuid = ANY (p_done)
+                 GROUP BY e.to_step_uuid);
+END
+$$;
+
+-- Releases and enqueues, in one statement per queue: each candidate's
+-- pending_parents counts down by `released`; those that are then ready
+-- (tasker.step_is_ready) move to enqueued (a new attempt, a new msg_id
+-- from their queue's sequence) with an audit row, and their messages are
+-- built and sent. The caller holds the task row locks and settles the
+-- returned moves (tasker._settle_tasks).
+CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
+RETURNS SETOF tasker.step_move
+LANGUAGE plpgsql ROWS 1 AS $$
+DECLARE
+    q record;
+BEGIN
+    IF coalesce(cardinality(p_candidates), 0) = 0 THEN
+        RETURN;
     END IF;
-    -- One statement: the steps move (a new attempt, a new msg_id each), and
-    -- their messages are built and sent. The joined step and task rows are
-    -- read as they were when the statement began, which is right for every
-    -- column used here but attempts and queue_msg_id, which come from the
-    -- move itself.
-    SELECT tasker._pgmq_send(v_queue, array_agg(x.queue_msg_id ORDER BY x.queue_msg_id),
-                             array_agg(x.message ORDER BY x.queue_msg_id))
-    INTO v_sent
-    FROM (
-        SELECT m.queue_msg_id,
-               jsonb_build_object(
-                   'message_version', 1,
-                   'task_uuid', s.task_uuid,
-                   'step_uuid', s.step_uuid,
-                   'namespace', t.namespace_name,
-                   'task_name', t.task_name,
-                   'task_version', t.task_version,
-                   'step_name', s.name,
-                   'handler', jsonb_build_object('callable', s.handler_callable,
-                                                 'method', s.handler_method,
-                                                 'initialization', s.inputs),
-                   'task_context', t.context,
-                   'dependency_results', (
-                       SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
-                       FROM tasker.step_edges e
-                       JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-                       WHERE e.to_step_uuid = s.step_uuid),
-                   'attempt', m.attempts,
-                   'budget_attempt', m.attempts - s.budget_offset,
-                   'max_attempts', s.max_attempts,
-                   'timeout_seconds', s.timeout_seconds,
-                   'correlation_id', t.correlation_id,
-                   'enqueued_at', now()) AS message
-        FROM tasker._move_steps(
-                 ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(p_steps) u),
-                 'enqueued', 'ready', '{}', v_seq) m
-        JOIN tasker.workflow_steps s ON s.step_uuid = m.step_uuid
-        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid) x;
-    RETURN coalesce(v_sent, 0);
+    -- (a batch of results can span namespaces: one statement per queue,
+    -- since each queue is its own table)
+    FOR q IN
+        SELECT DISTINCT n.name, n.queue_name, n.queue_seq
+        FROM unnest(p_candidates) c
+        JOIN tasker.workflow_steps s ON s.step_uuid = c.step_uuid
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+        JOIN tasker.namespaces n ON n.name = t.namespace_name
+    LOOP
+        -- Readiness is decided on the row as it is when the UPDATE reaches
+        -- it (SET and WHERE see its latest version); every row changes once.
+        -- The moves pending -> enqueued and waiting_for_retry -> enqueued
+        -- are the ones step_state_transitions lists for runnable states
+        -- (src/tests/states.rs checks it).
+        RETURN QUERY
+        WITH c AS (
+            SELECT x.step_uuid, sum(x.released)::integer AS released
+            FROM unnest(p_candidates) x GROUP BY x.step_uuid
+        ), m AS (
+            UPDATE tasker.workflow_steps s
+            SET pending_parents = s.pending_parents - c.released,
+                previous_state  = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN s.state ELSE s.previous_state END,
+                state           = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN 'enqueued' ELSE s.state END,
+                transitions     = s.transitions + (tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))::integer,
+                updated_at      = now(),
+                attempts        = s.attempts + (tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))::integer,
+                queue_msg_id    = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN nextval(q.queue_seq) ELSE s.queue_msg_id END,
+                enqueued_at     = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN now() ELSE s.enqueued_at END,
+                started_at      = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN NULL ELSE s.started_at END,
+                next_retry_at   = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN NULL ELSE s.next_retry_at END
+            FROM c, tasker.tasks t
+            WHERE s.step_uuid = c.step_uuid
+              AND t.task_uuid = s.task_uuid
+              AND t.namespace_name = q.name
+              AND (c.released > 0 OR tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))
+            RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.state, s.enqueued_at, s.attempts, s.budget_offset,
+                      s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
+                      s.max_attempts, s.timeout_seconds,
+                      t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id
+        ), enq AS (
+            -- (enqueued by this statement: a step gets its last release
+            -- before it can be enqueued, so a released row that is enqueued
+            -- was enqueued now)
+            SELECT * FROM m WHERE m.state = 'enqueued' AND m.enqueued_at = now()
+        ), audit AS (
+            INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+            SELECT e.step_uuid, e.transitions, e.previous_state, 'enqueued', p_reason,
+                   jsonb_build_object('attempt', e.attempts)
+            FROM enq e
+        ), sent AS (
+            SELECT tasker._pgmq_send(q.queue_name, array_agg(e.queue_msg_id ORDER BY e.queue_msg_id),
+                                     array_agg(jsonb_build_object(
+                'message_version', 1,
+                'task_uuid', e.task_uuid,
+                'step_uuid', e.step_uuid,
+                'namespace', e.namespace_name,
+                'task_name', e.task_name,
+                'task_version', e.task_version,
+                'step_name', e.name,
+                'handler', jsonb_build_object('callable', e.handler_callable,
+                                              'method', e.handler_method,
+                                              'initialization', e.inputs),
+                'task_context', e.context,
+                'dependency_results', (
+                    SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
+                    FROM tasker.step_edges pe
+                    JOIN tasker.workflow_steps p ON p.step_uuid = pe.from_step_uuid
+                    WHERE pe.to_step_uuid = e.step_uuid),
+                'attempt', e.attempts,
+                'budget_attempt', e.attempts - e.budget_offset,
+                'max_attempts', e.max_attempts,
+                'timeout_seconds', e.timeout_seconds,
+                'correlation_id', e.correlation_id,
+                'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
+            FROM enq e
+            HAVING count(*) > 0
+        )
+        SELECT e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts, e.queue_msg_id
+        FROM enq e, (SELECT count(*) FROM sent) s;
+    END LOOP;
 END
 $$;

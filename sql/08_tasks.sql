@@ -149,7 +149,13 @@ BEGIN
     END IF;
     -- Root steps go to the queue now, in the caller's transaction. (The new
     -- task row is invisible to others until commit: no lock needed.)
-    PERFORM tasker._evaluate_task(v_task, 'task created');
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._enqueue_steps(
+            ARRAY(SELECT ROW(v_ids[ts.position + 1], 0)::tasker.step_release
+                  FROM tasker.template_steps ts
+                  WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0),
+            'ready') m),
+        'task created', ARRAY[v_task]);
     RETURN v_task;
 END
 $$;

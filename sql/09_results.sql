@@ -1,75 +1,192 @@
 -- Results: completing steps (a worker's success, an operator's resolution)
--- and failing attempts (a worker's failure, a lost or timed-out attempt).
--- The callers hold the task row lock and re-evaluate the task afterwards.
+-- and failing attempts (a worker's failure, a lost or timed-out attempt),
+-- one result or a batch, set-based: a batch of results costs about as many
+-- statements as one.
 
--- Moves steps to complete or resolved_manually with their results, and
--- releases their children (pending_parents counts down; evaluation enqueues
--- the children that became ready).
-CREATE FUNCTION tasker._complete_steps(p_changes tasker.step_change[], p_to tasker.step_state,
-                                       p_reason text, p_metadata jsonb DEFAULT '{}')
-RETURNS void
-LANGUAGE plpgsql AS $$
+-- One result to apply: a checked submission for one step.
+CREATE TYPE tasker.step_result AS (
+    step_uuid          uuid,
+    success            boolean,
+    -- the result (success) or the error (failure), stored as given
+    payload            jsonb,
+    -- the attempt the worker ran; NULL: unfenced (the current one)
+    attempt            integer,
+    -- failures: the message, whether it may be retried, the delay asked for
+    message            text,
+    retryable          boolean,
+    requested_delay_ms bigint,
+    -- metadata of the audit row (worker_id, execution time, ...)
+    audit              jsonb
+);
+
+-- Moves steps to a done state (complete, resolved_manually) with their
+-- results, releases their children and enqueues those that became ready.
+-- The caller holds the task row locks and settles the returned moves.
+CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text)
+RETURNS SETOF tasker.step_move
+LANGUAGE plpgsql ROWS 2 AS $$
 DECLARE
-    v_done uuid[];
-    v_children uuid[];
-    v_counts integer[];
+    v_done tasker.step_move[];
 BEGIN
-    SELECT array_agg(m.step_uuid) INTO v_done
-    FROM tasker._move_steps(p_changes, p_to, p_reason, p_metadata) m;
-    SELECT array_agg(x.child), array_agg(x.n) INTO v_children, v_counts
-    FROM (SELECT ed.to_step_uuid AS child, count(*)::integer AS n
-          FROM tasker.step_edges ed
-          WHERE ed.from_step_uuid = ANY (v_done)
-          GROUP BY ed.to_step_uuid) x;
-    IF v_children IS NOT NULL THEN
-        -- (joined through unnest of arrays: a generic plan looks each child
-        -- up by key; a join with the aggregate above was planned as a hash
-        -- join over every step)
-        UPDATE tasker.workflow_steps c
-        SET pending_parents = c.pending_parents - e.n
-        FROM unnest(v_children, v_counts) AS e(child, n)
-        WHERE c.step_uuid = e.child;
-    END IF;
+    v_done := ARRAY(SELECT m FROM tasker._move_steps(p_changes, p_to, p_reason) m);
+    RETURN QUERY SELECT * FROM unnest(v_done);
+    RETURN QUERY SELECT * FROM tasker._enqueue_steps(
+        tasker._children_of(ARRAY(SELECT d.step_uuid FROM unnest(v_done) d)));
 END
 $$;
 
--- Fails the current attempt of a step: the retry policy (pg_tasker_core's
--- retry::on_failure, through tasker._retry_decision) sends it to
--- waiting_for_retry or to error. p_error is stored as given. Returns the
--- step's new state.
-CREATE FUNCTION tasker._fail_attempt(p_step uuid, p_error jsonb, p_message text,
-                                     p_error_retryable boolean, p_requested_delay_ms bigint,
-                                     p_metadata jsonb DEFAULT '{}')
-RETURNS tasker.step_state
+-- Applies results, in one transaction: locks their tasks (in uuid order),
+-- decides what each result meets, archives the messages of the accepted
+-- ones, completes or fails their attempts (the retry policy:
+-- pg_tasker_core::retry through tasker._retry_decision), releases and
+-- enqueues what became ready (a retry due at once included), and settles
+-- the tasks. Per result, in the order given: its step's state afterwards
+-- and the outcome:
+--   applied         the attempt is settled by this result
+--   unknown_step    no such step
+--   never_enqueued  the step has had no attempt yet
+--   settled         the step is not out with a worker (its attempt was
+--                   settled before: a late or duplicate result)
+--   task_finished   the step's task is finished
+--   stale_attempt   the result is for an attempt other than the current one
+--   duplicate       an earlier result in the same batch is for this step
+-- and, for every outcome but applied, a note saying why it was ignored.
+CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text)
+RETURNS TABLE (step_uuid uuid, state tasker.step_state, outcome text, note text)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    s tasker.workflow_steps%ROWTYPE;
-    d record;
+    v_ids uuid[] := ARRAY(SELECT r.step_uuid FROM unnest(p_results) r);
+    v_outcomes text[];
+    v_notes text[];
+    v_tasks uuid[];
+    v_queues text[];
+    v_msgs bigint[];
+    v_success tasker.step_change[];
+    v_failed tasker.step_result[];
+    v_retry tasker.step_change[];
+    v_error tasker.step_change[];
+    v_moves tasker.step_move[] := '{}';
+    q record;
 BEGIN
-    SELECT * INTO s FROM tasker.workflow_steps WHERE step_uuid = p_step;
-    SELECT * INTO d FROM tasker._retry_decision(s.retryable, s.max_attempts, s.attempts - s.budget_offset,
-                                                s.backoff::text, s.backoff_base_ms, s.max_backoff_ms, s.jitter,
-                                                p_error_retryable, p_requested_delay_ms);
-    IF d.retry THEN
-        PERFORM tasker._move_steps(
-            ARRAY[ROW(p_step, p_error, now() + make_interval(secs => d.delay_ms / 1000.0), p_message,
-                      jsonb_build_object('error', p_error, 'retry_in_ms', d.delay_ms,
-                                         'delay_requested_by_handler', d.requested))::tasker.step_change],
-            'waiting_for_retry', p_message, p_metadata);
-        RETURN 'waiting_for_retry';
+    -- lock order: the tasks, in uuid order, then their steps
+    PERFORM 1 FROM tasker.tasks t
+    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = ANY (v_ids))
+    ORDER BY t.task_uuid
+    FOR NO KEY UPDATE;
+
+    -- what each result meets, now that its task is locked
+    WITH r AS (
+        SELECT x.* FROM unnest(p_results) WITH ORDINALITY
+            AS x(step_uuid, success, payload, attempt, message, retryable, requested_delay_ms, audit, i)
+    ), v AS (
+        SELECT r.*, ws.name, ws.state AS step_state, ws.attempts AS current_attempt, ws.queue_msg_id,
+               t.task_uuid, t.state AS task_state, n.queue_name,
+               CASE WHEN ws.step_uuid IS NULL THEN 'unknown_step'
+                    WHEN r.i > min(r.i) OVER (PARTITION BY r.step_uuid) THEN 'duplicate'
+                    WHEN tasker.step_state_class(ws.state) <> 'out' AND ws.attempts = 0 THEN 'never_enqueued'
+                    WHEN tasker.step_state_class(ws.state) <> 'out' THEN 'settled'
+                    WHEN tasker.task_state_is_terminal(t.state) THEN 'task_finished'
+                    WHEN r.attempt IS NOT NULL AND r.attempt <> ws.attempts THEN 'stale_attempt'
+                    ELSE 'applied' END AS outcome
+        FROM r
+        LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+        LEFT JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
+        LEFT JOIN tasker.namespaces n ON n.name = t.namespace_name
+    )
+    SELECT array_agg(v.outcome ORDER BY v.i),
+           array_agg(CASE v.outcome
+                         WHEN 'applied' THEN NULL
+                         WHEN 'unknown_step' THEN format('step %s does not exist', v.step_uuid)
+                         WHEN 'duplicate' THEN format('result for step "%s" (%s) ignored: the batch has an earlier result for it',
+                                                      v.name, v.step_uuid)
+                         WHEN 'never_enqueued' THEN format('step "%s" (%s) has never been enqueued; there is no attempt to report on',
+                                                           v.name, v.step_uuid)
+                         WHEN 'settled' THEN format('result for step "%s" (%s) ignored: the step is %s, attempt %s is already settled',
+                                                    v.name, v.step_uuid, v.step_state, v.current_attempt)
+                         WHEN 'task_finished' THEN format('result for step "%s" (%s) ignored: its task is %s',
+                                                          v.name, v.step_uuid, v.task_state)
+                         ELSE format('result for attempt %s of step "%s" (%s) ignored: the current attempt is %s',
+                                     v.attempt, v.name, v.step_uuid, v.current_attempt) END ORDER BY v.i),
+           array_agg(DISTINCT v.task_uuid) FILTER (WHERE v.outcome = 'applied'),
+           array_agg(v.queue_name ORDER BY v.queue_name, v.queue_msg_id) FILTER (WHERE v.outcome = 'applied'),
+           array_agg(v.queue_msg_id ORDER BY v.queue_name, v.queue_msg_id) FILTER (WHERE v.outcome = 'applied'),
+           array_agg(ROW(v.step_uuid, v.payload, NULL, NULL, v.audit)::tasker.step_change)
+               FILTER (WHERE v.outcome = 'applied' AND v.success),
+           array_agg(ROW(v.step_uuid, v.success, v.payload, v.attempt, v.message, v.retryable,
+                         v.requested_delay_ms, v.audit)::tasker.step_result)
+               FILTER (WHERE v.outcome = 'applied' AND NOT v.success)
+    INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed
+    FROM v;
+
+    IF v_tasks IS NOT NULL THEN
+        -- the attempts' messages: done with (one statement per queue)
+        IF v_queues[1] = ALL (v_queues) THEN
+            PERFORM tasker._pgmq_archive(v_queues[1], v_msgs);
+        ELSE
+            FOR q IN SELECT a.queue, array_agg(a.msg) AS msgs FROM unnest(v_queues, v_msgs) AS a(queue, msg)
+                     GROUP BY a.queue LOOP
+                PERFORM tasker._pgmq_archive(q.queue, q.msgs);
+            END LOOP;
+        END IF;
+        IF v_success IS NOT NULL THEN
+            v_moves := ARRAY(SELECT m FROM tasker._finish_steps(v_success, 'complete', 'completed by worker') m);
+        END IF;
+        IF v_failed IS NOT NULL THEN
+            -- the retry policy, per failed attempt
+            SELECT array_agg(ROW(f.step_uuid, f.payload, now() + make_interval(secs => d.delay_ms / 1000.0),
+                                 f.message,
+                                 coalesce(f.audit, '{}') || jsonb_build_object(
+                                     'error', f.payload, 'retry_in_ms', d.delay_ms,
+                                     'delay_requested_by_handler', d.requested))::tasker.step_change)
+                       FILTER (WHERE d.retry),
+                   array_agg(ROW(f.step_uuid, f.payload, NULL, f.message,
+                                 coalesce(f.audit, '{}') || jsonb_build_object(
+                                     'error', f.payload, 'attempts_exhausted', d.exhausted))::tasker.step_change)
+                       FILTER (WHERE NOT d.retry)
+            INTO v_retry, v_error
+            FROM unnest(v_failed) f
+            JOIN tasker.workflow_steps s ON s.step_uuid = f.step_uuid
+            CROSS JOIN LATERAL tasker._retry_decision(s.retryable, s.max_attempts, s.attempts - s.budget_offset,
+                                                      s.backoff::text, s.backoff_base_ms, s.max_backoff_ms,
+                                                      s.jitter, f.retryable, f.requested_delay_ms) d;
+            IF v_retry IS NOT NULL THEN
+                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_retry, 'waiting_for_retry', 'failed') m);
+                -- a retry due now goes back to the queue at once
+                v_moves := v_moves || ARRAY(
+                    SELECT m FROM tasker._enqueue_steps(
+                        ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c),
+                        'retry due') m);
+            END IF;
+            IF v_error IS NOT NULL THEN
+                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_error, 'error', 'failed') m);
+            END IF;
+        END IF;
+        PERFORM tasker._settle_tasks(v_moves, p_reason, v_tasks);
     END IF;
-    PERFORM tasker._move_steps(
-        ARRAY[ROW(p_step, p_error, NULL, p_message,
-                  jsonb_build_object('error', p_error, 'attempts_exhausted', d.exhausted))::tasker.step_change],
-        'error', p_message, p_metadata);
-    RETURN 'error';
+
+    RETURN QUERY
+    SELECT r.step_uuid, ws.state, o.outcome, o.note
+    FROM unnest(v_ids, v_outcomes, v_notes) WITH ORDINALITY AS o(step_uuid, outcome, note, i)
+    JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
+                                                 requested_delay_ms, audit, i) ON r.i = o.i
+    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+    ORDER BY o.i;
 END
 $$;
+
+-- The audit metadata of a submission: worker, execution time, the caller's
+-- metadata.
+CREATE FUNCTION tasker._submission_audit(p_worker_id text, p_execution_time_ms numeric, p_metadata jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE
+RETURN jsonb_strip_nulls(jsonb_build_object(
+    'worker_id', p_worker_id, 'execution_time_ms', p_execution_time_ms, 'metadata', p_metadata));
 
 -- tasker.submit_result(step_uuid, status, result, error, metadata) RETURNS text:
 -- a worker reports the outcome of an attempt. In one transaction: the
 -- message is archived, the attempt settled, children released and enqueued,
--- the task re-evaluated. Returns the step's state afterwards.
+-- the task settled. Returns the step's state afterwards. A late, duplicate
+-- or stale result changes nothing (a NOTICE says why).
 CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb DEFAULT NULL,
                                      error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
 RETURNS text
@@ -77,60 +194,135 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
-    v_step uuid := submit_result.step_uuid;
     sub tasker.submission;
-    t record;
-    s tasker.workflow_steps%ROWTYPE;
-    v_audit jsonb;
+    o record;
 BEGIN
-    IF v_step IS NULL THEN
+    IF submit_result.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
     ELSIF submit_result.status IS NULL THEN
         RAISE EXCEPTION 'status must not be NULL' USING ERRCODE = '22004';
     END IF;
     sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
-
-    -- lock order: the task row, then the step
-    t := tasker._lock_task_of_step(v_step);
-    SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step;
-
-    IF tasker.step_state_class(s.state) <> 'out' THEN
-        IF s.attempts = 0 THEN
-            RAISE EXCEPTION 'step "%" (%) has never been enqueued; there is no attempt to report on', s.name, v_step
-                USING ERRCODE = '55000';
-        END IF;
-        RAISE NOTICE 'pg_tasker: result for step "%" (%) ignored: the step is %, attempt % is already settled',
-            s.name, v_step, s.state, s.attempts;
-        RETURN s.state::text;
-    ELSIF tasker.task_state_is_terminal(t.state) THEN
-        RAISE NOTICE 'pg_tasker: result for step "%" (%) ignored: its task is %', s.name, v_step, t.state;
-        RETURN s.state::text;
-    ELSIF sub.attempt IS NOT NULL AND sub.attempt <> s.attempts THEN
-        RAISE NOTICE 'pg_tasker: result for attempt % of step "%" (%) ignored: the current attempt is %',
-            sub.attempt, s.name, v_step, s.attempts;
-        RETURN s.state::text;
-    END IF;
     IF sub.success THEN
         PERFORM tasker._check_payload_size(submit_result.result, 'limits.max_result_bytes', 'the result');
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-
-    PERFORM tasker._pgmq_archive(t.queue_name, ARRAY[s.queue_msg_id]);
-    v_audit := jsonb_strip_nulls(jsonb_build_object(
-        'worker_id', sub.worker_id, 'execution_time_ms', sub.execution_time_ms,
-        'metadata', submit_result.metadata));
-    IF sub.success THEN
-        PERFORM tasker._complete_steps(
-            ARRAY[ROW(v_step, coalesce(submit_result.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
-            'complete', 'completed by worker', v_audit);
-        PERFORM tasker._evaluate_task(t.task_uuid, 'step completed', t.queue_name, t.queue_seq);
-        RETURN 'complete';
+    SELECT * INTO o FROM tasker._apply_results(
+        ARRAY[ROW(submit_result.step_uuid, sub.success,
+                  CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
+                  sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
+                  tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END);
+    IF o.outcome = 'unknown_step' THEN
+        RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
+    ELSIF o.outcome = 'never_enqueued' THEN
+        RAISE EXCEPTION '%', o.note USING ERRCODE = '55000';
+    ELSIF o.outcome <> 'applied' THEN
+        RAISE NOTICE 'pg_tasker: %', o.note;
     END IF;
-    PERFORM tasker._fail_attempt(v_step, submit_result.error, sub.message, sub.retryable,
-                                 sub.requested_delay_ms, v_audit);
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step failed', t.queue_name, t.queue_seq);
-    -- a retry due at once was enqueued again by the evaluation
-    RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step);
+    RETURN o.state::text;
+END
+$$;
+
+-- The results of a batch (tasker.submit_results, tasker.exchange): a JSON
+-- array of {step_uuid, status, result, error, metadata}, read in one
+-- statement. Per element, in order: its step and the result to apply, or
+-- the problem that rejects it (then result is NULL). 22023 when results is
+-- not an array; 54000 beyond 1,000 elements.
+CREATE FUNCTION tasker._read_results(p_results jsonb)
+RETURNS TABLE (i bigint, step_uuid uuid, result tasker.step_result, problem text)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    lim bigint := tasker._setting('limits.max_result_bytes');
+BEGIN
+    IF jsonb_typeof(p_results) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'results must be a JSON array, got %', coalesce(jsonb_typeof(p_results), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'results is [{"step_uuid": ..., "status": "success"|"failure", "result": ..., "error": ..., "metadata": ...}, ...]';
+    ELSIF jsonb_array_length(p_results) > 1000 THEN
+        RAISE EXCEPTION 'a batch holds at most 1000 results, got %', jsonb_array_length(p_results)
+            USING ERRCODE = '54000';
+    END IF;
+    RETURN QUERY
+    SELECT e.i, u.step_uuid,
+           CASE WHEN p.problem IS NULL THEN
+               ROW(u.step_uuid, f.success,
+                   CASE WHEN f.success THEN coalesce(e.item -> 'result', 'null') ELSE e.item -> 'error' END,
+                   f.attempt, f.message, f.retryable, f.requested_delay_ms,
+                   tasker._submission_audit(f.worker_id, f.execution_time_ms, e.item -> 'metadata'))::tasker.step_result END,
+           p.problem
+    FROM jsonb_array_elements(p_results) WITH ORDINALITY AS e(item, i)
+    CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(e.item) = 'object'
+                                    THEN tasker._uuid_or_null(e.item ->> 'step_uuid') END AS step_uuid) u
+    LEFT JOIN LATERAL tasker._submission_fields(
+        e.item ->> 'status', nullif(e.item -> 'error', 'null'), nullif(e.item -> 'metadata', 'null')) f
+        ON jsonb_typeof(e.item) = 'object'
+    CROSS JOIN LATERAL (SELECT CASE
+        WHEN jsonb_typeof(e.item) IS DISTINCT FROM 'object' THEN format('result %s is not a JSON object', e.i)
+        WHEN u.step_uuid IS NULL THEN format('result %s: step_uuid must be a uuid, got %s', e.i,
+                                             coalesce(e.item -> 'step_uuid', 'nothing'))
+        WHEN f.problem IS NOT NULL THEN format('result %s: %s', e.i, f.problem)
+        WHEN pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END) > lim
+            THEN format('result %s: the %s is %s bytes, more than the limit of %s bytes (limits.max_result_bytes)',
+                        e.i, CASE WHEN f.success THEN 'result' ELSE 'error' END,
+                        pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END),
+                        lim)
+        END AS problem) p
+    ORDER BY e.i;
+END
+$$;
+
+-- tasker.submit_results(results jsonb) RETURNS TABLE (step_uuid, outcome,
+-- state, detail): a batch of results (a JSON array of what submit_result
+-- takes: {step_uuid, status, result, error, metadata}) in one transaction.
+-- Every element gets a row, in order: outcome is one of
+-- tasker._apply_results' outcomes, or rejected (the element is not a valid
+-- result: detail says why, nothing of it is applied); detail explains every
+-- outcome but applied. A rejected or ignored element never stops the
+-- others.
+CREATE FUNCTION tasker.submit_results(results jsonb)
+RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT * FROM tasker._submit_results(submit_results.results, 'results submitted');
+END
+$$;
+
+-- submit_results without the security wrapper (tasker.exchange calls it).
+CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
+RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_i bigint[];
+    v_steps uuid[];
+    v_problems text[];
+    v_results tasker.step_result[];
+BEGIN
+    SELECT array_agg(x.i ORDER BY x.i), array_agg(x.step_uuid ORDER BY x.i), array_agg(x.problem ORDER BY x.i),
+           array_agg(x.result ORDER BY x.i) FILTER (WHERE x.problem IS NULL)
+    INTO v_i, v_steps, v_problems, v_results
+    FROM tasker._read_results(p_results) x;
+    IF v_i IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH applied AS (
+        SELECT a.* FROM tasker._apply_results(v_results, p_reason) WITH ORDINALITY AS a(step_uuid, state, outcome, note, k)
+    ), accepted AS (
+        SELECT x.i, row_number() OVER (ORDER BY x.i) AS k
+        FROM unnest(v_i, v_problems) AS x(i, problem) WHERE x.problem IS NULL
+    )
+    SELECT x.step_uuid, coalesce(a.outcome, 'rejected'), coalesce(a.state::text, ws.state::text),
+           coalesce(x.problem, a.note)
+    FROM unnest(v_i, v_steps, v_problems) AS x(i, step_uuid, problem)
+    LEFT JOIN accepted c ON c.i = x.i
+    LEFT JOIN applied a ON a.k = c.k
+    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = x.step_uuid AND x.problem IS NOT NULL
+    ORDER BY x.i;
 END
 $$;

@@ -1,6 +1,90 @@
 -- The worker side besides submit_result: reading step messages (marking the
 -- steps in_progress) and extending a lease.
 
+-- Reads up to p_qty messages of a namespace's queue (leasing each for p_vt
+-- seconds) and marks their steps in_progress. The steps these messages are
+-- the current attempt of, in this namespace, still enqueued, are locked
+-- without waiting: a step someone else holds is being settled or stopped
+-- anyway. The move enqueued -> in_progress changes no counter (both are
+-- `out`), so no task row is touched. Returns the messages as read.
+CREATE FUNCTION tasker._read_steps(p_namespace text, p_queue text, p_worker_id text, p_qty integer, p_vt integer)
+RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
+LANGUAGE plpgsql ROWS 10 AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids bigint[];
+    v_counts integer[];
+    v_messages jsonb[];
+    v_start uuid[];
+BEGIN
+    SELECT array_agg(r.msg_id ORDER BY r.msg_id), array_agg(r.read_ct ORDER BY r.msg_id),
+           array_agg(r.message ORDER BY r.msg_id)
+    INTO v_ids, v_counts, v_messages
+    FROM tasker._pgmq_read(p_queue, p_vt, p_qty) r;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(x.step_uuid) INTO v_start FROM (
+        SELECT s.step_uuid
+        FROM unnest(v_ids, v_messages) AS m(msg_id, message)
+        JOIN tasker.workflow_steps s
+          ON s.step_uuid = tasker._uuid_or_null(m.message ->> 'step_uuid') AND s.queue_msg_id = m.msg_id
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = p_namespace
+        WHERE s.state = 'enqueued'
+        FOR NO KEY UPDATE OF s SKIP LOCKED) x;
+    IF v_start IS NOT NULL THEN
+        PERFORM tasker._move_steps(
+            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
+            'in_progress', 'read by worker', jsonb_build_object('worker_id', p_worker_id));
+    END IF;
+    RETURN QUERY
+    SELECT m.msg_id, m.read_ct, tasker._uuid_or_null(m.message ->> 'step_uuid'), m.message
+    FROM unnest(v_ids, v_counts, v_messages) AS m(msg_id, read_ct, message)
+    ORDER BY m.msg_id;
+END
+$$;
+
+-- The checks of a worker's read: 22004 / 22023 for missing or out-of-range
+-- arguments. Returns the visibility timeout to use.
+CREATE FUNCTION tasker._check_read(p_worker_id text, p_qty integer, p_vt integer) RETURNS integer
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_vt integer := coalesce(p_vt, tasker._setting('queues.default_visibility_timeout_seconds')::integer);
+BEGIN
+    IF p_worker_id IS NULL THEN
+        RAISE EXCEPTION 'worker_id must not be NULL' USING ERRCODE = '22004';
+    ELSIF p_qty IS NULL OR p_qty NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'qty must be between 1 and 1000, got %', p_qty USING ERRCODE = '22023';
+    ELSIF v_vt < 1 THEN
+        RAISE EXCEPTION 'visibility_timeout_seconds must be at least 1, got %', v_vt USING ERRCODE = '22023';
+    END IF;
+    RETURN v_vt;
+END
+$$;
+
+-- The queues of namespaces, in the order given; 42704 for an unknown one.
+CREATE FUNCTION tasker._namespace_queues(p_namespaces text[])
+RETURNS TABLE (namespace text, queue_name text)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    v_missing text;
+BEGIN
+    SELECT u INTO v_missing FROM unnest(p_namespaces) u
+    WHERE u IS NULL OR NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = u) LIMIT 1;
+    IF FOUND THEN
+        IF v_missing IS NULL THEN
+            RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
+        END IF;
+        RAISE EXCEPTION 'namespace "%" does not exist', v_missing USING ERRCODE = '42704';
+    END IF;
+    RETURN QUERY
+    SELECT n.name, n.queue_name FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
+    JOIN tasker.namespaces n ON n.name = u.name
+    ORDER BY u.i;
+END
+$$;
+
 -- tasker.read_steps(namespace, worker_id, qty, visibility_timeout_seconds):
 -- reads up to qty step messages of a namespace's queue and marks their steps
 -- in_progress, in one transaction. Plain pgmq.read works as well; the steps
@@ -12,58 +96,64 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
-    v_ns text := read_steps.namespace;
-    v_vt integer := coalesce(read_steps.visibility_timeout_seconds,
-                             tasker._setting('queues.default_visibility_timeout_seconds')::integer);
-    v_queue text;
-    v_ids bigint[];
-    v_counts integer[];
-    v_messages jsonb[];
-    v_start uuid[];
+    v_vt integer := tasker._check_read(read_steps.worker_id, read_steps.qty, read_steps.visibility_timeout_seconds);
+    q record;
 BEGIN
-    IF v_ns IS NULL THEN
+    IF read_steps.namespace IS NULL THEN
         RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
-    ELSIF read_steps.worker_id IS NULL THEN
-        RAISE EXCEPTION 'worker_id must not be NULL' USING ERRCODE = '22004';
-    ELSIF read_steps.qty IS NULL OR read_steps.qty NOT BETWEEN 1 AND 1000 THEN
-        RAISE EXCEPTION 'qty must be between 1 and 1000, got %', read_steps.qty USING ERRCODE = '22023';
-    ELSIF v_vt < 1 THEN
-        RAISE EXCEPTION 'visibility_timeout_seconds must be at least 1, got %', v_vt USING ERRCODE = '22023';
     END IF;
-    SELECT n.queue_name INTO v_queue FROM tasker.namespaces n WHERE n.name = v_ns;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'namespace "%" does not exist', v_ns USING ERRCODE = '42704';
-    END IF;
+    SELECT * INTO q FROM tasker._namespace_queues(ARRAY[read_steps.namespace]);
+    RETURN QUERY SELECT * FROM tasker._read_steps(q.namespace, q.queue_name, read_steps.worker_id,
+                                                  read_steps.qty, v_vt);
+END
+$$;
 
-    SELECT array_agg(r.msg_id ORDER BY r.msg_id), array_agg(r.read_ct ORDER BY r.msg_id),
-           array_agg(r.message ORDER BY r.msg_id)
-    INTO v_ids, v_counts, v_messages
-    FROM tasker._pgmq_read(v_queue, v_vt, read_steps.qty) r;
-    IF v_ids IS NULL THEN
-        RETURN;
+-- tasker.exchange(namespaces, worker_id, results, qty, visibility_timeout_seconds):
+-- the batched worker protocol, one round trip and one commit per batch:
+-- applies a batch of results (as tasker.submit_results; results that are
+-- rejected or ignored are reported as NOTICEs, and never stop the others),
+-- then reads up to qty messages from the namespaces' queues (sharing qty
+-- among them, in the order given) and marks their steps in_progress (as
+-- tasker.read_steps). results may be NULL or [] (only read); qty may be 0
+-- (only submit).
+CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb DEFAULT NULL,
+                                qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
+RETURNS TABLE (namespace text, msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_vt integer := tasker._check_read(exchange.worker_id, greatest(exchange.qty, 1),
+                                       exchange.visibility_timeout_seconds);
+    v_queues record;
+    o record;
+    v_left integer := exchange.qty;
+    v_share integer;
+    v_n integer;
+    v_read integer;
+BEGIN
+    IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
+        RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
+    ELSIF exchange.qty IS NULL OR exchange.qty NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
-
-    -- The steps these messages are the current attempt of, in this namespace,
-    -- still enqueued. Locked without waiting: a step someone else holds is
-    -- being settled or stopped anyway.
-    SELECT array_agg(x.step_uuid) INTO v_start FROM (
-        SELECT s.step_uuid
-        FROM unnest(v_ids, v_messages) AS m(msg_id, message)
-        JOIN tasker.workflow_steps s
-          ON s.step_uuid = tasker._uuid_or_null(m.message ->> 'step_uuid') AND s.queue_msg_id = m.msg_id
-        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = v_ns
-        WHERE s.state = 'enqueued'
-        ORDER BY s.step_uuid
-        FOR NO KEY UPDATE OF s SKIP LOCKED) x;
-    IF v_start IS NOT NULL THEN
-        PERFORM tasker._move_steps(
-            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
-            'in_progress', 'read by worker', jsonb_build_object('worker_id', read_steps.worker_id));
+    PERFORM tasker._namespace_queues(exchange.namespaces);
+    IF exchange.results IS NOT NULL AND exchange.results <> '[]' THEN
+        FOR o IN SELECT * FROM tasker._submit_results(exchange.results, 'results submitted') r
+                 WHERE r.outcome <> 'applied' LOOP
+            RAISE NOTICE 'pg_tasker: %', o.detail;
+        END LOOP;
     END IF;
-    RETURN QUERY
-    SELECT m.msg_id, m.read_ct, tasker._uuid_or_null(m.message ->> 'step_uuid'), m.message
-    FROM unnest(v_ids, v_counts, v_messages) AS m(msg_id, read_ct, message)
-    ORDER BY m.msg_id;
+    v_n := cardinality(exchange.namespaces);
+    FOR v_queues IN SELECT * FROM tasker._namespace_queues(exchange.namespaces) LOOP
+        EXIT WHEN v_left <= 0;
+        v_share := ceil(v_left::numeric / v_n)::integer;
+        v_n := v_n - 1;
+        RETURN QUERY SELECT v_queues.namespace, r.* FROM tasker._read_steps(
+            v_queues.namespace, v_queues.queue_name, exchange.worker_id, v_share, v_vt) r;
+        GET DIAGNOSTICS v_read = ROW_COUNT;
+        v_left := v_left - v_read;
+    END LOOP;
 END
 $$;
 

@@ -40,10 +40,10 @@ $$;
 -- Moves every step of a task that may legally move to p_to (cancelled, or
 -- error for the attempts out with workers) and archives the messages of
 -- those that were out, so no worker picks them up. The caller holds the
--- task row lock. Returns how many moved.
+-- task row lock and settles the returned moves.
 CREATE FUNCTION tasker._stop_steps(p_task uuid, p_queue text, p_to tasker.step_state, p_reason text,
                                    p_error jsonb DEFAULT NULL)
-RETURNS integer
+RETURNS SETOF tasker.step_move
 LANGUAGE plpgsql AS $$
 DECLARE
     v_steps uuid[];
@@ -56,15 +56,14 @@ BEGIN
     WHERE s.task_uuid = p_task
       AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to);
     IF v_steps IS NULL THEN
-        RETURN 0;
+        RETURN;
     END IF;
     IF v_msgs IS NOT NULL THEN
         PERFORM tasker._pgmq_archive(p_queue, v_msgs);
     END IF;
-    PERFORM tasker._move_steps(
+    RETURN QUERY SELECT * FROM tasker._move_steps(
         ARRAY(SELECT ROW(u, p_error, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_steps) u),
         p_to, p_reason, CASE WHEN p_error IS NULL THEN '{}' ELSE jsonb_build_object('error', p_error) END);
-    RETURN cardinality(v_steps);
 END
 $$;
 
@@ -84,8 +83,11 @@ BEGIN
         RAISE EXCEPTION 'task % is already % and cannot be %', t.task_uuid, t.state,
             CASE p_to WHEN 'cancelled' THEN 'cancelled' ELSE 'resolved' END USING ERRCODE = '55000';
     END IF;
-    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason);
+    -- the task first: finished, it only takes the counters when settled
     PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason) m),
+        p_reason, ARRAY[t.task_uuid]);
 END
 $$;
 
@@ -134,10 +136,12 @@ BEGIN
     ELSIF tasker.task_state_is_terminal(t.state) THEN
         RAISE EXCEPTION 'task % is %; its steps cannot change', t.task_uuid, t.state USING ERRCODE = '55000';
     END IF;
-    PERFORM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change], 'pending',
-                               coalesce(retry_step.reason, 'retried by operator'),
-                               jsonb_build_object('previous_attempts', s.attempts));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step retried by operator', t.queue_name, t.queue_seq);
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change],
+                                               'pending', coalesce(retry_step.reason, 'retried by operator'),
+                                               jsonb_build_object('previous_attempts', s.attempts)) m)
+        || ARRAY(SELECT m FROM tasker._enqueue_steps(ARRAY[ROW(s.step_uuid, 0)::tasker.step_release]) m),
+        'step retried by operator', ARRAY[t.task_uuid]);
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = s.step_uuid);
 END
 $$;
@@ -169,10 +173,11 @@ BEGIN
     IF tasker.step_state_class(s.state) = 'out' THEN
         PERFORM tasker._pgmq_archive(t.queue_name, ARRAY[s.queue_msg_id]);
     END IF;
-    PERFORM tasker._complete_steps(
-        ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
-        'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator'));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step resolved manually', t.queue_name, t.queue_seq);
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._finish_steps(
+            ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
+            'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator')) m),
+        'step resolved manually', ARRAY[t.task_uuid]);
     RETURN 'resolved_manually';
 END
 $$;

@@ -60,13 +60,13 @@ BEGIN
                             'message', format('lost attempt: the step''s message was delivered %s times without a result',
                                               l.read_ct),
                             'error_code', 'LOST_ATTEMPT', 'retryable', true, 'deliveries', l.read_ct) END;
-                    PERFORM tasker._pgmq_archive(ns.queue_name, ARRAY[c.msg_id]);
-                    v_state := tasker._fail_attempt(s.step_uuid, v_error, v_error ->> 'message', true, NULL,
-                                                    jsonb_build_object('recovered_by', 'orchestrator'));
-                    PERFORM tasker._evaluate_task(c.task_uuid, 'attempt recovered');
+                    -- as a failure the worker would have reported (its message archived)
+                    SELECT a.state INTO v_state FROM tasker._apply_results(
+                        ARRAY[ROW(s.step_uuid, false, v_error, s.attempts, v_error ->> 'message', true, NULL,
+                                  jsonb_build_object('recovered_by', 'orchestrator'))::tasker.step_result],
+                        'attempt recovered') a;
                     v_recovered := v_recovered || jsonb_build_object(
-                        'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct,
-                        'state', (SELECT ws.state FROM tasker.workflow_steps ws WHERE ws.step_uuid = c.step_uuid));
+                        'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct, 'state', v_state);
                 END IF;
             EXCEPTION WHEN OTHERS THEN
                 v_errors := v_errors || jsonb_build_object('step_uuid', c.step_uuid,
@@ -175,8 +175,10 @@ BEGIN
             END IF;
             IF p_to_error THEN
                 -- attempts out with workers end in error (a DLQ requeue retries them)
-                PERFORM tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error);
                 PERFORM tasker._move_task(c.task_uuid, 'error', v_error ->> 'message', v_error);
+                PERFORM tasker._settle_tasks(
+                    ARRAY(SELECT m FROM tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error) m),
+                    'task stale', ARRAY[c.task_uuid]);
             END IF;
             v_handled := v_handled || jsonb_build_object(
                 'task_uuid', c.task_uuid, 'state', c.state,
@@ -294,6 +296,7 @@ DECLARE
     t record;
     v_note text := coalesce(dlq_requeue.note, 'requeued from the DLQ');
     v_failed uuid[];
+    v_moves tasker.step_move[] := '{}';
     v_state tasker.task_state;
 BEGIN
     IF dlq_requeue.dlq_uuid IS NULL THEN
@@ -317,17 +320,18 @@ BEGIN
     END IF;
     SELECT array_agg(s.step_uuid ORDER BY s.step_uuid) INTO v_failed
     FROM tasker.workflow_steps s WHERE s.task_uuid = t.task_uuid AND s.state = 'error';
-    IF v_failed IS NOT NULL THEN
-        PERFORM tasker._move_steps(
-            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_failed) u),
-            'pending', v_note);
-    END IF;
-    UPDATE tasker.workflow_steps s SET next_retry_at = now()
-    WHERE s.task_uuid = t.task_uuid AND s.state = 'waiting_for_retry';
     IF t.state = 'error' THEN
         PERFORM tasker._move_task(t.task_uuid, 'steps_in_process', v_note);
     END IF;
-    v_state := tasker._evaluate_task(t.task_uuid, 'requeued from the DLQ');
+    IF v_failed IS NOT NULL THEN
+        v_moves := ARRAY(SELECT m FROM tasker._move_steps(
+            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_failed) u),
+            'pending', v_note) m);
+    END IF;
+    UPDATE tasker.workflow_steps s SET next_retry_at = now()
+    WHERE s.task_uuid = t.task_uuid AND s.state = 'waiting_for_retry';
+    -- every ready step goes to the queue, the moves above are settled
+    v_state := tasker._evaluate_task(t.task_uuid, 'requeued from the DLQ', true, v_moves);
     UPDATE tasker.dlq d
     SET resolution_status = 'requeued', resolution_note = v_note, resolved_by = session_user, resolved_at = now()
     WHERE d.dlq_uuid = dlq_requeue.dlq_uuid;

@@ -116,7 +116,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
            t.steps_error, t.steps_cancelled,
            round((t.steps_done * 10000.0) / t.steps_total) / 100.0
     FROM tasker.tasks t
-    CROSS JOIN LATERAL (SELECT coalesce(cardinality(tasker._ready_steps(t.task_uuid)), 0) AS ready) r
+    CROSS JOIN LATERAL (SELECT count(*)::integer AS ready FROM tasker.workflow_steps s
+                        WHERE s.task_uuid = t.task_uuid
+                          AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())) r
     CROSS JOIN LATERAL tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
                                            t.steps_done, t.steps_error, t.steps_cancelled, r.ready) d
     WHERE t.task_uuid = tasker._existing_task($1)

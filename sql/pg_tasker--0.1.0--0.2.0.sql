@@ -65,8 +65,8 @@ The ordering of items is not stable, it is driven by a dependency graph.
 -- crates/pg_tasker_core/src/state.rs mirrors them in Rust and
 -- src/tests/states.rs compares the two, value by value and class by class.
 -- The legal moves between states are rows of the two transition tables at
--- the end; tasker._move_steps / tasker._move_task (03_transitions.sql)
--- refuse any other move.
+-- the end; tasker._move_steps, tasker._enqueue_steps and tasker._move_task
+-- (03_transitions.sql, 05_enqueue.sql) refuse any other move.
 
 CREATE TYPE tasker.task_state AS ENUM (
     'pending',                   -- created; its first evaluation has not run
@@ -91,21 +91,19 @@ CREATE TYPE tasker.step_state AS ENUM (
     'resolved_manually'   -- an operator supplied its result
 );
 
--- The functions below classify states. They are PL/pgSQL on purpose: CHECK
--- constraints and partial-index predicates use them on every write, and a
--- SQL-language body would be parsed and inlined again each time a
--- statement starts; a PL/pgSQL function is compiled once per session.
+-- The functions below classify states. They are SQL functions, inlined
+-- into the plans (and index predicates) that use them, where they cost
+-- nothing per row. Row invariants do not call them: each table has one
+-- CHECK calling pg_tasker_core's row check (02_tables.sql), which uses the
+-- Rust mirror of these classes.
 
 -- Finished tasks never change again.
 CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
-END
-$$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 
 -- The class of a step state; each class has a counter on its task row
--- (tasks.steps_<class>), kept by tasker._move_steps.
+-- (tasks.steps_<class>), kept by tasker._settle_tasks.
 --   pending  - pending
 --   out      - enqueued, in_progress: an attempt is with the workers
 --   waiting  - waiting_for_retry
@@ -113,40 +111,30 @@ $$;
 --   error    - error
 --   cancelled
 CREATE FUNCTION tasker.step_state_class(state tasker.step_state) RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN CASE state
-               WHEN 'pending' THEN 'pending'
-               WHEN 'enqueued' THEN 'out'
-               WHEN 'in_progress' THEN 'out'
-               WHEN 'waiting_for_retry' THEN 'waiting'
-               WHEN 'complete' THEN 'done'
-               WHEN 'resolved_manually' THEN 'done'
-               WHEN 'error' THEN 'error'
-               WHEN 'cancelled' THEN 'cancelled'
-           END;
-END
-$$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE state
+           WHEN 'pending' THEN 'pending'
+           WHEN 'enqueued' THEN 'out'
+           WHEN 'in_progress' THEN 'out'
+           WHEN 'waiting_for_retry' THEN 'waiting'
+           WHEN 'complete' THEN 'done'
+           WHEN 'resolved_manually' THEN 'done'
+           WHEN 'error' THEN 'error'
+           WHEN 'cancelled' THEN 'cancelled'
+       END;
 
 -- Runnable: could be enqueued as soon as its retry time (if any) has come.
--- The partial index workflow_steps_runnable_idx is defined with exactly
--- this predicate (queries that want the index spell it out).
 CREATE FUNCTION tasker.step_is_runnable(state tasker.step_state, pending_parents integer)
-RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
-END
-$$;
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN state IN ('pending', 'waiting_for_retry') AND pending_parents = 0;
 
--- Ready: runnable and due at `at`. The one readiness predicate.
+-- Ready: runnable and due at `at`. The one readiness predicate
+-- (tasker._enqueue_steps applies it).
 CREATE FUNCTION tasker.step_is_ready(state tasker.step_state, pending_parents integer,
                                      next_retry_at timestamptz, at timestamptz)
-RETURNS boolean LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN tasker.step_is_runnable(state, pending_parents)
-           AND (next_retry_at IS NULL OR next_retry_at <= at);
-END
-$$;
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN tasker.step_is_runnable(state, pending_parents)
+       AND (next_retry_at IS NULL OR next_retry_at <= at);
 
 -- Legal moves. `via` names the operations that make them (docs/schema.md).
 CREATE TABLE tasker.step_state_transitions (
@@ -487,6 +475,52 @@ AS 'MODULE_PATHNAME', '_setting_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/decisions.rs:207
+-- pg_tasker::decisions::_step_row_check
+CREATE  FUNCTION "_step_row_check"(
+	"state" TEXT, /* & str */
+	"attempts" INT, /* i32 */
+	"budget_offset" INT, /* i32 */
+	"max_attempts" INT, /* i32 */
+	"pending_parents" INT, /* i32 */
+	"total_parents" INT, /* i32 */
+	"transitions" INT, /* i32 */
+	"has_message" bool, /* bool */
+	"has_started_at" bool, /* bool */
+	"has_next_retry_at" bool, /* bool */
+	"has_completed_at" bool /* bool */
+) RETURNS bool /* ApiResult < bool > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_step_row_check_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/decisions.rs:242
+-- pg_tasker::decisions::_task_row_check
+CREATE  FUNCTION "_task_row_check"(
+	"state" TEXT, /* & str */
+	"steps_total" INT, /* i32 */
+	"steps_pending" INT, /* i32 */
+	"steps_out" INT, /* i32 */
+	"steps_waiting" INT, /* i32 */
+	"steps_done" INT, /* i32 */
+	"steps_error" INT, /* i32 */
+	"steps_cancelled" INT, /* i32 */
+	"transitions" INT, /* i32 */
+	"priority" INT, /* i32 */
+	"context_is_object" bool, /* bool */
+	"has_completed_at" bool, /* bool */
+	"has_next_action_at" bool, /* bool */
+	"has_claimed_by" bool, /* bool */
+	"has_claim_expires_at" bool /* bool */
+) RETURNS bool /* ApiResult < bool > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_task_row_check_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/decisions.rs:83
 -- pg_tasker::decisions::_task_status
 CREATE  FUNCTION "_task_status"(
@@ -599,6 +633,8 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
+--   decisions::_step_row_check
+--   decisions::_task_row_check
 
 -- Tables: namespaces, templates (and their materialised steps), tasks,
 -- steps, edges, the audit trail, the dead letter queue and the archive.
@@ -606,8 +642,12 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 -- Each row's current state lives on the row (`state`); the transition
 -- tables are an append-only audit trail keyed by (row, sort_key), where
 -- sort_key is the row's own `transitions` counter. Per-task step counters
--- (`steps_<class>`) are kept by tasker._move_steps, so a task's status
--- never needs a scan of its steps. Invariants are CHECK constraints.
+-- (`steps_<class>`) are kept by tasker._settle_tasks, so a task's status
+-- never needs a scan of its steps. Invariants are CHECK constraints: one
+-- per table for the rows that change on every step (tasks, workflow_steps),
+-- calling pg_tasker_core's row check, since every CHECK costs each UPDATE
+-- statement its own preparation; the hot tables leave room on their pages
+-- (fillfactor) so that state changes are HOT updates.
 -- Primary keys are UUIDv7 (time-ordered), from tasker.uuid_generate_v7().
 --
 -- Note: CREATE EXTENSION creates the control file's schema `tasker` itself
@@ -688,15 +728,15 @@ CREATE TABLE tasker.tasks (
     task_name        text NOT NULL,
     task_version     text NOT NULL,
     state            tasker.task_state NOT NULL DEFAULT 'pending',
-    context          jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(context) = 'object'),
-    priority         integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
+    context          jsonb NOT NULL DEFAULT '{}',
+    priority         integer NOT NULL DEFAULT 0,
     initiator        text,
     source_system    text,
     reason           text,
     tags             text[] NOT NULL DEFAULT '{}',
     idempotency_key  text,
     correlation_id   uuid NOT NULL DEFAULT tasker.uuid_generate_v7(),
-    -- step counters by class (tasker.step_state_class), kept by tasker._move_steps
+    -- step counters by class (tasker.step_state_class), kept by tasker._settle_tasks
     steps_total      integer NOT NULL,
     steps_pending    integer NOT NULL,
     steps_out        integer NOT NULL DEFAULT 0,
@@ -714,19 +754,15 @@ CREATE TABLE tasker.tasks (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     completed_at     timestamptz,
-    -- (checks cost every UPDATE of a row: few, and not for what never changes)
-    CONSTRAINT tasks_counters_non_negative CHECK (
-        least(steps_pending, steps_out, steps_waiting, steps_done, steps_error, steps_cancelled) >= 0
-        AND transitions >= 1),
-    CONSTRAINT tasks_counters_sum CHECK (
-        steps_pending + steps_out + steps_waiting + steps_done + steps_error + steps_cancelled = steps_total),
-    CONSTRAINT tasks_complete_means_all_done CHECK (state <> 'complete' OR steps_done = steps_total),
-    CONSTRAINT tasks_finished_when_terminal CHECK (
-        tasker.task_state_is_terminal(state) = (completed_at IS NOT NULL)),
-    CONSTRAINT tasks_terminal_has_nothing_due CHECK (
-        NOT tasker.task_state_is_terminal(state) OR (next_action_at IS NULL AND claimed_by IS NULL)),
-    CONSTRAINT tasks_claim_has_expiry CHECK ((claimed_by IS NULL) = (claim_expires_at IS NULL))
-);
+    -- counters >= 0 adding up to steps_total; complete = every step done;
+    -- completed_at exactly when terminal; nothing due and no claim when
+    -- terminal; claims with an expiry; priority in -100..100; context an
+    -- object (pg_tasker_core::TaskRow::problem)
+    CONSTRAINT tasks_invariants CHECK (tasker._task_row_check(
+        state::text, steps_total, steps_pending, steps_out, steps_waiting, steps_done, steps_error,
+        steps_cancelled, transitions, priority, jsonb_typeof(context) = 'object', completed_at IS NOT NULL,
+        next_action_at IS NOT NULL, claimed_by IS NOT NULL, claim_expires_at IS NOT NULL))
+) WITH (fillfactor = 80);
 -- Idempotency keys are scoped to a template family (namespace + name), so
 -- that a new version does not silently duplicate work.
 CREATE UNIQUE INDEX tasks_idempotency_key_idx
@@ -750,8 +786,11 @@ CREATE TABLE tasker.workflow_steps (
     step_uuid        uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     task_uuid        uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
     name             text NOT NULL,
-    position         integer NOT NULL CHECK (position >= 0),
+    position         integer NOT NULL,
     state            tasker.step_state NOT NULL DEFAULT 'pending',
+    -- the state before the latest change (what the audit row records as
+    -- from_state; set in the same UPDATE as state)
+    previous_state   tasker.step_state,
     -- handler and retry policy: copied from template_steps, whose CHECKs
     -- they passed (checks cost every UPDATE of a row: none for what never
     -- changes)
@@ -789,22 +828,22 @@ CREATE TABLE tasker.workflow_steps (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (task_uuid, name),
-    CONSTRAINT steps_counters CHECK (
-        pending_parents BETWEEN 0 AND total_parents AND transitions >= 1),
-    CONSTRAINT steps_budget_within_attempts CHECK (budget_offset BETWEEN 0 AND attempts),
-    CONSTRAINT steps_budget_not_exceeded CHECK (attempts - budget_offset <= max_attempts),
-    CONSTRAINT steps_out_has_message CHECK (
-        tasker.step_state_class(state) <> 'out' OR (queue_msg_id IS NOT NULL AND enqueued_at IS NOT NULL)),
-    CONSTRAINT steps_in_progress_has_start CHECK (state <> 'in_progress' OR started_at IS NOT NULL),
-    CONSTRAINT steps_retry_has_time CHECK ((state = 'waiting_for_retry') = (next_retry_at IS NOT NULL)),
-    CONSTRAINT steps_done_has_completion CHECK (
-        (tasker.step_state_class(state) = 'done') = (completed_at IS NOT NULL)),
-    CONSTRAINT steps_attempted_before_leaving_pending CHECK (
-        attempts > 0 OR state IN ('pending', 'cancelled', 'resolved_manually'))
-);
--- Runnable steps only (tasker.step_is_runnable): O(ready work) per task.
-CREATE INDEX workflow_steps_runnable_idx ON tasker.workflow_steps (task_uuid)
-    WHERE tasker.step_is_runnable(state, pending_parents);
+    -- 0 <= pending_parents <= total_parents; 0 <= budget_offset <= attempts;
+    -- attempts - budget_offset <= max_attempts; out with workers = has a
+    -- message; in_progress = started; waiting_for_retry = next_retry_at set;
+    -- done = completed_at set; attempted unless pending/cancelled/resolved
+    -- (pg_tasker_core::StepRow::problem)
+    CONSTRAINT steps_invariants CHECK (tasker._step_row_check(
+        state::text, attempts, budget_offset, max_attempts, pending_parents, total_parents, transitions,
+        queue_msg_id IS NOT NULL AND enqueued_at IS NOT NULL, started_at IS NOT NULL,
+        next_retry_at IS NOT NULL, completed_at IS NOT NULL))
+) WITH (fillfactor = 75);
+-- Steps waiting for a retry, by task and due time (next_retry_at is set
+-- exactly in waiting_for_retry). No index mentions state or the parent
+-- counters, so the changes of every step's life are HOT updates; readiness
+-- is found through the counters (tasker._enqueue_steps), not by a scan.
+CREATE INDEX workflow_steps_retry_idx ON tasker.workflow_steps (task_uuid, next_retry_at)
+    WHERE next_retry_at IS NOT NULL;
 
 CREATE TABLE tasker.step_edges (
     from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
@@ -817,7 +856,7 @@ COMMENT ON TABLE tasker.step_edges IS 'Dependency edges: from (parent) provides 
 
 CREATE TABLE tasker.task_transitions (
     task_uuid  uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
-    sort_key   integer NOT NULL CHECK (sort_key >= 1),
+    sort_key   integer NOT NULL,
     from_state tasker.task_state,
     to_state   tasker.task_state NOT NULL,
     reason     text,
@@ -825,14 +864,14 @@ CREATE TABLE tasker.task_transitions (
     actor      text NOT NULL DEFAULT session_user,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (task_uuid, sort_key),
-    CHECK ((from_state IS NULL) = (sort_key = 1))
+    CHECK (sort_key >= 1 AND (from_state IS NULL) = (sort_key = 1))
 );
 COMMENT ON TABLE tasker.task_transitions IS
     'Audit trail of task state changes, append-only; the latest has sort_key = tasks.transitions.';
 
 CREATE TABLE tasker.step_transitions (
     step_uuid  uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
-    sort_key   integer NOT NULL CHECK (sort_key >= 1),
+    sort_key   integer NOT NULL,
     from_state tasker.step_state,
     to_state   tasker.step_state NOT NULL,
     reason     text,
@@ -840,7 +879,7 @@ CREATE TABLE tasker.step_transitions (
     actor      text NOT NULL DEFAULT session_user,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (step_uuid, sort_key),
-    CHECK ((from_state IS NULL) = (sort_key = 1))
+    CHECK (sort_key >= 1 AND (from_state IS NULL) = (sort_key = 1))
 );
 COMMENT ON TABLE tasker.step_transitions IS
     'Audit trail of step state changes, append-only; the latest has sort_key = workflow_steps.transitions.';
@@ -889,7 +928,7 @@ CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:42
+-- src/lib.rs:47
 -- requires:
 --   tables
 
@@ -900,15 +939,26 @@ CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);
 -- of a small state change. Every statement here joins by key, so the
 -- generic plan is the right one for 1 row and for 10,000.
 
--- The two primitives that change state. Every operation changes a step's
--- or a task's state through them, and nothing else writes `state`.
+-- The primitives that change state. Every operation changes a step's or a
+-- task's state through them, and nothing else writes `state`:
+--   tasker._move_steps     steps to any state but enqueued
+--   tasker._enqueue_steps  steps to enqueued (05_enqueue.sql: readiness,
+--                          messages)
+--   tasker._move_task      a task to any state
+-- and every operation ends with tasker._settle_tasks over the moves it
+-- made: the step counters of the tasks, and their state.
 --
--- Lock order (docs/schema.md): the task row first (FOR NO KEY UPDATE), then
--- its steps in uuid order, then queue messages. Every caller of
--- tasker._move_steps holds the row locks of the tasks whose steps move,
--- except tasker.read_steps, whose move enqueued -> in_progress changes no
--- counter and so touches no task row; it locks the steps with SKIP LOCKED
--- and never waits.
+-- Lock order (docs/schema.md): the task rows first (FOR NO KEY UPDATE, in
+-- task_uuid order when there are several), then their steps, then queue
+-- messages. Every caller of the primitives holds the row locks of the
+-- tasks whose steps move, except tasker.read_steps, whose move enqueued ->
+-- in_progress changes no counter and so touches no task row; it locks the
+-- steps with SKIP LOCKED and never waits. Holding the task lock, nobody
+-- else waits for its steps, so steps need no order among themselves.
+--
+-- Each primitive is one UPDATE of the rows (with their audit rows in the
+-- same statement): a row changes once per operation, so its other indexes
+-- and foreign keys are not visited again.
 
 -- One change of one step, as tasker._move_steps applies it.
 CREATE TYPE tasker.step_change AS (
@@ -923,83 +973,65 @@ CREATE TYPE tasker.step_change AS (
     metadata  jsonb
 );
 
--- Moves steps to p_to: the columns p_to implies, one audit row per step and
--- the counters of their tasks, in one statement. Refuses (XX000: a bug in
--- the caller) a move that step_state_transitions does not list. Moving to
--- 'enqueued' starts a new attempt and takes a msg_id from p_queue_seq.
+-- One step that moved, as the primitives return it and
+-- tasker._settle_tasks counts it.
+CREATE TYPE tasker.step_move AS (
+    step_uuid    uuid,
+    task_uuid    uuid,
+    from_state   tasker.step_state,
+    to_state     tasker.step_state,
+    attempts     integer,
+    queue_msg_id bigint
+);
+
+-- Moves steps to p_to (not 'enqueued': tasker._enqueue_steps): the columns
+-- p_to implies and one audit row per step, in one statement. Refuses (XX000:
+-- a bug in the caller) a move that step_state_transitions does not list.
+-- The caller settles the returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._move_steps(p_changes tasker.step_change[], p_to tasker.step_state,
-                                   p_reason text, p_metadata jsonb DEFAULT '{}',
-                                   p_queue_seq regclass DEFAULT NULL)
-RETURNS TABLE (step_uuid uuid, task_uuid uuid, from_state tasker.step_state, attempts integer,
-               queue_msg_id bigint)
+                                   p_reason text, p_metadata jsonb DEFAULT '{}')
+RETURNS SETOF tasker.step_move
 -- (most calls move one step: joins on the result use the keys)
 LANGUAGE plpgsql ROWS 1 AS $$
 DECLARE
     moved integer;
     to_class text := tasker.step_state_class(p_to);
 BEGIN
-    IF p_to = 'enqueued' AND p_queue_seq IS NULL THEN
-        RAISE EXCEPTION 'pg_tasker internal error: enqueueing needs the queue''s sequence'
+    IF p_to = 'enqueued' THEN
+        RAISE EXCEPTION 'pg_tasker internal error: steps are enqueued by tasker._enqueue_steps'
             USING ERRCODE = 'XX000';
     END IF;
+    -- (SET expressions see the row before the change: previous_state takes
+    -- the old state, so RETURNING has both)
     RETURN QUERY
-    WITH v AS (
-        SELECT s.step_uuid, s.state AS from_state, c.payload, c.retry_at, c.reason, c.metadata
-        FROM tasker.workflow_steps s
-        JOIN unnest(p_changes) c ON c.step_uuid = s.step_uuid
-        ORDER BY s.step_uuid
-        FOR NO KEY UPDATE OF s
-    ), m AS (
+    WITH m AS (
         UPDATE tasker.workflow_steps s
-        SET state         = p_to,
-            transitions   = s.transitions + 1,
-            updated_at    = now(),
-            attempts      = s.attempts + CASE WHEN p_to = 'enqueued' THEN 1 ELSE 0 END,
-            budget_offset = CASE WHEN p_to = 'pending' THEN s.attempts ELSE s.budget_offset END,
-            queue_msg_id  = CASE WHEN p_to = 'enqueued' THEN nextval(p_queue_seq) ELSE s.queue_msg_id END,
-            enqueued_at   = CASE WHEN p_to = 'enqueued' THEN now() ELSE s.enqueued_at END,
-            started_at    = CASE WHEN p_to = 'enqueued' THEN NULL
-                                 WHEN p_to = 'in_progress' THEN coalesce(s.started_at, now())
-                                 ELSE s.started_at END,
-            results       = CASE WHEN to_class = 'done' THEN v.payload ELSE s.results END,
-            last_error    = CASE WHEN p_to IN ('waiting_for_retry', 'error') THEN coalesce(v.payload, s.last_error)
-                                 ELSE s.last_error END,
-            next_retry_at = CASE WHEN p_to = 'waiting_for_retry' THEN v.retry_at END,
-            completed_at  = CASE WHEN to_class = 'done' THEN now() END
-        FROM v
-        JOIN tasker.step_state_transitions l ON l.from_state = v.from_state AND l.to_state = p_to
-        WHERE s.step_uuid = v.step_uuid
-        RETURNING s.step_uuid, s.task_uuid, v.from_state, tasker.step_state_class(v.from_state) AS from_class,
-                  s.attempts, s.queue_msg_id, s.transitions, v.reason, v.metadata
+        SET previous_state = s.state,
+            state          = p_to,
+            transitions    = s.transitions + 1,
+            updated_at     = now(),
+            budget_offset  = CASE WHEN p_to = 'pending' THEN s.attempts ELSE s.budget_offset END,
+            started_at     = CASE WHEN p_to = 'in_progress' THEN coalesce(s.started_at, now())
+                                  ELSE s.started_at END,
+            results        = CASE WHEN to_class = 'done' THEN c.payload ELSE s.results END,
+            last_error     = CASE WHEN p_to IN ('waiting_for_retry', 'error') THEN coalesce(c.payload, s.last_error)
+                                  ELSE s.last_error END,
+            next_retry_at  = CASE WHEN p_to = 'waiting_for_retry' THEN c.retry_at END,
+            completed_at   = CASE WHEN to_class = 'done' THEN now() END
+        FROM unnest(p_changes) c
+        WHERE s.step_uuid = c.step_uuid
+          AND EXISTS (SELECT 1 FROM tasker.step_state_transitions l
+                      WHERE l.from_state = s.state AND l.to_state = p_to)
+        RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.queue_msg_id, s.transitions,
+                  c.reason, c.metadata
     ), audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
-        SELECT m.step_uuid, m.transitions, m.from_state, p_to, coalesce(m.reason, p_reason),
+        SELECT m.step_uuid, m.transitions, m.previous_state, p_to, coalesce(m.reason, p_reason),
                coalesce(p_metadata, '{}') || coalesce(m.metadata, '{}')
                    || jsonb_build_object('attempt', m.attempts)
         FROM m
-    ), delta AS (
-        SELECT m.task_uuid,
-               count(*) FILTER (WHERE to_class = 'pending') - count(*) FILTER (WHERE m.from_class = 'pending') AS pending,
-               count(*) FILTER (WHERE to_class = 'out') - count(*) FILTER (WHERE m.from_class = 'out') AS out,
-               count(*) FILTER (WHERE to_class = 'waiting') - count(*) FILTER (WHERE m.from_class = 'waiting') AS waiting,
-               count(*) FILTER (WHERE to_class = 'done') - count(*) FILTER (WHERE m.from_class = 'done') AS done,
-               count(*) FILTER (WHERE to_class = 'error') - count(*) FILTER (WHERE m.from_class = 'error') AS error,
-               count(*) FILTER (WHERE to_class = 'cancelled') - count(*) FILTER (WHERE m.from_class = 'cancelled') AS cancelled
-        FROM m GROUP BY m.task_uuid
-    ), counters AS (
-        UPDATE tasker.tasks t
-        SET steps_pending   = t.steps_pending + d.pending,
-            steps_out       = t.steps_out + d.out,
-            steps_waiting   = t.steps_waiting + d.waiting,
-            steps_done      = t.steps_done + d.done,
-            steps_error     = t.steps_error + d.error,
-            steps_cancelled = t.steps_cancelled + d.cancelled,
-            updated_at      = now()
-        FROM delta d
-        WHERE t.task_uuid = d.task_uuid
-          AND (d.pending, d.out, d.waiting, d.done, d.error, d.cancelled) <> (0, 0, 0, 0, 0, 0)
     )
-    SELECT m.step_uuid, m.task_uuid, m.from_state, m.attempts, m.queue_msg_id FROM m;
+    SELECT m.step_uuid, m.task_uuid, m.previous_state, p_to, m.attempts, m.queue_msg_id FROM m;
 
     GET DIAGNOSTICS moved = ROW_COUNT;
     IF moved <> coalesce(cardinality(p_changes), 0) THEN
@@ -1050,10 +1082,87 @@ BEGIN
     RETURN previous;
 END
 $$;
+
+-- The end of every operation that moved steps: for each task the moves
+-- touched (and each of p_tasks, moved or not), the step counters take the
+-- moves (by class, tasker.step_state_class), the task's state is decided
+-- from the counters (tasker._task_status, i.e. pg_tasker_core::status) and
+-- changed when it differs, and next_action_at becomes the earliest retry
+-- (NULL when nothing is due). One UPDATE per task; a second one
+-- (tasker._move_task) only when the state changes. The caller holds the
+-- task row locks. A finished task only takes its counters. Returns each
+-- task's state.
+CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL)
+RETURNS TABLE (task_uuid uuid, state tasker.task_state)
+LANGUAGE plpgsql ROWS 1 AS $$
+#variable_conflict use_column
+DECLARE
+    t record;
+    v_status text;
+    v_state tasker.task_state;
+BEGIN
+    FOR t IN
+        WITH x AS (
+            SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
+                   tasker.step_state_class(m.to_state) AS to_class
+            FROM unnest(p_moves) m
+            UNION ALL
+            SELECT u, NULL, NULL FROM unnest(p_tasks) u
+        ), d AS (
+            SELECT x.task_uuid,
+                   count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
+                   count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
+                   count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
+                   count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
+                   count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
+                   count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
+            FROM x GROUP BY x.task_uuid
+        )
+        UPDATE tasker.tasks k
+        SET steps_pending   = k.steps_pending + d.pending,
+            steps_out       = k.steps_out + d.out,
+            steps_waiting   = k.steps_waiting + d.waiting,
+            steps_done      = k.steps_done + d.done,
+            steps_error     = k.steps_error + d.error,
+            steps_cancelled = k.steps_cancelled + d.cancelled,
+            updated_at      = now(),
+            -- (the retries as this transaction left them: workflow_steps_retry_idx)
+            next_action_at  = CASE WHEN tasker.task_state_is_terminal(k.state) THEN NULL
+                                   WHEN k.steps_waiting + d.waiting = 0 THEN NULL
+                                   ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
+                                         WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END
+        FROM d
+        WHERE k.task_uuid = d.task_uuid
+        RETURNING k.*
+    LOOP
+        IF tasker.task_state_is_terminal(t.state) THEN
+            task_uuid := t.task_uuid;
+            state := t.state;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        -- every ready step was enqueued by the operation: ready = 0
+        SELECT d.execution_status, d.task_state INTO v_status, v_state
+        FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
+                                 t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
+        IF v_state <> t.state THEN
+            PERFORM tasker._move_task(t.task_uuid, v_state, p_reason,
+                                      jsonb_build_object('execution_status', v_status), t.next_action_at);
+        END IF;
+        IF t.next_action_at IS NOT NULL THEN
+            -- the orchestrator recomputes its sleep when this commits
+            PERFORM tasker._wake_orchestrator();
+        END IF;
+        task_uuid := t.task_uuid;
+        state := v_state;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:47
+-- src/lib.rs:52
 -- requires:
 --   transitions
 
@@ -1102,8 +1211,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN p_text ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$'
             THEN p_text::uuid END;
 
--- What a worker submits for an attempt (tasker.submit_result), checked.
+-- What a worker submits for an attempt (tasker.submit_result, one element
+-- of tasker.submit_results), checked.
 CREATE TYPE tasker.submission AS (
+    -- the first thing wrong with it (NULL: nothing); the rest is then NULL
+    problem            text,
     success            boolean,
     -- metadata.attempt: the attempt the worker ran (NULL: unfenced)
     attempt            integer,
@@ -1120,15 +1232,32 @@ CREATE TYPE tasker.submission AS (
     requested_delay_ms bigint
 );
 
--- One statement computes every field and the first problem, if any, so
--- that a call costs one cached plan rather than dozens of expressions.
-CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
-RETURNS tasker.submission
-LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    x record;
-    r tasker.submission;
-BEGIN
+-- The fields of a submission and its first problem, as one SELECT: an SQL
+-- function that the planner inlines, into the one statement that reads a
+-- whole batch (tasker.submit_results) as into tasker._read_submission.
+CREATE FUNCTION tasker._submission_fields(p_status text, p_error jsonb, p_metadata jsonb)
+RETURNS SETOF tasker.submission
+-- (STABLE, not IMMUTABLE: format() is stable, and an IMMUTABLE function
+-- with a stable body is not inlined)
+LANGUAGE sql STABLE ROWS 1 AS $$
+    SELECT y.problem,
+           CASE WHEN y.problem IS NULL THEN p_status = 'success' END,
+           CASE WHEN y.problem IS NULL THEN (p_metadata ->> 'attempt')::numeric::integer END,
+           CASE WHEN y.problem IS NULL THEN p_metadata ->> 'worker_id' END,
+           CASE WHEN y.problem IS NULL THEN (p_metadata ->> 'execution_time_ms')::numeric END,
+           CASE WHEN y.problem IS NULL AND p_status = 'failure' THEN y.message END,
+           CASE WHEN y.problem IS NULL AND p_status = 'failure' THEN p_error ->> 'error_code' END,
+           CASE WHEN y.problem IS NULL AND p_status = 'failure'
+                THEN coalesce((p_error ->> 'retryable')::boolean, true) END,
+           -- error.retry_after_seconds, else the retry-after header, else the
+           -- backoff hint (least() would turn a NULL into the bound)
+           CASE WHEN y.problem IS NULL AND p_status = 'failure'
+                     AND coalesce((p_error ->> 'retry_after_seconds')::numeric, y.header_seconds,
+                                  (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NOT NULL
+                THEN least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, y.header_seconds,
+                                          (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
+                           9000000000000000)::bigint END
+    FROM (
     SELECT
         CASE
             WHEN p_status IS DISTINCT FROM 'success' AND p_status IS DISTINCT FROM 'failure' THEN
@@ -1176,7 +1305,6 @@ BEGIN
         END AS problem,
         a.message,
         h.seconds AS header_seconds
-    INTO x
     FROM (SELECT jsonb_typeof(p_error) AS et, jsonb_typeof(p_metadata) AS mt,
                  CASE jsonb_typeof(p_error) WHEN 'string' THEN p_error #>> '{}'
                                             WHEN 'object' THEN p_error ->> 'message' END AS message) a
@@ -1191,35 +1319,31 @@ BEGIN
         FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
                              THEN p_metadata -> 'headers' ELSE '{}' END) e
         WHERE lower(e.key) = 'retry-after'
-        ORDER BY e.key LIMIT 1) h ON true;
-    IF x.problem IS NOT NULL THEN
-        RAISE EXCEPTION '%', x.problem USING ERRCODE = '22023',
-            HINT = CASE WHEN x.problem LIKE 'invalid status%' THEN 'status is ''success'' or ''failure'''
-                        WHEN x.problem LIKE 'a failure needs%'
-                        THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
-                        ELSE '' END;
-    END IF;
-    r.success := p_status = 'success';
-    r.attempt := (p_metadata ->> 'attempt')::numeric::integer;
-    r.worker_id := p_metadata ->> 'worker_id';
-    r.execution_time_ms := (p_metadata ->> 'execution_time_ms')::numeric;
-    IF NOT r.success THEN
-        r.message := x.message;
-        r.error_code := p_error ->> 'error_code';
-        r.retryable := coalesce((p_error ->> 'retryable')::boolean, true);
-        -- error.retry_after_seconds, else the retry-after header, else the
-        -- backoff hint (least() would turn a NULL into the bound)
-        r.requested_delay_ms := least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
-                                                     (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
-                                      9000000000000000)::bigint;
-        IF coalesce((p_error ->> 'retry_after_seconds')::numeric, x.header_seconds,
-                    (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NULL THEN
-            r.requested_delay_ms := NULL;
-        END IF;
+        ORDER BY e.key LIMIT 1) h ON true) y
+$$;
+
+-- One submission, checked: 22023 naming its first problem.
+CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
+RETURNS tasker.submission
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    r tasker.submission;
+BEGIN
+    SELECT * INTO r FROM tasker._submission_fields(p_status, p_error, p_metadata);
+    IF r.problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', r.problem USING ERRCODE = '22023', HINT = tasker._submission_hint(r.problem);
     END IF;
     RETURN r;
 END
 $$;
+
+-- The hint that goes with a submission problem.
+CREATE FUNCTION tasker._submission_hint(p_problem text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p_problem LIKE 'invalid status%' THEN 'status is ''success'' or ''failure'''
+            WHEN p_problem LIKE 'a failure needs%'
+            THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
+            ELSE '' END;
 
 -- The fields of a task request (the task request queue's message format):
 -- what tasker.create_task takes, as one object.
@@ -1290,154 +1414,174 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:52
+-- src/lib.rs:57
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
 
--- Enqueueing: a runnable step starts a new attempt and gets one message in
--- its namespace queue, carrying everything a worker needs
+-- Enqueueing: a ready step starts a new attempt and gets one message in its
+-- namespace queue, carrying everything a worker needs
 -- (docs/worker-protocol.md).
 
--- Enqueues the given runnable steps of one task; the caller holds the task
--- row lock. p_queue / p_queue_seq: the task's queue and its msg_id
--- sequence (looked up when NULL). Returns how many were enqueued.
-CREATE FUNCTION tasker._enqueue_steps(p_task uuid, p_steps uuid[], p_queue text DEFAULT NULL,
-                                      p_queue_seq regclass DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_queue text := p_queue;
-    v_seq regclass := p_queue_seq;
-    v_sent integer;
-BEGIN
-    IF v_queue IS NULL OR v_seq IS NULL THEN
-        SELECT n.queue_name, n.queue_seq INTO v_queue, v_seq
-        FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
-        WHERE t.task_uuid = p_task;
-    END IF;
-    -- One statement: the steps move (a new attempt, a new msg_id each), and
-    -- their messages are built and sent. The joined step and task rows are
-    -- read as they were when the statement began, which is right for every
-    -- column used here but attempts and queue_msg_id, which come from the
-    -- move itself.
-    SELECT tasker._pgmq_send(v_queue, array_agg(x.queue_msg_id ORDER BY x.queue_msg_id),
-                             array_agg(x.message ORDER BY x.queue_msg_id))
-    INTO v_sent
-    FROM (
-        SELECT m.queue_msg_id,
-               jsonb_build_object(
-                   'message_version', 1,
-                   'task_uuid', s.task_uuid,
-                   'step_uuid', s.step_uuid,
-                   'namespace', t.namespace_name,
-                   'task_name', t.task_name,
-                   'task_version', t.task_version,
-                   'step_name', s.name,
-                   'handler', jsonb_build_object('callable', s.handler_callable,
-                                                 'method', s.handler_method,
-                                                 'initialization', s.inputs),
-                   'task_context', t.context,
-                   'dependency_results', (
-                       SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
-                       FROM tasker.step_edges e
-                       JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-                       WHERE e.to_step_uuid = s.step_uuid),
-                   'attempt', m.attempts,
-                   'budget_attempt', m.attempts - s.budget_offset,
-                   'max_attempts', s.max_attempts,
-                   'timeout_seconds', s.timeout_seconds,
-                   'correlation_id', t.correlation_id,
-                   'enqueued_at', now()) AS message
-        FROM tasker._move_steps(
-                 ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(p_steps) u),
-                 'enqueued', 'ready', '{}', v_seq) m
-        JOIN tasker.workflow_steps s ON s.step_uuid = m.step_uuid
-        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid) x;
-    RETURN coalesce(v_sent, 0);
-END
-$$;
-/* </end connected objects> */
+-- A candidate for enqueueing: a step, and how many of its parents the
+-- operation has just completed (0 for a root, a due retry, a step put back
+-- to pending).
+CREATE TYPE tasker.step_release AS (
+    step_uuid uuid,
+    released  integer
+);
 
-/* <begin connected objects> */
--- src/lib.rs:57
--- requires:
---   enqueue
---   decisions::_task_status
-
--- Task evaluation: the one place that decides a task's state. Every
--- operation that changes a step of an active task calls it before it
--- returns, in the same transaction.
-
--- The ready steps of a task now (tasker.step_is_ready), in uuid order.
--- (PL/pgSQL rather than SQL: its plan is kept for the session.)
-CREATE FUNCTION tasker._ready_steps(p_task uuid) RETURNS uuid[]
+-- The candidates for p_done, the steps an operation has just completed:
+-- their children, each with the number of its parents among them.
+CREATE FUNCTION tasker._children_of(p_done uuid[]) RETURNS tasker.step_release[]
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (SELECT array_agg(s.step_uuid ORDER BY s.step_uuid)
-            FROM tasker.workflow_steps s
-            WHERE s.task_uuid = p_task
-              AND tasker.step_is_runnable(s.state, s.pending_parents)  -- workflow_steps_runnable_idx
-              AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now()));
+    RETURN ARRAY(SELECT ROW(e.to_step_uuid, count(*))::tasker.step_release
+                 FROM tasker.step_edges e
+                 WHERE e.from_step_uuid = ANY (p_done)
+                 GROUP BY e.to_step_uuid);
 END
 $$;
 
--- Enqueues the task's ready steps, decides its state from its step
--- counters (tasker._task_status, i.e. pg_tasker_core::status), moves
--- it when the state changes and records when the orchestrator must look at
--- it again (the earliest retry; NULL when nothing is due). The caller holds
--- the task row lock. A finished task is left as it is.
--- (p_queue, p_queue_seq: the task's queue and its sequence, when the caller
--- has them from tasker._lock_task.)
-CREATE FUNCTION tasker._evaluate_task(p_task uuid, p_reason text, p_queue text DEFAULT NULL,
-                                      p_queue_seq regclass DEFAULT NULL)
-RETURNS tasker.task_state
-LANGUAGE plpgsql AS $$
+-- Releases and enqueues, in one statement per queue: each candidate's
+-- pending_parents counts down by `released`; those that are then ready
+-- (tasker.step_is_ready) move to enqueued (a new attempt, a new msg_id
+-- from their queue's sequence) with an audit row, and their messages are
+-- built and sent. The caller holds the task row locks and settles the
+-- returned moves (tasker._settle_tasks).
+CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
+RETURNS SETOF tasker.step_move
+LANGUAGE plpgsql ROWS 1 AS $$
 DECLARE
-    t tasker.tasks%ROWTYPE;
-    v_ready uuid[];
-    v_status text;
-    v_state tasker.task_state;
-    v_next timestamptz;
+    q record;
 BEGIN
-    SELECT * INTO t FROM tasker.tasks WHERE task_uuid = p_task;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'P0002';
+    IF coalesce(cardinality(p_candidates), 0) = 0 THEN
+        RETURN;
     END IF;
-    IF tasker.task_state_is_terminal(t.state) THEN
-        RETURN t.state;
-    END IF;
-    v_ready := tasker._ready_steps(p_task);
-    IF v_ready IS NOT NULL THEN
-        PERFORM tasker._enqueue_steps(p_task, v_ready, p_queue, p_queue_seq);
-        SELECT * INTO t FROM tasker.tasks WHERE task_uuid = p_task;
-    END IF;
-    SELECT d.execution_status, d.task_state INTO v_status, v_state
-    FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                             t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
-    IF t.steps_waiting > 0 THEN
-        SELECT min(s.next_retry_at) INTO v_next
-        FROM tasker.workflow_steps s
-        WHERE s.task_uuid = p_task
-          AND tasker.step_is_runnable(s.state, s.pending_parents) AND s.state = 'waiting_for_retry';
-    END IF;
-    IF v_state <> t.state THEN
-        PERFORM tasker._move_task(p_task, v_state, p_reason,
-                                  jsonb_build_object('execution_status', v_status), v_next);
-    ELSIF t.next_action_at IS DISTINCT FROM v_next THEN
-        UPDATE tasker.tasks SET next_action_at = v_next WHERE task_uuid = p_task;
-    END IF;
-    IF v_next IS NOT NULL THEN
-        -- the orchestrator recomputes its sleep when this commits
-        PERFORM tasker._wake_orchestrator();
-    END IF;
-    RETURN v_state;
+    -- (a batch of results can span namespaces: one statement per queue,
+    -- since each queue is its own table)
+    FOR q IN
+        SELECT DISTINCT n.name, n.queue_name, n.queue_seq
+        FROM unnest(p_candidates) c
+        JOIN tasker.workflow_steps s ON s.step_uuid = c.step_uuid
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+        JOIN tasker.namespaces n ON n.name = t.namespace_name
+    LOOP
+        -- Readiness is decided on the row as it is when the UPDATE reaches
+        -- it (SET and WHERE see its latest version); every row changes once.
+        -- The moves pending -> enqueued and waiting_for_retry -> enqueued
+        -- are the ones step_state_transitions lists for runnable states
+        -- (src/tests/states.rs checks it).
+        RETURN QUERY
+        WITH c AS (
+            SELECT x.step_uuid, sum(x.released)::integer AS released
+            FROM unnest(p_candidates) x GROUP BY x.step_uuid
+        ), m AS (
+            UPDATE tasker.workflow_steps s
+            SET pending_parents = s.pending_parents - c.released,
+                previous_state  = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN s.state ELSE s.previous_state END,
+                state           = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN 'enqueued' ELSE s.state END,
+                transitions     = s.transitions + (tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))::integer,
+                updated_at      = now(),
+                attempts        = s.attempts + (tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))::integer,
+                queue_msg_id    = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN nextval(q.queue_seq) ELSE s.queue_msg_id END,
+                enqueued_at     = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN now() ELSE s.enqueued_at END,
+                started_at      = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN NULL ELSE s.started_at END,
+                next_retry_at   = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN NULL ELSE s.next_retry_at END
+            FROM c, tasker.tasks t
+            WHERE s.step_uuid = c.step_uuid
+              AND t.task_uuid = s.task_uuid
+              AND t.namespace_name = q.name
+              AND (c.released > 0 OR tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))
+            RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.state, s.enqueued_at, s.attempts, s.budget_offset,
+                      s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
+                      s.max_attempts, s.timeout_seconds,
+                      t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id
+        ), enq AS (
+            -- (enqueued by this statement: a step gets its last release
+            -- before it can be enqueued, so a released row that is enqueued
+            -- was enqueued now)
+            SELECT * FROM m WHERE m.state = 'enqueued' AND m.enqueued_at = now()
+        ), audit AS (
+            INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+            SELECT e.step_uuid, e.transitions, e.previous_state, 'enqueued', p_reason,
+                   jsonb_build_object('attempt', e.attempts)
+            FROM enq e
+        ), sent AS (
+            SELECT tasker._pgmq_send(q.queue_name, array_agg(e.queue_msg_id ORDER BY e.queue_msg_id),
+                                     array_agg(jsonb_build_object(
+                'message_version', 1,
+                'task_uuid', e.task_uuid,
+                'step_uuid', e.step_uuid,
+                'namespace', e.namespace_name,
+                'task_name', e.task_name,
+                'task_version', e.task_version,
+                'step_name', e.name,
+                'handler', jsonb_build_object('callable', e.handler_callable,
+                                              'method', e.handler_method,
+                                              'initialization', e.inputs),
+                'task_context', e.context,
+                'dependency_results', (
+                    SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
+                    FROM tasker.step_edges pe
+                    JOIN tasker.workflow_steps p ON p.step_uuid = pe.from_step_uuid
+                    WHERE pe.to_step_uuid = e.step_uuid),
+                'attempt', e.attempts,
+                'budget_attempt', e.attempts - e.budget_offset,
+                'max_attempts', e.max_attempts,
+                'timeout_seconds', e.timeout_seconds,
+                'correlation_id', e.correlation_id,
+                'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
+            FROM enq e
+            HAVING count(*) > 0
+        )
+        SELECT e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts, e.queue_msg_id
+        FROM enq e, (SELECT count(*) FROM sent) s;
+    END LOOP;
 END
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
 -- src/lib.rs:62
+-- requires:
+--   enqueue
+--   decisions::_task_status
+
+-- Task evaluation by time: what the orchestration cycle does for a task
+-- whose next_action_at has come (its due retries), and what an upgrade does
+-- for every active task. Operations that move steps find their ready steps
+-- through the counters and settle the task themselves (03_transitions.sql).
+
+-- Enqueues the task's steps whose retry is due (with p_all: every ready
+-- step, found by a scan of the task's steps) and settles the task, with
+-- p_moves, the caller's own moves. The caller holds the task row lock.
+-- Returns the task's state.
+CREATE FUNCTION tasker._evaluate_task(p_task uuid, p_reason text, p_all boolean DEFAULT false,
+                                      p_moves tasker.step_move[] DEFAULT '{}')
+RETURNS tasker.task_state
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_candidates tasker.step_release[];
+    v_moves tasker.step_move[];
+BEGIN
+    IF p_all THEN
+        v_candidates := ARRAY(
+            SELECT ROW(s.step_uuid, 0)::tasker.step_release FROM tasker.workflow_steps s
+            WHERE s.task_uuid = p_task AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now()));
+    ELSE
+        v_candidates := ARRAY(
+            SELECT ROW(s.step_uuid, 0)::tasker.step_release FROM tasker.workflow_steps s
+            WHERE s.task_uuid = p_task AND s.next_retry_at <= now());  -- workflow_steps_retry_idx
+    END IF;
+    v_moves := p_moves || ARRAY(SELECT m FROM tasker._enqueue_steps(v_candidates, CASE WHEN p_all THEN 'ready' ELSE 'retry due' END) m);
+    RETURN (SELECT x.state FROM tasker._settle_tasks(v_moves, p_reason, ARRAY[p_task]) x);
+END
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:67
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -1581,7 +1725,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:71
+-- src/lib.rs:76
 -- requires:
 --   templates
 
@@ -1736,151 +1880,14 @@ BEGIN
     END IF;
     -- Root steps go to the queue now, in the caller's transaction. (The new
     -- task row is invisible to others until commit: no lock needed.)
-    PERFORM tasker._evaluate_task(v_task, 'task created');
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._enqueue_steps(
+            ARRAY(SELECT ROW(v_ids[ts.position + 1], 0)::tasker.step_release
+                  FROM tasker.template_steps ts
+                  WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0),
+            'ready') m),
+        'task created', ARRAY[v_task]);
     RETURN v_task;
-END
-$$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:76
--- requires:
---   tasks
-
--- Results: completing steps (a worker's success, an operator's resolution)
--- and failing attempts (a worker's failure, a lost or timed-out attempt).
--- The callers hold the task row lock and re-evaluate the task afterwards.
-
--- Moves steps to complete or resolved_manually with their results, and
--- releases their children (pending_parents counts down; evaluation enqueues
--- the children that became ready).
-CREATE FUNCTION tasker._complete_steps(p_changes tasker.step_change[], p_to tasker.step_state,
-                                       p_reason text, p_metadata jsonb DEFAULT '{}')
-RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_done uuid[];
-    v_children uuid[];
-    v_counts integer[];
-BEGIN
-    SELECT array_agg(m.step_uuid) INTO v_done
-    FROM tasker._move_steps(p_changes, p_to, p_reason, p_metadata) m;
-    SELECT array_agg(x.child), array_agg(x.n) INTO v_children, v_counts
-    FROM (SELECT ed.to_step_uuid AS child, count(*)::integer AS n
-          FROM tasker.step_edges ed
-          WHERE ed.from_step_uuid = ANY (v_done)
-          GROUP BY ed.to_step_uuid) x;
-    IF v_children IS NOT NULL THEN
-        -- (joined through unnest of arrays: a generic plan looks each child
-        -- up by key; a join with the aggregate above was planned as a hash
-        -- join over every step)
-        UPDATE tasker.workflow_steps c
-        SET pending_parents = c.pending_parents - e.n
-        FROM unnest(v_children, v_counts) AS e(child, n)
-        WHERE c.step_uuid = e.child;
-    END IF;
-END
-$$;
-
--- Fails the current attempt of a step: the retry policy (pg_tasker_core's
--- retry::on_failure, through tasker._retry_decision) sends it to
--- waiting_for_retry or to error. p_error is stored as given. Returns the
--- step's new state.
-CREATE FUNCTION tasker._fail_attempt(p_step uuid, p_error jsonb, p_message text,
-                                     p_error_retryable boolean, p_requested_delay_ms bigint,
-                                     p_metadata jsonb DEFAULT '{}')
-RETURNS tasker.step_state
-LANGUAGE plpgsql AS $$
-DECLARE
-    s tasker.workflow_steps%ROWTYPE;
-    d record;
-BEGIN
-    SELECT * INTO s FROM tasker.workflow_steps WHERE step_uuid = p_step;
-    SELECT * INTO d FROM tasker._retry_decision(s.retryable, s.max_attempts, s.attempts - s.budget_offset,
-                                                s.backoff::text, s.backoff_base_ms, s.max_backoff_ms, s.jitter,
-                                                p_error_retryable, p_requested_delay_ms);
-    IF d.retry THEN
-        PERFORM tasker._move_steps(
-            ARRAY[ROW(p_step, p_error, now() + make_interval(secs => d.delay_ms / 1000.0), p_message,
-                      jsonb_build_object('error', p_error, 'retry_in_ms', d.delay_ms,
-                                         'delay_requested_by_handler', d.requested))::tasker.step_change],
-            'waiting_for_retry', p_message, p_metadata);
-        RETURN 'waiting_for_retry';
-    END IF;
-    PERFORM tasker._move_steps(
-        ARRAY[ROW(p_step, p_error, NULL, p_message,
-                  jsonb_build_object('error', p_error, 'attempts_exhausted', d.exhausted))::tasker.step_change],
-        'error', p_message, p_metadata);
-    RETURN 'error';
-END
-$$;
-
--- tasker.submit_result(step_uuid, status, result, error, metadata) RETURNS text:
--- a worker reports the outcome of an attempt. In one transaction: the
--- message is archived, the attempt settled, children released and enqueued,
--- the task re-evaluated. Returns the step's state afterwards.
-CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb DEFAULT NULL,
-                                     error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
-RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
-#variable_conflict use_column
-DECLARE
-    v_step uuid := submit_result.step_uuid;
-    sub tasker.submission;
-    t record;
-    s tasker.workflow_steps%ROWTYPE;
-    v_audit jsonb;
-BEGIN
-    IF v_step IS NULL THEN
-        RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
-    ELSIF submit_result.status IS NULL THEN
-        RAISE EXCEPTION 'status must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
-
-    -- lock order: the task row, then the step
-    t := tasker._lock_task_of_step(v_step);
-    SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step;
-
-    IF tasker.step_state_class(s.state) <> 'out' THEN
-        IF s.attempts = 0 THEN
-            RAISE EXCEPTION 'step "%" (%) has never been enqueued; there is no attempt to report on', s.name, v_step
-                USING ERRCODE = '55000';
-        END IF;
-        RAISE NOTICE 'pg_tasker: result for step "%" (%) ignored: the step is %, attempt % is already settled',
-            s.name, v_step, s.state, s.attempts;
-        RETURN s.state::text;
-    ELSIF tasker.task_state_is_terminal(t.state) THEN
-        RAISE NOTICE 'pg_tasker: result for step "%" (%) ignored: its task is %', s.name, v_step, t.state;
-        RETURN s.state::text;
-    ELSIF sub.attempt IS NOT NULL AND sub.attempt <> s.attempts THEN
-        RAISE NOTICE 'pg_tasker: result for attempt % of step "%" (%) ignored: the current attempt is %',
-            sub.attempt, s.name, v_step, s.attempts;
-        RETURN s.state::text;
-    END IF;
-    IF sub.success THEN
-        PERFORM tasker._check_payload_size(submit_result.result, 'limits.max_result_bytes', 'the result');
-    ELSE
-        PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
-    END IF;
-
-    PERFORM tasker._pgmq_archive(t.queue_name, ARRAY[s.queue_msg_id]);
-    v_audit := jsonb_strip_nulls(jsonb_build_object(
-        'worker_id', sub.worker_id, 'execution_time_ms', sub.execution_time_ms,
-        'metadata', submit_result.metadata));
-    IF sub.success THEN
-        PERFORM tasker._complete_steps(
-            ARRAY[ROW(v_step, coalesce(submit_result.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
-            'complete', 'completed by worker', v_audit);
-        PERFORM tasker._evaluate_task(t.task_uuid, 'step completed', t.queue_name, t.queue_seq);
-        RETURN 'complete';
-    END IF;
-    PERFORM tasker._fail_attempt(v_step, submit_result.error, sub.message, sub.retryable,
-                                 sub.requested_delay_ms, v_audit);
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step failed', t.queue_name, t.queue_seq);
-    -- a retry due at once was enqueued again by the evaluation
-    RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = v_step);
 END
 $$;
 /* </end connected objects> */
@@ -1888,10 +1895,429 @@ $$;
 /* <begin connected objects> */
 -- src/lib.rs:81
 -- requires:
+--   tasks
+
+-- Results: completing steps (a worker's success, an operator's resolution)
+-- and failing attempts (a worker's failure, a lost or timed-out attempt),
+-- one result or a batch, set-based: a batch of results costs about as many
+-- statements as one.
+
+-- One result to apply: a checked submission for one step.
+CREATE TYPE tasker.step_result AS (
+    step_uuid          uuid,
+    success            boolean,
+    -- the result (success) or the error (failure), stored as given
+    payload            jsonb,
+    -- the attempt the worker ran; NULL: unfenced (the current one)
+    attempt            integer,
+    -- failures: the message, whether it may be retried, the delay asked for
+    message            text,
+    retryable          boolean,
+    requested_delay_ms bigint,
+    -- metadata of the audit row (worker_id, execution time, ...)
+    audit              jsonb
+);
+
+-- Moves steps to a done state (complete, resolved_manually) with their
+-- results, releases their children and enqueues those that became ready.
+-- The caller holds the task row locks and settles the returned moves.
+CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text)
+RETURNS SETOF tasker.step_move
+LANGUAGE plpgsql ROWS 2 AS $$
+DECLARE
+    v_done tasker.step_move[];
+BEGIN
+    v_done := ARRAY(SELECT m FROM tasker._move_steps(p_changes, p_to, p_reason) m);
+    RETURN QUERY SELECT * FROM unnest(v_done);
+    RETURN QUERY SELECT * FROM tasker._enqueue_steps(
+        tasker._children_of(ARRAY(SELECT d.step_uuid FROM unnest(v_done) d)));
+END
+$$;
+
+-- Applies results, in one transaction: locks their tasks (in uuid order),
+-- decides what each result meets, archives the messages of the accepted
+-- ones, completes or fails their attempts (the retry policy:
+-- pg_tasker_core::retry through tasker._retry_decision), releases and
+-- enqueues what became ready (a retry due at once included), and settles
+-- the tasks. Per result, in the order given: its step's state afterwards
+-- and the outcome:
+--   applied         the attempt is settled by this result
+--   unknown_step    no such step
+--   never_enqueued  the step has had no attempt yet
+--   settled         the step is not out with a worker (its attempt was
+--                   settled before: a late or duplicate result)
+--   task_finished   the step's task is finished
+--   stale_attempt   the result is for an attempt other than the current one
+--   duplicate       an earlier result in the same batch is for this step
+-- and, for every outcome but applied, a note saying why it was ignored.
+CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text)
+RETURNS TABLE (step_uuid uuid, state tasker.step_state, outcome text, note text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids uuid[] := ARRAY(SELECT r.step_uuid FROM unnest(p_results) r);
+    v_outcomes text[];
+    v_notes text[];
+    v_tasks uuid[];
+    v_queues text[];
+    v_msgs bigint[];
+    v_success tasker.step_change[];
+    v_failed tasker.step_result[];
+    v_retry tasker.step_change[];
+    v_error tasker.step_change[];
+    v_moves tasker.step_move[] := '{}';
+    q record;
+BEGIN
+    -- lock order: the tasks, in uuid order, then their steps
+    PERFORM 1 FROM tasker.tasks t
+    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = ANY (v_ids))
+    ORDER BY t.task_uuid
+    FOR NO KEY UPDATE;
+
+    -- what each result meets, now that its task is locked
+    WITH r AS (
+        SELECT x.* FROM unnest(p_results) WITH ORDINALITY
+            AS x(step_uuid, success, payload, attempt, message, retryable, requested_delay_ms, audit, i)
+    ), v AS (
+        SELECT r.*, ws.name, ws.state AS step_state, ws.attempts AS current_attempt, ws.queue_msg_id,
+               t.task_uuid, t.state AS task_state, n.queue_name,
+               CASE WHEN ws.step_uuid IS NULL THEN 'unknown_step'
+                    WHEN r.i > min(r.i) OVER (PARTITION BY r.step_uuid) THEN 'duplicate'
+                    WHEN tasker.step_state_class(ws.state) <> 'out' AND ws.attempts = 0 THEN 'never_enqueued'
+                    WHEN tasker.step_state_class(ws.state) <> 'out' THEN 'settled'
+                    WHEN tasker.task_state_is_terminal(t.state) THEN 'task_finished'
+                    WHEN r.attempt IS NOT NULL AND r.attempt <> ws.attempts THEN 'stale_attempt'
+                    ELSE 'applied' END AS outcome
+        FROM r
+        LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+        LEFT JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
+        LEFT JOIN tasker.namespaces n ON n.name = t.namespace_name
+    )
+    SELECT array_agg(v.outcome ORDER BY v.i),
+           array_agg(CASE v.outcome
+                         WHEN 'applied' THEN NULL
+                         WHEN 'unknown_step' THEN format('step %s does not exist', v.step_uuid)
+                         WHEN 'duplicate' THEN format('result for step "%s" (%s) ignored: the batch has an earlier result for it',
+                                                      v.name, v.step_uuid)
+                         WHEN 'never_enqueued' THEN format('step "%s" (%s) has never been enqueued; there is no attempt to report on',
+                                                           v.name, v.step_uuid)
+                         WHEN 'settled' THEN format('result for step "%s" (%s) ignored: the step is %s, attempt %s is already settled',
+                                                    v.name, v.step_uuid, v.step_state, v.current_attempt)
+                         WHEN 'task_finished' THEN format('result for step "%s" (%s) ignored: its task is %s',
+                                                          v.name, v.step_uuid, v.task_state)
+                         ELSE format('result for attempt %s of step "%s" (%s) ignored: the current attempt is %s',
+                                     v.attempt, v.name, v.step_uuid, v.current_attempt) END ORDER BY v.i),
+           array_agg(DISTINCT v.task_uuid) FILTER (WHERE v.outcome = 'applied'),
+           array_agg(v.queue_name ORDER BY v.queue_name, v.queue_msg_id) FILTER (WHERE v.outcome = 'applied'),
+           array_agg(v.queue_msg_id ORDER BY v.queue_name, v.queue_msg_id) FILTER (WHERE v.outcome = 'applied'),
+           array_agg(ROW(v.step_uuid, v.payload, NULL, NULL, v.audit)::tasker.step_change)
+               FILTER (WHERE v.outcome = 'applied' AND v.success),
+           array_agg(ROW(v.step_uuid, v.success, v.payload, v.attempt, v.message, v.retryable,
+                         v.requested_delay_ms, v.audit)::tasker.step_result)
+               FILTER (WHERE v.outcome = 'applied' AND NOT v.success)
+    INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed
+    FROM v;
+
+    IF v_tasks IS NOT NULL THEN
+        -- the attempts' messages: done with (one statement per queue)
+        IF v_queues[1] = ALL (v_queues) THEN
+            PERFORM tasker._pgmq_archive(v_queues[1], v_msgs);
+        ELSE
+            FOR q IN SELECT a.queue, array_agg(a.msg) AS msgs FROM unnest(v_queues, v_msgs) AS a(queue, msg)
+                     GROUP BY a.queue LOOP
+                PERFORM tasker._pgmq_archive(q.queue, q.msgs);
+            END LOOP;
+        END IF;
+        IF v_success IS NOT NULL THEN
+            v_moves := ARRAY(SELECT m FROM tasker._finish_steps(v_success, 'complete', 'completed by worker') m);
+        END IF;
+        IF v_failed IS NOT NULL THEN
+            -- the retry policy, per failed attempt
+            SELECT array_agg(ROW(f.step_uuid, f.payload, now() + make_interval(secs => d.delay_ms / 1000.0),
+                                 f.message,
+                                 coalesce(f.audit, '{}') || jsonb_build_object(
+                                     'error', f.payload, 'retry_in_ms', d.delay_ms,
+                                     'delay_requested_by_handler', d.requested))::tasker.step_change)
+                       FILTER (WHERE d.retry),
+                   array_agg(ROW(f.step_uuid, f.payload, NULL, f.message,
+                                 coalesce(f.audit, '{}') || jsonb_build_object(
+                                     'error', f.payload, 'attempts_exhausted', d.exhausted))::tasker.step_change)
+                       FILTER (WHERE NOT d.retry)
+            INTO v_retry, v_error
+            FROM unnest(v_failed) f
+            JOIN tasker.workflow_steps s ON s.step_uuid = f.step_uuid
+            CROSS JOIN LATERAL tasker._retry_decision(s.retryable, s.max_attempts, s.attempts - s.budget_offset,
+                                                      s.backoff::text, s.backoff_base_ms, s.max_backoff_ms,
+                                                      s.jitter, f.retryable, f.requested_delay_ms) d;
+            IF v_retry IS NOT NULL THEN
+                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_retry, 'waiting_for_retry', 'failed') m);
+                -- a retry due now goes back to the queue at once
+                v_moves := v_moves || ARRAY(
+                    SELECT m FROM tasker._enqueue_steps(
+                        ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c),
+                        'retry due') m);
+            END IF;
+            IF v_error IS NOT NULL THEN
+                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_error, 'error', 'failed') m);
+            END IF;
+        END IF;
+        PERFORM tasker._settle_tasks(v_moves, p_reason, v_tasks);
+    END IF;
+
+    RETURN QUERY
+    SELECT r.step_uuid, ws.state, o.outcome, o.note
+    FROM unnest(v_ids, v_outcomes, v_notes) WITH ORDINALITY AS o(step_uuid, outcome, note, i)
+    JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
+                                                 requested_delay_ms, audit, i) ON r.i = o.i
+    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+    ORDER BY o.i;
+END
+$$;
+
+-- The audit metadata of a submission: worker, execution time, the caller's
+-- metadata.
+CREATE FUNCTION tasker._submission_audit(p_worker_id text, p_execution_time_ms numeric, p_metadata jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE
+RETURN jsonb_strip_nulls(jsonb_build_object(
+    'worker_id', p_worker_id, 'execution_time_ms', p_execution_time_ms, 'metadata', p_metadata));
+
+-- tasker.submit_result(step_uuid, status, result, error, metadata) RETURNS text:
+-- a worker reports the outcome of an attempt. In one transaction: the
+-- message is archived, the attempt settled, children released and enqueued,
+-- the task settled. Returns the step's state afterwards. A late, duplicate
+-- or stale result changes nothing (a NOTICE says why).
+CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb DEFAULT NULL,
+                                     error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    sub tasker.submission;
+    o record;
+BEGIN
+    IF submit_result.step_uuid IS NULL THEN
+        RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
+    ELSIF submit_result.status IS NULL THEN
+        RAISE EXCEPTION 'status must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
+    IF sub.success THEN
+        PERFORM tasker._check_payload_size(submit_result.result, 'limits.max_result_bytes', 'the result');
+    ELSE
+        PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
+    END IF;
+    SELECT * INTO o FROM tasker._apply_results(
+        ARRAY[ROW(submit_result.step_uuid, sub.success,
+                  CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
+                  sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
+                  tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END);
+    IF o.outcome = 'unknown_step' THEN
+        RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
+    ELSIF o.outcome = 'never_enqueued' THEN
+        RAISE EXCEPTION '%', o.note USING ERRCODE = '55000';
+    ELSIF o.outcome <> 'applied' THEN
+        RAISE NOTICE 'pg_tasker: %', o.note;
+    END IF;
+    RETURN o.state::text;
+END
+$$;
+
+-- The results of a batch (tasker.submit_results, tasker.exchange): a JSON
+-- array of {step_uuid, status, result, error, metadata}, read in one
+-- statement. Per element, in order: its step and the result to apply, or
+-- the problem that rejects it (then result is NULL). 22023 when results is
+-- not an array; 54000 beyond 1,000 elements.
+CREATE FUNCTION tasker._read_results(p_results jsonb)
+RETURNS TABLE (i bigint, step_uuid uuid, result tasker.step_result, problem text)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    lim bigint := tasker._setting('limits.max_result_bytes');
+BEGIN
+    IF jsonb_typeof(p_results) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'results must be a JSON array, got %', coalesce(jsonb_typeof(p_results), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'results is [{"step_uuid": ..., "status": "success"|"failure", "result": ..., "error": ..., "metadata": ...}, ...]';
+    ELSIF jsonb_array_length(p_results) > 1000 THEN
+        RAISE EXCEPTION 'a batch holds at most 1000 results, got %', jsonb_array_length(p_results)
+            USING ERRCODE = '54000';
+    END IF;
+    RETURN QUERY
+    SELECT e.i, u.step_uuid,
+           CASE WHEN p.problem IS NULL THEN
+               ROW(u.step_uuid, f.success,
+                   CASE WHEN f.success THEN coalesce(e.item -> 'result', 'null') ELSE e.item -> 'error' END,
+                   f.attempt, f.message, f.retryable, f.requested_delay_ms,
+                   tasker._submission_audit(f.worker_id, f.execution_time_ms, e.item -> 'metadata'))::tasker.step_result END,
+           p.problem
+    FROM jsonb_array_elements(p_results) WITH ORDINALITY AS e(item, i)
+    CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(e.item) = 'object'
+                                    THEN tasker._uuid_or_null(e.item ->> 'step_uuid') END AS step_uuid) u
+    LEFT JOIN LATERAL tasker._submission_fields(
+        e.item ->> 'status', nullif(e.item -> 'error', 'null'), nullif(e.item -> 'metadata', 'null')) f
+        ON jsonb_typeof(e.item) = 'object'
+    CROSS JOIN LATERAL (SELECT CASE
+        WHEN jsonb_typeof(e.item) IS DISTINCT FROM 'object' THEN format('result %s is not a JSON object', e.i)
+        WHEN u.step_uuid IS NULL THEN format('result %s: step_uuid must be a uuid, got %s', e.i,
+                                             coalesce(e.item -> 'step_uuid', 'nothing'))
+        WHEN f.problem IS NOT NULL THEN format('result %s: %s', e.i, f.problem)
+        WHEN pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END) > lim
+            THEN format('result %s: the %s is %s bytes, more than the limit of %s bytes (limits.max_result_bytes)',
+                        e.i, CASE WHEN f.success THEN 'result' ELSE 'error' END,
+                        pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END),
+                        lim)
+        END AS problem) p
+    ORDER BY e.i;
+END
+$$;
+
+-- tasker.submit_results(results jsonb) RETURNS TABLE (step_uuid, outcome,
+-- state, detail): a batch of results (a JSON array of what submit_result
+-- takes: {step_uuid, status, result, error, metadata}) in one transaction.
+-- Every element gets a row, in order: outcome is one of
+-- tasker._apply_results' outcomes, or rejected (the element is not a valid
+-- result: detail says why, nothing of it is applied); detail explains every
+-- outcome but applied. A rejected or ignored element never stops the
+-- others.
+CREATE FUNCTION tasker.submit_results(results jsonb)
+RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT * FROM tasker._submit_results(submit_results.results, 'results submitted');
+END
+$$;
+
+-- submit_results without the security wrapper (tasker.exchange calls it).
+CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
+RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_i bigint[];
+    v_steps uuid[];
+    v_problems text[];
+    v_results tasker.step_result[];
+BEGIN
+    SELECT array_agg(x.i ORDER BY x.i), array_agg(x.step_uuid ORDER BY x.i), array_agg(x.problem ORDER BY x.i),
+           array_agg(x.result ORDER BY x.i) FILTER (WHERE x.problem IS NULL)
+    INTO v_i, v_steps, v_problems, v_results
+    FROM tasker._read_results(p_results) x;
+    IF v_i IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH applied AS (
+        SELECT a.* FROM tasker._apply_results(v_results, p_reason) WITH ORDINALITY AS a(step_uuid, state, outcome, note, k)
+    ), accepted AS (
+        SELECT x.i, row_number() OVER (ORDER BY x.i) AS k
+        FROM unnest(v_i, v_problems) AS x(i, problem) WHERE x.problem IS NULL
+    )
+    SELECT x.step_uuid, coalesce(a.outcome, 'rejected'), coalesce(a.state::text, ws.state::text),
+           coalesce(x.problem, a.note)
+    FROM unnest(v_i, v_steps, v_problems) AS x(i, step_uuid, problem)
+    LEFT JOIN accepted c ON c.i = x.i
+    LEFT JOIN applied a ON a.k = c.k
+    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = x.step_uuid AND x.problem IS NOT NULL
+    ORDER BY x.i;
+END
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:86
+-- requires:
 --   results
 
 -- The worker side besides submit_result: reading step messages (marking the
 -- steps in_progress) and extending a lease.
+
+-- Reads up to p_qty messages of a namespace's queue (leasing each for p_vt
+-- seconds) and marks their steps in_progress. The steps these messages are
+-- the current attempt of, in this namespace, still enqueued, are locked
+-- without waiting: a step someone else holds is being settled or stopped
+-- anyway. The move enqueued -> in_progress changes no counter (both are
+-- `out`), so no task row is touched. Returns the messages as read.
+CREATE FUNCTION tasker._read_steps(p_namespace text, p_queue text, p_worker_id text, p_qty integer, p_vt integer)
+RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
+LANGUAGE plpgsql ROWS 10 AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids bigint[];
+    v_counts integer[];
+    v_messages jsonb[];
+    v_start uuid[];
+BEGIN
+    SELECT array_agg(r.msg_id ORDER BY r.msg_id), array_agg(r.read_ct ORDER BY r.msg_id),
+           array_agg(r.message ORDER BY r.msg_id)
+    INTO v_ids, v_counts, v_messages
+    FROM tasker._pgmq_read(p_queue, p_vt, p_qty) r;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(x.step_uuid) INTO v_start FROM (
+        SELECT s.step_uuid
+        FROM unnest(v_ids, v_messages) AS m(msg_id, message)
+        JOIN tasker.workflow_steps s
+          ON s.step_uuid = tasker._uuid_or_null(m.message ->> 'step_uuid') AND s.queue_msg_id = m.msg_id
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = p_namespace
+        WHERE s.state = 'enqueued'
+        FOR NO KEY UPDATE OF s SKIP LOCKED) x;
+    IF v_start IS NOT NULL THEN
+        PERFORM tasker._move_steps(
+            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
+            'in_progress', 'read by worker', jsonb_build_object('worker_id', p_worker_id));
+    END IF;
+    RETURN QUERY
+    SELECT m.msg_id, m.read_ct, tasker._uuid_or_null(m.message ->> 'step_uuid'), m.message
+    FROM unnest(v_ids, v_counts, v_messages) AS m(msg_id, read_ct, message)
+    ORDER BY m.msg_id;
+END
+$$;
+
+-- The checks of a worker's read: 22004 / 22023 for missing or out-of-range
+-- arguments. Returns the visibility timeout to use.
+CREATE FUNCTION tasker._check_read(p_worker_id text, p_qty integer, p_vt integer) RETURNS integer
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_vt integer := coalesce(p_vt, tasker._setting('queues.default_visibility_timeout_seconds')::integer);
+BEGIN
+    IF p_worker_id IS NULL THEN
+        RAISE EXCEPTION 'worker_id must not be NULL' USING ERRCODE = '22004';
+    ELSIF p_qty IS NULL OR p_qty NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'qty must be between 1 and 1000, got %', p_qty USING ERRCODE = '22023';
+    ELSIF v_vt < 1 THEN
+        RAISE EXCEPTION 'visibility_timeout_seconds must be at least 1, got %', v_vt USING ERRCODE = '22023';
+    END IF;
+    RETURN v_vt;
+END
+$$;
+
+-- The queues of namespaces, in the order given; 42704 for an unknown one.
+CREATE FUNCTION tasker._namespace_queues(p_namespaces text[])
+RETURNS TABLE (namespace text, queue_name text)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    v_missing text;
+BEGIN
+    SELECT u INTO v_missing FROM unnest(p_namespaces) u
+    WHERE u IS NULL OR NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = u) LIMIT 1;
+    IF FOUND THEN
+        IF v_missing IS NULL THEN
+            RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
+        END IF;
+        RAISE EXCEPTION 'namespace "%" does not exist', v_missing USING ERRCODE = '42704';
+    END IF;
+    RETURN QUERY
+    SELECT n.name, n.queue_name FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
+    JOIN tasker.namespaces n ON n.name = u.name
+    ORDER BY u.i;
+END
+$$;
 
 -- tasker.read_steps(namespace, worker_id, qty, visibility_timeout_seconds):
 -- reads up to qty step messages of a namespace's queue and marks their steps
@@ -1904,58 +2330,64 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
-    v_ns text := read_steps.namespace;
-    v_vt integer := coalesce(read_steps.visibility_timeout_seconds,
-                             tasker._setting('queues.default_visibility_timeout_seconds')::integer);
-    v_queue text;
-    v_ids bigint[];
-    v_counts integer[];
-    v_messages jsonb[];
-    v_start uuid[];
+    v_vt integer := tasker._check_read(read_steps.worker_id, read_steps.qty, read_steps.visibility_timeout_seconds);
+    q record;
 BEGIN
-    IF v_ns IS NULL THEN
+    IF read_steps.namespace IS NULL THEN
         RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
-    ELSIF read_steps.worker_id IS NULL THEN
-        RAISE EXCEPTION 'worker_id must not be NULL' USING ERRCODE = '22004';
-    ELSIF read_steps.qty IS NULL OR read_steps.qty NOT BETWEEN 1 AND 1000 THEN
-        RAISE EXCEPTION 'qty must be between 1 and 1000, got %', read_steps.qty USING ERRCODE = '22023';
-    ELSIF v_vt < 1 THEN
-        RAISE EXCEPTION 'visibility_timeout_seconds must be at least 1, got %', v_vt USING ERRCODE = '22023';
     END IF;
-    SELECT n.queue_name INTO v_queue FROM tasker.namespaces n WHERE n.name = v_ns;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'namespace "%" does not exist', v_ns USING ERRCODE = '42704';
-    END IF;
+    SELECT * INTO q FROM tasker._namespace_queues(ARRAY[read_steps.namespace]);
+    RETURN QUERY SELECT * FROM tasker._read_steps(q.namespace, q.queue_name, read_steps.worker_id,
+                                                  read_steps.qty, v_vt);
+END
+$$;
 
-    SELECT array_agg(r.msg_id ORDER BY r.msg_id), array_agg(r.read_ct ORDER BY r.msg_id),
-           array_agg(r.message ORDER BY r.msg_id)
-    INTO v_ids, v_counts, v_messages
-    FROM tasker._pgmq_read(v_queue, v_vt, read_steps.qty) r;
-    IF v_ids IS NULL THEN
-        RETURN;
+-- tasker.exchange(namespaces, worker_id, results, qty, visibility_timeout_seconds):
+-- the batched worker protocol, one round trip and one commit per batch:
+-- applies a batch of results (as tasker.submit_results; results that are
+-- rejected or ignored are reported as NOTICEs, and never stop the others),
+-- then reads up to qty messages from the namespaces' queues (sharing qty
+-- among them, in the order given) and marks their steps in_progress (as
+-- tasker.read_steps). results may be NULL or [] (only read); qty may be 0
+-- (only submit).
+CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb DEFAULT NULL,
+                                qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
+RETURNS TABLE (namespace text, msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_vt integer := tasker._check_read(exchange.worker_id, greatest(exchange.qty, 1),
+                                       exchange.visibility_timeout_seconds);
+    v_queues record;
+    o record;
+    v_left integer := exchange.qty;
+    v_share integer;
+    v_n integer;
+    v_read integer;
+BEGIN
+    IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
+        RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
+    ELSIF exchange.qty IS NULL OR exchange.qty NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
-
-    -- The steps these messages are the current attempt of, in this namespace,
-    -- still enqueued. Locked without waiting: a step someone else holds is
-    -- being settled or stopped anyway.
-    SELECT array_agg(x.step_uuid) INTO v_start FROM (
-        SELECT s.step_uuid
-        FROM unnest(v_ids, v_messages) AS m(msg_id, message)
-        JOIN tasker.workflow_steps s
-          ON s.step_uuid = tasker._uuid_or_null(m.message ->> 'step_uuid') AND s.queue_msg_id = m.msg_id
-        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = v_ns
-        WHERE s.state = 'enqueued'
-        ORDER BY s.step_uuid
-        FOR NO KEY UPDATE OF s SKIP LOCKED) x;
-    IF v_start IS NOT NULL THEN
-        PERFORM tasker._move_steps(
-            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
-            'in_progress', 'read by worker', jsonb_build_object('worker_id', read_steps.worker_id));
+    PERFORM tasker._namespace_queues(exchange.namespaces);
+    IF exchange.results IS NOT NULL AND exchange.results <> '[]' THEN
+        FOR o IN SELECT * FROM tasker._submit_results(exchange.results, 'results submitted') r
+                 WHERE r.outcome <> 'applied' LOOP
+            RAISE NOTICE 'pg_tasker: %', o.detail;
+        END LOOP;
     END IF;
-    RETURN QUERY
-    SELECT m.msg_id, m.read_ct, tasker._uuid_or_null(m.message ->> 'step_uuid'), m.message
-    FROM unnest(v_ids, v_counts, v_messages) AS m(msg_id, read_ct, message)
-    ORDER BY m.msg_id;
+    v_n := cardinality(exchange.namespaces);
+    FOR v_queues IN SELECT * FROM tasker._namespace_queues(exchange.namespaces) LOOP
+        EXIT WHEN v_left <= 0;
+        v_share := ceil(v_left::numeric / v_n)::integer;
+        v_n := v_n - 1;
+        RETURN QUERY SELECT v_queues.namespace, r.* FROM tasker._read_steps(
+            v_queues.namespace, v_queues.queue_name, exchange.worker_id, v_share, v_vt) r;
+        GET DIAGNOSTICS v_read = ROW_COUNT;
+        v_left := v_left - v_read;
+    END LOOP;
 END
 $$;
 
@@ -2005,7 +2437,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:86
+-- src/lib.rs:91
 -- requires:
 --   workers
 
@@ -2051,10 +2483,10 @@ $$;
 -- Moves every step of a task that may legally move to p_to (cancelled, or
 -- error for the attempts out with workers) and archives the messages of
 -- those that were out, so no worker picks them up. The caller holds the
--- task row lock. Returns how many moved.
+-- task row lock and settles the returned moves.
 CREATE FUNCTION tasker._stop_steps(p_task uuid, p_queue text, p_to tasker.step_state, p_reason text,
                                    p_error jsonb DEFAULT NULL)
-RETURNS integer
+RETURNS SETOF tasker.step_move
 LANGUAGE plpgsql AS $$
 DECLARE
     v_steps uuid[];
@@ -2067,15 +2499,14 @@ BEGIN
     WHERE s.task_uuid = p_task
       AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to);
     IF v_steps IS NULL THEN
-        RETURN 0;
+        RETURN;
     END IF;
     IF v_msgs IS NOT NULL THEN
         PERFORM tasker._pgmq_archive(p_queue, v_msgs);
     END IF;
-    PERFORM tasker._move_steps(
+    RETURN QUERY SELECT * FROM tasker._move_steps(
         ARRAY(SELECT ROW(u, p_error, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_steps) u),
         p_to, p_reason, CASE WHEN p_error IS NULL THEN '{}' ELSE jsonb_build_object('error', p_error) END);
-    RETURN cardinality(v_steps);
 END
 $$;
 
@@ -2095,8 +2526,11 @@ BEGIN
         RAISE EXCEPTION 'task % is already % and cannot be %', t.task_uuid, t.state,
             CASE p_to WHEN 'cancelled' THEN 'cancelled' ELSE 'resolved' END USING ERRCODE = '55000';
     END IF;
-    PERFORM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason);
+    -- the task first: finished, it only takes the counters when settled
     PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason) m),
+        p_reason, ARRAY[t.task_uuid]);
 END
 $$;
 
@@ -2145,10 +2579,12 @@ BEGIN
     ELSIF tasker.task_state_is_terminal(t.state) THEN
         RAISE EXCEPTION 'task % is %; its steps cannot change', t.task_uuid, t.state USING ERRCODE = '55000';
     END IF;
-    PERFORM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change], 'pending',
-                               coalesce(retry_step.reason, 'retried by operator'),
-                               jsonb_build_object('previous_attempts', s.attempts));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step retried by operator', t.queue_name, t.queue_seq);
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change],
+                                               'pending', coalesce(retry_step.reason, 'retried by operator'),
+                                               jsonb_build_object('previous_attempts', s.attempts)) m)
+        || ARRAY(SELECT m FROM tasker._enqueue_steps(ARRAY[ROW(s.step_uuid, 0)::tasker.step_release]) m),
+        'step retried by operator', ARRAY[t.task_uuid]);
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = s.step_uuid);
 END
 $$;
@@ -2180,17 +2616,18 @@ BEGIN
     IF tasker.step_state_class(s.state) = 'out' THEN
         PERFORM tasker._pgmq_archive(t.queue_name, ARRAY[s.queue_msg_id]);
     END IF;
-    PERFORM tasker._complete_steps(
-        ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
-        'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator'));
-    PERFORM tasker._evaluate_task(t.task_uuid, 'step resolved manually', t.queue_name, t.queue_seq);
+    PERFORM tasker._settle_tasks(
+        ARRAY(SELECT m FROM tasker._finish_steps(
+            ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
+            'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator')) m),
+        'step resolved manually', ARRAY[t.task_uuid]);
     RETURN 'resolved_manually';
 END
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:91
+-- src/lib.rs:96
 -- requires:
 --   operator
 
@@ -2382,7 +2819,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:96
+-- src/lib.rs:101
 -- requires:
 --   cycle
 
@@ -2448,13 +2885,13 @@ BEGIN
                             'message', format('lost attempt: the step''s message was delivered %s times without a result',
                                               l.read_ct),
                             'error_code', 'LOST_ATTEMPT', 'retryable', true, 'deliveries', l.read_ct) END;
-                    PERFORM tasker._pgmq_archive(ns.queue_name, ARRAY[c.msg_id]);
-                    v_state := tasker._fail_attempt(s.step_uuid, v_error, v_error ->> 'message', true, NULL,
-                                                    jsonb_build_object('recovered_by', 'orchestrator'));
-                    PERFORM tasker._evaluate_task(c.task_uuid, 'attempt recovered');
+                    -- as a failure the worker would have reported (its message archived)
+                    SELECT a.state INTO v_state FROM tasker._apply_results(
+                        ARRAY[ROW(s.step_uuid, false, v_error, s.attempts, v_error ->> 'message', true, NULL,
+                                  jsonb_build_object('recovered_by', 'orchestrator'))::tasker.step_result],
+                        'attempt recovered') a;
                     v_recovered := v_recovered || jsonb_build_object(
-                        'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct,
-                        'state', (SELECT ws.state FROM tasker.workflow_steps ws WHERE ws.step_uuid = c.step_uuid));
+                        'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct, 'state', v_state);
                 END IF;
             EXCEPTION WHEN OTHERS THEN
                 v_errors := v_errors || jsonb_build_object('step_uuid', c.step_uuid,
@@ -2563,8 +3000,10 @@ BEGIN
             END IF;
             IF p_to_error THEN
                 -- attempts out with workers end in error (a DLQ requeue retries them)
-                PERFORM tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error);
                 PERFORM tasker._move_task(c.task_uuid, 'error', v_error ->> 'message', v_error);
+                PERFORM tasker._settle_tasks(
+                    ARRAY(SELECT m FROM tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error) m),
+                    'task stale', ARRAY[c.task_uuid]);
             END IF;
             v_handled := v_handled || jsonb_build_object(
                 'task_uuid', c.task_uuid, 'state', c.state,
@@ -2682,6 +3121,7 @@ DECLARE
     t record;
     v_note text := coalesce(dlq_requeue.note, 'requeued from the DLQ');
     v_failed uuid[];
+    v_moves tasker.step_move[] := '{}';
     v_state tasker.task_state;
 BEGIN
     IF dlq_requeue.dlq_uuid IS NULL THEN
@@ -2705,17 +3145,18 @@ BEGIN
     END IF;
     SELECT array_agg(s.step_uuid ORDER BY s.step_uuid) INTO v_failed
     FROM tasker.workflow_steps s WHERE s.task_uuid = t.task_uuid AND s.state = 'error';
-    IF v_failed IS NOT NULL THEN
-        PERFORM tasker._move_steps(
-            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_failed) u),
-            'pending', v_note);
-    END IF;
-    UPDATE tasker.workflow_steps s SET next_retry_at = now()
-    WHERE s.task_uuid = t.task_uuid AND s.state = 'waiting_for_retry';
     IF t.state = 'error' THEN
         PERFORM tasker._move_task(t.task_uuid, 'steps_in_process', v_note);
     END IF;
-    v_state := tasker._evaluate_task(t.task_uuid, 'requeued from the DLQ');
+    IF v_failed IS NOT NULL THEN
+        v_moves := ARRAY(SELECT m FROM tasker._move_steps(
+            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_failed) u),
+            'pending', v_note) m);
+    END IF;
+    UPDATE tasker.workflow_steps s SET next_retry_at = now()
+    WHERE s.task_uuid = t.task_uuid AND s.state = 'waiting_for_retry';
+    -- every ready step goes to the queue, the moves above are settled
+    v_state := tasker._evaluate_task(t.task_uuid, 'requeued from the DLQ', true, v_moves);
     UPDATE tasker.dlq d
     SET resolution_status = 'requeued', resolution_note = v_note, resolved_by = session_user, resolved_at = now()
     WHERE d.dlq_uuid = dlq_requeue.dlq_uuid;
@@ -2754,7 +3195,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:101
+-- src/lib.rs:106
 -- requires:
 --   maintenance
 
@@ -2876,7 +3317,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
            t.steps_error, t.steps_cancelled,
            round((t.steps_done * 10000.0) / t.steps_total) / 100.0
     FROM tasker.tasks t
-    CROSS JOIN LATERAL (SELECT coalesce(cardinality(tasker._ready_steps(t.task_uuid)), 0) AS ready) r
+    CROSS JOIN LATERAL (SELECT count(*)::integer AS ready FROM tasker.workflow_steps s
+                        WHERE s.task_uuid = t.task_uuid
+                          AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())) r
     CROSS JOIN LATERAL tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
                                            t.steps_done, t.steps_error, t.steps_cancelled, r.ready) d
     WHERE t.task_uuid = tasker._existing_task($1)
@@ -2884,7 +3327,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:106
+-- src/lib.rs:111
 -- requires:
 --   views
 --   health::health
@@ -2938,7 +3381,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:111
+-- src/lib.rs:116
 -- requires:
 --   health_views
 
@@ -3034,7 +3477,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:116
+-- src/lib.rs:121
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --
@@ -3225,5 +3668,5 @@ DROP SCHEMA tasker_0_1_0 CASCADE;
 -- stranded (a failed branch beside a finished one, a resolved step whose
 -- parent ran on) get their right state, ready steps go to the queue. The
 -- new tables are this transaction's own: no lock to wait for.
-SELECT tasker._evaluate_task(t.task_uuid, 'upgraded to 0.2.0')
+SELECT tasker._evaluate_task(t.task_uuid, 'upgraded to 0.2.0', true)
 FROM tasker.tasks t WHERE NOT tasker.task_state_is_terminal(t.state);

@@ -188,3 +188,93 @@ fn _environment() -> String {
 fn _wake_orchestrator() {
     crate::worker_state::wake_on_commit();
 }
+
+fn row_check(what: &str, problem: Option<String>) -> ApiResult<bool> {
+    match problem {
+        None => Ok(true),
+        Some(p) => Err(crate::errors::err(
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            format!("pg_tasker invariant violated by a {what} row: {p}"),
+        )),
+    }
+}
+
+/// `tasker._step_row_check(...)`: the invariants of a workflow_steps row
+/// (pg_tasker_core::StepRow::problem), the table's one CHECK. Raises 23514
+/// naming the broken invariant. (One C-language CHECK per table: each CHECK
+/// costs every UPDATE statement its own preparation.)
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(immutable, parallel_safe)]
+fn _step_row_check(
+    state: &str,
+    attempts: i32,
+    budget_offset: i32,
+    max_attempts: i32,
+    pending_parents: i32,
+    total_parents: i32,
+    transitions: i32,
+    has_message: bool,
+    has_started_at: bool,
+    has_next_retry_at: bool,
+    has_completed_at: bool,
+) -> ApiResult<bool> {
+    let state = pg_tasker_core::StepState::parse(state)
+        .ok_or_else(|| internal(format!("unknown step state {state}")))?;
+    let row = pg_tasker_core::StepRow {
+        state,
+        attempts,
+        budget_offset,
+        max_attempts,
+        pending_parents,
+        total_parents,
+        transitions,
+        has_message,
+        has_started_at,
+        has_next_retry_at,
+        has_completed_at,
+    };
+    row_check("workflow_steps", row.problem())
+}
+
+/// `tasker._task_row_check(...)`: the invariants of a tasks row
+/// (pg_tasker_core::TaskRow::problem), the table's one CHECK; 23514.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(immutable, parallel_safe)]
+fn _task_row_check(
+    state: &str,
+    steps_total: i32,
+    steps_pending: i32,
+    steps_out: i32,
+    steps_waiting: i32,
+    steps_done: i32,
+    steps_error: i32,
+    steps_cancelled: i32,
+    transitions: i32,
+    priority: i32,
+    context_is_object: bool,
+    has_completed_at: bool,
+    has_next_action_at: bool,
+    has_claimed_by: bool,
+    has_claim_expires_at: bool,
+) -> ApiResult<bool> {
+    let state = pg_tasker_core::TaskState::parse(state)
+        .ok_or_else(|| internal(format!("unknown task state {state}")))?;
+    let row = pg_tasker_core::TaskRow {
+        state,
+        steps_total,
+        steps_pending,
+        steps_out,
+        steps_waiting,
+        steps_done,
+        steps_error,
+        steps_cancelled,
+        transitions,
+        priority,
+        context_is_object,
+        has_completed_at,
+        has_next_action_at,
+        has_claimed_by,
+        has_claim_expires_at,
+    };
+    row_check("tasks", row.problem())
+}

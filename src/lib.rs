@@ -37,7 +37,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/02_tables.sql",
     name = "tables",
-    requires = ["pgmq_adapter", ids::uuid_generate_v7]
+    requires = [
+        "pgmq_adapter",
+        ids::uuid_generate_v7,
+        decisions::_step_row_check,
+        decisions::_task_row_check
+    ]
 );
 extension_sql_file!(
     "../sql/03_transitions.sql",

@@ -67,7 +67,7 @@ fn with_plans<R>(queue: &str, f: impl FnOnce(&QueuePlans) -> ApiResult<R>) -> Ap
 
 /// `tasker._pgmq_send(queue, msg_ids bigint[], messages jsonb[]) RETURNS
 /// bigint`: inserts the messages with the given ids (taken from the queue's
-/// sequence by tasker._move_steps), visible at once; returns how many.
+/// sequence by tasker._enqueue_steps), visible at once; returns how many.
 #[pg_extern]
 fn _pgmq_send(queue: &str, msg_ids: Vec<i64>, messages: AnyArray) -> ApiResult<i64> {
     if messages.oid() != pg_sys::JSONBARRAYOID {

@@ -90,5 +90,5 @@ DROP SCHEMA tasker_0_1_0 CASCADE;
 -- stranded (a failed branch beside a finished one, a resolved step whose
 -- parent ran on) get their right state, ready steps go to the queue. The
 -- new tables are this transaction's own: no lock to wait for.
-SELECT tasker._evaluate_task(t.task_uuid, 'upgraded to 0.2.0')
+SELECT tasker._evaluate_task(t.task_uuid, 'upgraded to 0.2.0', true)
 FROM tasker.tasks t WHERE NOT tasker.task_state_is_terminal(t.state);

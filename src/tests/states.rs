@@ -95,6 +95,31 @@ mod tests {
             ),
             0
         );
+        // tasker._enqueue_steps moves exactly the states that can become
+        // ready, and the table lists each of those moves
+        assert_eq!(
+            text("SELECT string_agg(s::text, ',' ORDER BY s) FROM unnest(enum_range(NULL::tasker.step_state)) s
+                  WHERE tasker.step_is_runnable(s, 0)"),
+            "pending,waiting_for_retry"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM unnest(enum_range(NULL::tasker.step_state)) s
+                   WHERE tasker.step_is_runnable(s, 0)
+                     AND NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions t
+                                     WHERE t.from_state = s AND t.to_state = 'enqueued')"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.step_state_transitions t
+                   WHERE t.to_state = 'enqueued' AND NOT tasker.step_is_runnable(t.from_state, 0)"),
+            0
+        );
+        // and _move_steps leaves enqueueing to it
+        assert_fails(
+            "SELECT tasker._move_steps('{}', 'enqueued', 'x')",
+            "XX000",
+            "tasker._enqueue_steps",
+        );
     }
 
     #[pg_test]
@@ -162,19 +187,26 @@ mod tests {
         for (stmt, constraint) in [
             (format!("UPDATE tasker.tasks SET state = 'bogus' WHERE task_uuid = '{task}'"), "invalid input value for enum"),
             (format!("UPDATE tasker.workflow_steps SET state = 'done' WHERE task_uuid = '{task}'"), "invalid input value for enum"),
-            (format!("UPDATE tasker.tasks SET steps_done = steps_done + 1 WHERE task_uuid = '{task}'"), "tasks_counters_sum"),
-            (format!("UPDATE tasker.tasks SET state = 'complete', completed_at = now() WHERE task_uuid = '{task}'"), "tasks_complete_means_all_done"),
-            (format!("UPDATE tasker.tasks SET state = 'cancelled' WHERE task_uuid = '{task}'"), "tasks_finished_when_terminal"),
-            (format!("UPDATE tasker.workflow_steps SET queue_msg_id = NULL WHERE task_uuid = '{task}' AND name = 'a'"), "steps_out_has_message"),
-            (format!("UPDATE tasker.workflow_steps SET state = 'waiting_for_retry' WHERE task_uuid = '{task}' AND name = 'a'"), "steps_retry_has_time"),
-            (format!("UPDATE tasker.workflow_steps SET budget_offset = attempts + 1 WHERE task_uuid = '{task}' AND name = 'a'"), "steps_budget_within_attempts"),
-            (format!("UPDATE tasker.workflow_steps SET attempts = max_attempts + 1 WHERE task_uuid = '{task}' AND name = 'a'"), "steps_budget_not_exceeded"),
-            (format!("UPDATE tasker.workflow_steps SET state = 'resolved_manually' WHERE task_uuid = '{task}' AND name = 'b'"), "steps_done_has_completion"),
-            (format!("UPDATE tasker.workflow_steps SET state = 'error' WHERE task_uuid = '{task}' AND name = 'b'"), "steps_attempted_before_leaving_pending"),
+            (format!("UPDATE tasker.tasks SET steps_done = steps_done + 1 WHERE task_uuid = '{task}'"), "step counters add up to"),
+            (format!("UPDATE tasker.tasks SET state = 'complete', completed_at = now() WHERE task_uuid = '{task}'"), "a complete task has 0 of 2 steps done"),
+            (format!("UPDATE tasker.tasks SET state = 'cancelled' WHERE task_uuid = '{task}'"), "a task cancelled has no completed_at"),
+            (format!("UPDATE tasker.workflow_steps SET queue_msg_id = NULL WHERE task_uuid = '{task}' AND name = 'a'"), "a step enqueued has no queue message"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'waiting_for_retry' WHERE task_uuid = '{task}' AND name = 'a'"), "a step waiting_for_retry has no next_retry_at"),
+            (format!("UPDATE tasker.workflow_steps SET budget_offset = attempts + 1 WHERE task_uuid = '{task}' AND name = 'a'"), "budget_offset 2 is outside 0..=1"),
+            (format!("UPDATE tasker.workflow_steps SET attempts = max_attempts + 1 WHERE task_uuid = '{task}' AND name = 'a'"), "exceeds max_attempts"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'resolved_manually' WHERE task_uuid = '{task}' AND name = 'b'"), "a step resolved_manually has no completed_at"),
+            (format!("UPDATE tasker.workflow_steps SET state = 'error' WHERE task_uuid = '{task}' AND name = 'b'"), "a step error was never attempted"),
+            (format!("UPDATE tasker.tasks SET priority = 101 WHERE task_uuid = '{task}'"), "priority 101 is outside"),
+            (format!("UPDATE tasker.tasks SET context = '[]' WHERE task_uuid = '{task}'"), "context is not a JSON object"),
+            (format!("UPDATE tasker.tasks SET claimed_by = 'x' WHERE task_uuid = '{task}'"), "claimed_by and claim_expires_at"),
+            (format!("UPDATE tasker.workflow_steps SET pending_parents = 2 WHERE task_uuid = '{task}' AND name = 'b'"), "pending_parents 2 is outside 0..=1"),
             (format!("INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state) VALUES ('{task}', 1, NULL, 'pending')"), "task_transitions_pkey"),
         ] {
             let f = failure(&stmt);
             assert!(f.contains(constraint), "{stmt}: {f}");
+            if !f.contains("invalid input value") && !f.contains("pkey") {
+                assert!(f.contains("23514") && f.contains("pg_tasker invariant violated"), "{stmt}: {f}");
+            }
         }
         assert_task_consistent(task);
     }

@@ -14,5 +14,5 @@ pub mod template;
 pub mod version;
 
 pub use error::{Error, ErrorKind};
-pub use state::{StepState, TaskState};
+pub use state::{StepRow, StepState, TaskRow, TaskState};
 pub use template::{Backoff, Handler, RetryPolicy, StepTemplate, StepType, TaskTemplate};
