@@ -1,9 +1,5 @@
--- Plans: the API functions and the maintenance entry points run with
--- plan_cache_mode = force_generic_plan, so the statements of these
--- primitives (and of everything else they call) are planned once per
--- session; custom plans re-plan on every call, which was most of the cost
--- of a small state change. Every statement here joins by key, so the
--- generic plan is the right one for 1 row and for 10,000.
+-- Plans: see 98_plans.sql (every operation runs with generic plans of key
+-- lookups, planned once per session).
 
 -- The primitives that change state. Every operation changes a step's or a
 -- task's state through them, and nothing else writes `state`:

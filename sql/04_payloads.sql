@@ -151,7 +151,9 @@ LANGUAGE sql STABLE ROWS 1 AS $$
         FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
                              THEN p_metadata -> 'headers' ELSE '{}' END) e
         WHERE lower(e.key) = 'retry-after'
-        ORDER BY e.key LIMIT 1) h ON true) y
+        ORDER BY e.key LIMIT 1) h ON true
+    -- (OFFSET 0: computed once, not copied into every column that uses it)
+    OFFSET 0) y
 $$;
 
 -- One submission, checked: 22023 naming its first problem.

@@ -12,7 +12,7 @@ CREATE FUNCTION tasker.create_task(namespace text, name text, context jsonb DEFA
                                    idempotency_key text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     v_ns text := create_task.namespace;

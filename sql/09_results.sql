@@ -191,7 +191,7 @@ CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb D
                                      error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
@@ -285,7 +285,7 @@ $$;
 CREATE FUNCTION tasker.submit_results(results jsonb)
 RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY SELECT * FROM tasker._submit_results(submit_results.results, 'results submitted');

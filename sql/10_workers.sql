@@ -93,7 +93,7 @@ CREATE FUNCTION tasker.read_steps(namespace text, worker_id text, qty integer DE
                                   visibility_timeout_seconds integer DEFAULT NULL)
 RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     v_vt integer := tasker._check_read(read_steps.worker_id, read_steps.qty, read_steps.visibility_timeout_seconds);
@@ -120,7 +120,7 @@ CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb
                                 qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
 RETURNS TABLE (namespace text, msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     v_vt integer := tasker._check_read(exchange.worker_id, greatest(exchange.qty, 1),
@@ -165,7 +165,7 @@ $$;
 CREATE FUNCTION tasker.extend_lease(step_uuid uuid, attempt integer, seconds integer)
 RETURNS timestamptz
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     s record;

@@ -95,7 +95,7 @@ $$;
 -- unfinished step (archiving their messages) and the task.
 CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     PERFORM tasker._close_task(cancel_task.task_uuid, 'cancelled',
                                coalesce(cancel_task.reason, 'cancelled by operator'));
@@ -108,7 +108,7 @@ $$;
 -- unfinished steps are cancelled, steps in error stay as they are.
 CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     PERFORM tasker._close_task(resolve_task_manually.task_uuid, 'resolved_manually',
                                coalesce(resolve_task_manually.reason, 'resolved manually by operator'));
@@ -121,7 +121,7 @@ $$;
 -- growing) and the task resumes. Returns the step's state afterwards.
 CREATE FUNCTION tasker.retry_step(step_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -152,7 +152,7 @@ $$;
 CREATE FUNCTION tasker.resolve_step_manually(step_uuid uuid, result jsonb DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;

@@ -17,7 +17,7 @@ RETURN least(100, priority + greatest(0, floor(extract(epoch FROM waiting)))::in
 -- p_failed_backoff_seconds and reported; the others go on.
 CREATE FUNCTION tasker._run_cycle(p_orchestrator text, p_max_tasks integer, p_failed_backoff_seconds integer)
 RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     v_task uuid;
     v_before tasker.task_state;
@@ -70,7 +70,7 @@ $$;
 CREATE FUNCTION tasker.run_orchestration_cycle(orchestrator_id text DEFAULT 'manual', max_tasks integer DEFAULT 100)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     IF orchestrator_id IS NULL THEN
         RAISE EXCEPTION 'orchestrator_id must not be NULL' USING ERRCODE = '22004';
@@ -112,7 +112,7 @@ CREATE FUNCTION tasker.claim_ready_tasks(orchestrator_id text, max_tasks integer
 RETURNS TABLE (task_uuid uuid, task_namespace text, task_name text, priority integer,
                effective_priority integer, claim_expires_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     IF orchestrator_id IS NULL OR orchestrator_id = '' THEN
         RAISE EXCEPTION 'orchestrator_id must not be empty' USING ERRCODE = '22023';
@@ -145,7 +145,7 @@ $$;
 
 CREATE FUNCTION tasker.release_task_claim(task_uuid uuid, orchestrator_id text)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     released boolean;
 BEGIN
@@ -163,7 +163,7 @@ $$;
 CREATE FUNCTION tasker.extend_task_claim(task_uuid uuid, orchestrator_id text,
                                          claim_timeout_seconds integer DEFAULT 60)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     extended boolean;
 BEGIN

@@ -11,7 +11,7 @@
 -- namespace's queue is joined only with its own steps; an attempt under a
 -- live lease is never touched.
 CREATE FUNCTION tasker._recover_attempts(p_max_deliveries integer, p_batch integer) RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     ns record;
     c record;
@@ -107,7 +107,7 @@ CREATE FUNCTION tasker._detect_stale(p_steps_in_process_minutes numeric, p_waiti
                                      p_task_max_lifetime_hours numeric, p_to_error boolean, p_to_dlq boolean,
                                      p_batch integer)
 RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     c record;
     t record;
@@ -248,7 +248,7 @@ $$;
 -- goes to the DLQ with its error. Either way its message is archived, so
 -- nothing is dropped silently, retried forever, or blocks the others.
 CREATE FUNCTION tasker._ingest_requests(p_queue text, p_vt integer, p_batch integer) RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     m record;
     v_task uuid;
@@ -290,7 +290,7 @@ $$;
 -- become due, and the task resumes. Returns the task state.
 CREATE FUNCTION tasker.dlq_requeue(dlq_uuid uuid, note text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     e record;
     t record;
@@ -344,7 +344,7 @@ $$;
 CREATE FUNCTION tasker.dlq_resolve(dlq_uuid uuid, note text DEFAULT NULL, status text DEFAULT 'resolved')
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     v_status text;
 BEGIN

@@ -932,12 +932,8 @@ CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);
 -- requires:
 --   tables
 
--- Plans: the API functions and the maintenance entry points run with
--- plan_cache_mode = force_generic_plan, so the statements of these
--- primitives (and of everything else they call) are planned once per
--- session; custom plans re-plan on every call, which was most of the cost
--- of a small state change. Every statement here joins by key, so the
--- generic plan is the right one for 1 row and for 10,000.
+-- Plans: see 98_plans.sql (every operation runs with generic plans of key
+-- lookups, planned once per session).
 
 -- The primitives that change state. Every operation changes a step's or a
 -- task's state through them, and nothing else writes `state`:
@@ -1319,7 +1315,9 @@ LANGUAGE sql STABLE ROWS 1 AS $$
         FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
                              THEN p_metadata -> 'headers' ELSE '{}' END) e
         WHERE lower(e.key) = 'retry-after'
-        ORDER BY e.key LIMIT 1) h ON true) y
+        ORDER BY e.key LIMIT 1) h ON true
+    -- (OFFSET 0: computed once, not copied into every column that uses it)
+    OFFSET 0) y
 $$;
 
 -- One submission, checked: 22023 naming its first problem.
@@ -1743,7 +1741,7 @@ CREATE FUNCTION tasker.create_task(namespace text, name text, context jsonb DEFA
                                    idempotency_key text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     v_ns text := create_task.namespace;
@@ -2090,7 +2088,7 @@ CREATE FUNCTION tasker.submit_result(step_uuid uuid, status text, result jsonb D
                                      error jsonb DEFAULT NULL, metadata jsonb DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
@@ -2184,7 +2182,7 @@ $$;
 CREATE FUNCTION tasker.submit_results(results jsonb)
 RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY SELECT * FROM tasker._submit_results(submit_results.results, 'results submitted');
@@ -2327,7 +2325,7 @@ CREATE FUNCTION tasker.read_steps(namespace text, worker_id text, qty integer DE
                                   visibility_timeout_seconds integer DEFAULT NULL)
 RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     v_vt integer := tasker._check_read(read_steps.worker_id, read_steps.qty, read_steps.visibility_timeout_seconds);
@@ -2354,7 +2352,7 @@ CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb
                                 qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
 RETURNS TABLE (namespace text, msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     v_vt integer := tasker._check_read(exchange.worker_id, greatest(exchange.qty, 1),
@@ -2399,7 +2397,7 @@ $$;
 CREATE FUNCTION tasker.extend_lease(step_uuid uuid, attempt integer, seconds integer)
 RETURNS timestamptz
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 #variable_conflict use_column
 DECLARE
     s record;
@@ -2538,7 +2536,7 @@ $$;
 -- unfinished step (archiving their messages) and the task.
 CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     PERFORM tasker._close_task(cancel_task.task_uuid, 'cancelled',
                                coalesce(cancel_task.reason, 'cancelled by operator'));
@@ -2551,7 +2549,7 @@ $$;
 -- unfinished steps are cancelled, steps in error stay as they are.
 CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     PERFORM tasker._close_task(resolve_task_manually.task_uuid, 'resolved_manually',
                                coalesce(resolve_task_manually.reason, 'resolved manually by operator'));
@@ -2564,7 +2562,7 @@ $$;
 -- growing) and the task resumes. Returns the step's state afterwards.
 CREATE FUNCTION tasker.retry_step(step_uuid uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -2595,7 +2593,7 @@ $$;
 CREATE FUNCTION tasker.resolve_step_manually(step_uuid uuid, result jsonb DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     t record;
     s tasker.workflow_steps%ROWTYPE;
@@ -2650,7 +2648,7 @@ RETURN least(100, priority + greatest(0, floor(extract(epoch FROM waiting)))::in
 -- p_failed_backoff_seconds and reported; the others go on.
 CREATE FUNCTION tasker._run_cycle(p_orchestrator text, p_max_tasks integer, p_failed_backoff_seconds integer)
 RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     v_task uuid;
     v_before tasker.task_state;
@@ -2703,7 +2701,7 @@ $$;
 CREATE FUNCTION tasker.run_orchestration_cycle(orchestrator_id text DEFAULT 'manual', max_tasks integer DEFAULT 100)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     IF orchestrator_id IS NULL THEN
         RAISE EXCEPTION 'orchestrator_id must not be NULL' USING ERRCODE = '22004';
@@ -2745,7 +2743,7 @@ CREATE FUNCTION tasker.claim_ready_tasks(orchestrator_id text, max_tasks integer
 RETURNS TABLE (task_uuid uuid, task_namespace text, task_name text, priority integer,
                effective_priority integer, claim_expires_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 BEGIN
     IF orchestrator_id IS NULL OR orchestrator_id = '' THEN
         RAISE EXCEPTION 'orchestrator_id must not be empty' USING ERRCODE = '22023';
@@ -2778,7 +2776,7 @@ $$;
 
 CREATE FUNCTION tasker.release_task_claim(task_uuid uuid, orchestrator_id text)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     released boolean;
 BEGIN
@@ -2796,7 +2794,7 @@ $$;
 CREATE FUNCTION tasker.extend_task_claim(task_uuid uuid, orchestrator_id text,
                                          claim_timeout_seconds integer DEFAULT 60)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     extended boolean;
 BEGIN
@@ -2836,7 +2834,7 @@ $$;
 -- namespace's queue is joined only with its own steps; an attempt under a
 -- live lease is never touched.
 CREATE FUNCTION tasker._recover_attempts(p_max_deliveries integer, p_batch integer) RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     ns record;
     c record;
@@ -2932,7 +2930,7 @@ CREATE FUNCTION tasker._detect_stale(p_steps_in_process_minutes numeric, p_waiti
                                      p_task_max_lifetime_hours numeric, p_to_error boolean, p_to_dlq boolean,
                                      p_batch integer)
 RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     c record;
     t record;
@@ -3073,7 +3071,7 @@ $$;
 -- goes to the DLQ with its error. Either way its message is archived, so
 -- nothing is dropped silently, retried forever, or blocks the others.
 CREATE FUNCTION tasker._ingest_requests(p_queue text, p_vt integer, p_batch integer) RETURNS jsonb
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     m record;
     v_task uuid;
@@ -3115,7 +3113,7 @@ $$;
 -- become due, and the task resumes. Returns the task state.
 CREATE FUNCTION tasker.dlq_requeue(dlq_uuid uuid, note text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     e record;
     t record;
@@ -3169,7 +3167,7 @@ $$;
 CREATE FUNCTION tasker.dlq_resolve(dlq_uuid uuid, note text DEFAULT NULL, status text DEFAULT 'resolved')
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
+AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -3478,6 +3476,56 @@ $$;
 
 /* <begin connected objects> */
 -- src/lib.rs:121
+-- requires:
+--   analytics
+
+-- How the operations are planned: their one home.
+--
+-- Every operation is a handful of statements that join by key, run
+-- thousands of times per session. They run with
+--   plan_cache_mode = force_generic_plan
+--     planned once per session (a custom plan re-plans on every call, which
+--     was most of the cost of a small state change);
+--   enable_seqscan, enable_hashjoin, enable_mergejoin = off
+--     a generic plan cannot see how many rows an array argument holds
+--     (unnest of a parameter is estimated at 10 rows), and one built while
+--     a table is small (a new database) would scan and hash it on every call
+--     for the rest of the session; key lookups by index are right for 1 row
+--     and for 10,000.
+-- The settings apply to the statements these functions run and to those of
+-- every function they call (a cached plan keeps the settings it was made
+-- with). Retention, analytics and the views are planned as usual.
+
+CREATE FUNCTION tasker._operations() RETURNS text[]
+LANGUAGE sql IMMUTABLE
+RETURN ARRAY[
+    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease',
+    'cancel_task', 'resolve_task_manually', 'retry_step', 'resolve_step_manually',
+    '_run_cycle', 'run_orchestration_cycle', 'claim_ready_tasks', 'release_task_claim', 'extend_task_claim',
+    '_recover_attempts', '_detect_stale', '_ingest_requests', 'dlq_requeue', 'dlq_resolve'];
+
+DO $$
+DECLARE
+    f regprocedure;
+    missing text[];
+BEGIN
+    SELECT array_agg(o) INTO missing FROM unnest(tasker._operations()) o
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+                      WHERE p.pronamespace = 'tasker'::regnamespace AND p.proname = o);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_tasker internal error: no function %', missing USING ERRCODE = 'XX000';
+    END IF;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'tasker'::regnamespace AND p.proname = ANY (tasker._operations()) LOOP
+        EXECUTE format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan SET enable_seqscan = off '
+                       'SET enable_hashjoin = off SET enable_mergejoin = off', f);
+    END LOOP;
+END
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:126
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --

@@ -118,6 +118,11 @@ extension_sql_file!(
     name = "analytics",
     requires = ["health_views"]
 );
+extension_sql_file!(
+    "../sql/98_plans.sql",
+    name = "plans",
+    requires = ["analytics"]
+);
 extension_sql_file!("../sql/99_security.sql", finalize);
 
 #[pg_guard]
