@@ -262,7 +262,7 @@ BEGIN
     CROSS JOIN LATERAL (SELECT CASE
         WHEN jsonb_typeof(e.item) IS DISTINCT FROM 'object' THEN format('result %s is not a JSON object', e.i)
         WHEN u.step_uuid IS NULL THEN format('result %s: step_uuid must be a uuid, got %s', e.i,
-                                             coalesce(e.item -> 'step_uuid', 'nothing'))
+                                             coalesce((e.item -> 'step_uuid')::text, 'nothing'))
         WHEN f.problem IS NOT NULL THEN format('result %s: %s', e.i, f.problem)
         WHEN pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END) > lim
             THEN format('result %s: the %s is %s bytes, more than the limit of %s bytes (limits.max_result_bytes)',

@@ -70,7 +70,10 @@ pub fn set_system(c: &mut Client, setting: &str, value: Option<&str>) {
         .get(0);
     for _ in 0..500 {
         let now: String = c
-            .query_one("SELECT coalesce(current_setting($1, true), '')", &[&setting])
+            .query_one(
+                "SELECT coalesce(current_setting($1, true), '')",
+                &[&setting],
+            )
             .unwrap()
             .get(0);
         if now == expected {

@@ -275,7 +275,42 @@ fn a_randomized_stress_run_keeps_every_invariant() {
                 while !stop.load(Ordering::SeqCst) {
                     let task = tasks[rand(tasks.len() as u64) as usize].to_string();
                     let r = match rand(10) {
-                        0..=5 => {
+                        0..=2 => {
+                            // the batched protocol: read through exchange,
+                            // answer the batch in one call (in a random order)
+                            let msgs = conn
+                                .query(
+                                    "SELECT message::text FROM tasker.exchange(ARRAY['cc_stress'], 'stress', NULL, 4, 5)",
+                                    &[],
+                                )
+                                .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>());
+                            match msgs {
+                                Err(e) => Err(e),
+                                Ok(msgs) => {
+                                    let mut results: Vec<Value> = msgs
+                                        .iter()
+                                        .map(|m| {
+                                            let m: Value = serde_json::from_str(m).unwrap();
+                                            let meta = json!({"attempt": m["attempt"]});
+                                            match rand(6) {
+                                                0 => json!({"step_uuid": m["step_uuid"], "status": "failure", "error": {"message": "flaky"}, "metadata": meta}),
+                                                1 => json!({"step_uuid": m["step_uuid"], "status": "failure", "error": {"message": "broken", "retryable": false}, "metadata": meta}),
+                                                _ => json!({"step_uuid": m["step_uuid"], "status": "success", "result": {"ok": 1}, "metadata": meta}),
+                                            }
+                                        })
+                                        .collect();
+                                    if results.len() > 1 && rand(2) == 0 {
+                                        results.reverse();
+                                    }
+                                    conn.query(
+                                        "SELECT * FROM tasker.submit_results($1::text::jsonb)",
+                                        &[&Value::from(results).to_string()],
+                                    )
+                                    .map(|_| ())
+                                }
+                            }
+                        }
+                        3..=5 => {
                             let msgs = conn
                                 .query(
                                     "SELECT message::text FROM pgmq.read('tasker_cc_stress_queue', 5, 3)",

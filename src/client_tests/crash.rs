@@ -154,7 +154,8 @@ fn kill_9_of_the_orchestrator_and_an_immediate_restart_lose_nothing() {
     let cluster = Arc::new(OwnCluster::start("crash"));
     {
         let mut c = cluster.connect();
-        c.batch_execute("CREATE EXTENSION pg_tasker CASCADE").unwrap();
+        c.batch_execute("CREATE EXTENSION pg_tasker CASCADE")
+            .unwrap();
         super::bgworker::set_system(&mut c, "pg_tasker.environment", Some("test"));
         let step = |n: &str, d: &[&str]| json!({"name": n, "dependencies": d, "handler": {"callable": "T"}, "retry": {"max_attempts": 10, "backoff": "none"}});
         let t = json!({"name": "chain", "namespace_name": "crash", "version": "1.0.0",

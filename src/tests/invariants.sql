@@ -42,6 +42,11 @@ CREATE FUNCTION tests.task_problems(p_task uuid) RETURNS SETOF text LANGUAGE sql
     FROM tasker.workflow_steps s LEFT JOIN tasker.step_transitions st ON st.step_uuid = s.step_uuid
     WHERE s.task_uuid = p_task GROUP BY s.name, s.transitions HAVING count(st.*) <> s.transitions
     UNION ALL
+    SELECT format('step %s: previous_state %s, its latest audit row came from %s', s.name, s.previous_state, st.from_state)
+    FROM tasker.workflow_steps s JOIN tasker.step_transitions st
+      ON st.step_uuid = s.step_uuid AND st.sort_key = s.transitions
+    WHERE s.task_uuid = p_task AND s.transitions > 1 AND st.from_state IS DISTINCT FROM s.previous_state
+    UNION ALL
     SELECT format('task: latest audit row says %s, the row %s', tt.to_state, t.state)
     FROM t JOIN tasker.task_transitions tt ON tt.task_uuid = t.task_uuid AND tt.sort_key = t.transitions
     WHERE tt.to_state <> t.state

@@ -4,6 +4,7 @@
 //! Client-side tests (real connections, commits, concurrency, processes)
 //! are in `src/client_tests/`.
 
+mod batches;
 pub mod helpers;
 mod maintenance;
 mod orchestration;

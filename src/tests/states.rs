@@ -103,15 +103,19 @@ mod tests {
             "pending,waiting_for_retry"
         );
         assert_eq!(
-            count("SELECT count(*) FROM unnest(enum_range(NULL::tasker.step_state)) s
+            count(
+                "SELECT count(*) FROM unnest(enum_range(NULL::tasker.step_state)) s
                    WHERE tasker.step_is_runnable(s, 0)
                      AND NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions t
-                                     WHERE t.from_state = s AND t.to_state = 'enqueued')"),
+                                     WHERE t.from_state = s AND t.to_state = 'enqueued')"
+            ),
             0
         );
         assert_eq!(
-            count("SELECT count(*) FROM tasker.step_state_transitions t
-                   WHERE t.to_state = 'enqueued' AND NOT tasker.step_is_runnable(t.from_state, 0)"),
+            count(
+                "SELECT count(*) FROM tasker.step_state_transitions t
+                   WHERE t.to_state = 'enqueued' AND NOT tasker.step_is_runnable(t.from_state, 0)"
+            ),
             0
         );
         // and _move_steps leaves enqueueing to it
