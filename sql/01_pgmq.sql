@@ -37,6 +37,12 @@ CREATE FUNCTION tasker._pgmq_table(queue text, kind text) RETURNS text
 LANGUAGE sql STABLE
 RETURN 'pgmq.' || pg_catalog.quote_ident(pgmq.format_table_name(queue, kind));
 
+-- The channel an enqueue into a queue NOTIFYs while workers wait on it
+-- (tasker.worker_idle). Clients get it from tasker.wake_channel(namespace).
+CREATE FUNCTION tasker.wake_channel_of_queue(queue text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN queue;
+
 CREATE FUNCTION tasker._pgmq_queue_exists(queue text) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN EXISTS (SELECT 1 FROM pgmq.meta m WHERE m.queue_name = queue);

@@ -287,3 +287,17 @@ CREATE TABLE tasker.task_archive (
 COMMENT ON TABLE tasker.task_archive IS
     'Finished tasks removed by retention under policy = "archive".';
 CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);
+
+-- Workers waiting for work (tasker.worker_idle): an enqueue NOTIFYs a
+-- queue's channel only while someone waits on it, so that busy systems do
+-- not pay for notifications (each NOTIFYing commit takes a cluster-wide
+-- lock). Unlogged: after a crash every worker re-registers when idle.
+CREATE UNLOGGED TABLE tasker.worker_waits (
+    queue_name  text NOT NULL,
+    worker_id   text NOT NULL,
+    backend_pid integer NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue_name, worker_id)
+);
+COMMENT ON TABLE tasker.worker_waits IS
+    'Idle workers LISTENing on a queue''s channel (tasker.wake_channel); kept by tasker.worker_idle.';

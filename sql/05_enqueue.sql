@@ -116,6 +116,10 @@ BEGIN
         )
         SELECT e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts, e.queue_msg_id
         FROM enq e, (SELECT count(*) FROM sent) s;
+        -- wake idle workers (delivered at commit, once per transaction)
+        IF FOUND AND EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q.queue_name) THEN
+            PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q.queue_name), '');
+        END IF;
     END LOOP;
 END
 $$;

@@ -108,6 +108,43 @@ BEGIN
 END
 $$;
 
+-- tasker.wake_channel(namespace) RETURNS text: the channel to LISTEN on
+-- for new messages in a namespace's queue (notified only while a worker is
+-- registered as idle with tasker.worker_idle). 42704 for an unknown
+-- namespace.
+CREATE FUNCTION tasker.wake_channel(namespace text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT tasker.wake_channel_of_queue(q.queue_name)
+            FROM tasker._namespace_queues(ARRAY[wake_channel.namespace]) q);
+END
+$$;
+
+-- tasker.worker_idle(namespaces, worker_id, idle) RETURNS void: a worker
+-- that found no work says so before it waits on the namespaces' channels
+-- (LISTEN tasker.wake_channel(ns)), and says it is busy again when it
+-- wakes. While a worker is idle on a queue, every enqueue into it NOTIFYs
+-- its channel. Registrations of backends that are gone are dropped here.
+CREATE FUNCTION tasker.worker_idle(namespaces text[], worker_id text, idle boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+BEGIN
+    IF worker_idle.worker_id IS NULL OR worker_idle.idle IS NULL THEN
+        RAISE EXCEPTION 'worker_id and idle must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM tasker.worker_waits w
+    WHERE w.worker_id = worker_idle.worker_id
+       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
+    IF worker_idle.idle THEN
+        INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
+        SELECT q.queue_name, worker_idle.worker_id, pg_catalog.pg_backend_pid()
+        FROM tasker._namespace_queues(worker_idle.namespaces) q
+        ON CONFLICT (queue_name, worker_id) DO UPDATE
+        SET backend_pid = EXCLUDED.backend_pid, since = now();
+    END IF;
+END
+$$;
+
 -- tasker.exchange(namespaces, worker_id, results, qty, visibility_timeout_seconds):
 -- the batched worker protocol, one round trip and one commit per batch:
 -- applies a batch of results (as tasker.submit_results; results that are

@@ -58,7 +58,11 @@ GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_app;
 -- Workers: take steps and report results.
 GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
                           tasker.read_steps(text, text, integer, integer),
-                          tasker.extend_lease(uuid, integer, integer)
+                          tasker.extend_lease(uuid, integer, integer),
+                          tasker.submit_results(jsonb),
+                          tasker.exchange(text[], text, jsonb, integer, integer),
+                          tasker.wake_channel(text),
+                          tasker.worker_idle(text[], text, boolean)
     TO tasker_worker;
 
 -- Orchestration and operator actions.

@@ -242,6 +242,12 @@ CREATE FUNCTION tasker._pgmq_table(queue text, kind text) RETURNS text
 LANGUAGE sql STABLE
 RETURN 'pgmq.' || pg_catalog.quote_ident(pgmq.format_table_name(queue, kind));
 
+-- The channel an enqueue into a queue NOTIFYs while workers wait on it
+-- (tasker.worker_idle). Clients get it from tasker.wake_channel(namespace).
+CREATE FUNCTION tasker.wake_channel_of_queue(queue text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN queue;
+
 CREATE FUNCTION tasker._pgmq_queue_exists(queue text) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN EXISTS (SELECT 1 FROM pgmq.meta m WHERE m.queue_name = queue);
@@ -925,6 +931,20 @@ CREATE TABLE tasker.task_archive (
 COMMENT ON TABLE tasker.task_archive IS
     'Finished tasks removed by retention under policy = "archive".';
 CREATE INDEX task_archive_archived_at_idx ON tasker.task_archive (archived_at);
+
+-- Workers waiting for work (tasker.worker_idle): an enqueue NOTIFYs a
+-- queue's channel only while someone waits on it, so that busy systems do
+-- not pay for notifications (each NOTIFYing commit takes a cluster-wide
+-- lock). Unlogged: after a crash every worker re-registers when idle.
+CREATE UNLOGGED TABLE tasker.worker_waits (
+    queue_name  text NOT NULL,
+    worker_id   text NOT NULL,
+    backend_pid integer NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue_name, worker_id)
+);
+COMMENT ON TABLE tasker.worker_waits IS
+    'Idle workers LISTENing on a queue''s channel (tasker.wake_channel); kept by tasker.worker_idle.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1535,6 +1555,10 @@ BEGIN
         )
         SELECT e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts, e.queue_msg_id
         FROM enq e, (SELECT count(*) FROM sent) s;
+        -- wake idle workers (delivered at commit, once per transaction)
+        IF FOUND AND EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q.queue_name) THEN
+            PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q.queue_name), '');
+        END IF;
     END LOOP;
 END
 $$;
@@ -2159,7 +2183,7 @@ BEGIN
     CROSS JOIN LATERAL (SELECT CASE
         WHEN jsonb_typeof(e.item) IS DISTINCT FROM 'object' THEN format('result %s is not a JSON object', e.i)
         WHEN u.step_uuid IS NULL THEN format('result %s: step_uuid must be a uuid, got %s', e.i,
-                                             coalesce(e.item -> 'step_uuid', 'nothing'))
+                                             coalesce((e.item -> 'step_uuid')::text, 'nothing'))
         WHEN f.problem IS NOT NULL THEN format('result %s: %s', e.i, f.problem)
         WHEN pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END) > lim
             THEN format('result %s: the %s is %s bytes, more than the limit of %s bytes (limits.max_result_bytes)',
@@ -2337,6 +2361,43 @@ BEGIN
     SELECT * INTO q FROM tasker._namespace_queues(ARRAY[read_steps.namespace]);
     RETURN QUERY SELECT * FROM tasker._read_steps(q.namespace, q.queue_name, read_steps.worker_id,
                                                   read_steps.qty, v_vt);
+END
+$$;
+
+-- tasker.wake_channel(namespace) RETURNS text: the channel to LISTEN on
+-- for new messages in a namespace's queue (notified only while a worker is
+-- registered as idle with tasker.worker_idle). 42704 for an unknown
+-- namespace.
+CREATE FUNCTION tasker.wake_channel(namespace text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT tasker.wake_channel_of_queue(q.queue_name)
+            FROM tasker._namespace_queues(ARRAY[wake_channel.namespace]) q);
+END
+$$;
+
+-- tasker.worker_idle(namespaces, worker_id, idle) RETURNS void: a worker
+-- that found no work says so before it waits on the namespaces' channels
+-- (LISTEN tasker.wake_channel(ns)), and says it is busy again when it
+-- wakes. While a worker is idle on a queue, every enqueue into it NOTIFYs
+-- its channel. Registrations of backends that are gone are dropped here.
+CREATE FUNCTION tasker.worker_idle(namespaces text[], worker_id text, idle boolean DEFAULT true)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+BEGIN
+    IF worker_idle.worker_id IS NULL OR worker_idle.idle IS NULL THEN
+        RAISE EXCEPTION 'worker_id and idle must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM tasker.worker_waits w
+    WHERE w.worker_id = worker_idle.worker_id
+       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
+    IF worker_idle.idle THEN
+        INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
+        SELECT q.queue_name, worker_idle.worker_id, pg_catalog.pg_backend_pid()
+        FROM tasker._namespace_queues(worker_idle.namespaces) q
+        ON CONFLICT (queue_name, worker_id) DO UPDATE
+        SET backend_pid = EXCLUDED.backend_pid, since = now();
+    END IF;
 END
 $$;
 
@@ -3499,7 +3560,7 @@ $$;
 CREATE FUNCTION tasker._operations() RETURNS text[]
 LANGUAGE sql IMMUTABLE
 RETURN ARRAY[
-    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease',
+    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease', 'worker_idle',
     'cancel_task', 'resolve_task_manually', 'retry_step', 'resolve_step_manually',
     '_run_cycle', 'run_orchestration_cycle', 'claim_ready_tasks', 'release_task_claim', 'extend_task_claim',
     '_recover_attempts', '_detect_stale', '_ingest_requests', 'dlq_requeue', 'dlq_resolve'];
@@ -3587,7 +3648,11 @@ GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_app;
 -- Workers: take steps and report results.
 GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
                           tasker.read_steps(text, text, integer, integer),
-                          tasker.extend_lease(uuid, integer, integer)
+                          tasker.extend_lease(uuid, integer, integer),
+                          tasker.submit_results(jsonb),
+                          tasker.exchange(text[], text, jsonb, integer, integer),
+                          tasker.wake_channel(text),
+                          tasker.worker_idle(text[], text, boolean)
     TO tasker_worker;
 
 -- Orchestration and operator actions.
@@ -3670,7 +3735,8 @@ INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, state, 
                                    inputs, retryable, max_attempts, attempts, budget_offset, backoff,
                                    backoff_base_ms, max_backoff_ms, jitter, timeout_seconds, total_parents,
                                    pending_parents, results, last_error, next_retry_at, queue_msg_id,
-                                   enqueued_at, started_at, completed_at, transitions, created_at, updated_at)
+                                   enqueued_at, started_at, completed_at, transitions, previous_state,
+                                   created_at, updated_at)
 SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state, s.handler_callable,
        s.handler_method, s.inputs, s.retryable, s.max_attempts, s.attempts, 0, s.backoff::tasker.backoff, s.backoff_base_ms,
        s.max_backoff_ms, s.jitter, s.timeout_seconds, s.total_parents, s.pending_parents, s.results,
@@ -3682,6 +3748,8 @@ SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state,
              WHERE x.step_uuid = s.step_uuid AND x.to_state = 'in_progress'), s.updated_at) END,
        CASE WHEN s.state IN ('complete', 'resolved_manually') THEN coalesce(s.completed_at, s.updated_at) END,
        coalesce((SELECT max(x.sort_key) FROM tasker_0_1_0.step_transitions x WHERE x.step_uuid = s.step_uuid), 1),
+       (SELECT x.from_state::tasker.step_state FROM tasker_0_1_0.step_transitions x
+         WHERE x.step_uuid = s.step_uuid ORDER BY x.sort_key DESC LIMIT 1),
        s.created_at, s.updated_at
 FROM tasker_0_1_0.workflow_steps s;
 

@@ -44,7 +44,8 @@ INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, state, 
                                    inputs, retryable, max_attempts, attempts, budget_offset, backoff,
                                    backoff_base_ms, max_backoff_ms, jitter, timeout_seconds, total_parents,
                                    pending_parents, results, last_error, next_retry_at, queue_msg_id,
-                                   enqueued_at, started_at, completed_at, transitions, created_at, updated_at)
+                                   enqueued_at, started_at, completed_at, transitions, previous_state,
+                                   created_at, updated_at)
 SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state, s.handler_callable,
        s.handler_method, s.inputs, s.retryable, s.max_attempts, s.attempts, 0, s.backoff::tasker.backoff, s.backoff_base_ms,
        s.max_backoff_ms, s.jitter, s.timeout_seconds, s.total_parents, s.pending_parents, s.results,
@@ -56,6 +57,8 @@ SELECT s.step_uuid, s.task_uuid, s.name, s.position, s.state::tasker.step_state,
              WHERE x.step_uuid = s.step_uuid AND x.to_state = 'in_progress'), s.updated_at) END,
        CASE WHEN s.state IN ('complete', 'resolved_manually') THEN coalesce(s.completed_at, s.updated_at) END,
        coalesce((SELECT max(x.sort_key) FROM tasker_0_1_0.step_transitions x WHERE x.step_uuid = s.step_uuid), 1),
+       (SELECT x.from_state::tasker.step_state FROM tasker_0_1_0.step_transitions x
+         WHERE x.step_uuid = s.step_uuid ORDER BY x.sort_key DESC LIMIT 1),
        s.created_at, s.updated_at
 FROM tasker_0_1_0.workflow_steps s;
 

@@ -162,10 +162,53 @@ where
     }
 }
 
+/// A connection inside the transaction a transactional handler runs in
+/// (see [`Registry::register_transactional`]). Its statements commit
+/// together with the step's result, or not at all.
+#[derive(Clone)]
+pub struct Tx {
+    client: Arc<tokio_postgres::Client>,
+}
+
+impl Tx {
+    pub(crate) fn new(client: Arc<tokio_postgres::Client>) -> Self {
+        Tx { client }
+    }
+
+    /// The connection; do not COMMIT or ROLLBACK on it (the runtime does).
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+/// A step handler whose database writes commit in one transaction with the
+/// step's result. Closures `Fn(StepContext, Tx) -> impl Future<Output =
+/// Outcome>` implement it.
+pub trait TxStepHandler: Send + Sync + 'static {
+    fn handle(&self, step: StepContext, tx: Tx) -> HandlerFuture;
+}
+
+impl<F, Fut> TxStepHandler for F
+where
+    F: Fn(StepContext, Tx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    fn handle(&self, step: StepContext, tx: Tx) -> HandlerFuture {
+        Box::pin(self(step, tx))
+    }
+}
+
+/// A registered handler.
+#[derive(Clone)]
+pub enum Handler {
+    Plain(Arc<dyn StepHandler>),
+    Transactional(Arc<dyn TxStepHandler>),
+}
+
 /// Handlers by `handler.callable`.
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<String, Arc<dyn StepHandler>>,
+    handlers: HashMap<String, Handler>,
 }
 
 impl Registry {
@@ -178,11 +221,29 @@ impl Registry {
         callable: impl Into<String>,
         handler: impl StepHandler,
     ) -> &mut Self {
-        self.handlers.insert(callable.into(), Arc::new(handler));
+        self.handlers
+            .insert(callable.into(), Handler::Plain(Arc::new(handler)));
         self
     }
 
-    pub fn get(&self, callable: &str) -> Option<Arc<dyn StepHandler>> {
+    /// A handler that writes to the same database: it runs inside a
+    /// transaction ([`Tx`]) in which the runtime also submits its success,
+    /// and that commits only if the database applies the result. A crash
+    /// before the commit leaves no effect and the step runs again; after
+    /// the commit it never runs again; a late duplicate attempt (its lease
+    /// expired and another worker settled the step) is rolled back. A
+    /// failure rolls the handler's writes back and is reported as usual.
+    pub fn register_transactional(
+        &mut self,
+        callable: impl Into<String>,
+        handler: impl TxStepHandler,
+    ) -> &mut Self {
+        self.handlers
+            .insert(callable.into(), Handler::Transactional(Arc::new(handler)));
+        self
+    }
+
+    pub fn get(&self, callable: &str) -> Option<Handler> {
         self.handlers.get(callable).cloned()
     }
 

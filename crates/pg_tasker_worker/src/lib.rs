@@ -2,9 +2,12 @@
 //!
 //! A worker reads step messages from its namespaces' pgmq queues, runs the
 //! handler named by each message's `handler.callable`, and reports the
-//! outcome with `tasker.submit_result`. That is the whole protocol
-//! (docs/worker-protocol.md); this crate adds concurrency, lease extension,
-//! timeouts, reconnection and graceful shutdown.
+//! outcome. This crate speaks the batched protocol (docs/worker-protocol.md):
+//! one `tasker.exchange` call sends the finished results and takes the next
+//! messages, one round trip and one commit per batch; idle workers wait for
+//! a NOTIFY instead of polling. It adds concurrency, lease extension,
+//! timeouts, transactional handlers (database writes committed with the
+//! result, exactly once), reconnection and graceful shutdown.
 //!
 //! ```no_run
 //! use pg_tasker_worker::{Outcome, Registry, StepContext, WorkerOptions};
@@ -24,5 +27,7 @@ mod handler;
 mod runtime;
 pub mod testing;
 
-pub use handler::{HandlerFuture, Outcome, Registry, StepContext, StepHandler, StepMessage};
+pub use handler::{
+    Handler, HandlerFuture, Outcome, Registry, StepContext, StepHandler, StepMessage, Tx, TxStepHandler,
+};
 pub use runtime::{run, Stats, WorkerOptions};
