@@ -128,6 +128,7 @@ $$;
 CREATE FUNCTION tasker.worker_idle(namespaces text[], worker_id text, idle boolean DEFAULT true)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+#variable_conflict use_column
 BEGIN
     IF worker_idle.worker_id IS NULL OR worker_idle.idle IS NULL THEN
         RAISE EXCEPTION 'worker_id and idle must not be NULL' USING ERRCODE = '22004';

@@ -611,3 +611,95 @@ fn duplicate_and_late_submissions_say_so_with_a_notice() {
         .get(0);
     assert_eq!(results, "1", "the first result stands");
 }
+
+#[test]
+fn enqueues_notify_a_queue_channel_only_while_a_worker_waits_on_it() {
+    let mut c = connect();
+    register(
+        &mut c,
+        &template("co_wake", "flow", vec![step("a", &[]), step("b", &["a"])]),
+    );
+    let mut listener = other_connection(&mut c);
+    let channel: String = listener
+        .query_one("SELECT tasker.wake_channel('co_wake')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(channel, "tasker_co_wake_queue");
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+    let mut wait = |listener: &mut Client| -> usize {
+        let mut n = 0;
+        let mut notes = listener.notifications();
+        let mut it = notes.timeout_iter(Duration::from_millis(300));
+        while let Ok(Some(note)) = postgres::fallible_iterator::FallibleIterator::next(&mut it) {
+            assert_eq!(note.channel(), channel);
+            n += 1;
+        }
+        n
+    };
+    // nobody registered as idle: no notification (busy systems pay nothing)
+    create(&mut c, "co_wake", "flow");
+    assert_eq!(wait(&mut listener), 0);
+    // idle: every committed enqueue notifies, once per transaction
+    listener
+        .execute(
+            "SELECT tasker.worker_idle(ARRAY['co_wake'], 'w1', true)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM tasker.worker_waits WHERE worker_id = 'w1'"
+        ),
+        1
+    );
+    c.batch_execute(
+        "BEGIN; SELECT tasker.create_task('co_wake', 'flow') FROM generate_series(1, 3); COMMIT",
+    )
+    .unwrap();
+    assert_eq!(wait(&mut listener), 1);
+    // a rolled-back enqueue does not
+    c.batch_execute("BEGIN; SELECT tasker.create_task('co_wake', 'flow'); ROLLBACK")
+        .unwrap();
+    assert_eq!(wait(&mut listener), 0);
+    // busy again: none
+    listener
+        .execute(
+            "SELECT tasker.worker_idle(ARRAY['co_wake'], 'w1', false)",
+            &[],
+        )
+        .unwrap();
+    create(&mut c, "co_wake", "flow");
+    assert_eq!(wait(&mut listener), 0);
+    // the registration of a backend that is gone is dropped by the next call
+    listener
+        .execute(
+            "SELECT tasker.worker_idle(ARRAY['co_wake'], 'w1', true)",
+            &[],
+        )
+        .unwrap();
+    drop(listener);
+    std::thread::sleep(Duration::from_millis(200));
+    c.execute(
+        "SELECT tasker.worker_idle(ARRAY['co_wake'], 'w2', false)",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM tasker.worker_waits WHERE worker_id = 'w1'"
+        ),
+        0
+    );
+    let e = c
+        .query_one("SELECT tasker.wake_channel('co_nope')", &[])
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&postgres::error::SqlState::UNDEFINED_OBJECT),
+        "{e}"
+    );
+}

@@ -28,6 +28,7 @@ mod runtime;
 pub mod testing;
 
 pub use handler::{
-    Handler, HandlerFuture, Outcome, Registry, StepContext, StepHandler, StepMessage, Tx, TxStepHandler,
+    Handler, HandlerFuture, Outcome, Registry, StepContext, StepHandler, StepMessage, Tx,
+    TxStepHandler,
 };
 pub use runtime::{run, Stats, WorkerOptions};

@@ -411,19 +411,30 @@ pub async fn run(
                     };
                     sql.push_str(&format!("LISTEN \"{}\";", ch.replace('"', "\"\"")));
                 }
-                if client.batch_execute(&sql).await.is_ok() {
-                    listening = true;
+                match client.batch_execute(&sql).await {
+                    Ok(()) => listening = true,
+                    Err(e) => log(format!(
+                        "cannot LISTEN ({e}); polling every {:?}",
+                        options.poll_interval
+                    )),
                 }
             }
-            if client
+            match client
                 .execute(
                     "SELECT tasker.worker_idle($1, $2, true)",
                     &[&options.namespaces, &options.worker_id],
                 )
                 .await
-                .is_ok()
             {
-                idle = true;
+                Ok(_) => idle = true,
+                Err(e) => {
+                    log(format!("could not register as idle ({e}); polling"));
+                    tokio::select! {
+                        _ = &mut shutdown => break 'exchange,
+                        _ = shared.finished.notified() => {}
+                        _ = tokio::time::sleep(options.poll_interval) => {}
+                    }
+                }
             }
             continue;
         }
@@ -546,7 +557,10 @@ async fn process(shared: &Shared, ctx: StepContext) {
             "worker_id": options.worker_id,
             "execution_time_ms": started.elapsed().as_secs_f64() * 1000.0,
         });
-        if let Outcome::Success { metadata: extra, .. } = outcome {
+        if let Outcome::Success {
+            metadata: extra, ..
+        } = outcome
+        {
             if extra.as_object().is_some_and(|x| !x.is_empty()) {
                 m["handler"] = extra.clone();
             }
@@ -616,7 +630,9 @@ where
         Err(e) => return Some(Outcome::retryable(format!("no database connection: {e}"))),
     };
     if let Err(e) = client.batch_execute("BEGIN").await {
-        return Some(Outcome::retryable(format!("cannot begin a transaction: {e}")));
+        return Some(Outcome::retryable(format!(
+            "cannot begin a transaction: {e}"
+        )));
     }
     let outcome = guarded(tokio::spawn(handler.handle(ctx, Tx::new(client.clone())))).await;
     let give_back = |client: Arc<Client>| {

@@ -1,0 +1,320 @@
+//! The SDK runtime in-process against a throwaway cluster: transactional
+//! handlers commit their writes exactly once (a crash before COMMIT leaves
+//! nothing, a duplicate attempt is rolled back), and idle workers are woken
+//! by NOTIFY instead of polling.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use pg_tasker_worker::testing::Cluster;
+use pg_tasker_worker::{Outcome, Registry, StepContext, Tx, WorkerOptions};
+use postgres::{Client, NoTls};
+use serde_json::json;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn setup(tag: &str) -> (Cluster, Client) {
+    let cluster = Cluster::start(&repo(), tag);
+    let mut db = Client::connect(&cluster.url(), NoTls).expect("connect");
+    db.batch_execute(
+        "CREATE EXTENSION pg_tasker CASCADE;
+         CREATE TABLE effects (step_uuid uuid, attempt int, read_ct int);",
+    )
+    .unwrap();
+    let t = json!({"name": "flow", "namespace_name": "txn", "version": "1.0.0",
+                   "steps": [{"name": "a", "handler": {"callable": "Effect"}},
+                             {"name": "b", "dependencies": ["a"], "handler": {"callable": "Effect"}}]});
+    db.execute(
+        "SELECT tasker.register_template($1::text::jsonb)",
+        &[&t.to_string()],
+    )
+    .unwrap();
+    (cluster, db)
+}
+
+fn options(cluster: &Cluster, poll: Duration, vt: Duration) -> WorkerOptions {
+    let mut o = WorkerOptions::new(cluster.url(), vec!["txn".into()]);
+    o.poll_interval = poll;
+    o.visibility_timeout = vt;
+    o.shutdown_timeout = Duration::from_secs(2);
+    o.worker_id = format!("w-{}", std::process::id());
+    o
+}
+
+fn create(db: &mut Client, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            db.query_one("SELECT tasker.create_task('txn', 'flow')::text", &[])
+                .unwrap()
+                .get(0)
+        })
+        .collect()
+}
+
+fn count(db: &mut Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).unwrap().get(0)
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn record(step: &StepContext, tx: &Tx) {
+    tx.client()
+        .execute(
+            "INSERT INTO effects VALUES ($1::text::uuid, $2, $3)",
+            &[
+                &step.message.step_uuid,
+                &(step.message.attempt as i32),
+                &step.read_ct,
+            ],
+        )
+        .await
+        .unwrap();
+}
+
+/// Runs a worker on a runtime of its own, on a thread; `stop` ends it
+/// gracefully, dropping the returned runtime handle kills it (its
+/// connections close without COMMIT, as in a crash).
+struct Running {
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: mpsc::Receiver<pg_tasker_worker::Stats>,
+}
+
+fn start(options: WorkerOptions, registry: Registry) -> Running {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done) = mpsc::channel();
+    runtime.spawn(async move {
+        let stats = pg_tasker_worker::run(options, registry, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        let _ = done_tx.send(stats);
+    });
+    Running {
+        runtime: Some(runtime),
+        stop: Some(stop),
+        done,
+    }
+}
+
+impl Running {
+    fn stop(mut self) -> pg_tasker_worker::Stats {
+        let _ = self.stop.take().unwrap().send(());
+        let stats = self.done.recv_timeout(Duration::from_secs(20)).unwrap();
+        self.runtime
+            .take()
+            .unwrap()
+            .shutdown_timeout(Duration::from_secs(2));
+        stats
+    }
+
+    fn crash(mut self) {
+        self.runtime.take().unwrap().shutdown_background();
+    }
+}
+
+#[test]
+fn transactional_handlers_commit_their_writes_exactly_once() {
+    let (cluster, mut db) = setup("sdk_tx");
+    let tasks = create(&mut db, 3);
+
+    // 1. a worker that crashes after its handlers wrote, before COMMIT
+    let (wrote_tx, wrote) = mpsc::channel::<()>();
+    let wrote_tx = Arc::new(std::sync::Mutex::new(wrote_tx));
+    let mut registry = Registry::new();
+    registry.register_transactional("Effect", move |step: StepContext, tx: Tx| {
+        let wrote_tx = wrote_tx.clone();
+        async move {
+            record(&step, &tx).await;
+            let _ = wrote_tx.lock().unwrap().send(());
+            // the crash point: never returns
+            std::future::pending::<()>().await;
+            Outcome::success(json!({}))
+        }
+    });
+    let first = start(
+        options(&cluster, Duration::from_millis(50), Duration::from_secs(2)),
+        registry,
+    );
+    for _ in 0..3 {
+        wrote.recv_timeout(Duration::from_secs(20)).unwrap();
+    }
+    first.crash();
+    // nothing of the crashed attempts is left
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&mut db, "SELECT count(*) FROM effects"), 0);
+
+    // 2. a healthy worker: the messages come back after their lease, each
+    // step's effect commits once, with its result
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    let r = runs.clone();
+    registry.register_transactional("Effect", move |step: StepContext, tx: Tx| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            record(&step, &tx).await;
+            Outcome::success(json!({"done": step.message.step_name}))
+        }
+    });
+    let second = start(
+        options(&cluster, Duration::from_millis(50), Duration::from_secs(2)),
+        registry,
+    );
+    wait_until("every task complete", Duration::from_secs(30), || {
+        count(
+            &mut db,
+            "SELECT count(*) FROM tasker.tasks WHERE state = 'complete'",
+        ) == 3
+    });
+    // after the commit, never again: wait past a lease
+    std::thread::sleep(Duration::from_millis(2500));
+    let stats = second.stop();
+    assert_eq!(runs.load(Ordering::SeqCst), 6, "{stats:?}");
+    assert_eq!(count(&mut db, "SELECT count(*) FROM effects"), 6);
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM (SELECT step_uuid FROM effects GROUP BY 1 HAVING count(*) > 1) d"
+        ),
+        0
+    );
+    // the a steps ran again after the crash (second delivery of attempt 1)
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM effects e JOIN tasker.workflow_steps s USING (step_uuid)
+              WHERE s.name = 'a' AND e.attempt = 1 AND e.read_ct = 2"
+        ),
+        3
+    );
+    assert_eq!(
+        count(&mut db, "SELECT count(*) FROM pgmq.q_tasker_txn_queue"),
+        0
+    );
+    drop(tasks);
+}
+
+#[test]
+fn a_duplicate_transactional_attempt_is_rolled_back() {
+    let (cluster, mut db) = setup("sdk_dup");
+    create(&mut db, 1);
+    // the first delivery blocks until the test lets it go
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let (started_tx, started) = mpsc::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let mut registry = Registry::new();
+    registry.register_transactional("Effect", move |step: StepContext, tx: Tx| {
+        let (mut go, started_tx) = (go.clone(), started_tx.clone());
+        async move {
+            record(&step, &tx).await;
+            if step.read_ct == 1 {
+                let _ = started_tx.lock().unwrap().send(());
+                while !*go.borrow() {
+                    go.changed().await.unwrap();
+                }
+            }
+            Outcome::success(json!({"read_ct": step.read_ct}))
+        }
+    });
+    let slow = start(
+        options(&cluster, Duration::from_millis(50), Duration::from_secs(30)),
+        registry.clone(),
+    );
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    // its lease ends early (as if it had stalled): another worker takes
+    // the message and settles the step
+    db.batch_execute("UPDATE pgmq.q_tasker_txn_queue SET vt = now()")
+        .unwrap();
+    let fast = start(
+        options(&cluster, Duration::from_millis(50), Duration::from_secs(30)),
+        registry,
+    );
+    wait_until(
+        "step a settled by the second worker",
+        Duration::from_secs(20),
+        || {
+            count(
+            &mut db,
+            "SELECT count(*) FROM tasker.workflow_steps WHERE name = 'a' AND state = 'complete'",
+        ) == 1
+        },
+    );
+    // the first one finishes now: its result is stale, its effect rolled back
+    go_tx.send(true).unwrap();
+    wait_until("the task complete", Duration::from_secs(20), || {
+        count(
+            &mut db,
+            "SELECT count(*) FROM tasker.tasks WHERE state = 'complete'",
+        ) == 1
+    });
+    let s1 = slow.stop();
+    let s2 = fast.stop();
+    assert_eq!(s1.ignored + s2.ignored, 1, "{s1:?} {s2:?}");
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM effects e JOIN tasker.workflow_steps s USING (step_uuid) WHERE s.name = 'a'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT (results->>'read_ct')::bigint FROM tasker.workflow_steps WHERE name = 'a'"
+        ),
+        2
+    );
+}
+
+#[test]
+fn idle_workers_are_woken_by_notify_not_by_polling() {
+    let (cluster, mut db) = setup("sdk_wake");
+    let mut registry = Registry::new();
+    registry.register("Effect", |_step: StepContext| async move {
+        Outcome::success(json!({}))
+    });
+    // the fallback poll is far longer than the test waits
+    let worker = start(
+        options(&cluster, Duration::from_secs(60), Duration::from_secs(30)),
+        registry,
+    );
+    wait_until(
+        "the worker registered as idle",
+        Duration::from_secs(20),
+        || count(&mut db, "SELECT count(*) FROM tasker.worker_waits") == 1,
+    );
+    let started = Instant::now();
+    create(&mut db, 1);
+    wait_until("the task complete", Duration::from_secs(10), || {
+        count(
+            &mut db,
+            "SELECT count(*) FROM tasker.tasks WHERE state = 'complete'",
+        ) == 1
+    });
+    let took = started.elapsed();
+    let stats = worker.stop();
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stats:?}");
+    assert!(stats.notified >= 1, "{stats:?}");
+    // a stopped worker is no longer registered
+    assert_eq!(
+        count(&mut db, "SELECT count(*) FROM tasker.worker_waits"),
+        0
+    );
+}
