@@ -2,8 +2,9 @@
 --
 -- This file and src/pgmq.rs are the only places that know pgmq's tables,
 -- columns and sequences. Table names come from pgmq's own naming helper
--- (pgmq.format_table_name); the hot-path send and archive statements are
--- kept plans in src/pgmq.rs (tasker._pgmq_send, tasker._pgmq_archive).
+-- (pgmq.format_table_name); the hot-path send, read and archive statements
+-- are kept plans in src/pgmq.rs (tasker._pgmq_send, tasker._pgmq_read,
+-- tasker._pgmq_archive).
 
 -- The pgmq versions pg_tasker works with. Checked at CREATE EXTENSION,
 -- ALTER EXTENSION UPDATE and whenever a queue is created.
@@ -88,14 +89,8 @@ BEGIN
 END
 $$;
 
--- Reads up to qty messages, leasing each for vt seconds (pgmq.read).
-CREATE FUNCTION tasker._pgmq_read(queue text, vt integer, qty integer)
-RETURNS TABLE (msg_id bigint, read_ct integer, message jsonb)
-LANGUAGE plpgsql ROWS 10 AS $$
-BEGIN
-    RETURN QUERY SELECT r.msg_id, r.read_ct, r.message FROM pgmq.read(queue, vt, qty) r;
-END
-$$;
+-- (tasker._pgmq_read(queue, vt, qty), pgmq.read's statement as a kept
+-- plan, is in src/pgmq.rs.)
 
 -- Messages that were delivered and whose lease has ended without an
 -- archive: candidates for lost-attempt and timeout recovery.

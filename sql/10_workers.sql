@@ -17,10 +17,10 @@ DECLARE
     v_messages jsonb[];
     v_start uuid[];
 BEGIN
-    SELECT array_agg(r.msg_id ORDER BY r.msg_id), array_agg(r.read_ct ORDER BY r.msg_id),
-           array_agg(r.message ORDER BY r.msg_id)
+    SELECT array_agg((r ->> 'msg_id')::bigint ORDER BY i), array_agg((r ->> 'read_ct')::integer ORDER BY i),
+           array_agg(r -> 'message' ORDER BY i)
     INTO v_ids, v_counts, v_messages
-    FROM tasker._pgmq_read(p_queue, p_vt, p_qty) r;
+    FROM unnest(tasker._pgmq_read(p_queue, p_vt, p_qty)) WITH ORDINALITY AS x(r, i);
     IF v_ids IS NULL THEN
         RETURN;
     END IF;

@@ -258,7 +258,8 @@ DECLARE
     v_rejected jsonb := '[]';
 BEGIN
     PERFORM tasker._ensure_request_queue(p_queue);
-    FOR m IN SELECT r.msg_id, r.message FROM tasker._pgmq_read(p_queue, p_vt, p_batch) r ORDER BY r.msg_id LOOP
+    FOR m IN SELECT (r ->> 'msg_id')::bigint AS msg_id, r -> 'message' AS message
+             FROM unnest(tasker._pgmq_read(p_queue, p_vt, p_batch)) WITH ORDINALITY AS x(r, i) ORDER BY i LOOP
         BEGIN
             v_task := tasker._create_task_from_request(m.message);
             v_created := v_created || jsonb_build_object('msg_id', m.msg_id, 'task_uuid', v_task);

@@ -207,8 +207,9 @@ SELECT 'error', 'steps_in_process', 'dlq_requeue';
 --
 -- This file and src/pgmq.rs are the only places that know pgmq's tables,
 -- columns and sequences. Table names come from pgmq's own naming helper
--- (pgmq.format_table_name); the hot-path send and archive statements are
--- kept plans in src/pgmq.rs (tasker._pgmq_send, tasker._pgmq_archive).
+-- (pgmq.format_table_name); the hot-path send, read and archive statements
+-- are kept plans in src/pgmq.rs (tasker._pgmq_send, tasker._pgmq_read,
+-- tasker._pgmq_archive).
 
 -- The pgmq versions pg_tasker works with. Checked at CREATE EXTENSION,
 -- ALTER EXTENSION UPDATE and whenever a queue is created.
@@ -293,14 +294,8 @@ BEGIN
 END
 $$;
 
--- Reads up to qty messages, leasing each for vt seconds (pgmq.read).
-CREATE FUNCTION tasker._pgmq_read(queue text, vt integer, qty integer)
-RETURNS TABLE (msg_id bigint, read_ct integer, message jsonb)
-LANGUAGE plpgsql ROWS 10 AS $$
-BEGIN
-    RETURN QUERY SELECT r.msg_id, r.read_ct, r.message FROM pgmq.read(queue, vt, qty) r;
-END
-$$;
+-- (tasker._pgmq_read(queue, vt, qty), pgmq.read's statement as a kept
+-- plan, is in src/pgmq.rs.)
 
 -- Messages that were delivered and whose lease has ended without an
 -- archive: candidates for lost-attempt and timeout recovery.
@@ -409,7 +404,7 @@ AS 'MODULE_PATHNAME', '_materialise_template_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:91
+-- src/pgmq.rs:115
 -- pg_tasker::pgmq::_pgmq_archive
 CREATE  FUNCTION "_pgmq_archive"(
 	"queue" TEXT, /* & str */
@@ -421,7 +416,15 @@ AS 'MODULE_PATHNAME', '_pgmq_archive_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:71
+-- src/pgmq.rs:131
+-- pg_tasker::pgmq::_pgmq_read
+
+CREATE FUNCTION tasker."_pgmq_read"(queue text, vt integer, qty integer) RETURNS jsonb[]
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '_pgmq_read_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/pgmq.rs:95
 -- pg_tasker::pgmq::_pgmq_send
 CREATE  FUNCTION "_pgmq_send"(
 	"queue" TEXT, /* & str */
@@ -2273,10 +2276,10 @@ DECLARE
     v_messages jsonb[];
     v_start uuid[];
 BEGIN
-    SELECT array_agg(r.msg_id ORDER BY r.msg_id), array_agg(r.read_ct ORDER BY r.msg_id),
-           array_agg(r.message ORDER BY r.msg_id)
+    SELECT array_agg((r ->> 'msg_id')::bigint ORDER BY i), array_agg((r ->> 'read_ct')::integer ORDER BY i),
+           array_agg(r -> 'message' ORDER BY i)
     INTO v_ids, v_counts, v_messages
-    FROM tasker._pgmq_read(p_queue, p_vt, p_qty) r;
+    FROM unnest(tasker._pgmq_read(p_queue, p_vt, p_qty)) WITH ORDINALITY AS x(r, i);
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -3143,7 +3146,8 @@ DECLARE
     v_rejected jsonb := '[]';
 BEGIN
     PERFORM tasker._ensure_request_queue(p_queue);
-    FOR m IN SELECT r.msg_id, r.message FROM tasker._pgmq_read(p_queue, p_vt, p_batch) r ORDER BY r.msg_id LOOP
+    FOR m IN SELECT (r ->> 'msg_id')::bigint AS msg_id, r -> 'message' AS message
+             FROM unnest(tasker._pgmq_read(p_queue, p_vt, p_batch)) WITH ORDINALITY AS x(r, i) ORDER BY i LOOP
         BEGIN
             v_task := tasker._create_task_from_request(m.message);
             v_created := v_created || jsonb_build_object('msg_id', m.msg_id, 'task_uuid', v_task);

@@ -628,7 +628,7 @@ fn enqueues_notify_a_queue_channel_only_while_a_worker_waits_on_it() {
     listener
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();
-    let mut wait = |listener: &mut Client| -> usize {
+    let wait = |listener: &mut Client| -> usize {
         let mut n = 0;
         let mut notes = listener.notifications();
         let mut it = notes.timeout_iter(Duration::from_millis(300));

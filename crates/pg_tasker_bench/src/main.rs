@@ -98,33 +98,78 @@ fn register(db: &mut Client, t: &Value) {
     .unwrap();
 }
 
-/// One no-op worker on its own connection: read up to 10 step messages,
-/// report each as a success; until `total` steps are done across workers.
+/// How a no-op worker talks to pg_tasker.
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    /// The plain protocol, one message per read: pgmq.read(q, 30, 1), then
+    /// tasker.submit_result.
+    Plain,
+    /// The batched protocol: tasker.exchange with the previous batch's
+    /// results and room for `n` messages; one round trip, one commit.
+    Batched(i32),
+}
+
+/// One no-op worker on its own connection: takes step messages and reports
+/// each as a success; until `total` steps are done across workers.
 fn noop_worker(
     url: String,
-    queue: String,
+    ns: String,
+    protocol: Protocol,
     done: Arc<AtomicUsize>,
     total: usize,
     start: Arc<Barrier>,
 ) {
     let mut c = Client::connect(&url, NoTls).unwrap();
+    let queue = format!("tasker_{ns}_queue");
     let read = c
-        .prepare("SELECT message->>'step_uuid' FROM pgmq.read($1, 30, 10)")
+        .prepare("SELECT message->>'step_uuid' FROM pgmq.read($1, 30, 1)")
         .unwrap();
     let submit = c
         .prepare("SELECT tasker.submit_result($1::text::uuid, 'success')")
         .unwrap();
+    let exchange = c
+        .prepare(
+            "SELECT message->>'step_uuid' FROM tasker.exchange(ARRAY[$1], 'bench', $2::text::jsonb, $3, 30)",
+        )
+        .unwrap();
+    let mut results: Vec<Value> = Vec::new();
     start.wait();
-    while done.load(Ordering::SeqCst) < total {
-        let rows = c.query(&read, &[&queue]).unwrap();
-        if rows.is_empty() {
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
-        }
-        for r in rows {
-            let step: String = r.get(0);
-            c.query_one(&submit, &[&step]).unwrap();
-            done.fetch_add(1, Ordering::SeqCst);
+    loop {
+        match protocol {
+            Protocol::Plain => {
+                if done.load(Ordering::SeqCst) >= total {
+                    break;
+                }
+                let rows = c.query(&read, &[&queue]).unwrap();
+                if rows.is_empty() {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                for r in rows {
+                    let step: String = r.get(0);
+                    c.query_one(&submit, &[&step]).unwrap();
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Protocol::Batched(n) => {
+                let finished = done.fetch_add(results.len(), Ordering::SeqCst) + results.len();
+                let qty = if finished >= total { 0 } else { n };
+                if results.is_empty() && qty == 0 {
+                    break;
+                }
+                let batch = Value::from(std::mem::take(&mut results)).to_string();
+                let rows = c.query(&exchange, &[&ns, &batch, &qty]).unwrap();
+                if rows.is_empty() && qty > 0 {
+                    if done.load(Ordering::SeqCst) >= total {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                for r in rows {
+                    let step: String = r.get(0);
+                    results.push(json!({"step_uuid": step, "status": "success"}));
+                }
+            }
         }
     }
 }
@@ -137,8 +182,9 @@ fn drain(
     tasks: usize,
     steps_per_task: usize,
     n: usize,
+    protocol: Protocol,
 ) -> f64 {
-    drain_with_cpu(b, ns, template, tasks, steps_per_task, n).0
+    drain_with_cpu(b, ns, template, tasks, steps_per_task, n, protocol).0
 }
 
 /// `drain`, and how busy the machine's cores were meanwhile (%).
@@ -149,6 +195,7 @@ fn drain_with_cpu(
     tasks: usize,
     steps_per_task: usize,
     n: usize,
+    protocol: Protocol,
 ) -> (f64, f64) {
     let mut db = connect(&b.cluster);
     db.execute(
@@ -159,11 +206,10 @@ fn drain_with_cpu(
     let total = tasks * steps_per_task;
     let done = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(Barrier::new(n + 1));
-    let queue = format!("tasker_{ns}_queue");
     let handles: Vec<_> = (0..n)
         .map(|_| {
-            let (url, q, d, s) = (b.cluster.url(), queue.clone(), done.clone(), start.clone());
-            std::thread::spawn(move || noop_worker(url, q, d, total, s))
+            let (url, ns, d, s) = (b.cluster.url(), ns.to_string(), done.clone(), start.clone());
+            std::thread::spawn(move || noop_worker(url, ns, protocol, d, total, s))
         })
         .collect();
     start.wait();
@@ -234,33 +280,129 @@ fn baseline_with_cpu(b: &Bench, messages: usize, n: usize) -> (f64, f64) {
     (messages as f64 / elapsed.as_secs_f64(), busy)
 }
 
+/// CPU time of the whole machine per unit of work (ms), from the share of
+/// the cores that were busy.
+fn cpu_ms_per(busy_percent: f64, per_second: f64) -> f64 {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    busy_percent / 100.0 * cores * 1000.0 / per_second
+}
+
 fn p1(b: &mut Bench) {
     let tasks = if b.quick { 300 } else { 2000 };
-    println!("\nP1 throughput: {tasks} tasks, no-op workers, steps/s (baseline: pgmq send→read→archive per step)");
+    println!("\nP1 throughput: {tasks} tasks of 5 steps, no-op workers, steps/s; baseline: pgmq send→read→archive of one message");
+    println!("   plain: pgmq.read(1) + submit_result per step; batched: tasker.exchange, 10 per round trip; cpu: ms of machine CPU per step/message");
     println!(
-        "{:>3} {:>12} {:>12} {:>12} {:>8} {:>8} {:>9} {:>9}",
-        "N", "linear5", "diamond5", "baseline", "lin/base", "dia/base", "cpu% lin", "cpu% base"
+        "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "N", "plain lin", "plain dia", "batch lin", "batch dia", "baseline", "pl/base", "ba/base",
+        "cpu pl", "cpu ba", "cpu bs"
     );
     let mut rows = Vec::new();
     for n in [1usize, 2, 4, 8] {
         let mut db = connect(&b.cluster);
-        let (lns, dns) = (format!("p1_lin_{n}"), format!("p1_dia_{n}"));
-        register(&mut db, &linear(&lns, 5));
-        register(&mut db, &diamond(&dns));
-        let (lin, lin_cpu) = drain_with_cpu(b, &lns, "linear", tasks, 5, n);
-        let dia = drain(b, &dns, "diamond", tasks, 5, n);
+        let mut rate = |kind: &str, template: &Value, name: &str, protocol: Protocol| {
+            let ns = format!("p1_{kind}_{n}");
+            let mut t = template.clone();
+            t["namespace_name"] = json!(ns);
+            register(&mut db, &t);
+            drain_with_cpu(b, &ns, name, tasks, 5, n, protocol)
+        };
+        let (pl, pl_cpu) = rate("pl", &linear("x", 5), "linear", Protocol::Plain);
+        let (pd, _) = rate("pd", &diamond("x"), "diamond", Protocol::Plain);
+        let (bl, bl_cpu) = rate("bl", &linear("x", 5), "linear", Protocol::Batched(10));
+        let (bd, _) = rate("bd", &diamond("x"), "diamond", Protocol::Batched(10));
         let (base, base_cpu) = baseline_with_cpu(b, tasks * 5, n);
-        println!(
-            "{n:>3} {lin:>12.0} {dia:>12.0} {base:>12.0} {:>8.2} {:>8.2} {lin_cpu:>9.0} {base_cpu:>9.0}",
-            lin / base,
-            dia / base
+        let (cpl, cbl, cbs) = (
+            cpu_ms_per(pl_cpu, pl),
+            cpu_ms_per(bl_cpu, bl),
+            cpu_ms_per(base_cpu, base),
         );
-        rows.push(json!({"n": n, "linear_steps_per_s": lin, "diamond_steps_per_s": dia, "baseline_msgs_per_s": base,
-                         "linear_ratio": lin / base, "diamond_ratio": dia / base,
-                         "cpu_busy_percent_linear": lin_cpu, "cpu_busy_percent_baseline": base_cpu}));
+        println!(
+            "{n:>3} {pl:>9.0} {pd:>9.0} {bl:>9.0} {bd:>9.0} {base:>9.0} {:>7.2} {:>7.2} {cpl:>7.3} {cbl:>7.3} {cbs:>7.3}",
+            pl / base,
+            bl / base,
+        );
+        rows.push(json!({"n": n, "plain_linear_steps_per_s": pl, "plain_diamond_steps_per_s": pd,
+                         "batched_linear_steps_per_s": bl, "batched_diamond_steps_per_s": bd,
+                         "baseline_msgs_per_s": base, "plain_ratio": pl / base, "batched_ratio": bl / base,
+                         "plain_diamond_ratio": pd / base, "batched_diamond_ratio": bd / base,
+                         "cpu_ms_per_step_plain": cpl, "cpu_ms_per_step_batched": cbl, "cpu_ms_per_message_baseline": cbs,
+                         "cpu_busy_percent_plain": pl_cpu, "cpu_busy_percent_batched": bl_cpu,
+                         "cpu_busy_percent_baseline": base_cpu}));
     }
     b.results
         .insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
+}
+
+/// The pgbench method (one message per read): pgbench clients run the bare
+/// pgmq cycle (send; read 1; archive) and pg_tasker's plain protocol (read
+/// 1; submit_result) as scripts, in the same run.
+fn pgbench(b: &mut Bench) {
+    let tasks: usize = if b.quick { 500 } else { 2000 };
+    let dir = std::env::temp_dir().join(format!("pg_tasker_pgbench_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bare = dir.join("bare.sql");
+    std::fs::write(
+        &bare,
+        "SELECT pgmq.send('pgb_bare', '{\"step\": 1}'::jsonb);\n\
+         SELECT coalesce((SELECT msg_id FROM pgmq.read('pgb_bare', 30, 1)), 0) AS msg_id \\gset\n\
+         SELECT pgmq.archive('pgb_bare', :msg_id::bigint);\n",
+    )
+    .unwrap();
+    let step = dir.join("tasker.sql");
+    println!("\npgbench, one message per read: transactions/s of each script (bare cycle = 3 transactions)");
+    println!("{:>3} {:>12} {:>12} {:>7}", "N", "bare cycle/s", "steps/s", "ratio");
+    let mut rows = Vec::new();
+    for n in [1usize, 2, 4, 8] {
+        let mut db = connect(&b.cluster);
+        let ns = format!("pgb_{n}");
+        let mut t = linear("x", 5);
+        t["namespace_name"] = json!(ns);
+        register(&mut db, &t);
+        db.execute(
+            "SELECT count(*) FROM (SELECT tasker.create_task($1, 'linear') FROM generate_series(1, $2)) x",
+            &[&ns, &(tasks as i32)],
+        )
+        .unwrap();
+        std::fs::write(
+            &step,
+            format!(
+                "SELECT (m IS NOT NULL)::int AS got, coalesce(m->>'step_uuid', '') AS step
+                   FROM (SELECT (SELECT message FROM pgmq.read('tasker_{ns}_queue', 30, 1)) AS m) x \\gset\n\
+                 \\if :got\n\
+                 SELECT tasker.submit_result(:step::uuid, 'success');\n\
+                 \\endif\n"
+            ),
+        )
+        .unwrap();
+        db.batch_execute("SELECT pgmq.create('pgb_bare')").unwrap();
+        // leave a fifth of the steps: the queue never runs dry
+        let per_client = (tasks * 4 / n).max(1);
+        let bare_tps = run_pgbench(b, &bare, n, (tasks * 5 / n).max(1));
+        let step_tps = run_pgbench(b, &step, n, per_client);
+        db.batch_execute("SELECT pgmq.drop_queue('pgb_bare')").unwrap();
+        println!("{n:>3} {bare_tps:>12.0} {step_tps:>12.0} {:>7.2}", step_tps / bare_tps);
+        rows.push(json!({"n": n, "bare_cycles_per_s": bare_tps, "steps_per_s": step_tps, "ratio": step_tps / bare_tps}));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    b.results.insert("pgbench".into(), json!({"tasks": tasks, "rows": rows}));
+}
+
+fn run_pgbench(b: &Bench, script: &Path, clients: usize, transactions: usize) -> f64 {
+    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args(["-n", "-M", "prepared", "-h"])
+        .arg(&b.cluster.dir)
+        .args(["-p", &b.cluster.port.to_string(), "-U", "postgres", "-c", &clients.to_string()])
+        .args(["-j", &clients.min(2).to_string(), "-t", &transactions.to_string(), "-f"])
+        .arg(script)
+        .arg("postgres")
+        .output()
+        .expect("pgbench runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// P2: a parent's submit_result returns (committed) → its child's message
@@ -471,7 +613,7 @@ fn p4(b: &mut Bench) {
         );
         let ns = format!("p4_tp_{i}");
         register(&mut db, &linear(&ns, 5));
-        let tput = drain(b, &ns, "linear", if b.quick { 200 } else { 1000 }, 5, 4);
+        let tput = drain(b, &ns, "linear", if b.quick { 200 } else { 1000 }, 5, 4, Protocol::Batched(10));
         let pair = |p: (f64, f64)| format!("{:.3} / {:.3}", p.0, p.1);
         println!(
             "{size:>10} {:>16} {:>16} {:>16} {tput:>12.0}   (history filled in {:.1}s)",
@@ -493,9 +635,10 @@ fn p4(b: &mut Bench) {
     b.results.insert("p4".into(), json!({"rows": rows}));
 }
 
-/// P5: one task, 1000 parallel steps joining into one.
+/// P5: one task, 10,000 parallel steps joining into one, against linear
+/// tasks at the same N in the same run (batched protocol, 4 workers).
 fn p5(b: &mut Bench) {
-    let width = if b.quick { 300 } else { 1000 };
+    let width = if b.quick { 1000 } else { 10_000 };
     let mut db = connect(&b.cluster);
     let mut steps = vec![step("root", &[])];
     let names: Vec<String> = (0..width).map(|i| format!("b{i}")).collect();
@@ -508,7 +651,9 @@ fn p5(b: &mut Bench) {
         &mut db,
         &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}),
     );
-    let rate = drain(b, "p5", "wide", 1, width + 2, 4);
+    let rate = drain(b, "p5", "wide", 1, width + 2, 4, Protocol::Batched(10));
+    register(&mut db, &linear("p5_lin", 5));
+    let lin = drain(b, "p5_lin", "linear", (width + 2) / 5, 5, 4, Protocol::Batched(10));
     let join: (i32, i64) = {
         let r = db
             .query_one(
@@ -519,8 +664,10 @@ fn p5(b: &mut Bench) {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    println!("\nP5 wide fan-in: 1 task, {width} parallel steps → join, 4 workers: {rate:.0} steps/s; join enqueued {} time(s), attempts {}", join.1, join.0);
-    b.results.insert("p5".into(), json!({"width": width, "steps_per_s": rate, "join_enqueued": join.1, "join_attempts": join.0}));
+    println!("\nP5 wide fan-out/fan-in: 1 task, {width} parallel steps → join, 4 batched workers: {rate:.0} steps/s \
+              = {:.2} × linear ({lin:.0} steps/s, same N); join enqueued {} time(s), attempts {}", rate / lin, join.1, join.0);
+    b.results.insert("p5".into(), json!({"width": width, "steps_per_s": rate, "linear_steps_per_s": lin,
+                                         "ratio_to_linear": rate / lin, "join_enqueued": join.1, "join_attempts": join.0}));
 }
 
 fn cpu_ticks(pid: i32) -> Option<u64> {
@@ -574,7 +721,7 @@ fn commit_modes(b: &mut Bench) {
         std::thread::sleep(Duration::from_millis(200));
         let ns = format!("sc_{i}");
         register(&mut db, &linear(&ns, 5));
-        let lin = drain(b, &ns, "linear", tasks, 5, 4);
+        let lin = drain(b, &ns, "linear", tasks, 5, 4, Protocol::Plain);
         let base = baseline(b, tasks * 5, 4);
         println!(
             "  {mode:<4} pg_tasker {lin:>8.0}   baseline {base:>8.0}   ratio {:.2}",
@@ -603,7 +750,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|s| s.split(',').map(str::to_string).collect())
         .unwrap_or_else(|| {
-            ["idle", "p1", "p2", "p3", "p5", "p4", "commit"]
+            ["idle", "p1", "pgbench", "p2", "p3", "p5", "p4", "commit"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect()
@@ -635,6 +782,7 @@ fn main() {
             "p3" => p3(&mut b),
             "p4" => p4(&mut b),
             "p5" => p5(&mut b),
+            "pgbench" => pgbench(&mut b),
             "idle" => idle(&mut b),
             "commit" => commit_modes(&mut b),
             other => eprintln!("unknown scenario {other}"),
