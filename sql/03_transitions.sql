@@ -49,14 +49,15 @@ CREATE TYPE tasker.step_move AS (
 -- Moves steps to p_to (not 'enqueued': tasker._enqueue_steps): the columns
 -- p_to implies and one audit row per step, in one statement. Refuses (XX000:
 -- a bug in the caller) a move that step_state_transitions does not list.
--- The caller settles the returned moves (tasker._settle_tasks).
+-- Returns the moves, which the caller settles (tasker._settle_tasks).
+-- (The primitives take and return arrays: a PL/pgSQL caller evaluates
+-- `v := tasker._move_steps(...)` as a plain expression, without a query.)
 CREATE FUNCTION tasker._move_steps(p_changes tasker.step_change[], p_to tasker.step_state,
                                    p_reason text, p_metadata jsonb DEFAULT '{}')
-RETURNS SETOF tasker.step_move
--- (most calls move one step: joins on the result use the keys)
-LANGUAGE plpgsql ROWS 1 AS $$
+RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    moved integer;
+    v_moves tasker.step_move[];
     to_class text := tasker.step_state_class(p_to);
 BEGIN
     IF p_to = 'enqueued' THEN
@@ -65,7 +66,6 @@ BEGIN
     END IF;
     -- (SET expressions see the row before the change: previous_state takes
     -- the old state, so RETURNING has both)
-    RETURN QUERY
     WITH m AS (
         UPDATE tasker.workflow_steps s
         SET previous_state = s.state,
@@ -93,14 +93,16 @@ BEGIN
                    || jsonb_build_object('attempt', m.attempts)
         FROM m
     )
-    SELECT m.step_uuid, m.task_uuid, m.previous_state, p_to, m.attempts, m.queue_msg_id FROM m;
+    SELECT coalesce(array_agg(ROW(m.step_uuid, m.task_uuid, m.previous_state, p_to, m.attempts,
+                                  m.queue_msg_id)::tasker.step_move), '{}')
+    INTO v_moves FROM m;
 
-    GET DIAGNOSTICS moved = ROW_COUNT;
-    IF moved <> coalesce(cardinality(p_changes), 0) THEN
+    IF cardinality(v_moves) <> coalesce(cardinality(p_changes), 0) THEN
         RAISE EXCEPTION 'pg_tasker internal error: % of % steps could not move to %',
-            coalesce(cardinality(p_changes), 0) - moved, coalesce(cardinality(p_changes), 0), p_to
+            coalesce(cardinality(p_changes), 0) - cardinality(v_moves), coalesce(cardinality(p_changes), 0), p_to
             USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.step_state_transitions are allowed';
     END IF;
+    RETURN v_moves;
 END
 $$;
 
@@ -155,31 +157,35 @@ $$;
 -- task row locks. A finished task only takes its counters. Returns each
 -- task's state.
 CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL)
-RETURNS TABLE (task_uuid uuid, state tasker.task_state)
-LANGUAGE plpgsql ROWS 1 AS $$
-#variable_conflict use_column
+RETURNS tasker.task_state[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    t record;
-    v_status text;
-    v_state tasker.task_state;
+    v_tasks uuid[];
+    v_from tasker.task_state[];
+    v_to tasker.task_state[];
+    v_status text[];
+    v_next timestamptz[];
+    i integer;
 BEGIN
-    FOR t IN
-        WITH x AS (
-            SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
-                   tasker.step_state_class(m.to_state) AS to_class
-            FROM unnest(p_moves) m
-            UNION ALL
-            SELECT u, NULL, NULL FROM unnest(p_tasks) u
-        ), d AS (
-            SELECT x.task_uuid,
-                   count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
-                   count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
-                   count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
-                   count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
-                   count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
-                   count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
-            FROM x GROUP BY x.task_uuid
-        )
+    -- (the decided state comes back from the UPDATE: counters after the
+    -- moves, tasker._task_status over them; every ready step was enqueued
+    -- by the operation, so ready = 0)
+    WITH x AS (
+        SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
+               tasker.step_state_class(m.to_state) AS to_class
+        FROM unnest(p_moves) m
+        UNION ALL
+        SELECT u, NULL, NULL FROM unnest(p_tasks) u
+    ), d AS (
+        SELECT x.task_uuid,
+               count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
+               count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
+               count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
+               count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
+               count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
+               count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
+        FROM x GROUP BY x.task_uuid
+    ), u AS (
         UPDATE tasker.tasks k
         SET steps_pending   = k.steps_pending + d.pending,
             steps_out       = k.steps_out + d.out,
@@ -195,29 +201,27 @@ BEGIN
                                          WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END
         FROM d
         WHERE k.task_uuid = d.task_uuid
-        RETURNING k.*
-    LOOP
-        IF tasker.task_state_is_terminal(t.state) THEN
-            task_uuid := t.task_uuid;
-            state := t.state;
-            RETURN NEXT;
-            CONTINUE;
+        RETURNING k.task_uuid, k.state, k.next_action_at, k.steps_total, k.steps_pending, k.steps_out,
+                  k.steps_waiting, k.steps_done, k.steps_error, k.steps_cancelled
+    )
+    SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.state ORDER BY u.task_uuid),
+           array_agg(CASE WHEN tasker.task_state_is_terminal(u.state) THEN u.state
+                          ELSE s.task_state::tasker.task_state END ORDER BY u.task_uuid),
+           array_agg(s.execution_status ORDER BY u.task_uuid), array_agg(u.next_action_at ORDER BY u.task_uuid)
+    INTO v_tasks, v_from, v_to, v_status, v_next
+    FROM u
+    CROSS JOIN LATERAL tasker._task_status(u.steps_total, u.steps_pending, u.steps_out, u.steps_waiting,
+                                           u.steps_done, u.steps_error, u.steps_cancelled, 0) s;
+    FOR i IN 1 .. coalesce(cardinality(v_tasks), 0) LOOP
+        IF v_to[i] <> v_from[i] THEN
+            PERFORM tasker._move_task(v_tasks[i], v_to[i], p_reason,
+                                      jsonb_build_object('execution_status', v_status[i]), v_next[i]);
         END IF;
-        -- every ready step was enqueued by the operation: ready = 0
-        SELECT d.execution_status, d.task_state INTO v_status, v_state
-        FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                                 t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
-        IF v_state <> t.state THEN
-            PERFORM tasker._move_task(t.task_uuid, v_state, p_reason,
-                                      jsonb_build_object('execution_status', v_status), t.next_action_at);
-        END IF;
-        IF t.next_action_at IS NOT NULL THEN
+        IF v_next[i] IS NOT NULL THEN
             -- the orchestrator recomputes its sleep when this commits
             PERFORM tasker._wake_orchestrator();
         END IF;
-        task_uuid := t.task_uuid;
-        state := v_state;
-        RETURN NEXT;
     END LOOP;
+    RETURN v_to;
 END
 $$;

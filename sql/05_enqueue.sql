@@ -10,17 +10,22 @@ CREATE TYPE tasker.step_release AS (
     released  integer
 );
 
--- The candidates for p_done, the steps an operation has just completed:
--- their children, each with the number of its parents among them.
-CREATE FUNCTION tasker._children_of(p_done uuid[]) RETURNS tasker.step_release[]
+-- The candidates for p_done, the moves of steps an operation has just
+-- completed: their children, each with the number of its parents among them.
+CREATE FUNCTION tasker._children_of(p_done tasker.step_move[]) RETURNS tasker.step_release[]
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN ARRAY(SELECT ROW(e.to_step_uuid, count(*))::tasker.step_release
-                 FROM tasker.step_edges e
-                 WHERE e.from_step_uuid = ANY (p_done)
+                 FROM unnest(p_done) d
+                 JOIN tasker.step_edges e ON e.from_step_uuid = d.step_uuid
                  GROUP BY e.to_step_uuid);
 END
 $$;
+
+-- Whether a worker waits on the queue (tasker.worker_idle).
+CREATE FUNCTION tasker._has_waiters(p_queue text) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue);
 
 -- Releases and enqueues, in one statement per queue: each candidate's
 -- pending_parents counts down by `released`; those that are then ready
@@ -29,13 +34,15 @@ $$;
 -- built and sent. The caller holds the task row locks and settles the
 -- returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
-RETURNS SETOF tasker.step_move
-LANGUAGE plpgsql ROWS 1 AS $$
+RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
 DECLARE
     q record;
+    v_moves tasker.step_move[] := '{}';
+    v_sent tasker.step_move[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
-        RETURN;
+        RETURN v_moves;
     END IF;
     -- (a batch of results can span namespaces: one statement per queue,
     -- since each queue is its own table)
@@ -51,7 +58,6 @@ BEGIN
         -- The moves pending -> enqueued and waiting_for_retry -> enqueued
         -- are the ones step_state_transitions lists for runnable states
         -- (src/tests/states.rs checks it).
-        RETURN QUERY
         WITH c AS (
             SELECT x.step_uuid, sum(x.released)::integer AS released
             FROM unnest(p_candidates) x GROUP BY x.step_uuid
@@ -114,12 +120,16 @@ BEGIN
             FROM enq e
             HAVING count(*) > 0
         )
-        SELECT e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts, e.queue_msg_id
+        SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts,
+                                      e.queue_msg_id)::tasker.step_move), '{}')
+        INTO v_sent
         FROM enq e, (SELECT count(*) FROM sent) s;
         -- wake idle workers (delivered at commit, once per transaction)
-        IF FOUND AND EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q.queue_name) THEN
+        IF cardinality(v_sent) > 0 AND tasker._has_waiters(q.queue_name) THEN
             PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q.queue_name), '');
         END IF;
+        v_moves := v_moves || v_sent;
     END LOOP;
+    RETURN v_moves;
 END
 $$;

@@ -24,7 +24,7 @@ BEGIN
             SELECT ROW(s.step_uuid, 0)::tasker.step_release FROM tasker.workflow_steps s
             WHERE s.task_uuid = p_task AND s.next_retry_at <= now());  -- workflow_steps_retry_idx
     END IF;
-    v_moves := p_moves || ARRAY(SELECT m FROM tasker._enqueue_steps(v_candidates, CASE WHEN p_all THEN 'ready' ELSE 'retry due' END) m);
-    RETURN (SELECT x.state FROM tasker._settle_tasks(v_moves, p_reason, ARRAY[p_task]) x);
+    v_moves := p_moves || tasker._enqueue_steps(v_candidates, CASE WHEN p_all THEN 'ready' ELSE 'retry due' END);
+    RETURN (tasker._settle_tasks(v_moves, p_reason, ARRAY[p_task]))[1];
 END
 $$;

@@ -150,11 +150,11 @@ BEGIN
     -- Root steps go to the queue now, in the caller's transaction. (The new
     -- task row is invisible to others until commit: no lock needed.)
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._enqueue_steps(
+        tasker._enqueue_steps(
             ARRAY(SELECT ROW(v_ids[ts.position + 1], 0)::tasker.step_release
                   FROM tasker.template_steps ts
                   WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0),
-            'ready') m),
+            'ready'),
         'task created', ARRAY[v_task]);
     RETURN v_task;
 END

@@ -23,15 +23,12 @@ CREATE TYPE tasker.step_result AS (
 -- results, releases their children and enqueues those that became ready.
 -- The caller holds the task row locks and settles the returned moves.
 CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text)
-RETURNS SETOF tasker.step_move
-LANGUAGE plpgsql ROWS 2 AS $$
+RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_done tasker.step_move[];
+    v_done tasker.step_move[] := tasker._move_steps(p_changes, p_to, p_reason);
 BEGIN
-    v_done := ARRAY(SELECT m FROM tasker._move_steps(p_changes, p_to, p_reason) m);
-    RETURN QUERY SELECT * FROM unnest(v_done);
-    RETURN QUERY SELECT * FROM tasker._enqueue_steps(
-        tasker._children_of(ARRAY(SELECT d.step_uuid FROM unnest(v_done) d)));
+    RETURN v_done || tasker._enqueue_steps(tasker._children_of(v_done));
 END
 $$;
 
@@ -56,7 +53,6 @@ RETURNS TABLE (step_uuid uuid, state tasker.step_state, outcome text, note text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_ids uuid[] := ARRAY(SELECT r.step_uuid FROM unnest(p_results) r);
     v_outcomes text[];
     v_notes text[];
     v_tasks uuid[];
@@ -67,11 +63,14 @@ DECLARE
     v_retry tasker.step_change[];
     v_error tasker.step_change[];
     v_moves tasker.step_move[] := '{}';
+    v_settled tasker.task_state[];
+    v_archived bigint;
     q record;
 BEGIN
     -- lock order: the tasks, in uuid order, then their steps
     PERFORM 1 FROM tasker.tasks t
-    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = ANY (v_ids))
+    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM unnest(p_results) r
+                          JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid)
     ORDER BY t.task_uuid
     FOR NO KEY UPDATE;
 
@@ -122,7 +121,7 @@ BEGIN
     IF v_tasks IS NOT NULL THEN
         -- the attempts' messages: done with (one statement per queue)
         IF v_queues[1] = ALL (v_queues) THEN
-            PERFORM tasker._pgmq_archive(v_queues[1], v_msgs);
+            v_archived := tasker._pgmq_archive(v_queues[1], v_msgs);
         ELSE
             FOR q IN SELECT a.queue, array_agg(a.msg) AS msgs FROM unnest(v_queues, v_msgs) AS a(queue, msg)
                      GROUP BY a.queue LOOP
@@ -130,7 +129,7 @@ BEGIN
             END LOOP;
         END IF;
         IF v_success IS NOT NULL THEN
-            v_moves := ARRAY(SELECT m FROM tasker._finish_steps(v_success, 'complete', 'completed by worker') m);
+            v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker');
         END IF;
         IF v_failed IS NOT NULL THEN
             -- the retry policy, per failed attempt
@@ -151,23 +150,21 @@ BEGIN
                                                       s.backoff::text, s.backoff_base_ms, s.max_backoff_ms,
                                                       s.jitter, f.retryable, f.requested_delay_ms) d;
             IF v_retry IS NOT NULL THEN
-                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_retry, 'waiting_for_retry', 'failed') m);
+                v_moves := v_moves || tasker._move_steps(v_retry, 'waiting_for_retry', 'failed');
                 -- a retry due now goes back to the queue at once
-                v_moves := v_moves || ARRAY(
-                    SELECT m FROM tasker._enqueue_steps(
-                        ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c),
-                        'retry due') m);
+                v_moves := v_moves || tasker._enqueue_steps(
+                    ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c), 'retry due');
             END IF;
             IF v_error IS NOT NULL THEN
-                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_error, 'error', 'failed') m);
+                v_moves := v_moves || tasker._move_steps(v_error, 'error', 'failed');
             END IF;
         END IF;
-        PERFORM tasker._settle_tasks(v_moves, p_reason, v_tasks);
+        v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);
     END IF;
 
     RETURN QUERY
     SELECT r.step_uuid, ws.state, o.outcome, o.note
-    FROM unnest(v_ids, v_outcomes, v_notes) WITH ORDINALITY AS o(step_uuid, outcome, note, i)
+    FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
     JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
                                                  requested_delay_ms, audit, i) ON r.i = o.i
     LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid

@@ -33,6 +33,7 @@ BEGIN
         WHERE s.state = 'enqueued'
         FOR NO KEY UPDATE OF s SKIP LOCKED) x;
     IF v_start IS NOT NULL THEN
+        -- (enqueued -> in_progress: both `out`, nothing to settle)
         PERFORM tasker._move_steps(
             ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
             'in_progress', 'read by worker', jsonb_build_object('worker_id', p_worker_id));

@@ -43,7 +43,7 @@ $$;
 -- task row lock and settles the returned moves.
 CREATE FUNCTION tasker._stop_steps(p_task uuid, p_queue text, p_to tasker.step_state, p_reason text,
                                    p_error jsonb DEFAULT NULL)
-RETURNS SETOF tasker.step_move
+RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_steps uuid[];
@@ -56,12 +56,12 @@ BEGIN
     WHERE s.task_uuid = p_task
       AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to);
     IF v_steps IS NULL THEN
-        RETURN;
+        RETURN '{}';
     END IF;
     IF v_msgs IS NOT NULL THEN
         PERFORM tasker._pgmq_archive(p_queue, v_msgs);
     END IF;
-    RETURN QUERY SELECT * FROM tasker._move_steps(
+    RETURN tasker._move_steps(
         ARRAY(SELECT ROW(u, p_error, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_steps) u),
         p_to, p_reason, CASE WHEN p_error IS NULL THEN '{}' ELSE jsonb_build_object('error', p_error) END);
 END
@@ -86,7 +86,7 @@ BEGIN
     -- the task first: finished, it only takes the counters when settled
     PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason) m),
+        tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason),
         p_reason, ARRAY[t.task_uuid]);
 END
 $$;
@@ -137,10 +137,10 @@ BEGIN
         RAISE EXCEPTION 'task % is %; its steps cannot change', t.task_uuid, t.state USING ERRCODE = '55000';
     END IF;
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change],
-                                               'pending', coalesce(retry_step.reason, 'retried by operator'),
-                                               jsonb_build_object('previous_attempts', s.attempts)) m)
-        || ARRAY(SELECT m FROM tasker._enqueue_steps(ARRAY[ROW(s.step_uuid, 0)::tasker.step_release]) m),
+        tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change],
+                           'pending', coalesce(retry_step.reason, 'retried by operator'),
+                           jsonb_build_object('previous_attempts', s.attempts))
+        || tasker._enqueue_steps(ARRAY[ROW(s.step_uuid, 0)::tasker.step_release]),
         'step retried by operator', ARRAY[t.task_uuid]);
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = s.step_uuid);
 END
@@ -174,9 +174,9 @@ BEGIN
         PERFORM tasker._pgmq_archive(t.queue_name, ARRAY[s.queue_msg_id]);
     END IF;
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._finish_steps(
+        tasker._finish_steps(
             ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
-            'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator')) m),
+            'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator')),
         'step resolved manually', ARRAY[t.task_uuid]);
     RETURN 'resolved_manually';
 END

@@ -177,7 +177,7 @@ BEGIN
                 -- attempts out with workers end in error (a DLQ requeue retries them)
                 PERFORM tasker._move_task(c.task_uuid, 'error', v_error ->> 'message', v_error);
                 PERFORM tasker._settle_tasks(
-                    ARRAY(SELECT m FROM tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error) m),
+                    tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error),
                     'task stale', ARRAY[c.task_uuid]);
             END IF;
             v_handled := v_handled || jsonb_build_object(
@@ -325,9 +325,9 @@ BEGIN
         PERFORM tasker._move_task(t.task_uuid, 'steps_in_process', v_note);
     END IF;
     IF v_failed IS NOT NULL THEN
-        v_moves := ARRAY(SELECT m FROM tasker._move_steps(
+        v_moves := tasker._move_steps(
             ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_failed) u),
-            'pending', v_note) m);
+            'pending', v_note);
     END IF;
     UPDATE tasker.workflow_steps s SET next_retry_at = now()
     WHERE s.task_uuid = t.task_uuid AND s.state = 'waiting_for_retry';

@@ -1006,14 +1006,15 @@ CREATE TYPE tasker.step_move AS (
 -- Moves steps to p_to (not 'enqueued': tasker._enqueue_steps): the columns
 -- p_to implies and one audit row per step, in one statement. Refuses (XX000:
 -- a bug in the caller) a move that step_state_transitions does not list.
--- The caller settles the returned moves (tasker._settle_tasks).
+-- Returns the moves, which the caller settles (tasker._settle_tasks).
+-- (The primitives take and return arrays: a PL/pgSQL caller evaluates
+-- `v := tasker._move_steps(...)` as a plain expression, without a query.)
 CREATE FUNCTION tasker._move_steps(p_changes tasker.step_change[], p_to tasker.step_state,
                                    p_reason text, p_metadata jsonb DEFAULT '{}')
-RETURNS SETOF tasker.step_move
--- (most calls move one step: joins on the result use the keys)
-LANGUAGE plpgsql ROWS 1 AS $$
+RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    moved integer;
+    v_moves tasker.step_move[];
     to_class text := tasker.step_state_class(p_to);
 BEGIN
     IF p_to = 'enqueued' THEN
@@ -1022,7 +1023,6 @@ BEGIN
     END IF;
     -- (SET expressions see the row before the change: previous_state takes
     -- the old state, so RETURNING has both)
-    RETURN QUERY
     WITH m AS (
         UPDATE tasker.workflow_steps s
         SET previous_state = s.state,
@@ -1050,14 +1050,16 @@ BEGIN
                    || jsonb_build_object('attempt', m.attempts)
         FROM m
     )
-    SELECT m.step_uuid, m.task_uuid, m.previous_state, p_to, m.attempts, m.queue_msg_id FROM m;
+    SELECT coalesce(array_agg(ROW(m.step_uuid, m.task_uuid, m.previous_state, p_to, m.attempts,
+                                  m.queue_msg_id)::tasker.step_move), '{}')
+    INTO v_moves FROM m;
 
-    GET DIAGNOSTICS moved = ROW_COUNT;
-    IF moved <> coalesce(cardinality(p_changes), 0) THEN
+    IF cardinality(v_moves) <> coalesce(cardinality(p_changes), 0) THEN
         RAISE EXCEPTION 'pg_tasker internal error: % of % steps could not move to %',
-            coalesce(cardinality(p_changes), 0) - moved, coalesce(cardinality(p_changes), 0), p_to
+            coalesce(cardinality(p_changes), 0) - cardinality(v_moves), coalesce(cardinality(p_changes), 0), p_to
             USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.step_state_transitions are allowed';
     END IF;
+    RETURN v_moves;
 END
 $$;
 
@@ -1112,31 +1114,35 @@ $$;
 -- task row locks. A finished task only takes its counters. Returns each
 -- task's state.
 CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL)
-RETURNS TABLE (task_uuid uuid, state tasker.task_state)
-LANGUAGE plpgsql ROWS 1 AS $$
-#variable_conflict use_column
+RETURNS tasker.task_state[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    t record;
-    v_status text;
-    v_state tasker.task_state;
+    v_tasks uuid[];
+    v_from tasker.task_state[];
+    v_to tasker.task_state[];
+    v_status text[];
+    v_next timestamptz[];
+    i integer;
 BEGIN
-    FOR t IN
-        WITH x AS (
-            SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
-                   tasker.step_state_class(m.to_state) AS to_class
-            FROM unnest(p_moves) m
-            UNION ALL
-            SELECT u, NULL, NULL FROM unnest(p_tasks) u
-        ), d AS (
-            SELECT x.task_uuid,
-                   count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
-                   count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
-                   count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
-                   count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
-                   count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
-                   count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
-            FROM x GROUP BY x.task_uuid
-        )
+    -- (the decided state comes back from the UPDATE: counters after the
+    -- moves, tasker._task_status over them; every ready step was enqueued
+    -- by the operation, so ready = 0)
+    WITH x AS (
+        SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
+               tasker.step_state_class(m.to_state) AS to_class
+        FROM unnest(p_moves) m
+        UNION ALL
+        SELECT u, NULL, NULL FROM unnest(p_tasks) u
+    ), d AS (
+        SELECT x.task_uuid,
+               count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
+               count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
+               count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
+               count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
+               count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
+               count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
+        FROM x GROUP BY x.task_uuid
+    ), u AS (
         UPDATE tasker.tasks k
         SET steps_pending   = k.steps_pending + d.pending,
             steps_out       = k.steps_out + d.out,
@@ -1152,30 +1158,28 @@ BEGIN
                                          WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END
         FROM d
         WHERE k.task_uuid = d.task_uuid
-        RETURNING k.*
-    LOOP
-        IF tasker.task_state_is_terminal(t.state) THEN
-            task_uuid := t.task_uuid;
-            state := t.state;
-            RETURN NEXT;
-            CONTINUE;
+        RETURNING k.task_uuid, k.state, k.next_action_at, k.steps_total, k.steps_pending, k.steps_out,
+                  k.steps_waiting, k.steps_done, k.steps_error, k.steps_cancelled
+    )
+    SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.state ORDER BY u.task_uuid),
+           array_agg(CASE WHEN tasker.task_state_is_terminal(u.state) THEN u.state
+                          ELSE s.task_state::tasker.task_state END ORDER BY u.task_uuid),
+           array_agg(s.execution_status ORDER BY u.task_uuid), array_agg(u.next_action_at ORDER BY u.task_uuid)
+    INTO v_tasks, v_from, v_to, v_status, v_next
+    FROM u
+    CROSS JOIN LATERAL tasker._task_status(u.steps_total, u.steps_pending, u.steps_out, u.steps_waiting,
+                                           u.steps_done, u.steps_error, u.steps_cancelled, 0) s;
+    FOR i IN 1 .. coalesce(cardinality(v_tasks), 0) LOOP
+        IF v_to[i] <> v_from[i] THEN
+            PERFORM tasker._move_task(v_tasks[i], v_to[i], p_reason,
+                                      jsonb_build_object('execution_status', v_status[i]), v_next[i]);
         END IF;
-        -- every ready step was enqueued by the operation: ready = 0
-        SELECT d.execution_status, d.task_state INTO v_status, v_state
-        FROM tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
-                                 t.steps_done, t.steps_error, t.steps_cancelled, 0) d;
-        IF v_state <> t.state THEN
-            PERFORM tasker._move_task(t.task_uuid, v_state, p_reason,
-                                      jsonb_build_object('execution_status', v_status), t.next_action_at);
-        END IF;
-        IF t.next_action_at IS NOT NULL THEN
+        IF v_next[i] IS NOT NULL THEN
             -- the orchestrator recomputes its sleep when this commits
             PERFORM tasker._wake_orchestrator();
         END IF;
-        task_uuid := t.task_uuid;
-        state := v_state;
-        RETURN NEXT;
     END LOOP;
+    RETURN v_to;
 END
 $$;
 /* </end connected objects> */
@@ -1452,17 +1456,22 @@ CREATE TYPE tasker.step_release AS (
     released  integer
 );
 
--- The candidates for p_done, the steps an operation has just completed:
--- their children, each with the number of its parents among them.
-CREATE FUNCTION tasker._children_of(p_done uuid[]) RETURNS tasker.step_release[]
+-- The candidates for p_done, the moves of steps an operation has just
+-- completed: their children, each with the number of its parents among them.
+CREATE FUNCTION tasker._children_of(p_done tasker.step_move[]) RETURNS tasker.step_release[]
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN ARRAY(SELECT ROW(e.to_step_uuid, count(*))::tasker.step_release
-                 FROM tasker.step_edges e
-                 WHERE e.from_step_uuid = ANY (p_done)
+                 FROM unnest(p_done) d
+                 JOIN tasker.step_edges e ON e.from_step_uuid = d.step_uuid
                  GROUP BY e.to_step_uuid);
 END
 $$;
+
+-- Whether a worker waits on the queue (tasker.worker_idle).
+CREATE FUNCTION tasker._has_waiters(p_queue text) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue);
 
 -- Releases and enqueues, in one statement per queue: each candidate's
 -- pending_parents counts down by `released`; those that are then ready
@@ -1471,13 +1480,15 @@ $$;
 -- built and sent. The caller holds the task row locks and settles the
 -- returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
-RETURNS SETOF tasker.step_move
-LANGUAGE plpgsql ROWS 1 AS $$
+RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
 DECLARE
     q record;
+    v_moves tasker.step_move[] := '{}';
+    v_sent tasker.step_move[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
-        RETURN;
+        RETURN v_moves;
     END IF;
     -- (a batch of results can span namespaces: one statement per queue,
     -- since each queue is its own table)
@@ -1493,7 +1504,6 @@ BEGIN
         -- The moves pending -> enqueued and waiting_for_retry -> enqueued
         -- are the ones step_state_transitions lists for runnable states
         -- (src/tests/states.rs checks it).
-        RETURN QUERY
         WITH c AS (
             SELECT x.step_uuid, sum(x.released)::integer AS released
             FROM unnest(p_candidates) x GROUP BY x.step_uuid
@@ -1556,13 +1566,17 @@ BEGIN
             FROM enq e
             HAVING count(*) > 0
         )
-        SELECT e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts, e.queue_msg_id
+        SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts,
+                                      e.queue_msg_id)::tasker.step_move), '{}')
+        INTO v_sent
         FROM enq e, (SELECT count(*) FROM sent) s;
         -- wake idle workers (delivered at commit, once per transaction)
-        IF FOUND AND EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q.queue_name) THEN
+        IF cardinality(v_sent) > 0 AND tasker._has_waiters(q.queue_name) THEN
             PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q.queue_name), '');
         END IF;
+        v_moves := v_moves || v_sent;
     END LOOP;
+    RETURN v_moves;
 END
 $$;
 /* </end connected objects> */
@@ -1599,8 +1613,8 @@ BEGIN
             SELECT ROW(s.step_uuid, 0)::tasker.step_release FROM tasker.workflow_steps s
             WHERE s.task_uuid = p_task AND s.next_retry_at <= now());  -- workflow_steps_retry_idx
     END IF;
-    v_moves := p_moves || ARRAY(SELECT m FROM tasker._enqueue_steps(v_candidates, CASE WHEN p_all THEN 'ready' ELSE 'retry due' END) m);
-    RETURN (SELECT x.state FROM tasker._settle_tasks(v_moves, p_reason, ARRAY[p_task]) x);
+    v_moves := p_moves || tasker._enqueue_steps(v_candidates, CASE WHEN p_all THEN 'ready' ELSE 'retry due' END);
+    RETURN (tasker._settle_tasks(v_moves, p_reason, ARRAY[p_task]))[1];
 END
 $$;
 /* </end connected objects> */
@@ -1906,11 +1920,11 @@ BEGIN
     -- Root steps go to the queue now, in the caller's transaction. (The new
     -- task row is invisible to others until commit: no lock needed.)
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._enqueue_steps(
+        tasker._enqueue_steps(
             ARRAY(SELECT ROW(v_ids[ts.position + 1], 0)::tasker.step_release
                   FROM tasker.template_steps ts
                   WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0),
-            'ready') m),
+            'ready'),
         'task created', ARRAY[v_task]);
     RETURN v_task;
 END
@@ -1947,15 +1961,12 @@ CREATE TYPE tasker.step_result AS (
 -- results, releases their children and enqueues those that became ready.
 -- The caller holds the task row locks and settles the returned moves.
 CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text)
-RETURNS SETOF tasker.step_move
-LANGUAGE plpgsql ROWS 2 AS $$
+RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_done tasker.step_move[];
+    v_done tasker.step_move[] := tasker._move_steps(p_changes, p_to, p_reason);
 BEGIN
-    v_done := ARRAY(SELECT m FROM tasker._move_steps(p_changes, p_to, p_reason) m);
-    RETURN QUERY SELECT * FROM unnest(v_done);
-    RETURN QUERY SELECT * FROM tasker._enqueue_steps(
-        tasker._children_of(ARRAY(SELECT d.step_uuid FROM unnest(v_done) d)));
+    RETURN v_done || tasker._enqueue_steps(tasker._children_of(v_done));
 END
 $$;
 
@@ -1980,7 +1991,6 @@ RETURNS TABLE (step_uuid uuid, state tasker.step_state, outcome text, note text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_ids uuid[] := ARRAY(SELECT r.step_uuid FROM unnest(p_results) r);
     v_outcomes text[];
     v_notes text[];
     v_tasks uuid[];
@@ -1991,11 +2001,14 @@ DECLARE
     v_retry tasker.step_change[];
     v_error tasker.step_change[];
     v_moves tasker.step_move[] := '{}';
+    v_settled tasker.task_state[];
+    v_archived bigint;
     q record;
 BEGIN
     -- lock order: the tasks, in uuid order, then their steps
     PERFORM 1 FROM tasker.tasks t
-    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = ANY (v_ids))
+    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM unnest(p_results) r
+                          JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid)
     ORDER BY t.task_uuid
     FOR NO KEY UPDATE;
 
@@ -2046,7 +2059,7 @@ BEGIN
     IF v_tasks IS NOT NULL THEN
         -- the attempts' messages: done with (one statement per queue)
         IF v_queues[1] = ALL (v_queues) THEN
-            PERFORM tasker._pgmq_archive(v_queues[1], v_msgs);
+            v_archived := tasker._pgmq_archive(v_queues[1], v_msgs);
         ELSE
             FOR q IN SELECT a.queue, array_agg(a.msg) AS msgs FROM unnest(v_queues, v_msgs) AS a(queue, msg)
                      GROUP BY a.queue LOOP
@@ -2054,7 +2067,7 @@ BEGIN
             END LOOP;
         END IF;
         IF v_success IS NOT NULL THEN
-            v_moves := ARRAY(SELECT m FROM tasker._finish_steps(v_success, 'complete', 'completed by worker') m);
+            v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker');
         END IF;
         IF v_failed IS NOT NULL THEN
             -- the retry policy, per failed attempt
@@ -2075,23 +2088,21 @@ BEGIN
                                                       s.backoff::text, s.backoff_base_ms, s.max_backoff_ms,
                                                       s.jitter, f.retryable, f.requested_delay_ms) d;
             IF v_retry IS NOT NULL THEN
-                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_retry, 'waiting_for_retry', 'failed') m);
+                v_moves := v_moves || tasker._move_steps(v_retry, 'waiting_for_retry', 'failed');
                 -- a retry due now goes back to the queue at once
-                v_moves := v_moves || ARRAY(
-                    SELECT m FROM tasker._enqueue_steps(
-                        ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c),
-                        'retry due') m);
+                v_moves := v_moves || tasker._enqueue_steps(
+                    ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c), 'retry due');
             END IF;
             IF v_error IS NOT NULL THEN
-                v_moves := v_moves || ARRAY(SELECT m FROM tasker._move_steps(v_error, 'error', 'failed') m);
+                v_moves := v_moves || tasker._move_steps(v_error, 'error', 'failed');
             END IF;
         END IF;
-        PERFORM tasker._settle_tasks(v_moves, p_reason, v_tasks);
+        v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);
     END IF;
 
     RETURN QUERY
     SELECT r.step_uuid, ws.state, o.outcome, o.note
-    FROM unnest(v_ids, v_outcomes, v_notes) WITH ORDINALITY AS o(step_uuid, outcome, note, i)
+    FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
     JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
                                                  requested_delay_ms, audit, i) ON r.i = o.i
     LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
@@ -2292,6 +2303,7 @@ BEGIN
         WHERE s.state = 'enqueued'
         FOR NO KEY UPDATE OF s SKIP LOCKED) x;
     IF v_start IS NOT NULL THEN
+        -- (enqueued -> in_progress: both `out`, nothing to settle)
         PERFORM tasker._move_steps(
             ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
             'in_progress', 'read by worker', jsonb_build_object('worker_id', p_worker_id));
@@ -2549,7 +2561,7 @@ $$;
 -- task row lock and settles the returned moves.
 CREATE FUNCTION tasker._stop_steps(p_task uuid, p_queue text, p_to tasker.step_state, p_reason text,
                                    p_error jsonb DEFAULT NULL)
-RETURNS SETOF tasker.step_move
+RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_steps uuid[];
@@ -2562,12 +2574,12 @@ BEGIN
     WHERE s.task_uuid = p_task
       AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to);
     IF v_steps IS NULL THEN
-        RETURN;
+        RETURN '{}';
     END IF;
     IF v_msgs IS NOT NULL THEN
         PERFORM tasker._pgmq_archive(p_queue, v_msgs);
     END IF;
-    RETURN QUERY SELECT * FROM tasker._move_steps(
+    RETURN tasker._move_steps(
         ARRAY(SELECT ROW(u, p_error, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_steps) u),
         p_to, p_reason, CASE WHEN p_error IS NULL THEN '{}' ELSE jsonb_build_object('error', p_error) END);
 END
@@ -2592,7 +2604,7 @@ BEGIN
     -- the task first: finished, it only takes the counters when settled
     PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason) m),
+        tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason),
         p_reason, ARRAY[t.task_uuid]);
 END
 $$;
@@ -2643,10 +2655,10 @@ BEGIN
         RAISE EXCEPTION 'task % is %; its steps cannot change', t.task_uuid, t.state USING ERRCODE = '55000';
     END IF;
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change],
-                                               'pending', coalesce(retry_step.reason, 'retried by operator'),
-                                               jsonb_build_object('previous_attempts', s.attempts)) m)
-        || ARRAY(SELECT m FROM tasker._enqueue_steps(ARRAY[ROW(s.step_uuid, 0)::tasker.step_release]) m),
+        tasker._move_steps(ARRAY[ROW(s.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change],
+                           'pending', coalesce(retry_step.reason, 'retried by operator'),
+                           jsonb_build_object('previous_attempts', s.attempts))
+        || tasker._enqueue_steps(ARRAY[ROW(s.step_uuid, 0)::tasker.step_release]),
         'step retried by operator', ARRAY[t.task_uuid]);
     RETURN (SELECT ws.state::text FROM tasker.workflow_steps ws WHERE ws.step_uuid = s.step_uuid);
 END
@@ -2680,9 +2692,9 @@ BEGIN
         PERFORM tasker._pgmq_archive(t.queue_name, ARRAY[s.queue_msg_id]);
     END IF;
     PERFORM tasker._settle_tasks(
-        ARRAY(SELECT m FROM tasker._finish_steps(
+        tasker._finish_steps(
             ARRAY[ROW(s.step_uuid, coalesce(resolve_step_manually.result, 'null'), NULL, NULL, NULL)::tasker.step_change],
-            'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator')) m),
+            'resolved_manually', coalesce(resolve_step_manually.reason, 'resolved manually by operator')),
         'step resolved manually', ARRAY[t.task_uuid]);
     RETURN 'resolved_manually';
 END
@@ -3065,7 +3077,7 @@ BEGIN
                 -- attempts out with workers end in error (a DLQ requeue retries them)
                 PERFORM tasker._move_task(c.task_uuid, 'error', v_error ->> 'message', v_error);
                 PERFORM tasker._settle_tasks(
-                    ARRAY(SELECT m FROM tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error) m),
+                    tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error),
                     'task stale', ARRAY[c.task_uuid]);
             END IF;
             v_handled := v_handled || jsonb_build_object(
@@ -3213,9 +3225,9 @@ BEGIN
         PERFORM tasker._move_task(t.task_uuid, 'steps_in_process', v_note);
     END IF;
     IF v_failed IS NOT NULL THEN
-        v_moves := ARRAY(SELECT m FROM tasker._move_steps(
+        v_moves := tasker._move_steps(
             ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_failed) u),
-            'pending', v_note) m);
+            'pending', v_note);
     END IF;
     UPDATE tasker.workflow_steps s SET next_retry_at = now()
     WHERE s.task_uuid = t.task_uuid AND s.state = 'waiting_for_retry';
