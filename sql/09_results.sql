@@ -19,6 +19,15 @@ CREATE TYPE tasker.step_result AS (
     audit              jsonb
 );
 
+-- What became of one result: its step's state afterwards, the outcome
+-- (tasker._apply_results) and, for every outcome but applied, why.
+CREATE TYPE tasker.result_outcome AS (
+    step_uuid uuid,
+    state     tasker.step_state,
+    outcome   text,
+    note      text
+);
+
 -- Moves steps to a done state (complete, resolved_manually) with their
 -- results, releases their children and enqueues those that became ready.
 -- The caller holds the task row locks and settles the returned moves.
@@ -49,9 +58,8 @@ $$;
 --   duplicate       an earlier result in the same batch is for this step
 -- and, for every outcome but applied, a note saying why it was ignored.
 CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text)
-RETURNS TABLE (step_uuid uuid, state tasker.step_state, outcome text, note text)
+RETURNS tasker.result_outcome[]
 LANGUAGE plpgsql AS $$
-#variable_conflict use_column
 DECLARE
     v_outcomes text[];
     v_notes text[];
@@ -162,13 +170,13 @@ BEGIN
         v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);
     END IF;
 
-    RETURN QUERY
-    SELECT r.step_uuid, ws.state, o.outcome, o.note
-    FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
-    JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
-                                                 requested_delay_ms, audit, i) ON r.i = o.i
-    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
-    ORDER BY o.i;
+    RETURN ARRAY(
+        SELECT ROW(r.step_uuid, ws.state, o.outcome, o.note)::tasker.result_outcome
+        FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
+        JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
+                                                     requested_delay_ms, audit, i) ON r.i = o.i
+        LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+        ORDER BY o.i);
 END
 $$;
 
@@ -192,7 +200,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
-    o record;
+    o tasker.result_outcome;
 BEGIN
     IF submit_result.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
@@ -205,12 +213,12 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    SELECT * INTO o FROM tasker._apply_results(
+    o := (tasker._apply_results(
         ARRAY[ROW(submit_result.step_uuid, sub.success,
                   CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
                   sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
                   tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
-        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END);
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END))[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN
@@ -222,17 +230,23 @@ BEGIN
 END
 $$;
 
--- The results of a batch (tasker.submit_results, tasker.exchange): a JSON
+-- A batch of results (tasker.submit_results, tasker.exchange): a JSON
 -- array of {step_uuid, status, result, error, metadata}, read in one
--- statement. Per element, in order: its step and the result to apply, or
--- the problem that rejects it (then result is NULL). 22023 when results is
--- not an array; 54000 beyond 1,000 elements.
-CREATE FUNCTION tasker._read_results(p_results jsonb)
-RETURNS TABLE (i bigint, step_uuid uuid, result tasker.step_result, problem text)
-LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
+-- statement and applied. Per element, in order, what became of it: one of
+-- tasker._apply_results' outcomes, or rejected (the element is not a valid
+-- result: the note says why, nothing of it is applied). 22023 when results
+-- is not an array; 54000 beyond 1,000 elements.
+CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
+RETURNS tasker.result_outcome[]
+LANGUAGE plpgsql AS $$
 DECLARE
     lim bigint := tasker._setting('limits.max_result_bytes');
+    v_steps uuid[];
+    v_problems text[];
+    v_results tasker.step_result[];
+    v_applied tasker.result_outcome[];
+    k integer := 0;
+    v_out tasker.result_outcome[] := '{}';
 BEGIN
     IF jsonb_typeof(p_results) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'results must be a JSON array, got %', coalesce(jsonb_typeof(p_results), 'NULL')
@@ -241,15 +255,16 @@ BEGIN
     ELSIF jsonb_array_length(p_results) > 1000 THEN
         RAISE EXCEPTION 'a batch holds at most 1000 results, got %', jsonb_array_length(p_results)
             USING ERRCODE = '54000';
+    ELSIF jsonb_array_length(p_results) = 0 THEN
+        RETURN v_out;
     END IF;
-    RETURN QUERY
-    SELECT e.i, u.step_uuid,
-           CASE WHEN p.problem IS NULL THEN
-               ROW(u.step_uuid, f.success,
-                   CASE WHEN f.success THEN coalesce(e.item -> 'result', 'null') ELSE e.item -> 'error' END,
-                   f.attempt, f.message, f.retryable, f.requested_delay_ms,
-                   tasker._submission_audit(f.worker_id, f.execution_time_ms, e.item -> 'metadata'))::tasker.step_result END,
-           p.problem
+    SELECT array_agg(u.step_uuid ORDER BY e.i), array_agg(p.problem ORDER BY e.i),
+           array_agg(ROW(u.step_uuid, f.success,
+                         CASE WHEN f.success THEN coalesce(e.item -> 'result', 'null') ELSE e.item -> 'error' END,
+                         f.attempt, f.message, f.retryable, f.requested_delay_ms,
+                         tasker._submission_audit(f.worker_id, f.execution_time_ms, e.item -> 'metadata')
+                     )::tasker.step_result ORDER BY e.i) FILTER (WHERE p.problem IS NULL)
+    INTO v_steps, v_problems, v_results
     FROM jsonb_array_elements(p_results) WITH ORDINALITY AS e(item, i)
     CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(e.item) = 'object'
                                     THEN tasker._uuid_or_null(e.item ->> 'step_uuid') END AS step_uuid) u
@@ -266,8 +281,20 @@ BEGIN
                         e.i, CASE WHEN f.success THEN 'result' ELSE 'error' END,
                         pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END),
                         lim)
-        END AS problem) p
-    ORDER BY e.i;
+        END AS problem) p;
+    IF v_results IS NOT NULL THEN
+        v_applied := tasker._apply_results(v_results, p_reason);
+    END IF;
+    -- the applied ones in order, the rejected ones in their places
+    FOR i IN 1 .. cardinality(v_problems) LOOP
+        IF v_problems[i] IS NULL THEN
+            k := k + 1;
+            v_out := v_out || v_applied[k];
+        ELSE
+            v_out := v_out || ROW(v_steps[i], NULL, 'rejected', v_problems[i])::tasker.result_outcome;
+        END IF;
+    END LOOP;
+    RETURN v_out;
 END
 $$;
 
@@ -285,41 +312,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    RETURN QUERY SELECT * FROM tasker._submit_results(submit_results.results, 'results submitted');
-END
-$$;
-
--- submit_results without the security wrapper (tasker.exchange calls it).
-CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
-RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_i bigint[];
-    v_steps uuid[];
-    v_problems text[];
-    v_results tasker.step_result[];
-BEGIN
-    SELECT array_agg(x.i ORDER BY x.i), array_agg(x.step_uuid ORDER BY x.i), array_agg(x.problem ORDER BY x.i),
-           array_agg(x.result ORDER BY x.i) FILTER (WHERE x.problem IS NULL)
-    INTO v_i, v_steps, v_problems, v_results
-    FROM tasker._read_results(p_results) x;
-    IF v_i IS NULL THEN
-        RETURN;
-    END IF;
     RETURN QUERY
-    WITH applied AS (
-        SELECT a.* FROM tasker._apply_results(v_results, p_reason) WITH ORDINALITY AS a(step_uuid, state, outcome, note, k)
-    ), accepted AS (
-        SELECT x.i, row_number() OVER (ORDER BY x.i) AS k
-        FROM unnest(v_i, v_problems) AS x(i, problem) WHERE x.problem IS NULL
-    )
-    SELECT x.step_uuid, coalesce(a.outcome, 'rejected'), coalesce(a.state::text, ws.state::text),
-           coalesce(x.problem, a.note)
-    FROM unnest(v_i, v_steps, v_problems) AS x(i, step_uuid, problem)
-    LEFT JOIN accepted c ON c.i = x.i
-    LEFT JOIN applied a ON a.k = c.k
-    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = x.step_uuid AND x.problem IS NOT NULL
-    ORDER BY x.i;
+    SELECT o.step_uuid, o.outcome,
+           coalesce(o.state, (SELECT ws.state FROM tasker.workflow_steps ws WHERE ws.step_uuid = o.step_uuid))::text,
+           o.note
+    FROM unnest(tasker._submit_results(submit_results.results, 'results submitted')) o;
 END
 $$;

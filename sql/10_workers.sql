@@ -6,43 +6,45 @@
 -- the current attempt of, in this namespace, still enqueued, are locked
 -- without waiting: a step someone else holds is being settled or stopped
 -- anyway. The move enqueued -> in_progress changes no counter (both are
--- `out`), so no task row is touched. Returns the messages as read.
+-- `out`), so no task row is touched. Returns the messages as read, as
+-- tasker._pgmq_read gives them ({msg_id, read_ct, message}; NULL: none).
 CREATE FUNCTION tasker._read_steps(p_namespace text, p_queue text, p_worker_id text, p_qty integer, p_vt integer)
-RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
-LANGUAGE plpgsql ROWS 10 AS $$
-#variable_conflict use_column
+RETURNS jsonb[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_ids bigint[];
-    v_counts integer[];
-    v_messages jsonb[];
-    v_start uuid[];
+    v_read jsonb[] := tasker._pgmq_read(p_queue, p_vt, p_qty);
+    v_start tasker.step_change[];
+    v_moved tasker.step_move[];
 BEGIN
-    SELECT array_agg((r ->> 'msg_id')::bigint ORDER BY i), array_agg((r ->> 'read_ct')::integer ORDER BY i),
-           array_agg(r -> 'message' ORDER BY i)
-    INTO v_ids, v_counts, v_messages
-    FROM unnest(tasker._pgmq_read(p_queue, p_vt, p_qty)) WITH ORDINALITY AS x(r, i);
-    IF v_ids IS NULL THEN
-        RETURN;
+    IF v_read IS NULL THEN
+        RETURN NULL;
     END IF;
-    SELECT array_agg(x.step_uuid) INTO v_start FROM (
+    SELECT array_agg(ROW(x.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change) INTO v_start FROM (
         SELECT s.step_uuid
-        FROM unnest(v_ids, v_messages) AS m(msg_id, message)
+        FROM unnest(v_read) AS m(r)
         JOIN tasker.workflow_steps s
-          ON s.step_uuid = tasker._uuid_or_null(m.message ->> 'step_uuid') AND s.queue_msg_id = m.msg_id
+          ON s.step_uuid = tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid')
+         AND s.queue_msg_id = (m.r ->> 'msg_id')::bigint
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = p_namespace
         WHERE s.state = 'enqueued'
         FOR NO KEY UPDATE OF s SKIP LOCKED) x;
     IF v_start IS NOT NULL THEN
         -- (enqueued -> in_progress: both `out`, nothing to settle)
-        PERFORM tasker._move_steps(
-            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
-            'in_progress', 'read by worker', jsonb_build_object('worker_id', p_worker_id));
+        v_moved := tasker._move_steps(v_start, 'in_progress', 'read by worker',
+                                      jsonb_build_object('worker_id', p_worker_id));
     END IF;
-    RETURN QUERY
-    SELECT m.msg_id, m.read_ct, tasker._uuid_or_null(m.message ->> 'step_uuid'), m.message
-    FROM unnest(v_ids, v_counts, v_messages) AS m(msg_id, read_ct, message)
-    ORDER BY m.msg_id;
+    RETURN v_read;
 END
+$$;
+
+-- The rows of messages as tasker._read_steps returns them.
+CREATE FUNCTION tasker._message_rows(p_read jsonb[])
+RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
+LANGUAGE sql IMMUTABLE ROWS 10 AS $$
+    SELECT (m.r ->> 'msg_id')::bigint, (m.r ->> 'read_ct')::integer,
+           tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid'), m.r -> 'message'
+    FROM unnest(p_read) WITH ORDINALITY AS m(r, i)
+    ORDER BY m.i
 $$;
 
 -- The checks of a worker's read: 22004 / 22023 for missing or out-of-range
@@ -64,25 +66,24 @@ END
 $$;
 
 -- The queues of namespaces, in the order given; 42704 for an unknown one.
-CREATE FUNCTION tasker._namespace_queues(p_namespaces text[])
-RETURNS TABLE (namespace text, queue_name text)
+CREATE FUNCTION tasker._namespace_queues(p_namespaces text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
 DECLARE
+    v_queues text[];
     v_missing text;
 BEGIN
-    SELECT u INTO v_missing FROM unnest(p_namespaces) u
-    WHERE u IS NULL OR NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = u) LIMIT 1;
-    IF FOUND THEN
-        IF v_missing IS NULL THEN
+    SELECT array_agg(n.queue_name ORDER BY u.i), (array_agg(u.name ORDER BY u.i) FILTER (WHERE n.queue_name IS NULL))[1]
+    INTO v_queues, v_missing
+    FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
+    LEFT JOIN tasker.namespaces n ON n.name = u.name;
+    IF cardinality(v_queues) IS DISTINCT FROM cardinality(p_namespaces) OR v_missing IS NOT NULL
+       OR array_position(p_namespaces, NULL) IS NOT NULL THEN
+        IF array_position(p_namespaces, NULL) IS NOT NULL THEN
             RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
         END IF;
         RAISE EXCEPTION 'namespace "%" does not exist', v_missing USING ERRCODE = '42704';
     END IF;
-    RETURN QUERY
-    SELECT n.name, n.queue_name FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
-    JOIN tasker.namespaces n ON n.name = u.name
-    ORDER BY u.i;
+    RETURN v_queues;
 END
 $$;
 
@@ -98,14 +99,13 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_vt integer := tasker._check_read(read_steps.worker_id, read_steps.qty, read_steps.visibility_timeout_seconds);
-    q record;
 BEGIN
     IF read_steps.namespace IS NULL THEN
         RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
     END IF;
-    SELECT * INTO q FROM tasker._namespace_queues(ARRAY[read_steps.namespace]);
-    RETURN QUERY SELECT * FROM tasker._read_steps(q.namespace, q.queue_name, read_steps.worker_id,
-                                                  read_steps.qty, v_vt);
+    RETURN QUERY SELECT * FROM tasker._message_rows(tasker._read_steps(
+        read_steps.namespace, (tasker._namespace_queues(ARRAY[read_steps.namespace]))[1], read_steps.worker_id,
+        read_steps.qty, v_vt));
 END
 $$;
 
@@ -116,8 +116,7 @@ $$;
 CREATE FUNCTION tasker.wake_channel(namespace text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN (SELECT tasker.wake_channel_of_queue(q.queue_name)
-            FROM tasker._namespace_queues(ARRAY[wake_channel.namespace]) q);
+    RETURN tasker.wake_channel_of_queue((tasker._namespace_queues(ARRAY[wake_channel.namespace]))[1]);
 END
 $$;
 
@@ -139,8 +138,8 @@ BEGIN
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
     IF worker_idle.idle THEN
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
-        SELECT q.queue_name, worker_idle.worker_id, pg_catalog.pg_backend_pid()
-        FROM tasker._namespace_queues(worker_idle.namespaces) q
+        SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
+        FROM unnest(tasker._namespace_queues(worker_idle.namespaces)) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
     END IF;
@@ -164,35 +163,48 @@ AS $$
 DECLARE
     v_vt integer := tasker._check_read(exchange.worker_id, greatest(exchange.qty, 1),
                                        exchange.visibility_timeout_seconds);
-    v_queues record;
-    o record;
+    v_queues text[];
+    v_outcomes tasker.result_outcome[];
+    v_read jsonb[];
+    v_ns text[] := '{}';
+    v_msgs jsonb[] := '{}';
     v_left integer := exchange.qty;
     v_share integer;
-    v_n integer;
-    v_read integer;
+    n integer;
 BEGIN
     IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
         RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
     ELSIF exchange.qty IS NULL OR exchange.qty NOT BETWEEN 0 AND 1000 THEN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
-    PERFORM tasker._namespace_queues(exchange.namespaces);
-    IF exchange.results IS NOT NULL AND exchange.results <> '[]' THEN
-        FOR o IN SELECT * FROM tasker._submit_results(exchange.results, 'results submitted') r
-                 WHERE r.outcome <> 'applied' LOOP
-            RAISE NOTICE 'pg_tasker: %', o.detail;
+    v_queues := tasker._namespace_queues(exchange.namespaces);
+    IF exchange.results IS NOT NULL THEN
+        v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
+        FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
+            IF (v_outcomes[i]).outcome <> 'applied' THEN
+                RAISE NOTICE 'pg_tasker: %', (v_outcomes[i]).note;
+            END IF;
         END LOOP;
     END IF;
-    v_n := cardinality(exchange.namespaces);
-    FOR v_queues IN SELECT * FROM tasker._namespace_queues(exchange.namespaces) LOOP
+    n := cardinality(v_queues);
+    FOR i IN 1 .. cardinality(v_queues) LOOP
         EXIT WHEN v_left <= 0;
-        v_share := ceil(v_left::numeric / v_n)::integer;
-        v_n := v_n - 1;
-        RETURN QUERY SELECT v_queues.namespace, r.* FROM tasker._read_steps(
-            v_queues.namespace, v_queues.queue_name, exchange.worker_id, v_share, v_vt) r;
-        GET DIAGNOSTICS v_read = ROW_COUNT;
-        v_left := v_left - v_read;
+        v_share := ceil(v_left::numeric / n)::integer;
+        n := n - 1;
+        v_read := tasker._read_steps(exchange.namespaces[i], v_queues[i], exchange.worker_id, v_share, v_vt);
+        IF v_read IS NOT NULL THEN
+            v_msgs := v_msgs || v_read;
+            v_ns := v_ns || array_fill(exchange.namespaces[i], ARRAY[cardinality(v_read)]);
+            v_left := v_left - cardinality(v_read);
+        END IF;
     END LOOP;
+    IF cardinality(v_msgs) > 0 THEN
+        RETURN QUERY
+        SELECT x.ns, (x.r ->> 'msg_id')::bigint, (x.r ->> 'read_ct')::integer,
+               tasker._uuid_or_null(x.r -> 'message' ->> 'step_uuid'), x.r -> 'message'
+        FROM unnest(v_ns, v_msgs) WITH ORDINALITY AS x(ns, r, i)
+        ORDER BY x.i;
+    END IF;
 END
 $$;
 

@@ -1957,6 +1957,15 @@ CREATE TYPE tasker.step_result AS (
     audit              jsonb
 );
 
+-- What became of one result: its step's state afterwards, the outcome
+-- (tasker._apply_results) and, for every outcome but applied, why.
+CREATE TYPE tasker.result_outcome AS (
+    step_uuid uuid,
+    state     tasker.step_state,
+    outcome   text,
+    note      text
+);
+
 -- Moves steps to a done state (complete, resolved_manually) with their
 -- results, releases their children and enqueues those that became ready.
 -- The caller holds the task row locks and settles the returned moves.
@@ -1987,9 +1996,8 @@ $$;
 --   duplicate       an earlier result in the same batch is for this step
 -- and, for every outcome but applied, a note saying why it was ignored.
 CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text)
-RETURNS TABLE (step_uuid uuid, state tasker.step_state, outcome text, note text)
+RETURNS tasker.result_outcome[]
 LANGUAGE plpgsql AS $$
-#variable_conflict use_column
 DECLARE
     v_outcomes text[];
     v_notes text[];
@@ -2100,13 +2108,13 @@ BEGIN
         v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);
     END IF;
 
-    RETURN QUERY
-    SELECT r.step_uuid, ws.state, o.outcome, o.note
-    FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
-    JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
-                                                 requested_delay_ms, audit, i) ON r.i = o.i
-    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
-    ORDER BY o.i;
+    RETURN ARRAY(
+        SELECT ROW(r.step_uuid, ws.state, o.outcome, o.note)::tasker.result_outcome
+        FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
+        JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
+                                                     requested_delay_ms, audit, i) ON r.i = o.i
+        LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+        ORDER BY o.i);
 END
 $$;
 
@@ -2130,7 +2138,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
-    o record;
+    o tasker.result_outcome;
 BEGIN
     IF submit_result.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
@@ -2143,12 +2151,12 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    SELECT * INTO o FROM tasker._apply_results(
+    o := (tasker._apply_results(
         ARRAY[ROW(submit_result.step_uuid, sub.success,
                   CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
                   sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
                   tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
-        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END);
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END))[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN
@@ -2160,17 +2168,23 @@ BEGIN
 END
 $$;
 
--- The results of a batch (tasker.submit_results, tasker.exchange): a JSON
+-- A batch of results (tasker.submit_results, tasker.exchange): a JSON
 -- array of {step_uuid, status, result, error, metadata}, read in one
--- statement. Per element, in order: its step and the result to apply, or
--- the problem that rejects it (then result is NULL). 22023 when results is
--- not an array; 54000 beyond 1,000 elements.
-CREATE FUNCTION tasker._read_results(p_results jsonb)
-RETURNS TABLE (i bigint, step_uuid uuid, result tasker.step_result, problem text)
-LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
+-- statement and applied. Per element, in order, what became of it: one of
+-- tasker._apply_results' outcomes, or rejected (the element is not a valid
+-- result: the note says why, nothing of it is applied). 22023 when results
+-- is not an array; 54000 beyond 1,000 elements.
+CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
+RETURNS tasker.result_outcome[]
+LANGUAGE plpgsql AS $$
 DECLARE
     lim bigint := tasker._setting('limits.max_result_bytes');
+    v_steps uuid[];
+    v_problems text[];
+    v_results tasker.step_result[];
+    v_applied tasker.result_outcome[];
+    k integer := 0;
+    v_out tasker.result_outcome[] := '{}';
 BEGIN
     IF jsonb_typeof(p_results) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'results must be a JSON array, got %', coalesce(jsonb_typeof(p_results), 'NULL')
@@ -2179,15 +2193,16 @@ BEGIN
     ELSIF jsonb_array_length(p_results) > 1000 THEN
         RAISE EXCEPTION 'a batch holds at most 1000 results, got %', jsonb_array_length(p_results)
             USING ERRCODE = '54000';
+    ELSIF jsonb_array_length(p_results) = 0 THEN
+        RETURN v_out;
     END IF;
-    RETURN QUERY
-    SELECT e.i, u.step_uuid,
-           CASE WHEN p.problem IS NULL THEN
-               ROW(u.step_uuid, f.success,
-                   CASE WHEN f.success THEN coalesce(e.item -> 'result', 'null') ELSE e.item -> 'error' END,
-                   f.attempt, f.message, f.retryable, f.requested_delay_ms,
-                   tasker._submission_audit(f.worker_id, f.execution_time_ms, e.item -> 'metadata'))::tasker.step_result END,
-           p.problem
+    SELECT array_agg(u.step_uuid ORDER BY e.i), array_agg(p.problem ORDER BY e.i),
+           array_agg(ROW(u.step_uuid, f.success,
+                         CASE WHEN f.success THEN coalesce(e.item -> 'result', 'null') ELSE e.item -> 'error' END,
+                         f.attempt, f.message, f.retryable, f.requested_delay_ms,
+                         tasker._submission_audit(f.worker_id, f.execution_time_ms, e.item -> 'metadata')
+                     )::tasker.step_result ORDER BY e.i) FILTER (WHERE p.problem IS NULL)
+    INTO v_steps, v_problems, v_results
     FROM jsonb_array_elements(p_results) WITH ORDINALITY AS e(item, i)
     CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(e.item) = 'object'
                                     THEN tasker._uuid_or_null(e.item ->> 'step_uuid') END AS step_uuid) u
@@ -2204,8 +2219,20 @@ BEGIN
                         e.i, CASE WHEN f.success THEN 'result' ELSE 'error' END,
                         pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END),
                         lim)
-        END AS problem) p
-    ORDER BY e.i;
+        END AS problem) p;
+    IF v_results IS NOT NULL THEN
+        v_applied := tasker._apply_results(v_results, p_reason);
+    END IF;
+    -- the applied ones in order, the rejected ones in their places
+    FOR i IN 1 .. cardinality(v_problems) LOOP
+        IF v_problems[i] IS NULL THEN
+            k := k + 1;
+            v_out := v_out || v_applied[k];
+        ELSE
+            v_out := v_out || ROW(v_steps[i], NULL, 'rejected', v_problems[i])::tasker.result_outcome;
+        END IF;
+    END LOOP;
+    RETURN v_out;
 END
 $$;
 
@@ -2223,42 +2250,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    RETURN QUERY SELECT * FROM tasker._submit_results(submit_results.results, 'results submitted');
-END
-$$;
-
--- submit_results without the security wrapper (tasker.exchange calls it).
-CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
-RETURNS TABLE (step_uuid uuid, outcome text, state text, detail text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_i bigint[];
-    v_steps uuid[];
-    v_problems text[];
-    v_results tasker.step_result[];
-BEGIN
-    SELECT array_agg(x.i ORDER BY x.i), array_agg(x.step_uuid ORDER BY x.i), array_agg(x.problem ORDER BY x.i),
-           array_agg(x.result ORDER BY x.i) FILTER (WHERE x.problem IS NULL)
-    INTO v_i, v_steps, v_problems, v_results
-    FROM tasker._read_results(p_results) x;
-    IF v_i IS NULL THEN
-        RETURN;
-    END IF;
     RETURN QUERY
-    WITH applied AS (
-        SELECT a.* FROM tasker._apply_results(v_results, p_reason) WITH ORDINALITY AS a(step_uuid, state, outcome, note, k)
-    ), accepted AS (
-        SELECT x.i, row_number() OVER (ORDER BY x.i) AS k
-        FROM unnest(v_i, v_problems) AS x(i, problem) WHERE x.problem IS NULL
-    )
-    SELECT x.step_uuid, coalesce(a.outcome, 'rejected'), coalesce(a.state::text, ws.state::text),
-           coalesce(x.problem, a.note)
-    FROM unnest(v_i, v_steps, v_problems) AS x(i, step_uuid, problem)
-    LEFT JOIN accepted c ON c.i = x.i
-    LEFT JOIN applied a ON a.k = c.k
-    LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = x.step_uuid AND x.problem IS NOT NULL
-    ORDER BY x.i;
+    SELECT o.step_uuid, o.outcome,
+           coalesce(o.state, (SELECT ws.state FROM tasker.workflow_steps ws WHERE ws.step_uuid = o.step_uuid))::text,
+           o.note
+    FROM unnest(tasker._submit_results(submit_results.results, 'results submitted')) o;
 END
 $$;
 /* </end connected objects> */
@@ -2276,43 +2272,45 @@ $$;
 -- the current attempt of, in this namespace, still enqueued, are locked
 -- without waiting: a step someone else holds is being settled or stopped
 -- anyway. The move enqueued -> in_progress changes no counter (both are
--- `out`), so no task row is touched. Returns the messages as read.
+-- `out`), so no task row is touched. Returns the messages as read, as
+-- tasker._pgmq_read gives them ({msg_id, read_ct, message}; NULL: none).
 CREATE FUNCTION tasker._read_steps(p_namespace text, p_queue text, p_worker_id text, p_qty integer, p_vt integer)
-RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
-LANGUAGE plpgsql ROWS 10 AS $$
-#variable_conflict use_column
+RETURNS jsonb[]
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_ids bigint[];
-    v_counts integer[];
-    v_messages jsonb[];
-    v_start uuid[];
+    v_read jsonb[] := tasker._pgmq_read(p_queue, p_vt, p_qty);
+    v_start tasker.step_change[];
+    v_moved tasker.step_move[];
 BEGIN
-    SELECT array_agg((r ->> 'msg_id')::bigint ORDER BY i), array_agg((r ->> 'read_ct')::integer ORDER BY i),
-           array_agg(r -> 'message' ORDER BY i)
-    INTO v_ids, v_counts, v_messages
-    FROM unnest(tasker._pgmq_read(p_queue, p_vt, p_qty)) WITH ORDINALITY AS x(r, i);
-    IF v_ids IS NULL THEN
-        RETURN;
+    IF v_read IS NULL THEN
+        RETURN NULL;
     END IF;
-    SELECT array_agg(x.step_uuid) INTO v_start FROM (
+    SELECT array_agg(ROW(x.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change) INTO v_start FROM (
         SELECT s.step_uuid
-        FROM unnest(v_ids, v_messages) AS m(msg_id, message)
+        FROM unnest(v_read) AS m(r)
         JOIN tasker.workflow_steps s
-          ON s.step_uuid = tasker._uuid_or_null(m.message ->> 'step_uuid') AND s.queue_msg_id = m.msg_id
+          ON s.step_uuid = tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid')
+         AND s.queue_msg_id = (m.r ->> 'msg_id')::bigint
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = p_namespace
         WHERE s.state = 'enqueued'
         FOR NO KEY UPDATE OF s SKIP LOCKED) x;
     IF v_start IS NOT NULL THEN
         -- (enqueued -> in_progress: both `out`, nothing to settle)
-        PERFORM tasker._move_steps(
-            ARRAY(SELECT ROW(u, NULL, NULL, NULL, NULL)::tasker.step_change FROM unnest(v_start) u),
-            'in_progress', 'read by worker', jsonb_build_object('worker_id', p_worker_id));
+        v_moved := tasker._move_steps(v_start, 'in_progress', 'read by worker',
+                                      jsonb_build_object('worker_id', p_worker_id));
     END IF;
-    RETURN QUERY
-    SELECT m.msg_id, m.read_ct, tasker._uuid_or_null(m.message ->> 'step_uuid'), m.message
-    FROM unnest(v_ids, v_counts, v_messages) AS m(msg_id, read_ct, message)
-    ORDER BY m.msg_id;
+    RETURN v_read;
 END
+$$;
+
+-- The rows of messages as tasker._read_steps returns them.
+CREATE FUNCTION tasker._message_rows(p_read jsonb[])
+RETURNS TABLE (msg_id bigint, read_ct integer, step_uuid uuid, message jsonb)
+LANGUAGE sql IMMUTABLE ROWS 10 AS $$
+    SELECT (m.r ->> 'msg_id')::bigint, (m.r ->> 'read_ct')::integer,
+           tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid'), m.r -> 'message'
+    FROM unnest(p_read) WITH ORDINALITY AS m(r, i)
+    ORDER BY m.i
 $$;
 
 -- The checks of a worker's read: 22004 / 22023 for missing or out-of-range
@@ -2334,25 +2332,24 @@ END
 $$;
 
 -- The queues of namespaces, in the order given; 42704 for an unknown one.
-CREATE FUNCTION tasker._namespace_queues(p_namespaces text[])
-RETURNS TABLE (namespace text, queue_name text)
+CREATE FUNCTION tasker._namespace_queues(p_namespaces text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
 DECLARE
+    v_queues text[];
     v_missing text;
 BEGIN
-    SELECT u INTO v_missing FROM unnest(p_namespaces) u
-    WHERE u IS NULL OR NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = u) LIMIT 1;
-    IF FOUND THEN
-        IF v_missing IS NULL THEN
+    SELECT array_agg(n.queue_name ORDER BY u.i), (array_agg(u.name ORDER BY u.i) FILTER (WHERE n.queue_name IS NULL))[1]
+    INTO v_queues, v_missing
+    FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
+    LEFT JOIN tasker.namespaces n ON n.name = u.name;
+    IF cardinality(v_queues) IS DISTINCT FROM cardinality(p_namespaces) OR v_missing IS NOT NULL
+       OR array_position(p_namespaces, NULL) IS NOT NULL THEN
+        IF array_position(p_namespaces, NULL) IS NOT NULL THEN
             RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
         END IF;
         RAISE EXCEPTION 'namespace "%" does not exist', v_missing USING ERRCODE = '42704';
     END IF;
-    RETURN QUERY
-    SELECT n.name, n.queue_name FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
-    JOIN tasker.namespaces n ON n.name = u.name
-    ORDER BY u.i;
+    RETURN v_queues;
 END
 $$;
 
@@ -2368,14 +2365,13 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_vt integer := tasker._check_read(read_steps.worker_id, read_steps.qty, read_steps.visibility_timeout_seconds);
-    q record;
 BEGIN
     IF read_steps.namespace IS NULL THEN
         RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
     END IF;
-    SELECT * INTO q FROM tasker._namespace_queues(ARRAY[read_steps.namespace]);
-    RETURN QUERY SELECT * FROM tasker._read_steps(q.namespace, q.queue_name, read_steps.worker_id,
-                                                  read_steps.qty, v_vt);
+    RETURN QUERY SELECT * FROM tasker._message_rows(tasker._read_steps(
+        read_steps.namespace, (tasker._namespace_queues(ARRAY[read_steps.namespace]))[1], read_steps.worker_id,
+        read_steps.qty, v_vt));
 END
 $$;
 
@@ -2386,8 +2382,7 @@ $$;
 CREATE FUNCTION tasker.wake_channel(namespace text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN (SELECT tasker.wake_channel_of_queue(q.queue_name)
-            FROM tasker._namespace_queues(ARRAY[wake_channel.namespace]) q);
+    RETURN tasker.wake_channel_of_queue((tasker._namespace_queues(ARRAY[wake_channel.namespace]))[1]);
 END
 $$;
 
@@ -2409,8 +2404,8 @@ BEGIN
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
     IF worker_idle.idle THEN
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
-        SELECT q.queue_name, worker_idle.worker_id, pg_catalog.pg_backend_pid()
-        FROM tasker._namespace_queues(worker_idle.namespaces) q
+        SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
+        FROM unnest(tasker._namespace_queues(worker_idle.namespaces)) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
     END IF;
@@ -2434,35 +2429,48 @@ AS $$
 DECLARE
     v_vt integer := tasker._check_read(exchange.worker_id, greatest(exchange.qty, 1),
                                        exchange.visibility_timeout_seconds);
-    v_queues record;
-    o record;
+    v_queues text[];
+    v_outcomes tasker.result_outcome[];
+    v_read jsonb[];
+    v_ns text[] := '{}';
+    v_msgs jsonb[] := '{}';
     v_left integer := exchange.qty;
     v_share integer;
-    v_n integer;
-    v_read integer;
+    n integer;
 BEGIN
     IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
         RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
     ELSIF exchange.qty IS NULL OR exchange.qty NOT BETWEEN 0 AND 1000 THEN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
-    PERFORM tasker._namespace_queues(exchange.namespaces);
-    IF exchange.results IS NOT NULL AND exchange.results <> '[]' THEN
-        FOR o IN SELECT * FROM tasker._submit_results(exchange.results, 'results submitted') r
-                 WHERE r.outcome <> 'applied' LOOP
-            RAISE NOTICE 'pg_tasker: %', o.detail;
+    v_queues := tasker._namespace_queues(exchange.namespaces);
+    IF exchange.results IS NOT NULL THEN
+        v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
+        FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
+            IF (v_outcomes[i]).outcome <> 'applied' THEN
+                RAISE NOTICE 'pg_tasker: %', (v_outcomes[i]).note;
+            END IF;
         END LOOP;
     END IF;
-    v_n := cardinality(exchange.namespaces);
-    FOR v_queues IN SELECT * FROM tasker._namespace_queues(exchange.namespaces) LOOP
+    n := cardinality(v_queues);
+    FOR i IN 1 .. cardinality(v_queues) LOOP
         EXIT WHEN v_left <= 0;
-        v_share := ceil(v_left::numeric / v_n)::integer;
-        v_n := v_n - 1;
-        RETURN QUERY SELECT v_queues.namespace, r.* FROM tasker._read_steps(
-            v_queues.namespace, v_queues.queue_name, exchange.worker_id, v_share, v_vt) r;
-        GET DIAGNOSTICS v_read = ROW_COUNT;
-        v_left := v_left - v_read;
+        v_share := ceil(v_left::numeric / n)::integer;
+        n := n - 1;
+        v_read := tasker._read_steps(exchange.namespaces[i], v_queues[i], exchange.worker_id, v_share, v_vt);
+        IF v_read IS NOT NULL THEN
+            v_msgs := v_msgs || v_read;
+            v_ns := v_ns || array_fill(exchange.namespaces[i], ARRAY[cardinality(v_read)]);
+            v_left := v_left - cardinality(v_read);
+        END IF;
     END LOOP;
+    IF cardinality(v_msgs) > 0 THEN
+        RETURN QUERY
+        SELECT x.ns, (x.r ->> 'msg_id')::bigint, (x.r ->> 'read_ct')::integer,
+               tasker._uuid_or_null(x.r -> 'message' ->> 'step_uuid'), x.r -> 'message'
+        FROM unnest(v_ns, v_msgs) WITH ORDINALITY AS x(ns, r, i)
+        ORDER BY x.i;
+    END IF;
 END
 $$;
 
@@ -2961,10 +2969,10 @@ BEGIN
                                               l.read_ct),
                             'error_code', 'LOST_ATTEMPT', 'retryable', true, 'deliveries', l.read_ct) END;
                     -- as a failure the worker would have reported (its message archived)
-                    SELECT a.state INTO v_state FROM tasker._apply_results(
+                    v_state := (tasker._apply_results(
                         ARRAY[ROW(s.step_uuid, false, v_error, s.attempts, v_error ->> 'message', true, NULL,
                                   jsonb_build_object('recovered_by', 'orchestrator'))::tasker.step_result],
-                        'attempt recovered') a;
+                        'attempt recovered'))[1].state;
                     v_recovered := v_recovered || jsonb_build_object(
                         'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct, 'state', v_state);
                 END IF;
