@@ -27,74 +27,69 @@ CREATE FUNCTION tasker._has_waiters(p_queue text) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue);
 
--- Releases and enqueues, in one statement per queue: each candidate's
+-- Releases and enqueues, in one statement: each candidate's
 -- pending_parents counts down by `released`; those that are then ready
--- (tasker.step_is_ready) move to enqueued (a new attempt, a new msg_id
--- from their queue's sequence) with an audit row, and their messages are
--- built and sent. The caller holds the task row locks and settles the
--- returned moves (tasker._settle_tasks).
+-- (tasker.step_is_ready) move to enqueued (a new attempt, a new msg_id from
+-- their queue's sequence) with an audit row, and their messages are built
+-- and sent, one insert per queue (a batch of results can span namespaces;
+-- each queue is its own table); idle workers of those queues are notified.
+-- The caller holds the task row locks and settles the returned moves
+-- (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
-    q record;
-    v_moves tasker.step_move[] := '{}';
-    v_sent tasker.step_move[];
+    v_moves tasker.step_move[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
-        RETURN v_moves;
+        RETURN '{}';
     END IF;
-    -- (a batch of results can span namespaces: one statement per queue,
-    -- since each queue is its own table)
-    FOR q IN
-        SELECT DISTINCT n.name, n.queue_name, n.queue_seq
-        FROM unnest(p_candidates) c
-        JOIN tasker.workflow_steps s ON s.step_uuid = c.step_uuid
+    -- Readiness is decided once per candidate, on its row as the task lock
+    -- holds it (only holders of the task lock change a pending or waiting
+    -- step); every row changes once. The moves pending -> enqueued and
+    -- waiting_for_retry -> enqueued are the ones step_state_transitions
+    -- lists for runnable states (src/tests/states.rs checks it).
+    WITH c AS (
+        SELECT x.step_uuid, x.released,
+               tasker.step_is_ready(s.state, s.pending_parents - x.released, s.next_retry_at, now()) AS ready,
+               n.queue_name, n.queue_seq
+        FROM (SELECT r.step_uuid, sum(r.released)::integer AS released
+              FROM unnest(p_candidates) r GROUP BY r.step_uuid) x
+        JOIN tasker.workflow_steps s ON s.step_uuid = x.step_uuid
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         JOIN tasker.namespaces n ON n.name = t.namespace_name
-    LOOP
-        -- Readiness is decided on the row as it is when the UPDATE reaches
-        -- it (SET and WHERE see its latest version); every row changes once.
-        -- The moves pending -> enqueued and waiting_for_retry -> enqueued
-        -- are the ones step_state_transitions lists for runnable states
-        -- (src/tests/states.rs checks it).
-        WITH c AS (
-            SELECT x.step_uuid, sum(x.released)::integer AS released
-            FROM unnest(p_candidates) x GROUP BY x.step_uuid
-        ), m AS (
-            UPDATE tasker.workflow_steps s
-            SET pending_parents = s.pending_parents - c.released,
-                previous_state  = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN s.state ELSE s.previous_state END,
-                state           = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN 'enqueued' ELSE s.state END,
-                transitions     = s.transitions + (tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))::integer,
-                updated_at      = now(),
-                attempts        = s.attempts + (tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))::integer,
-                queue_msg_id    = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN nextval(q.queue_seq) ELSE s.queue_msg_id END,
-                enqueued_at     = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN now() ELSE s.enqueued_at END,
-                started_at      = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN NULL ELSE s.started_at END,
-                next_retry_at   = CASE WHEN tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()) THEN NULL ELSE s.next_retry_at END
-            FROM c, tasker.tasks t
-            WHERE s.step_uuid = c.step_uuid
-              AND t.task_uuid = s.task_uuid
-              AND t.namespace_name = q.name
-              AND (c.released > 0 OR tasker.step_is_ready(s.state, s.pending_parents - c.released, s.next_retry_at, now()))
-            RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.state, s.enqueued_at, s.attempts, s.budget_offset,
-                      s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
-                      s.max_attempts, s.timeout_seconds,
-                      t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id
-        ), enq AS (
-            -- (enqueued by this statement: a step gets its last release
-            -- before it can be enqueued, so a released row that is enqueued
-            -- was enqueued now)
-            SELECT * FROM m WHERE m.state = 'enqueued' AND m.enqueued_at = now()
-        ), audit AS (
-            INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
-            SELECT e.step_uuid, e.transitions, e.previous_state, 'enqueued', p_reason,
-                   jsonb_build_object('attempt', e.attempts)
-            FROM enq e
-        ), sent AS (
-            SELECT tasker._pgmq_send(q.queue_name, array_agg(e.queue_msg_id ORDER BY e.queue_msg_id),
-                                     array_agg(jsonb_build_object(
+        WHERE x.released > 0
+           OR tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())
+    ), m AS (
+        UPDATE tasker.workflow_steps s
+        SET pending_parents = s.pending_parents - c.released,
+            previous_state  = CASE WHEN c.ready THEN s.state ELSE s.previous_state END,
+            state           = CASE WHEN c.ready THEN 'enqueued' ELSE s.state END,
+            transitions     = s.transitions + c.ready::integer,
+            updated_at      = now(),
+            attempts        = s.attempts + c.ready::integer,
+            queue_msg_id    = CASE WHEN c.ready THEN nextval(c.queue_seq) ELSE s.queue_msg_id END,
+            enqueued_at     = CASE WHEN c.ready THEN now() ELSE s.enqueued_at END,
+            started_at      = CASE WHEN c.ready THEN NULL ELSE s.started_at END,
+            next_retry_at   = CASE WHEN c.ready THEN NULL ELSE s.next_retry_at END
+        FROM c
+        WHERE s.step_uuid = c.step_uuid
+        RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.budget_offset,
+                  s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
+                  s.max_attempts, s.timeout_seconds, c.ready, c.queue_name
+    ), enq AS (
+        SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id
+        FROM m JOIN tasker.tasks t ON t.task_uuid = m.task_uuid
+        WHERE m.ready
+    ), audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT e.step_uuid, e.transitions, e.previous_state, 'enqueued', p_reason,
+               jsonb_build_object('attempt', e.attempts)
+        FROM enq e
+    ), sent AS (
+        SELECT e.queue_name,
+               tasker._pgmq_send(e.queue_name, array_agg(e.queue_msg_id ORDER BY e.queue_msg_id),
+                                 array_agg(jsonb_build_object(
                 'message_version', 1,
                 'task_uuid', e.task_uuid,
                 'step_uuid', e.step_uuid,
@@ -118,18 +113,17 @@ BEGIN
                 'correlation_id', e.correlation_id,
                 'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
             FROM enq e
-            HAVING count(*) > 0
-        )
-        SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, e.state, e.attempts,
-                                      e.queue_msg_id)::tasker.step_move), '{}')
-        INTO v_sent
-        FROM enq e, (SELECT count(*) FROM sent) s;
+            GROUP BY e.queue_name
+    ), woken AS (
         -- wake idle workers (delivered at commit, once per transaction)
-        IF cardinality(v_sent) > 0 AND tasker._has_waiters(q.queue_name) THEN
-            PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q.queue_name), '');
-        END IF;
-        v_moves := v_moves || v_sent;
-    END LOOP;
+        SELECT pg_catalog.pg_notify(tasker.wake_channel_of_queue(w.queue_name), '')
+        FROM sent w
+        WHERE tasker._has_waiters(w.queue_name)
+    )
+    SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
+                                  e.queue_msg_id)::tasker.step_move), '{}')
+    INTO v_moves
+    FROM enq e, (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
     RETURN v_moves;
 END
 $$;
