@@ -11,6 +11,10 @@
 --     a table is small (a new database) would scan and hash it on every call
 --     for the rest of the session; key lookups by index are right for 1 row
 --     and for 10,000.
+--   jit = off
+--     a plan that must scan a table all the same (a tiny one: worker_waits)
+--     carries the cost of a disabled scan, far above jit_above_cost, and
+--     would be compiled on every execution (40-100 ms each, measured).
 -- The settings apply to the statements these functions run and to those of
 -- every function they call (a cached plan keeps the settings it was made
 -- with). Retention, analytics and the views are planned as usual.
@@ -37,7 +41,7 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
              WHERE p.pronamespace = 'tasker'::regnamespace AND p.proname = ANY (tasker._operations()) LOOP
         EXECUTE format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan SET enable_seqscan = off '
-                       'SET enable_hashjoin = off SET enable_mergejoin = off', f);
+                       'SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off', f);
     END LOOP;
 END
 $$;
