@@ -250,7 +250,7 @@ CREATE TABLE tasker.dlq (
     dlq_uuid          uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     task_uuid         uuid REFERENCES tasker.tasks ON DELETE SET NULL,
     reason            text NOT NULL CHECK (reason IN ('staleness_timeout', 'task_max_lifetime_exceeded',
-                                                      'invalid_task_request')),
+                                                      'invalid_task_request', 'invalid_step_message')),
     original_state    tasker.task_state,
     error             jsonb,
     -- the task and its steps (or the rejected request) as they were
@@ -262,10 +262,12 @@ CREATE TABLE tasker.dlq (
     resolved_at       timestamptz,
     created_at        timestamptz NOT NULL DEFAULT now(),
     CHECK ((resolution_status = 'pending') = (resolved_at IS NULL)),
-    CHECK ((task_uuid IS NULL AND original_state IS NULL) OR reason <> 'invalid_task_request')
+    -- rejected requests and quarantined step messages have no task
+    CHECK ((task_uuid IS NULL AND original_state IS NULL)
+           OR reason NOT IN ('invalid_task_request', 'invalid_step_message'))
 );
 COMMENT ON TABLE tasker.dlq IS
-    'Dead letter queue: stale tasks and rejected task requests, with a snapshot and a resolution status.';
+    'Dead letter queue: stale tasks, rejected task requests and quarantined step messages, with a snapshot and a resolution status.';
 CREATE INDEX dlq_pending_idx ON tasker.dlq (created_at) WHERE resolution_status = 'pending';
 CREATE INDEX dlq_task_idx ON tasker.dlq (task_uuid);
 -- at most one open entry per task

@@ -6,21 +6,29 @@
 -- the current attempt of, in this namespace, still enqueued, are locked
 -- without waiting: a step someone else holds is being settled or stopped
 -- anyway. The move enqueued -> in_progress changes no counter (both are
--- `out`), so no task row is touched. Returns the messages as read, as
--- tasker._pgmq_read gives them ({msg_id, read_ct, message}; NULL: none).
+-- `out`), so no task row is touched. A message that is not the current
+-- attempt of one of this namespace's steps (not a step message, an unknown
+-- step, another namespace's step, an attempt that is over) is quarantined:
+-- archived, with a DLQ entry (reason invalid_step_message) saying why, and
+-- not returned; one bad message never blocks its queue. Returns the other
+-- messages as read, as tasker._pgmq_read gives them ({msg_id, read_ct,
+-- message}; NULL: none).
 CREATE FUNCTION tasker._read_steps(p_namespace text, p_queue text, p_worker_id text, p_qty integer, p_vt integer)
 RETURNS jsonb[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_read jsonb[] := tasker._pgmq_read(p_queue, p_vt, p_qty);
     v_start tasker.step_change[];
+    v_started bigint[];
+    v_bad bigint[];
     v_moved tasker.step_move[];
 BEGIN
     IF v_read IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT array_agg(ROW(x.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change) INTO v_start FROM (
-        SELECT s.step_uuid
+    SELECT array_agg(ROW(x.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change), array_agg(x.queue_msg_id)
+    INTO v_start, v_started FROM (
+        SELECT s.step_uuid, s.queue_msg_id
         FROM unnest(v_read) AS m(r)
         JOIN tasker.workflow_steps s
           ON s.step_uuid = tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid')
@@ -32,6 +40,42 @@ BEGIN
         -- (enqueued -> in_progress: both `out`, nothing to settle)
         v_moved := tasker._move_steps(v_start, 'in_progress', 'read by worker',
                                       jsonb_build_object('worker_id', p_worker_id));
+    END IF;
+    IF coalesce(cardinality(v_start), 0) < cardinality(v_read) THEN
+        -- the others: redeliveries (in_progress), steps someone else holds,
+        -- and messages that are no step's current attempt here
+        WITH bad AS (
+            SELECT (m.r ->> 'msg_id')::bigint AS msg_id, m.r, w.problem
+            FROM unnest(v_read) AS m(r)
+            CROSS JOIN LATERAL (SELECT tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid') AS step_uuid) u
+            LEFT JOIN tasker.workflow_steps s ON s.step_uuid = u.step_uuid
+            LEFT JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+            CROSS JOIN LATERAL (SELECT CASE
+                WHEN jsonb_typeof(m.r -> 'message') IS DISTINCT FROM 'object' OR u.step_uuid IS NULL THEN
+                    format('not a step message: step_uuid is %s',
+                           coalesce((m.r -> 'message' -> 'step_uuid')::text, 'missing'))
+                WHEN s.step_uuid IS NULL THEN format('step %s does not exist', u.step_uuid)
+                WHEN t.namespace_name <> p_namespace THEN
+                    format('step %s belongs to namespace %s, not to %s', u.step_uuid, t.namespace_name, p_namespace)
+                WHEN s.queue_msg_id IS DISTINCT FROM (m.r ->> 'msg_id')::bigint
+                     OR tasker.step_state_class(s.state) <> 'out' THEN
+                    format('not the current attempt of step %s (state %s, attempt %s, message %s)',
+                           u.step_uuid, s.state, s.attempts, coalesce(s.queue_msg_id::text, 'none'))
+                END AS problem) w
+            WHERE (m.r ->> 'msg_id')::bigint <> ALL (coalesce(v_started, '{}'))
+              AND w.problem IS NOT NULL
+        ), dead AS (
+            INSERT INTO tasker.dlq (reason, error, snapshot)
+            SELECT 'invalid_step_message', jsonb_build_object('message', b.problem),
+                   jsonb_build_object('queue', p_queue, 'namespace', p_namespace) || b.r
+            FROM bad b
+        )
+        SELECT array_agg(b.msg_id) INTO v_bad FROM bad b;
+        IF v_bad IS NOT NULL THEN
+            PERFORM tasker._pgmq_archive(p_queue, v_bad);
+            SELECT array_agg(m.r) INTO v_read FROM unnest(v_read) AS m(r)
+            WHERE (m.r ->> 'msg_id')::bigint <> ALL (v_bad);
+        END IF;
     END IF;
     RETURN v_read;
 END

@@ -307,8 +307,10 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'DLQ entry % does not exist', dlq_requeue.dlq_uuid USING ERRCODE = 'P0002';
     ELSIF e.task_uuid IS NULL THEN
-        RAISE EXCEPTION 'DLQ entry % has no task to requeue (a rejected request: send a corrected one)',
-            dlq_requeue.dlq_uuid USING ERRCODE = '55000';
+        RAISE EXCEPTION 'DLQ entry % has no task to requeue', dlq_requeue.dlq_uuid
+            USING ERRCODE = '55000',
+                  HINT = 'A rejected task request or a quarantined step message: send a corrected one, '
+                         'and close the entry with tasker.dlq_resolve.';
     END IF;
     -- lock order: the task, then the entry
     t := tasker._lock_task(e.task_uuid);

@@ -18,7 +18,11 @@ LANGUAGE sql STABLE AS $$
             SELECT jsonb_object_agg(a.state, a.n)
             FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
                   WHERE NOT tasker.task_state_is_terminal(t.state) GROUP BY t.state) a), '{}'),
-        'due_tasks', (SELECT count(*) FROM tasker.ready_tasks))
+        'due_tasks', (SELECT count(*) FROM tasker.ready_tasks),
+        'dlq_pending_by_reason', coalesce((
+            SELECT jsonb_object_agg(d.reason, d.n)
+            FROM (SELECT reason, count(*) AS n FROM tasker.dlq
+                  WHERE resolution_status = 'pending' GROUP BY reason) d), '{}'))
 $$;
 
 CREATE VIEW tasker.orchestrator_status AS

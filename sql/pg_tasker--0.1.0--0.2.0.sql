@@ -586,7 +586,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:99
+-- src/health.rs:100
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -897,7 +897,7 @@ CREATE TABLE tasker.dlq (
     dlq_uuid          uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     task_uuid         uuid REFERENCES tasker.tasks ON DELETE SET NULL,
     reason            text NOT NULL CHECK (reason IN ('staleness_timeout', 'task_max_lifetime_exceeded',
-                                                      'invalid_task_request')),
+                                                      'invalid_task_request', 'invalid_step_message')),
     original_state    tasker.task_state,
     error             jsonb,
     -- the task and its steps (or the rejected request) as they were
@@ -909,10 +909,12 @@ CREATE TABLE tasker.dlq (
     resolved_at       timestamptz,
     created_at        timestamptz NOT NULL DEFAULT now(),
     CHECK ((resolution_status = 'pending') = (resolved_at IS NULL)),
-    CHECK ((task_uuid IS NULL AND original_state IS NULL) OR reason <> 'invalid_task_request')
+    -- rejected requests and quarantined step messages have no task
+    CHECK ((task_uuid IS NULL AND original_state IS NULL)
+           OR reason NOT IN ('invalid_task_request', 'invalid_step_message'))
 );
 COMMENT ON TABLE tasker.dlq IS
-    'Dead letter queue: stale tasks and rejected task requests, with a snapshot and a resolution status.';
+    'Dead letter queue: stale tasks, rejected task requests and quarantined step messages, with a snapshot and a resolution status.';
 CREATE INDEX dlq_pending_idx ON tasker.dlq (created_at) WHERE resolution_status = 'pending';
 CREATE INDEX dlq_task_idx ON tasker.dlq (task_uuid);
 -- at most one open entry per task
@@ -2266,21 +2268,29 @@ $$;
 -- the current attempt of, in this namespace, still enqueued, are locked
 -- without waiting: a step someone else holds is being settled or stopped
 -- anyway. The move enqueued -> in_progress changes no counter (both are
--- `out`), so no task row is touched. Returns the messages as read, as
--- tasker._pgmq_read gives them ({msg_id, read_ct, message}; NULL: none).
+-- `out`), so no task row is touched. A message that is not the current
+-- attempt of one of this namespace's steps (not a step message, an unknown
+-- step, another namespace's step, an attempt that is over) is quarantined:
+-- archived, with a DLQ entry (reason invalid_step_message) saying why, and
+-- not returned; one bad message never blocks its queue. Returns the other
+-- messages as read, as tasker._pgmq_read gives them ({msg_id, read_ct,
+-- message}; NULL: none).
 CREATE FUNCTION tasker._read_steps(p_namespace text, p_queue text, p_worker_id text, p_qty integer, p_vt integer)
 RETURNS jsonb[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_read jsonb[] := tasker._pgmq_read(p_queue, p_vt, p_qty);
     v_start tasker.step_change[];
+    v_started bigint[];
+    v_bad bigint[];
     v_moved tasker.step_move[];
 BEGIN
     IF v_read IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT array_agg(ROW(x.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change) INTO v_start FROM (
-        SELECT s.step_uuid
+    SELECT array_agg(ROW(x.step_uuid, NULL, NULL, NULL, NULL)::tasker.step_change), array_agg(x.queue_msg_id)
+    INTO v_start, v_started FROM (
+        SELECT s.step_uuid, s.queue_msg_id
         FROM unnest(v_read) AS m(r)
         JOIN tasker.workflow_steps s
           ON s.step_uuid = tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid')
@@ -2292,6 +2302,42 @@ BEGIN
         -- (enqueued -> in_progress: both `out`, nothing to settle)
         v_moved := tasker._move_steps(v_start, 'in_progress', 'read by worker',
                                       jsonb_build_object('worker_id', p_worker_id));
+    END IF;
+    IF coalesce(cardinality(v_start), 0) < cardinality(v_read) THEN
+        -- the others: redeliveries (in_progress), steps someone else holds,
+        -- and messages that are no step's current attempt here
+        WITH bad AS (
+            SELECT (m.r ->> 'msg_id')::bigint AS msg_id, m.r, w.problem
+            FROM unnest(v_read) AS m(r)
+            CROSS JOIN LATERAL (SELECT tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid') AS step_uuid) u
+            LEFT JOIN tasker.workflow_steps s ON s.step_uuid = u.step_uuid
+            LEFT JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+            CROSS JOIN LATERAL (SELECT CASE
+                WHEN jsonb_typeof(m.r -> 'message') IS DISTINCT FROM 'object' OR u.step_uuid IS NULL THEN
+                    format('not a step message: step_uuid is %s',
+                           coalesce((m.r -> 'message' -> 'step_uuid')::text, 'missing'))
+                WHEN s.step_uuid IS NULL THEN format('step %s does not exist', u.step_uuid)
+                WHEN t.namespace_name <> p_namespace THEN
+                    format('step %s belongs to namespace %s, not to %s', u.step_uuid, t.namespace_name, p_namespace)
+                WHEN s.queue_msg_id IS DISTINCT FROM (m.r ->> 'msg_id')::bigint
+                     OR tasker.step_state_class(s.state) <> 'out' THEN
+                    format('not the current attempt of step %s (state %s, attempt %s, message %s)',
+                           u.step_uuid, s.state, s.attempts, coalesce(s.queue_msg_id::text, 'none'))
+                END AS problem) w
+            WHERE (m.r ->> 'msg_id')::bigint <> ALL (coalesce(v_started, '{}'))
+              AND w.problem IS NOT NULL
+        ), dead AS (
+            INSERT INTO tasker.dlq (reason, error, snapshot)
+            SELECT 'invalid_step_message', jsonb_build_object('message', b.problem),
+                   jsonb_build_object('queue', p_queue, 'namespace', p_namespace) || b.r
+            FROM bad b
+        )
+        SELECT array_agg(b.msg_id) INTO v_bad FROM bad b;
+        IF v_bad IS NOT NULL THEN
+            PERFORM tasker._pgmq_archive(p_queue, v_bad);
+            SELECT array_agg(m.r) INTO v_read FROM unnest(v_read) AS m(r)
+            WHERE (m.r ->> 'msg_id')::bigint <> ALL (v_bad);
+        END IF;
     END IF;
     RETURN v_read;
 END
@@ -3209,8 +3255,10 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'DLQ entry % does not exist', dlq_requeue.dlq_uuid USING ERRCODE = 'P0002';
     ELSIF e.task_uuid IS NULL THEN
-        RAISE EXCEPTION 'DLQ entry % has no task to requeue (a rejected request: send a corrected one)',
-            dlq_requeue.dlq_uuid USING ERRCODE = '55000';
+        RAISE EXCEPTION 'DLQ entry % has no task to requeue', dlq_requeue.dlq_uuid
+            USING ERRCODE = '55000',
+                  HINT = 'A rejected task request or a quarantined step message: send a corrected one, '
+                         'and close the entry with tasker.dlq_resolve.';
     END IF;
     -- lock order: the task, then the entry
     t := tasker._lock_task(e.task_uuid);
@@ -3430,7 +3478,11 @@ LANGUAGE sql STABLE AS $$
             SELECT jsonb_object_agg(a.state, a.n)
             FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
                   WHERE NOT tasker.task_state_is_terminal(t.state) GROUP BY t.state) a), '{}'),
-        'due_tasks', (SELECT count(*) FROM tasker.ready_tasks))
+        'due_tasks', (SELECT count(*) FROM tasker.ready_tasks),
+        'dlq_pending_by_reason', coalesce((
+            SELECT jsonb_object_agg(d.reason, d.n)
+            FROM (SELECT reason, count(*) AS n FROM tasker.dlq
+                  WHERE resolution_status = 'pending' GROUP BY reason) d), '{}'))
 $$;
 
 CREATE VIEW tasker.orchestrator_status AS
@@ -3572,6 +3624,10 @@ $$;
 --     a table is small (a new database) would scan and hash it on every call
 --     for the rest of the session; key lookups by index are right for 1 row
 --     and for 10,000.
+--   jit = off
+--     a plan that must scan a table all the same (a tiny one: worker_waits)
+--     carries the cost of a disabled scan, far above jit_above_cost, and
+--     would be compiled on every execution (40-100 ms each, measured).
 -- The settings apply to the statements these functions run and to those of
 -- every function they call (a cached plan keeps the settings it was made
 -- with). Retention, analytics and the views are planned as usual.
@@ -3598,7 +3654,7 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
              WHERE p.pronamespace = 'tasker'::regnamespace AND p.proname = ANY (tasker._operations()) LOOP
         EXECUTE format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan SET enable_seqscan = off '
-                       'SET enable_hashjoin = off SET enable_mergejoin = off', f);
+                       'SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off', f);
     END LOOP;
 END
 $$;

@@ -90,6 +90,7 @@ fn health() -> ApiResult<JsonB> {
         "queues": data["queues"],
         "active_tasks_by_state": data["active_tasks_by_state"],
         "due_tasks": data["due_tasks"],
+        "dlq_pending_by_reason": data["dlq_pending_by_reason"],
     })))
 }
 

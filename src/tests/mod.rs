@@ -9,6 +9,7 @@ pub mod helpers;
 mod maintenance;
 mod orchestration;
 mod payloads;
+mod reads;
 mod states;
 mod tasks;
 mod templates;

@@ -920,7 +920,15 @@ mod tests {
             .unwrap();
         let task = create("o_poison", "flow", json!({}));
         let rows = json_of("SELECT jsonb_agg(jsonb_build_array(step_uuid, message ->> 'step_name')) FROM tasker.read_steps('o_poison', 'w', 10, 30)");
-        assert_eq!(rows.as_array().unwrap().len(), 4, "{rows}");
+        // the forged and the malformed messages are quarantined, not returned
+        assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM tasker.dlq WHERE reason = 'invalid_step_message'
+                 AND snapshot->>'queue' = 'tasker_o_poison_queue'"
+            ),
+            3
+        );
         assert_eq!(step_field(task, "a", "state"), "in_progress");
         assert_eq!(
             step_field(other, "a", "state"),
