@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod connection;
 pub mod examples;
 mod handler;
 mod runtime;

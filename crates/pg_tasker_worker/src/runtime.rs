@@ -97,14 +97,19 @@ pub struct Stats {
     pub notified: u64,
 }
 
-fn log(msg: impl AsRef<str>) {
-    eprintln!("[pg-tasker-worker] {}", msg.as_ref());
+pub(crate) fn log(msg: impl AsRef<str>) {
+    use std::io::Write;
+    // (never panics: a closed stderr loses the line, not the worker)
+    let _ = writeln!(std::io::stderr(), "[pg-tasker-worker] {}", msg.as_ref());
 }
 
 /// Opens a connection whose notifications set `wake` and whose notices are
 /// logged.
-async fn connect(url: &str, wake: Option<Arc<Notify>>) -> Result<Client, tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+async fn connect(
+    cfg: &tokio_postgres::Config,
+    wake: Option<Arc<Notify>>,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, mut connection) = cfg.connect(NoTls).await?;
     tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
@@ -128,7 +133,7 @@ async fn connect(url: &str, wake: Option<Arc<Notify>>) -> Result<Client, tokio_p
 
 /// A connection that is re-established when it breaks.
 struct Db {
-    url: String,
+    cfg: tokio_postgres::Config,
     client: RwLock<Option<Arc<Client>>>,
     stats: Arc<Mutex<Stats>>,
     /// Set by notifications on this connection.
@@ -136,9 +141,9 @@ struct Db {
 }
 
 impl Db {
-    fn new(url: &str, stats: Arc<Mutex<Stats>>) -> Db {
+    fn new(cfg: tokio_postgres::Config, stats: Arc<Mutex<Stats>>) -> Db {
         Db {
-            url: url.to_string(),
+            cfg,
             client: RwLock::new(None),
             stats,
             wake: Arc::new(Notify::new()),
@@ -156,7 +161,7 @@ impl Db {
         }
         let mut wait = Duration::from_millis(100);
         loop {
-            match connect(&self.url, Some(self.wake.clone())).await {
+            match connect(&self.cfg, Some(self.wake.clone())).await {
                 Ok(client) => {
                     let client = Arc::new(client);
                     if slot.is_some() {
@@ -178,7 +183,7 @@ impl Db {
 
 /// Connections for transactional handlers, one per handler at a time.
 struct TxPool {
-    url: String,
+    cfg: tokio_postgres::Config,
     idle: Mutex<Vec<Client>>,
 }
 
@@ -189,7 +194,7 @@ impl TxPool {
             match c {
                 Some(c) if !c.is_closed() => return Ok(c),
                 Some(_) => continue,
-                None => return connect(&self.url, None).await,
+                None => return connect(&self.cfg, None).await,
             }
         }
     }
@@ -246,12 +251,25 @@ pub async fn run(
                 .map_err(|e| e.message)
         })
         .collect::<Result<_, _>>()?;
+    // where, and whether this worker can serve at all: misconfiguration
+    // ends it here with the cause; an unreachable server is waited for
+    let db_config = crate::connection::database_config(&options.database_url)?;
+    log(format!(
+        "worker {} connecting to {}",
+        options.worker_id,
+        crate::connection::describe(&db_config)
+    ));
+    tokio::pin!(shutdown);
+    tokio::select! {
+        checked = crate::connection::check_startup(&db_config, &options.namespaces, &|m| log(m)) => checked?,
+        _ = &mut shutdown => return Ok(Stats::default()),
+    }
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (tx, mut rx) = mpsc::unbounded_channel::<(Value, bool)>();
     let shared = Arc::new(Shared {
-        db: Db::new(&options.database_url, stats.clone()),
+        db: Db::new(db_config.clone(), stats.clone()),
         txs: TxPool {
-            url: options.database_url.clone(),
+            cfg: db_config.clone(),
             idle: Mutex::new(Vec::new()),
         },
         options,
@@ -272,7 +290,6 @@ pub async fn run(
         options.visibility_timeout
     ));
 
-    tokio::pin!(shutdown);
     let mut pending: Vec<(Value, bool)> = Vec::new();
     let mut idle = false;
     let mut listening = false;
@@ -583,10 +600,19 @@ async fn process(shared: &Shared, ctx: StepContext) {
     };
 
     let outcome = match shared.registry.get(&callable) {
-        None => Outcome::permanent(
-            format!("no handler registered for callable \"{callable}\""),
-            "UNKNOWN_HANDLER",
-        ),
+        None => {
+            log(format!(
+                "NO HANDLER for callable \"{callable}\" (step {} of task {}, namespace {}): failing the step permanently (UNKNOWN_HANDLER); registered: {:?}",
+                ctx.message.step_name,
+                ctx.message.task_uuid,
+                ctx.message.namespace,
+                shared.registry.callables().collect::<Vec<_>>()
+            ));
+            Outcome::permanent(
+                format!("no handler registered for callable \"{callable}\""),
+                "UNKNOWN_HANDLER",
+            )
+        }
         Some(Handler::Plain(handler)) => guarded(tokio::spawn(handler.handle(ctx))).await,
         Some(Handler::Transactional(handler)) => {
             match run_in_transaction(shared, &handler, ctx, &guarded, &metadata).await {

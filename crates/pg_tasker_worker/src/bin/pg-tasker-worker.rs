@@ -1,96 +1,157 @@
 //! pg-tasker-worker: runs the example handlers (or a subset) against the
-//! namespace queues of a pg_tasker database.
+//! namespace queues of a pg_tasker database. `pg-tasker-worker --help`
+//! lists every flag, its default and its environment variable.
 //!
-//! ```text
-//! pg-tasker-worker --namespace ecommerce [--namespace data_pipeline ...]
-//!                  [--handlers all|ecommerce|pipeline|microservices|teams]
-//!                  [--database-url URL] [--config-dir DIR] [--environment ENV]
-//!                  [--worker-id ID] [--concurrency N] [--visibility-timeout SECONDS]
-//! ```
 //! Settings come from the `worker` context of the configuration
-//! (compiled-in files, or --config-dir), for --environment (default: the
-//! PG_TASKER_ENV variable, else development); flags override them. SIGINT or
-//! SIGTERM shut it down gracefully.
+//! (compiled-in files, or --config-dir), for --environment; flags (or their
+//! environment variables) override them. The database URL may leave out
+//! anything libpq's variables give (PGHOST, PGPORT, PGUSER, PGPASSWORD,
+//! PGDATABASE). Misconfiguration ends the worker at once with exit code 1
+//! and the cause; SIGINT or SIGTERM shut it down gracefully.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
 use pg_tasker_core::config::{self, Location};
 use pg_tasker_worker::{examples, run, WorkerOptions};
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: pg-tasker-worker --namespace NS [--namespace NS ...] [--handlers all|ecommerce|pipeline|microservices|teams]\n\
-         \x20                       [--database-url URL] [--config-dir DIR] [--environment ENV] [--worker-id ID] [--concurrency N] [--visibility-timeout SECONDS]"
-    );
-    ExitCode::from(2)
+/// Runs pg_tasker's example step handlers for the given namespaces.
+#[derive(Parser, Debug)]
+#[command(name = "pg-tasker-worker", version, about, long_about = None)]
+struct Args {
+    /// Namespace whose queue to serve (repeat the flag, or comma-separate
+    /// the variable); default: the configuration's worker.namespaces
+    #[arg(
+        long = "namespace",
+        short = 'n',
+        env = "PG_TASKER_NAMESPACES",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
+
+    /// Which example handlers to run
+    #[arg(long, env = "PG_TASKER_HANDLERS", default_value = "all",
+          value_parser = ["all", "ecommerce", "pipeline", "microservices", "teams"])]
+    handlers: String,
+
+    /// Database URL or libpq key=value string; default: the configuration's
+    /// database.url (${DATABASE_URL:-...}); what it leaves out comes from
+    /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Directory with base/ and environments/<env>/ TOML files; default: the
+    /// compiled-in configuration
+    #[arg(long, env = "PG_TASKER_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+
+    /// Configuration environment (an environments/<env>/ overlay must exist)
+    #[arg(long, env = "PG_TASKER_ENV", default_value = "development")]
+    environment: String,
+
+    /// Worker id recorded with every read and result; default: host and pid
+    #[arg(long, env = "PG_TASKER_WORKER_ID")]
+    worker_id: Option<String>,
+
+    /// Handlers running at the same time; default: worker.concurrency
+    #[arg(long, env = "PG_TASKER_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    concurrency: Option<u32>,
+
+    /// Messages asked for per exchange, at most; default: worker.batch_size
+    #[arg(long, env = "PG_TASKER_BATCH_SIZE", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch_size: Option<u32>,
+
+    /// Lease on a message in seconds; default: worker.visibility_timeout_seconds
+    #[arg(long = "visibility-timeout", env = "PG_TASKER_VISIBILITY_TIMEOUT",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    visibility_timeout: Option<u64>,
+}
+
+/// The environments a configuration location knows: the compiled-in ones,
+/// and the overlay directories of a config dir.
+fn known_environments(dir: Option<&PathBuf>) -> Vec<String> {
+    let mut known: Vec<String> = ["development", "test", "production"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(d) = dir {
+        if let Ok(entries) = std::fs::read_dir(d.join("environments")) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    known.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    known.sort();
+    known.dedup();
+    known
+}
+
+fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "pg-tasker-worker: {message}");
+    ExitCode::from(code)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let (mut namespaces, mut handlers, mut url, mut dir, mut env, mut id, mut concurrency) =
-        (Vec::new(), "all".to_string(), None, None, None, None, None);
-    let mut lease: Option<u64> = None;
-    while let Some(a) = args.next() {
-        let mut value = || args.next();
-        match a.as_str() {
-            "--namespace" => match value() {
-                Some(v) => namespaces.push(v),
-                None => return usage(),
-            },
-            "--handlers" => handlers = value().unwrap_or_default(),
-            "--database-url" => url = value(),
-            "--config-dir" => dir = value(),
-            "--environment" => env = value(),
-            "--worker-id" => id = value(),
-            "--concurrency" => match value().and_then(|v| v.parse::<u32>().ok()) {
-                Some(n) if n > 0 => concurrency = Some(n),
-                _ => return usage(),
-            },
-            "--visibility-timeout" => match value().and_then(|v| v.parse::<u64>().ok()) {
-                Some(n) if n > 0 => lease = Some(n),
-                _ => return usage(),
-            },
-            "-h" | "--help" => return usage(),
-            other => {
-                eprintln!("unknown argument {other}");
-                return usage();
-            }
-        }
-    }
-    let env = env
-        .or_else(|| std::env::var("PG_TASKER_ENV").ok())
-        .unwrap_or_else(|| "development".into());
-    let location = dir
-        .map(|d| Location::Dir(d.into()))
-        .unwrap_or(Location::Embedded);
-    let cfg = match config::load_worker(&location, &env, &config::process_env) {
-        Ok(c) => c,
+    let args = match Args::try_parse() {
+        Ok(a) => a,
         Err(e) => {
-            eprintln!("invalid configuration: {e}");
-            return ExitCode::from(2);
+            // --help and --version on stdout with status 0, usage errors on
+            // stderr with 2; a closed pipe is not a panic
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
+    };
+    let known = known_environments(args.config_dir.as_ref());
+    if !known.contains(&args.environment) {
+        return fail(
+            format!(
+                "unknown environment \"{}\" (known: {})",
+                args.environment,
+                known.join(", ")
+            ),
+            2,
+        );
+    }
+    let location = args
+        .config_dir
+        .clone()
+        .map(Location::Dir)
+        .unwrap_or(Location::Embedded);
+    let cfg = match config::load_worker(&location, &args.environment, &config::process_env) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("invalid configuration: {e}"), 2),
     };
     let mut options = WorkerOptions::from_config(&cfg.config);
-    if !namespaces.is_empty() {
-        options.namespaces = namespaces;
+    if !args.namespaces.is_empty() {
+        options.namespaces = args.namespaces;
     }
-    if let Some(u) = url {
+    if options.namespaces.is_empty() {
+        return fail(
+            "no namespace to serve: give --namespace (or worker.namespaces)",
+            2,
+        );
+    }
+    if let Some(u) = args.database_url {
         options.database_url = u;
     }
-    if let Some(i) = id {
+    if let Some(i) = args.worker_id {
         options.worker_id = i;
     }
-    if let Some(n) = concurrency {
+    if let Some(n) = args.concurrency {
         options.concurrency = n;
     }
-    if let Some(s) = lease {
+    if let Some(n) = args.batch_size {
+        options.batch_size = n;
+    }
+    if let Some(s) = args.visibility_timeout {
         options.visibility_timeout = std::time::Duration::from_secs(s);
     }
-    let Some(registry) = examples::by_name(&handlers) else {
-        eprintln!("unknown handler set \"{handlers}\"");
-        return usage();
-    };
+    let registry = examples::by_name(&args.handlers).expect("the parser allows known sets only");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");
@@ -101,9 +162,6 @@ async fn main() -> ExitCode {
     };
     match run(options, registry, shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e, 1),
     }
 }

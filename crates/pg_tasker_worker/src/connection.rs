@@ -1,0 +1,268 @@
+//! Where the worker connects, and the checks it makes before it serves:
+//! misconfiguration (a wrong password, an unknown role, database or
+//! namespace, a missing or incompatible extension) ends the worker with a
+//! message naming the cause instead of retrying forever; a server that is
+//! not up yet is waited for.
+
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Config, NoTls};
+
+/// The connection settings of a database URL (or `key=value` string), with
+/// what it leaves out taken from the libpq environment variables (PGHOST,
+/// PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGAPPNAME) as libpq would; an
+/// empty URL means "all from the environment".
+pub fn database_config(url: &str) -> Result<Config, String> {
+    database_config_with(url, &|k| std::env::var(k).ok())
+}
+
+pub fn database_config_with(
+    url: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, String> {
+    let mut cfg = if url.trim().is_empty() {
+        Config::new()
+    } else {
+        // (the parser's message never contains the password)
+        url.parse::<Config>()
+            .map_err(|e| format!("invalid database URL: {e}"))?
+    };
+    if cfg.get_hosts().is_empty() {
+        match env("PGHOST").filter(|h| !h.is_empty()) {
+            Some(hosts) => {
+                for h in hosts.split(',') {
+                    cfg.host(h);
+                }
+            }
+            None if std::path::Path::new("/var/run/postgresql").is_dir() => {
+                cfg.host("/var/run/postgresql");
+            }
+            None => {
+                cfg.host("localhost");
+            }
+        }
+    }
+    if cfg.get_ports().is_empty() {
+        if let Some(p) = env("PGPORT").filter(|p| !p.is_empty()) {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| format!("PGPORT is not a port number: {p:?}"))?;
+            cfg.port(port);
+        }
+    }
+    if cfg.get_user().is_none() {
+        match env("PGUSER")
+            .or_else(|| env("USER"))
+            .filter(|u| !u.is_empty())
+        {
+            Some(u) => cfg.user(&u),
+            None => return Err("no database user: give one in the URL or in PGUSER".into()),
+        };
+    }
+    if cfg.get_password().is_none() {
+        if let Some(p) = env("PGPASSWORD") {
+            cfg.password(p);
+        }
+    }
+    if cfg.get_dbname().is_none() {
+        if let Some(d) = env("PGDATABASE").filter(|d| !d.is_empty()) {
+            cfg.dbname(&d);
+        }
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name(env("PGAPPNAME").unwrap_or_else(|| "pg-tasker-worker".into()));
+    }
+    Ok(cfg)
+}
+
+/// The server, database and role a configuration names, without secrets.
+pub fn describe(cfg: &Config) -> String {
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = cfg.get_ports().iter().map(u16::to_string).collect();
+    let user = cfg.get_user().unwrap_or("?");
+    format!(
+        "host={} port={} dbname={} user={}",
+        hosts.join(","),
+        if ports.is_empty() {
+            "5432".into()
+        } else {
+            ports.join(",")
+        },
+        cfg.get_dbname().unwrap_or(user),
+        user
+    )
+}
+
+/// The extension versions this worker speaks: the same major.minor as the
+/// SDK.
+fn compatible(extversion: &str) -> bool {
+    let mm = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    mm(extversion) == mm(env!("CARGO_PKG_VERSION"))
+}
+
+/// A cause that retrying cannot fix, as a sentence for the operator.
+pub fn fatal_cause(cfg: &Config, e: &tokio_postgres::Error) -> Option<String> {
+    let db = e.as_db_error()?;
+    let user = cfg.get_user().unwrap_or("?");
+    let dbname = cfg.get_dbname().unwrap_or(user);
+    let code = db.code();
+    if *code == SqlState::INVALID_PASSWORD {
+        Some(format!(
+            "authentication failed for role \"{user}\" ({}); check the password (URL or PGPASSWORD)",
+            db.message()
+        ))
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        Some(format!(
+            "database \"{dbname}\" does not exist ({})",
+            db.message()
+        ))
+    } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        Some(format!(
+            "the server refuses role \"{user}\": {}",
+            db.message()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Connects once (waiting, with a log line per attempt, while the server
+/// cannot be reached) and checks the extension and every namespace. Err:
+/// why this worker cannot serve, as a sentence.
+pub async fn check_startup(
+    cfg: &Config,
+    namespaces: &[String],
+    log: &(dyn Fn(String) + Sync),
+) -> Result<(), String> {
+    let mut wait = Duration::from_millis(200);
+    let client = loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) => {
+                if let Some(cause) = fatal_cause(cfg, &e) {
+                    return Err(cause);
+                }
+                log(format!(
+                    "cannot reach the database ({}: {e}); retrying in {wait:?}",
+                    describe(cfg)
+                ));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let ext = client
+        .query_opt(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_tasker'",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("cannot check the pg_tasker extension: {e}"))?;
+    let dbname = cfg.get_dbname().or(cfg.get_user()).unwrap_or("?");
+    match ext {
+        None => {
+            return Err(format!(
+                "the pg_tasker extension is not installed in database \"{dbname}\" (CREATE EXTENSION pg_tasker CASCADE)"
+            ))
+        }
+        Some(row) => {
+            let v: String = row.get(0);
+            if !compatible(&v) {
+                return Err(format!(
+                    "database \"{dbname}\" has pg_tasker {v}; this worker speaks {} (ALTER EXTENSION pg_tasker UPDATE, or a matching worker)",
+                    env!("CARGO_PKG_VERSION")
+                ));
+            }
+        }
+    }
+    for ns in namespaces {
+        if let Err(e) = client
+            .query_one("SELECT tasker.wake_channel($1)", &[ns])
+            .await
+        {
+            let Some(db) = e.as_db_error() else {
+                return Err(format!("cannot check namespace \"{ns}\": {e}"));
+            };
+            return Err(if *db.code() == SqlState::UNDEFINED_OBJECT {
+                format!("namespace \"{ns}\" is not registered in database \"{dbname}\" (register a template of it first)")
+            } else if *db.code() == SqlState::INSUFFICIENT_PRIVILEGE {
+                format!(
+                    "role \"{}\" may not work on namespace \"{ns}\": {} (GRANT tasker_worker TO it)",
+                    cfg.get_user().unwrap_or("?"),
+                    db.message()
+                )
+            } else {
+                format!("cannot check namespace \"{ns}\": {}", db.message())
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_environment_fills_what_the_url_leaves_out() {
+        let vars = [
+            ("PGHOST", "db.example"),
+            ("PGPORT", "6543"),
+            ("PGUSER", "alice"),
+            ("PGPASSWORD", "s3cret"),
+            ("PGDATABASE", "shop"),
+        ];
+        let cfg = database_config_with("", &env(&vars)).unwrap();
+        assert_eq!(
+            describe(&cfg),
+            "host=db.example port=6543 dbname=shop user=alice"
+        );
+        assert_eq!(cfg.get_password(), Some(&b"s3cret"[..]));
+        // the URL wins; the password comes from PGPASSWORD when it has none
+        let cfg = database_config_with("postgres://bob@other:5433/orders", &env(&vars)).unwrap();
+        assert_eq!(
+            describe(&cfg),
+            "host=other port=5433 dbname=orders user=bob"
+        );
+        assert_eq!(cfg.get_password(), Some(&b"s3cret"[..]));
+        let cfg = database_config_with("postgres://bob:pw@other/orders", &env(&vars)).unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"pw"[..]));
+        assert!(!describe(&cfg).contains("pw"));
+    }
+
+    #[test]
+    fn bad_settings_are_explained() {
+        let e = database_config_with("", &env(&[("PGPORT", "x"), ("PGUSER", "a")])).unwrap_err();
+        assert!(e.contains("PGPORT"), "{e}");
+        let e = database_config_with("postgres://a:secretpw@h:notaport/d", &env(&[])).unwrap_err();
+        assert!(e.starts_with("invalid database URL"), "{e}");
+        assert!(!e.contains("secretpw"), "{e}");
+    }
+
+    #[test]
+    fn versions_of_the_same_minor_are_compatible() {
+        let mm: Vec<&str> = env!("CARGO_PKG_VERSION").split('.').collect();
+        assert!(compatible(&format!("{}.{}.9", mm[0], mm[1])));
+        assert!(!compatible("0.1.0"));
+    }
+}
