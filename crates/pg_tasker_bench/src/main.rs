@@ -1,7 +1,8 @@
 //! pg_tasker benchmark harness.
 //!
 //! ```text
-//! cargo run --release -p pg_tasker_bench -- [--quick] [--json FILE] [--scenarios p1,p2,p3,p4,p5,idle,commit]
+//! cargo run --release -p pg_tasker_bench -- [--quick] [--json FILE]
+//!     [--scenarios idle,p1,pgbench,p2,p3,sdk,p5,p4,commit,sustained]
 //! ```
 //! Starts its own throwaway cluster with pg_tasker preloaded (the installed
 //! extension: run `cargo pgrx install --release` first), runs the scenarios,
@@ -116,7 +117,7 @@ fn noop_worker(
     ns: String,
     protocol: Protocol,
     done: Arc<AtomicUsize>,
-    total: usize,
+    limit: Arc<AtomicUsize>,
     start: Arc<Barrier>,
 ) {
     let mut c = Client::connect(&url, NoTls).unwrap();
@@ -135,6 +136,7 @@ fn noop_worker(
     let mut results: Vec<Value> = Vec::new();
     start.wait();
     loop {
+        let total = limit.load(Ordering::SeqCst);
         match protocol {
             Protocol::Plain => {
                 if done.load(Ordering::SeqCst) >= total {
@@ -209,7 +211,8 @@ fn drain_with_cpu(
     let handles: Vec<_> = (0..n)
         .map(|_| {
             let (url, ns, d, s) = (b.cluster.url(), ns.to_string(), done.clone(), start.clone());
-            std::thread::spawn(move || noop_worker(url, ns, protocol, d, total, s))
+            let limit = Arc::new(AtomicUsize::new(total));
+            std::thread::spawn(move || noop_worker(url, ns, protocol, d, limit, s))
         })
         .collect();
     start.wait();
@@ -283,7 +286,9 @@ fn baseline_with_cpu(b: &Bench, messages: usize, n: usize) -> (f64, f64) {
 /// CPU time of the whole machine per unit of work (ms), from the share of
 /// the cores that were busy.
 fn cpu_ms_per(busy_percent: f64, per_second: f64) -> f64 {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     busy_percent / 100.0 * cores * 1000.0 / per_second
 }
 
@@ -293,8 +298,17 @@ fn p1(b: &mut Bench) {
     println!("   plain: pgmq.read(1) + submit_result per step; batched: tasker.exchange, 10 per round trip; cpu: ms of machine CPU per step/message");
     println!(
         "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}",
-        "N", "plain lin", "plain dia", "batch lin", "batch dia", "baseline", "pl/base", "ba/base",
-        "cpu pl", "cpu ba", "cpu bs"
+        "N",
+        "plain lin",
+        "plain dia",
+        "batch lin",
+        "batch dia",
+        "baseline",
+        "pl/base",
+        "ba/base",
+        "cpu pl",
+        "cpu ba",
+        "cpu bs"
     );
     let mut rows = Vec::new();
     for n in [1usize, 2, 4, 8] {
@@ -350,7 +364,10 @@ fn pgbench(b: &mut Bench) {
     .unwrap();
     let step = dir.join("tasker.sql");
     println!("\npgbench, one message per read: transactions/s of each script (bare cycle = 3 transactions)");
-    println!("{:>3} {:>12} {:>12} {:>7}", "N", "bare cycle/s", "steps/s", "ratio");
+    println!(
+        "{:>3} {:>12} {:>12} {:>7}",
+        "N", "bare cycle/s", "steps/s", "ratio"
+    );
     let mut rows = Vec::new();
     for n in [1usize, 2, 4, 8] {
         let mut db = connect(&b.cluster);
@@ -379,20 +396,38 @@ fn pgbench(b: &mut Bench) {
         let per_client = (tasks * 4 / n).max(1);
         let bare_tps = run_pgbench(b, &bare, n, (tasks * 5 / n).max(1));
         let step_tps = run_pgbench(b, &step, n, per_client);
-        db.batch_execute("SELECT pgmq.drop_queue('pgb_bare')").unwrap();
-        println!("{n:>3} {bare_tps:>12.0} {step_tps:>12.0} {:>7.2}", step_tps / bare_tps);
+        db.batch_execute("SELECT pgmq.drop_queue('pgb_bare')")
+            .unwrap();
+        println!(
+            "{n:>3} {bare_tps:>12.0} {step_tps:>12.0} {:>7.2}",
+            step_tps / bare_tps
+        );
         rows.push(json!({"n": n, "bare_cycles_per_s": bare_tps, "steps_per_s": step_tps, "ratio": step_tps / bare_tps}));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    b.results.insert("pgbench".into(), json!({"tasks": tasks, "rows": rows}));
+    b.results
+        .insert("pgbench".into(), json!({"tasks": tasks, "rows": rows}));
 }
 
 fn run_pgbench(b: &Bench, script: &Path, clients: usize, transactions: usize) -> f64 {
     let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
         .args(["-n", "-M", "prepared", "-h"])
         .arg(&b.cluster.dir)
-        .args(["-p", &b.cluster.port.to_string(), "-U", "postgres", "-c", &clients.to_string()])
-        .args(["-j", &clients.min(2).to_string(), "-t", &transactions.to_string(), "-f"])
+        .args([
+            "-p",
+            &b.cluster.port.to_string(),
+            "-U",
+            "postgres",
+            "-c",
+            &clients.to_string(),
+        ])
+        .args([
+            "-j",
+            &clients.min(2).to_string(),
+            "-t",
+            &transactions.to_string(),
+            "-f",
+        ])
         .arg(script)
         .arg("postgres")
         .output()
@@ -613,7 +648,15 @@ fn p4(b: &mut Bench) {
         );
         let ns = format!("p4_tp_{i}");
         register(&mut db, &linear(&ns, 5));
-        let tput = drain(b, &ns, "linear", if b.quick { 200 } else { 1000 }, 5, 4, Protocol::Batched(10));
+        let tput = drain(
+            b,
+            &ns,
+            "linear",
+            if b.quick { 200 } else { 1000 },
+            5,
+            4,
+            Protocol::Batched(10),
+        );
         let pair = |p: (f64, f64)| format!("{:.3} / {:.3}", p.0, p.1);
         println!(
             "{size:>10} {:>16} {:>16} {:>16} {tput:>12.0}   (history filled in {:.1}s)",
@@ -638,7 +681,9 @@ fn p4(b: &mut Bench) {
 /// P5: one task, 10,000 parallel steps joining into one, against linear
 /// tasks at the same N in the same run (batched protocol, 4 workers).
 fn p5(b: &mut Bench) {
-    let width = if b.quick { 1000 } else { 10_000 };
+    // (a root, the branches and the join: at most the 10,000 steps a
+    // template may have)
+    let width = if b.quick { 1000 } else { 9_998 };
     let mut db = connect(&b.cluster);
     let mut steps = vec![step("root", &[])];
     let names: Vec<String> = (0..width).map(|i| format!("b{i}")).collect();
@@ -653,7 +698,15 @@ fn p5(b: &mut Bench) {
     );
     let rate = drain(b, "p5", "wide", 1, width + 2, 4, Protocol::Batched(10));
     register(&mut db, &linear("p5_lin", 5));
-    let lin = drain(b, "p5_lin", "linear", (width + 2) / 5, 5, 4, Protocol::Batched(10));
+    let lin = drain(
+        b,
+        "p5_lin",
+        "linear",
+        (width + 2) / 5,
+        5,
+        4,
+        Protocol::Batched(10),
+    );
     let join: (i32, i64) = {
         let r = db
             .query_one(
@@ -668,6 +721,264 @@ fn p5(b: &mut Bench) {
               = {:.2} × linear ({lin:.0} steps/s, same N); join enqueued {} time(s), attempts {}", rate / lin, join.1, join.0);
     b.results.insert("p5".into(), json!({"width": width, "steps_per_s": rate, "linear_steps_per_s": lin,
                                          "ratio_to_linear": rate / lin, "join_enqueued": join.1, "join_attempts": join.0}));
+}
+
+/// Sustained load: N = 8 batched workers for `secs`, a feeder keeping the
+/// queue stocked; per interval the throughput, the sizes of the tables the
+/// hot path writes and their dead tuples (autovacuum as configured).
+fn sustained(b: &mut Bench) {
+    let secs: u64 = if b.quick { 60 } else { 600 };
+    let interval = Duration::from_secs(if b.quick { 10 } else { 60 });
+    let n = 8;
+    let ns = "sustained";
+    let mut db = connect(&b.cluster);
+    register(&mut db, &linear(ns, 5));
+    let queue = format!("tasker_{ns}_queue");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let (url, stop, queue) = (b.cluster.url(), stop.clone(), queue.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&url, NoTls).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let depth: i64 = c
+                    .query_one("SELECT queue_length FROM pgmq.metrics($1)", &[&queue])
+                    .unwrap()
+                    .get(0);
+                if depth < 400 {
+                    c.execute(
+                        "SELECT count(*) FROM (SELECT tasker.create_task('sustained', 'linear') FROM generate_series(1, 100)) x",
+                        &[],
+                    )
+                    .unwrap();
+                } else {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+    };
+    while connect(&b.cluster)
+        .query_one("SELECT queue_length FROM pgmq.metrics($1)", &[&queue])
+        .unwrap()
+        .get::<_, i64>(0)
+        < 400
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let limit = Arc::new(AtomicUsize::new(usize::MAX));
+    let start = Arc::new(Barrier::new(n + 1));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, d, l, s) = (b.cluster.url(), done.clone(), limit.clone(), start.clone());
+            std::thread::spawn(move || {
+                noop_worker(url, ns.to_string(), Protocol::Batched(10), d, l, s)
+            })
+        })
+        .collect();
+    start.wait();
+    println!("\nSustained: N = {n} batched workers, {secs} s, a feeder keeps ≥ 400 messages queued; per interval:");
+    println!(
+        "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "t (s)",
+        "steps/s",
+        "tasks MB",
+        "steps MB",
+        "audit MB",
+        "queue MB",
+        "arch MB",
+        "dead st",
+        "dead tk",
+        "dead q"
+    );
+    let size_sql = format!(
+        "SELECT pg_total_relation_size('tasker.tasks'), pg_total_relation_size('tasker.workflow_steps'),
+                pg_total_relation_size('tasker.step_transitions') + pg_total_relation_size('tasker.task_transitions'),
+                pg_total_relation_size('pgmq.q_{ns}'), pg_total_relation_size('pgmq.a_{ns}'),
+                (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'tasker.workflow_steps'::regclass),
+                (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'tasker.tasks'::regclass),
+                (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'pgmq.q_{ns}'::regclass)",
+        ns = queue
+    );
+    let mut rows = Vec::new();
+    let t0 = Instant::now();
+    let mut last = (Instant::now(), 0usize);
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(interval.min(Duration::from_secs(secs).saturating_sub(t0.elapsed())));
+        let now = (Instant::now(), done.load(Ordering::SeqCst));
+        let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
+        last = now;
+        let r = db.query_one(&size_sql, &[]).unwrap();
+        let mb = |i: usize| r.get::<_, i64>(i) as f64 / 1048576.0;
+        let dead = |i: usize| r.get::<_, i64>(i);
+        println!(
+            "{:>6.0} {rate:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>8} {:>8} {:>8}",
+            t0.elapsed().as_secs_f64(),
+            mb(0),
+            mb(1),
+            mb(2),
+            mb(3),
+            mb(4),
+            dead(5),
+            dead(6),
+            dead(7)
+        );
+        rows.push(json!({"t_s": t0.elapsed().as_secs_f64(), "steps_per_s": rate,
+                         "tasks_bytes": r.get::<_, i64>(0), "steps_bytes": r.get::<_, i64>(1),
+                         "transitions_bytes": r.get::<_, i64>(2), "queue_bytes": r.get::<_, i64>(3),
+                         "archive_bytes": r.get::<_, i64>(4), "steps_dead": dead(5), "tasks_dead": dead(6),
+                         "queue_dead": dead(7)}));
+    }
+    stop.store(true, Ordering::SeqCst);
+    limit.store(0, Ordering::SeqCst);
+    for h in handles {
+        h.join().unwrap();
+    }
+    feeder.join().unwrap();
+    let first = rows
+        .first()
+        .and_then(|r| r["steps_per_s"].as_f64())
+        .unwrap_or(0.0);
+    let lastr = rows
+        .last()
+        .and_then(|r| r["steps_per_s"].as_f64())
+        .unwrap_or(0.0);
+    println!("  last interval / first: {:.2}", lastr / first);
+    b.results.insert(
+        "sustained".into(),
+        json!({"seconds": secs, "workers": n, "rows": rows,
+                                               "last_over_first": lastr / first}),
+    );
+}
+
+/// SDK workers (pg_tasker_worker::run, default options: the batched
+/// protocol, LISTEN wakeups, the fallback poll of the base configuration):
+/// the database load of N idle workers, and P3 (create_task → complete,
+/// linear 4 steps) with one worker that goes idle between tasks.
+fn sdk(b: &mut Bench) {
+    let secs = if b.quick { 10 } else { 30 };
+    let mut db = connect(&b.cluster);
+    register(&mut db, &linear("sdk", 4));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let spawn_workers = |count: usize| {
+        let mut stops = Vec::new();
+        for i in 0..count {
+            let mut options =
+                pg_tasker_worker::WorkerOptions::new(b.cluster.url(), vec!["sdk".into()]);
+            options.worker_id = format!("bench-sdk-{i}");
+            let mut registry = pg_tasker_worker::Registry::new();
+            registry.register("Noop", |_s: pg_tasker_worker::StepContext| async move {
+                pg_tasker_worker::Outcome::success(json!({}))
+            });
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let h = runtime.spawn(pg_tasker_worker::run(options, registry, async {
+                let _ = rx.await;
+            }));
+            stops.push((tx, h));
+        }
+        stops
+    };
+    let xacts = |db: &mut Client| -> i64 {
+        db.query_one(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    println!(
+        "\nSDK workers (batched protocol, LISTEN wakeups, fallback poll {} ms):",
+        pg_tasker_worker::WorkerOptions::new("", vec![])
+            .poll_interval
+            .as_millis()
+    );
+    let mut idle_rows = Vec::new();
+    for count in [0usize, 3, 8] {
+        let stops = spawn_workers(count);
+        // (backends report their transactions to the statistics at most
+        // every second while busy and 10 s after going idle: let the
+        // start-up's transactions reach them first)
+        std::thread::sleep(Duration::from_secs(12));
+        let (x0, c0) = (xacts(&mut db), cpu_counters());
+        std::thread::sleep(Duration::from_secs(secs));
+        let c1 = cpu_counters();
+        // the workers' backends report what is left when they exit
+        let mut exchanges = 0;
+        for (tx, h) in stops {
+            let _ = tx.send(());
+            if let Ok(Ok(stats)) = runtime.block_on(h) {
+                exchanges += stats.exchanges;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let x1 = xacts(&mut db);
+        // (our own two statistics queries are transactions too; the
+        // workers' shutdown is counted, the background orchestrator is not)
+        let tps = (x1 - x0 - 1) as f64 / secs as f64;
+        let busy = busy_percent(c0, c1);
+        println!("  {count} idle workers: {tps:.2} transactions/s in the database, machine {busy:.2} % busy over {secs} s ({exchanges} exchanges in all, start-up included)");
+        idle_rows.push(json!({"workers": count, "seconds": secs, "transactions_per_s": tps, "cpu_busy_percent": busy,
+                              "exchanges_including_startup": exchanges}));
+    }
+    let tasks = if b.quick { 50 } else { 200 };
+    let stops = spawn_workers(1);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut lat = Vec::new();
+    for _ in 0..tasks {
+        // long enough for the worker to find the queue empty and LISTEN
+        std::thread::sleep(Duration::from_millis(30));
+        let t0 = Instant::now();
+        let task: String = db
+            .query_one("SELECT tasker.create_task('sdk', 'linear')::text", &[])
+            .unwrap()
+            .get(0);
+        loop {
+            let st: String = db
+                .query_one(
+                    "SELECT state::text FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
+                    &[&task],
+                )
+                .unwrap()
+                .get(0);
+            if st == "complete" {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        lat.push(ms(t0.elapsed()));
+    }
+    for (tx, h) in stops {
+        let _ = tx.send(());
+        let _ = runtime.block_on(h);
+    }
+    // where a step's time goes, from the audit rows (each stamped with its
+    // transaction's start): enqueued → read by the worker → settled
+    let gaps = db
+        .query_one(
+            "WITH t AS (SELECT st.step_uuid, st.to_state, st.created_at FROM tasker.step_transitions st
+                          JOIN tasker.workflow_steps s USING (step_uuid)
+                          JOIN tasker.tasks k USING (task_uuid) WHERE k.namespace_name = 'sdk')
+             SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM r.created_at - e.created_at) * 1000),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM c.created_at - r.created_at) * 1000)
+             FROM t e JOIN t r ON r.step_uuid = e.step_uuid AND r.to_state = 'in_progress'
+                      JOIN t c ON c.step_uuid = e.step_uuid AND c.to_state = 'complete'
+             WHERE e.to_state = 'enqueued'",
+            &[],
+        )
+        .unwrap();
+    let (to_read, to_done): (f64, f64) = (gaps.get(0), gaps.get(1));
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "  P3 with an SDK worker idle between tasks, linear 4 steps, {tasks} tasks (ms): p50 {:.2}  p99 {:.2}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    b.results.insert("sdk".into(), json!({"idle": idle_rows,
+        "p3_idle_worker": {"tasks": tasks, "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+                           "enqueued_to_read_p50_ms": to_read, "read_to_result_p50_ms": to_done}}));
 }
 
 fn cpu_ticks(pid: i32) -> Option<u64> {
@@ -750,10 +1061,21 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|s| s.split(',').map(str::to_string).collect())
         .unwrap_or_else(|| {
-            ["idle", "p1", "pgbench", "p2", "p3", "p5", "p4", "commit"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
+            [
+                "idle",
+                "p1",
+                "pgbench",
+                "p2",
+                "p3",
+                "sdk",
+                "p5",
+                "p4",
+                "commit",
+                "sustained",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
         });
 
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -785,6 +1107,8 @@ fn main() {
             "pgbench" => pgbench(&mut b),
             "idle" => idle(&mut b),
             "commit" => commit_modes(&mut b),
+            "sustained" => sustained(&mut b),
+            "sdk" => sdk(&mut b),
             other => eprintln!("unknown scenario {other}"),
         }
     }
