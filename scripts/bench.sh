@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces docs/benchmarks.md: sets up, installs the release build of
 # pg_tasker, and runs the benchmark harness on a throwaway cluster of its own.
-# Arguments go to the harness: --quick, --scenarios p1,p2,p3,p4,p5,idle,commit,
+# Arguments go to the harness: --quick,
+# --scenarios idle,p1,pgbench,p2,p3,sdk,p5,sustained,p4,commit,
 # --json FILE (default docs/benchmarks/results.json).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
