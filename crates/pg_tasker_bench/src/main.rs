@@ -293,7 +293,13 @@ fn cpu_ms_per(busy_percent: f64, per_second: f64) -> f64 {
 }
 
 fn p1(b: &mut Bench) {
-    let tasks = if b.quick { 300 } else { 2000 };
+    let tasks: usize = std::env::var("BENCH_P1_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if b.quick { 300 } else { 2000 });
+    let only_n: Option<usize> = std::env::var("BENCH_P1_N")
+        .ok()
+        .and_then(|v| v.parse().ok());
     println!("\nP1 throughput: {tasks} tasks of 5 steps, no-op workers, steps/s; baseline: pgmq send→read→archive of one message");
     println!("   plain: pgmq.read(1) + submit_result per step; batched: tasker.exchange, 10 per round trip; cpu: ms of machine CPU per step/message");
     println!(
@@ -312,6 +318,9 @@ fn p1(b: &mut Bench) {
     );
     let mut rows = Vec::new();
     for n in [1usize, 2, 4, 8] {
+        if only_n.is_some_and(|o| o != n) {
+            continue;
+        }
         let mut db = connect(&b.cluster);
         let mut rate = |kind: &str, template: &Value, name: &str, protocol: Protocol| {
             let ns = format!("p1_{kind}_{n}");
@@ -770,14 +779,22 @@ fn sustained(b: &mut Bench) {
         std::thread::spawn(move || {
             let mut c = Client::connect(&url, NoTls).unwrap();
             let mut created = 0usize;
+            let backlog: usize = std::env::var("BENCH_BACKLOG")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2000);
+            let batch: usize = std::env::var("BENCH_FEED_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
             while !stop.load(Ordering::SeqCst) {
-                if created * 5 < done.load(Ordering::SeqCst) + 2000 {
+                if created * 5 < done.load(Ordering::SeqCst) + backlog {
                     c.execute(
-                        "SELECT count(*) FROM (SELECT tasker.create_task('sustained', 'linear') FROM generate_series(1, 100)) x",
-                        &[],
+                        "SELECT count(*) FROM (SELECT tasker.create_task('sustained', 'linear') FROM generate_series(1, $1)) x",
+                        &[&(batch as i32)],
                     )
                     .unwrap();
-                    created += 100;
+                    created += batch;
                 } else {
                     std::thread::sleep(Duration::from_millis(5));
                 }
