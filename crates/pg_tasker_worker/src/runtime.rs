@@ -536,7 +536,7 @@ pub async fn run(
 /// Runs one attempt: keeps its lease, runs its handler with the step's
 /// timeout, and hands the result to the exchange loop (a transactional
 /// handler's success is submitted in the handler's own transaction).
-async fn process(shared: &Shared, ctx: StepContext) {
+async fn process(shared: &Arc<Shared>, ctx: StepContext) {
     let options = &shared.options;
     let started = Instant::now();
     let msg_id = ctx.msg_id;
@@ -548,12 +548,18 @@ async fn process(shared: &Shared, ctx: StepContext) {
     // keep the lease while the handler runs (tasker.extend_lease: for this
     // attempt only, never beyond the step's timeout_seconds)
     let lease = {
-        let (client, _) = shared.db.get().await;
-        let (step, vt) = (step_uuid.clone(), options.visibility_timeout);
+        let (step, vt, shared) = (
+            step_uuid.clone(),
+            options.visibility_timeout,
+            shared.clone(),
+        );
         tokio::spawn(async move {
             let every = (vt / 2).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
+                // the live connection each time: a reconnect does not end
+                // the lease
+                let (client, _) = shared.db.get().await;
                 let extended = client
                     .execute(
                         "SELECT tasker.extend_lease($1::text::uuid, $2::integer, $3::integer)",

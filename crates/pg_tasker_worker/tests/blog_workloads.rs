@@ -669,3 +669,70 @@ fn the_lease_is_extended_while_a_long_handler_runs() {
     assert_eq!(stats.succeeded, 1);
     assert_eq!(step(&mut env.db, &task, "long")["state"], "complete");
 }
+
+#[test]
+fn the_lease_survives_a_lost_connection() {
+    use pg_tasker_worker::{Outcome, Registry, StepContext, WorkerOptions};
+    let mut env = setup("e2e_lease_reconnect", &[]);
+    env.db
+        .execute(
+            "SELECT tasker.register_template($1::text::jsonb)",
+            &[
+                &serde_json::json!({"name": "flow", "namespace_name": "long_rc", "version": "1.0.0",
+                "steps": [{"name": "long", "handler": {"callable": "Long"}}]})
+                .to_string(),
+            ],
+        )
+        .unwrap();
+    let task = create(&mut env.db, "long_rc", "flow", "{}");
+    let mut registry = Registry::new();
+    registry.register("Long", |_s: StepContext| async move {
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        Outcome::success(serde_json::json!("done"))
+    });
+    let mut options = WorkerOptions::new(env.cluster.url(), vec!["long_rc".into()]);
+    options.visibility_timeout = Duration::from_secs(2);
+    let worker = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(pg_tasker_worker::run(options, registry, async {
+                tokio::time::sleep(Duration::from_millis(7000)).await
+            }))
+    });
+    let mut spy = Client::connect(&env.cluster.url(), NoTls).unwrap();
+    let started = Instant::now();
+    while step(&mut env.db, &task, "long")["state"] != "in_progress" {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the worker took the step"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // the worker's connections are cut while its handler runs
+    let cut: i64 = env
+        .db
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'pg-tasker-worker') x",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(cut >= 1, "the worker's connection was found");
+    // for 3.5 s, well past the 2 s lease, nobody else can read the message
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(350));
+        let stolen: i64 = spy
+            .query_one(
+                "SELECT count(*) FROM pgmq.read('tasker_long_rc_queue', 1, 1)",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(stolen, 0, "the lease lapsed after the reconnect");
+    }
+    let stats = worker.join().unwrap().unwrap();
+    assert_eq!(stats.succeeded, 1);
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert_eq!(step(&mut env.db, &task, "long")["state"], "complete");
+}
