@@ -77,6 +77,13 @@ pub fn database_config_with(
     Ok(cfg)
 }
 
+/// The database a configuration names (the server's default: the user's
+/// name) and its user.
+fn database_and_user(cfg: &Config) -> (&str, &str) {
+    let user = cfg.get_user().unwrap_or("?");
+    (cfg.get_dbname().unwrap_or(user), user)
+}
+
 /// The server, database and role a configuration names, without secrets.
 pub fn describe(cfg: &Config) -> String {
     let hosts: Vec<String> = cfg
@@ -88,7 +95,7 @@ pub fn describe(cfg: &Config) -> String {
         })
         .collect();
     let ports: Vec<String> = cfg.get_ports().iter().map(u16::to_string).collect();
-    let user = cfg.get_user().unwrap_or("?");
+    let (dbname, user) = database_and_user(cfg);
     format!(
         "host={} port={} dbname={} user={}",
         hosts.join(","),
@@ -97,7 +104,7 @@ pub fn describe(cfg: &Config) -> String {
         } else {
             ports.join(",")
         },
-        cfg.get_dbname().unwrap_or(user),
+        dbname,
         user
     )
 }
@@ -112,8 +119,7 @@ fn compatible(extversion: &str) -> bool {
 /// A cause that retrying cannot fix, as a sentence for the operator.
 pub fn fatal_cause(cfg: &Config, e: &tokio_postgres::Error) -> Option<String> {
     let db = e.as_db_error()?;
-    let user = cfg.get_user().unwrap_or("?");
-    let dbname = cfg.get_dbname().unwrap_or(user);
+    let (dbname, user) = database_and_user(cfg);
     let code = db.code();
     if *code == SqlState::INVALID_PASSWORD {
         Some(format!(
@@ -170,7 +176,7 @@ pub async fn check_startup(
         )
         .await
         .map_err(|e| format!("cannot check the pg_tasker extension: {e}"))?;
-    let dbname = cfg.get_dbname().or(cfg.get_user()).unwrap_or("?");
+    let (dbname, user) = database_and_user(cfg);
     match ext {
         None => {
             return Err(format!(
@@ -199,8 +205,7 @@ pub async fn check_startup(
                 format!("namespace \"{ns}\" is not registered in database \"{dbname}\" (register a template of it first)")
             } else if *db.code() == SqlState::INSUFFICIENT_PRIVILEGE {
                 format!(
-                    "role \"{}\" may not work on namespace \"{ns}\": {} (GRANT tasker_worker TO it)",
-                    cfg.get_user().unwrap_or("?"),
+                    "role \"{user}\" may not work on namespace \"{ns}\": {} (GRANT tasker_worker TO it)",
                     db.message()
                 )
             } else {

@@ -97,7 +97,7 @@ pub struct Stats {
     pub notified: u64,
 }
 
-pub(crate) fn log(msg: impl AsRef<str>) {
+fn log(msg: impl AsRef<str>) {
     use std::io::Write;
     // (never panics: a closed stderr loses the line, not the worker)
     let _ = writeln!(std::io::stderr(), "[pg-tasker-worker] {}", msg.as_ref());

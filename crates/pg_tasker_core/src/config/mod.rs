@@ -663,6 +663,29 @@ fn load<T: DeserializeOwned + Validate>(
     })
 }
 
+/// The environments a configuration location knows: those with overlay
+/// files compiled in, and (for a directory) those with an
+/// `environments/<env>/` directory. Sorted, without duplicates.
+pub fn known_environments(location: &Location) -> Vec<String> {
+    let mut known: Vec<String> = EMBEDDED
+        .iter()
+        .filter_map(|(p, _)| p.strip_prefix("environments/")?.split_once('/'))
+        .map(|(env, _)| env.to_string())
+        .collect();
+    if let Location::Dir(dir) = location {
+        if let Ok(entries) = std::fs::read_dir(dir.join("environments")) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    known.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    known.sort();
+    known.dedup();
+    known
+}
+
 fn embedded(rel: &str) -> Option<(String, String)> {
     EMBEDDED
         .iter()

@@ -177,6 +177,21 @@ fn environment_names_are_checked() {
 }
 
 #[test]
+fn known_environments_are_the_overlays_there_are() {
+    assert_eq!(
+        known_environments(&Location::Embedded),
+        ["development", "production", "test"]
+    );
+    let d = temp_dir("envs");
+    fs::create_dir_all(d.join("environments/staging")).unwrap();
+    assert_eq!(
+        known_environments(&Location::Dir(d.clone())),
+        ["development", "production", "staging", "test"]
+    );
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
 fn maintenance_settings_are_validated() {
     let d = temp_dir("maint");
     for (text, key) in [

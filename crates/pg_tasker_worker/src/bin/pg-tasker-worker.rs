@@ -68,27 +68,6 @@ struct Args {
     visibility_timeout: Option<u64>,
 }
 
-/// The environments a configuration location knows: the compiled-in ones,
-/// and the overlay directories of a config dir.
-fn known_environments(dir: Option<&PathBuf>) -> Vec<String> {
-    let mut known: Vec<String> = ["development", "test", "production"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    if let Some(d) = dir {
-        if let Ok(entries) = std::fs::read_dir(d.join("environments")) {
-            for e in entries.flatten() {
-                if e.path().is_dir() {
-                    known.push(e.file_name().to_string_lossy().into_owned());
-                }
-            }
-        }
-    }
-    known.sort();
-    known.dedup();
-    known
-}
-
 fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "pg-tasker-worker: {message}");
@@ -106,7 +85,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let known = known_environments(args.config_dir.as_ref());
+    let location = args
+        .config_dir
+        .clone()
+        .map(Location::Dir)
+        .unwrap_or(Location::Embedded);
+    let known = config::known_environments(&location);
     if !known.contains(&args.environment) {
         return fail(
             format!(
@@ -117,11 +101,6 @@ async fn main() -> ExitCode {
             2,
         );
     }
-    let location = args
-        .config_dir
-        .clone()
-        .map(Location::Dir)
-        .unwrap_or(Location::Embedded);
     let cfg = match config::load_worker(&location, &args.environment, &config::process_env) {
         Ok(c) => c,
         Err(e) => return fail(format!("invalid configuration: {e}"), 2),
