@@ -141,6 +141,56 @@ pub fn fatal_cause(cfg: &Config, e: &tokio_postgres::Error) -> Option<String> {
     }
 }
 
+/// What the worker does after a statement failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Transient: the same statement may succeed later (on a fresh
+    /// connection when this one is gone). Retried with backoff.
+    Retry,
+    /// Retrying the same statement would fail the same way: logged with its
+    /// SQLSTATE, and the worker moves on.
+    Final,
+}
+
+/// Classifies a failure by its SQLSTATE (`None`: no server error, i.e. the
+/// connection broke or could not be opened). One home for the rule, used
+/// for every statement the runtime sends.
+pub fn classify(sqlstate: Option<&str>) -> ErrorClass {
+    let Some(code) = sqlstate else {
+        return ErrorClass::Retry;
+    };
+    let class = code.get(..2).unwrap_or("");
+    match (class, code) {
+        // connection exception; insufficient resources; system errors (I/O)
+        ("08" | "53" | "58", _) => ErrorClass::Retry,
+        // serialization failure, deadlock detected, statement completion unknown
+        (_, "40001" | "40P01" | "40003") => ErrorClass::Retry,
+        // admin / crash shutdown, cannot connect now (starting up), query
+        // cancelled (statement_timeout, pg_cancel_backend), lock timeout
+        (_, "57P01" | "57P02" | "57P03" | "57014" | "55P03") => ErrorClass::Retry,
+        _ => ErrorClass::Final,
+    }
+}
+
+/// [`classify`] for a client error.
+pub fn classify_error(e: &tokio_postgres::Error) -> ErrorClass {
+    if e.is_closed() {
+        return ErrorClass::Retry;
+    }
+    classify(e.code().map(SqlState::code))
+}
+
+/// An error for a log line: its SQLSTATE first, when the server sent one.
+pub fn explain(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// Connects once (waiting, with a log line per attempt, while the server
 /// cannot be reached) and checks the extension and every namespace. Err:
 /// why this worker cannot serve, as a sentence.
@@ -262,6 +312,29 @@ mod tests {
         let e = database_config_with("postgres://a:secretpw@h:notaport/d", &env(&[])).unwrap_err();
         assert!(e.starts_with("invalid database URL"), "{e}");
         assert!(!e.contains("secretpw"), "{e}");
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_refusals_are_final() {
+        for code in [
+            None,
+            Some("08006"),
+            Some("57P01"),
+            Some("57P03"),
+            Some("40001"),
+            Some("40P01"),
+            Some("53300"),
+            Some("53200"),
+            Some("55P03"),
+            Some("57014"),
+        ] {
+            assert_eq!(classify(code), ErrorClass::Retry, "{code:?}");
+        }
+        for code in [
+            "22023", "22P02", "P0002", "42501", "42704", "23505", "XX000", "55000",
+        ] {
+            assert_eq!(classify(Some(code)), ErrorClass::Final, "{code}");
+        }
     }
 
     #[test]

@@ -1,24 +1,46 @@
 //! The worker runtime: the batched protocol (`tasker.exchange`), wakeups,
-//! concurrency, leases, transactional handlers, shutdown.
+//! concurrency, leases, transactional handlers, retries, shutdown.
 //!
-//! One loop owns the exchange connection. Each turn it sends the results
-//! finished since the last turn and asks for as many messages as there are
+//! One loop decides when to exchange. Each exchange sends the results
+//! finished since the last one and asks for as many messages as there are
 //! free handler slots (at most `batch_size`): one round trip, one commit.
-//! With nothing to do it registers as idle (`tasker.worker_idle`) and waits
-//! for a NOTIFY on its namespaces' channels, a finished handler, or
+//! Exchanges run on connections of a small pool: normally one at a time, but
+//! when one has been in flight for longer than [`STALLED`] (a result waiting
+//! on a lock an operator holds, say) the next goes out beside it, so one
+//! blocked statement does not stall the other handlers. Lease extensions
+//! have a connection of their own, and so do wakeups (LISTEN,
+//! `tasker.worker_idle`). A failed exchange is classified
+//! ([`crate::connection::classify`]): transient failures keep their results
+//! and are retried with backoff on a fresh connection; a refusal is logged
+//! with its SQLSTATE and its results are tried alone once, then dropped
+//! (their leases expire and the steps follow their retry policy).
+//!
+//! With nothing to do the loop registers as idle (`tasker.worker_idle`) and
+//! waits for a NOTIFY on its namespaces' channels, a finished handler, or
 //! `poll_interval` (the fallback when a notification is missed).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pg_tasker_core::config::WorkerConfig;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify, RwLock, Semaphore};
+use tokio::task::AbortHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
+use crate::connection::{classify_error, explain, ErrorClass};
 use crate::handler::{Handler, Outcome, Registry, StepContext, StepMessage, Tx};
+
+/// An exchange in flight for longer than this is taken as blocked: the next
+/// one goes out beside it, on another connection.
+pub const STALLED: Duration = Duration::from_millis(100);
+/// Exchanges in flight at once, at most (never more than `concurrency`).
+const MAX_EXCHANGES: usize = 4;
+/// Backoff after a failed exchange: first wait, longest wait.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -82,15 +104,26 @@ fn default_worker_id() -> String {
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Results the database took (applied, or ignored as late, duplicate or
+    /// stale), plus transactional successes committed.
     pub processed: u64,
     pub succeeded: u64,
     pub failed: u64,
-    /// Messages handed back at shutdown (visible again at once).
+    /// Messages of unfinished handlers handed back at shutdown (visible
+    /// again at once, for another worker).
     pub released: u64,
+    /// Connections re-established after one was lost.
     pub reconnects: u64,
     /// Results the database ignored (late, duplicate, stale attempt) or
     /// rejected.
     pub ignored: u64,
+    /// Results the database refused for good (logged with the SQLSTATE);
+    /// their leases expire and the steps follow their retry policy.
+    pub dropped: u64,
+    /// Exchanges that failed transiently and were retried.
+    pub retried: u64,
+    /// Handlers cancelled at their step's `timeout_seconds`.
+    pub timed_out: u64,
     /// Exchanges (round trips that submitted and/or read).
     pub exchanges: u64,
     /// Wakeups by NOTIFY.
@@ -131,21 +164,24 @@ async fn connect(
     Ok(client)
 }
 
-/// A connection that is re-established when it breaks.
+/// One connection that is re-established when it breaks (waiting, with
+/// backoff, while the server is unreachable).
 struct Db {
+    name: &'static str,
     cfg: tokio_postgres::Config,
     client: RwLock<Option<Arc<Client>>>,
-    stats: Arc<Mutex<Stats>>,
+    reconnects: Arc<AtomicU64>,
     /// Set by notifications on this connection.
     wake: Arc<Notify>,
 }
 
 impl Db {
-    fn new(cfg: tokio_postgres::Config, stats: Arc<Mutex<Stats>>) -> Db {
+    fn new(name: &'static str, cfg: tokio_postgres::Config, reconnects: Arc<AtomicU64>) -> Db {
         Db {
+            name,
             cfg,
             client: RwLock::new(None),
-            stats,
+            reconnects,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -159,81 +195,535 @@ impl Db {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return (c.clone(), false);
         }
-        let mut wait = Duration::from_millis(100);
+        let mut wait = BACKOFF.0;
         loop {
             match connect(&self.cfg, Some(self.wake.clone())).await {
                 Ok(client) => {
                     let client = Arc::new(client);
                     if slot.is_some() {
-                        self.stats.lock().unwrap().reconnects += 1;
-                        log("reconnected");
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        log(format!("{} connection re-established", self.name));
                     }
                     *slot = Some(client.clone());
                     return (client, true);
                 }
                 Err(e) => {
-                    log(format!("cannot connect ({e}); retrying in {wait:?}"));
+                    log(format!(
+                        "{} connection: cannot connect ({}); retrying in {wait:?}",
+                        self.name,
+                        explain(&e)
+                    ));
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
+                    wait = (wait * 2).min(BACKOFF.1);
                 }
             }
         }
     }
 }
 
-/// Connections for transactional handlers, one per handler at a time.
-struct TxPool {
+/// Connections taken one at a time (an exchange, a transactional handler)
+/// and given back when still open; opened on demand.
+struct Pool {
     cfg: tokio_postgres::Config,
     idle: Mutex<Vec<Client>>,
+    reconnects: Arc<AtomicU64>,
+    /// A connection of this pool was found closed: the next one opened is a
+    /// reconnect.
+    lost: AtomicBool,
 }
 
-impl TxPool {
+impl Pool {
+    fn new(cfg: tokio_postgres::Config, reconnects: Arc<AtomicU64>) -> Pool {
+        Pool {
+            cfg,
+            idle: Mutex::new(Vec::new()),
+            reconnects,
+            lost: AtomicBool::new(false),
+        }
+    }
+
     async fn take(&self) -> Result<Client, tokio_postgres::Error> {
         loop {
             let c = self.idle.lock().unwrap().pop();
             match c {
                 Some(c) if !c.is_closed() => return Ok(c),
-                Some(_) => continue,
-                None => return connect(&self.cfg, None).await,
+                Some(_) => self.lost.store(true, Ordering::Relaxed),
+                None => {
+                    let c = connect(&self.cfg, None).await?;
+                    if self.lost.swap(false, Ordering::Relaxed) {
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        log("reconnected");
+                    }
+                    return Ok(c);
+                }
             }
         }
     }
 
     fn give_back(&self, c: Client) {
-        if !c.is_closed() {
+        if c.is_closed() {
+            self.lost.store(true, Ordering::Relaxed);
+        } else {
             self.idle.lock().unwrap().push(c);
         }
     }
 }
 
-/// A finished attempt, as tasker.exchange takes it.
-fn result_json(ctx_step: &str, outcome: &Outcome, metadata: Value) -> Value {
-    let (status, result, error) = outcome.to_submission();
-    let mut r = json!({"step_uuid": ctx_step, "status": status, "metadata": metadata});
-    if let Some(v) = result {
-        r["result"] = v;
+/// Aborts a task when dropped (a lease extender outlives nothing).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    if let Some(v) = error {
-        r["error"] = v;
-    }
-    r
 }
+
+/// A finished attempt, waiting to be sent.
+#[derive(Debug, Clone)]
+struct Finished {
+    /// As tasker.exchange takes it.
+    json: Value,
+    ok: bool,
+}
+
+impl Finished {
+    fn new(step_uuid: &str, outcome: &Outcome, metadata: Value) -> Finished {
+        let (status, result, error) = outcome.to_submission();
+        let mut r = json!({"step_uuid": step_uuid, "status": status, "metadata": metadata});
+        if let Some(v) = result {
+            r["result"] = v;
+        }
+        if let Some(v) = error {
+            r["error"] = v;
+        }
+        Finished {
+            json: r,
+            ok: matches!(outcome, Outcome::Success { .. }),
+        }
+    }
+}
+
+fn as_json_array(results: &[Finished]) -> String {
+    Value::from(results.iter().map(|r| r.json.clone()).collect::<Vec<_>>()).to_string()
+}
+
+/// Messages being handled, by (queue, msg_id): msg ids are per queue, two
+/// namespaces share them.
+type Running = HashMap<(String, i64), AbortHandle>;
 
 struct Shared {
     options: WorkerOptions,
     registry: Registry,
     stats: Arc<Mutex<Stats>>,
-    db: Db,
-    txs: TxPool,
-    results: mpsc::UnboundedSender<(Value, bool)>,
-    /// A handler finished: the loop may have results to send.
+    queues: HashMap<String, String>,
+    /// LISTEN, tasker.worker_idle, releases.
+    control: Db,
+    /// tasker.extend_lease only.
+    leases: Db,
+    exchanges: Pool,
+    txs: Pool,
+    results: mpsc::UnboundedSender<Finished>,
+    /// A handler finished: a slot is free.
     finished: Notify,
+    running: Mutex<Running>,
+    /// Shutdown began: messages read from now on are released, not run.
+    stopping: AtomicBool,
+}
+
+/// How an exchange ended.
+struct Exchanged {
+    id: u64,
+    asked: usize,
+    /// Ok: messages read. Err: why, and how to go on.
+    outcome: Result<usize, (ErrorClass, String)>,
+    /// Results the database took.
+    taken: Vec<Finished>,
+    /// Results to send again (the exchange failed transiently).
+    again: Vec<Finished>,
+}
+
+/// One exchange on a pooled connection: the results, then up to `asked`
+/// messages, each started when a handler slot (of `permits`) is free — at
+/// once, unless an exchange that was taken for blocked read beside this one
+/// (then the message waits for a slot, under its lease).
+async fn exchange(
+    shared: Arc<Shared>,
+    id: u64,
+    results: Vec<Finished>,
+    asked: usize,
+    permits: Option<Arc<Semaphore>>,
+) -> Exchanged {
+    let o = &shared.options;
+    let failed = |results: Vec<Finished>, class, why| Exchanged {
+        id,
+        asked,
+        outcome: Err((class, why)),
+        taken: Vec::new(),
+        again: results,
+    };
+    let client = match shared.exchanges.take().await {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!("cannot connect: {}", explain(&e));
+            return failed(results, classify_error(&e), why);
+        }
+    };
+    let body = (!results.is_empty()).then(|| as_json_array(&results));
+    let rows = client
+        .query(
+            "SELECT namespace, msg_id, read_ct, message::text
+               FROM tasker.exchange($1, $2, $3::text::jsonb, $4, $5)",
+            &[
+                &o.namespaces,
+                &o.worker_id,
+                &body,
+                &(asked as i32),
+                &(o.visibility_timeout.as_secs().max(1) as i32),
+            ],
+        )
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            let class = classify_error(&e);
+            let why = explain(&e);
+            if class == ErrorClass::Retry || results.is_empty() {
+                shared.exchanges.give_back(client);
+                return failed(results, class, why);
+            }
+            // refused as a whole (e.g. a namespace dropped since start-up):
+            // the results alone, once
+            let alone = client
+                .query(
+                    "SELECT outcome FROM tasker.submit_results($1::text::jsonb)",
+                    &[&body],
+                )
+                .await;
+            shared.exchanges.give_back(client);
+            return match alone {
+                Ok(_) => Exchanged {
+                    taken: results,
+                    ..failed(Vec::new(), class, why)
+                },
+                Err(e2) if classify_error(&e2) == ErrorClass::Retry => failed(results, class, why),
+                Err(e2) => {
+                    let steps: Vec<&str> = results
+                        .iter()
+                        .filter_map(|r| r.json["step_uuid"].as_str())
+                        .collect();
+                    log(format!(
+                        "results refused ({}); dropping the results of steps {steps:?}: their leases expire and they follow their retry policy",
+                        explain(&e2)
+                    ));
+                    shared.stats.lock().unwrap().dropped += results.len() as u64;
+                    failed(Vec::new(), class, why)
+                }
+            };
+        }
+    };
+    shared.exchanges.give_back(client);
+    let got = rows.len();
+    for row in rows {
+        let ns: String = row.get(0);
+        let msg_id: i64 = row.get(1);
+        let read_ct: i32 = row.get(2);
+        let text: &str = row.get(3);
+        let queue = shared.queues.get(&ns).cloned().unwrap_or_default();
+        let message: StepMessage = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                log(format!(
+                    "unreadable message {msg_id} in {ns}: {e}; leaving it for its lease to expire"
+                ));
+                continue;
+            }
+        };
+        let permit = match &permits {
+            Some(p) => match p.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => p.clone().acquire_owned().await.ok(),
+            },
+            None => None,
+        };
+        if permit.is_none() || shared.stopping.load(Ordering::SeqCst) {
+            // (shutdown began: another worker takes it)
+            release(&shared, &queue, msg_id).await;
+            continue;
+        }
+        let ctx = StepContext {
+            message,
+            msg_id,
+            read_ct,
+            worker_id: o.worker_id.clone(),
+        };
+        let key = (queue, msg_id);
+        let s = shared.clone();
+        // (spawned under the lock, so the task's removal comes after the
+        // insertion)
+        let mut running = shared.running.lock().unwrap();
+        let k = key.clone();
+        let task = tokio::spawn(async move {
+            process(&s, ctx).await;
+            s.running.lock().unwrap().remove(&k);
+            drop(permit);
+            s.finished.notify_one();
+        });
+        running.insert(key, task.abort_handle());
+    }
+    Exchanged {
+        id,
+        asked,
+        outcome: Ok(got),
+        taken: results,
+        again: Vec::new(),
+    }
+}
+
+/// Makes a message visible again at once (another worker takes it).
+async fn release(shared: &Shared, queue: &str, msg_id: i64) -> bool {
+    let (client, _) = shared.control.get().await;
+    match client
+        .execute(
+            "SELECT pgmq.set_vt($1::text, $2::bigint, 0)",
+            &[&queue, &msg_id],
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            log(format!(
+                "could not release message {msg_id} of {queue}: {}",
+                explain(&e)
+            ));
+            false
+        }
+    }
+}
+
+/// The exchange loop's state.
+struct Loop {
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    pending: Vec<Finished>,
+    /// Exchanges in flight: their start and the messages they asked for.
+    in_flight: HashMap<u64, (Instant, usize)>,
+    next_id: u64,
+    done_tx: mpsc::UnboundedSender<Exchanged>,
+    /// Messages may be waiting: ask for them.
+    want_read: bool,
+    /// The last read found nothing.
+    empty_read: bool,
+    /// Registered with tasker.worker_idle.
+    idle: bool,
+    /// Unregister at the next turn (a read found work).
+    unregister: bool,
+    listening: bool,
+    backoff: Duration,
+    retry_at: Instant,
+    next_poll: Option<Instant>,
+}
+
+impl Loop {
+    fn on_done(&mut self, d: Exchanged) {
+        self.in_flight.remove(&d.id);
+        {
+            let mut s = self.shared.stats.lock().unwrap();
+            for r in &d.taken {
+                s.processed += 1;
+                if r.ok {
+                    s.succeeded += 1;
+                } else {
+                    s.failed += 1;
+                }
+            }
+        }
+        match d.outcome {
+            Ok(got) => {
+                self.shared.stats.lock().unwrap().exchanges += 1;
+                self.backoff = Duration::ZERO;
+                if d.asked > 0 {
+                    if got == 0 {
+                        self.empty_read = true;
+                    } else {
+                        self.empty_read = false;
+                        self.want_read = true;
+                        self.unregister |= self.idle;
+                    }
+                }
+            }
+            Err((class, why)) => {
+                self.backoff = if self.backoff.is_zero() {
+                    BACKOFF.0
+                } else {
+                    (self.backoff * 2).min(BACKOFF.1)
+                };
+                self.retry_at = Instant::now() + self.backoff;
+                let kept = d.again.len();
+                self.pending.extend(d.again);
+                match class {
+                    ErrorClass::Retry => {
+                        self.shared.stats.lock().unwrap().retried += 1;
+                        log(format!(
+                            "exchange failed ({why}); {kept} results kept, retrying in {:?}",
+                            self.backoff
+                        ));
+                    }
+                    ErrorClass::Final => log(format!(
+                        "exchange refused ({why}); trying again in {:?}",
+                        self.backoff
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Starts an exchange when there is something to send or room to read,
+    /// no exchange is in flight that is not [`STALLED`], and no backoff is
+    /// running. True if one started.
+    fn maybe_start(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.retry_at
+            || self.in_flight.len() >= self.max_exchanges()
+            || self.in_flight.values().any(|(t, _)| now - *t < STALLED)
+        {
+            return false;
+        }
+        // slots promised to exchanges in flight do not count while those
+        // are blocked: their messages, if any come, wait for a slot
+        let free = self.permits.available_permits();
+        let reading = self.want_read && free > 0;
+        if !reading && self.pending.is_empty() {
+            return false;
+        }
+        let asked = if reading {
+            free.min(self.shared.options.batch_size.max(1) as usize)
+        } else {
+            0
+        };
+        let permits = (asked > 0).then(|| self.permits.clone());
+        if asked > 0 {
+            self.empty_read = false;
+        }
+        let results = std::mem::take(&mut self.pending);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.in_flight.insert(id, (now, asked));
+        let (shared, done) = (self.shared.clone(), self.done_tx.clone());
+        tokio::spawn(async move {
+            let _ = done.send(exchange(shared, id, results, asked, permits).await);
+        });
+        true
+    }
+
+    fn max_exchanges(&self) -> usize {
+        (self.shared.options.concurrency.max(1) as usize).min(MAX_EXCHANGES)
+    }
+
+    /// When the loop must look again without an event.
+    fn wake_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut at: Vec<Instant> = Vec::new();
+        if self.retry_at > now {
+            at.push(self.retry_at);
+        }
+        if let Some(p) = self.next_poll {
+            at.push(p);
+        }
+        if !self.pending.is_empty() || self.want_read {
+            if let Some((youngest, _)) = self.in_flight.values().max() {
+                at.push(*youngest + STALLED);
+            }
+        }
+        at.into_iter().min()
+    }
+
+    /// Nothing to read: register as idle and listen (then look once more:
+    /// a message sent before the registration is not notified), or, once
+    /// registered, wait for a notification or the fallback poll.
+    async fn go_idle(&mut self) {
+        let o = &self.shared.options;
+        if self.idle {
+            self.want_read = false;
+            self.next_poll = Some(Instant::now() + o.poll_interval);
+            return;
+        }
+        let (client, fresh) = self.shared.control.get().await;
+        if fresh {
+            self.listening = false;
+        }
+        if !self.listening {
+            let mut sql = String::new();
+            for ns in &o.namespaces {
+                match client
+                    .query_one("SELECT tasker.wake_channel($1)", &[ns])
+                    .await
+                {
+                    Ok(r) => {
+                        let ch: String = r.get(0);
+                        sql.push_str(&format!("LISTEN \"{}\";", ch.replace('"', "\"\"")));
+                    }
+                    Err(e) => log(format!("no wake channel for {ns}: {}", explain(&e))),
+                }
+            }
+            match client.batch_execute(&sql).await {
+                Ok(()) => self.listening = true,
+                Err(e) => log(format!(
+                    "cannot LISTEN ({}); polling every {:?}",
+                    explain(&e),
+                    o.poll_interval
+                )),
+            }
+        }
+        match client
+            .execute(
+                "SELECT tasker.worker_idle($1, $2, true)",
+                &[&o.namespaces, &o.worker_id],
+            )
+            .await
+        {
+            Ok(_) => {
+                self.idle = true;
+                self.want_read = true;
+            }
+            Err(e) => {
+                log(format!(
+                    "could not register as idle ({}); polling",
+                    explain(&e)
+                ));
+                self.want_read = false;
+                self.next_poll = Some(Instant::now() + o.poll_interval);
+            }
+        }
+    }
+
+    async fn set_busy(&mut self) {
+        self.unregister = false;
+        if !self.idle {
+            return;
+        }
+        self.idle = false;
+        let o = &self.shared.options;
+        let (client, _) = self.shared.control.get().await;
+        if let Err(e) = client
+            .execute(
+                "SELECT tasker.worker_idle($1, $2, false)",
+                &[&o.namespaces, &o.worker_id],
+            )
+            .await
+        {
+            log(format!("could not unregister as idle: {}", explain(&e)));
+        }
+    }
 }
 
 /// Runs until `shutdown` completes: exchanges results for messages, runs
-/// handlers concurrently. Connection errors are retried, never fatal. At
-/// shutdown, in-flight handlers get `shutdown_timeout` to finish and their
-/// results are sent; the messages of those that do not finish are released.
+/// handlers concurrently. Connection errors are retried, never fatal;
+/// misconfiguration found at start-up ends it with the cause. At shutdown,
+/// in-flight handlers get `shutdown_timeout` to finish and their results are
+/// sent; those that do not finish are cancelled and their messages released.
+/// The whole shutdown takes at most `shutdown_timeout`, even while the
+/// database is down (what could not be sent then is redelivered when the
+/// leases expire).
 pub async fn run(
     options: WorkerOptions,
     registry: Registry,
@@ -265,277 +755,170 @@ pub async fn run(
         _ = &mut shutdown => return Ok(Stats::default()),
     }
     let stats = Arc::new(Mutex::new(Stats::default()));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Value, bool)>();
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Exchanged>();
     let shared = Arc::new(Shared {
-        db: Db::new(db_config.clone(), stats.clone()),
-        txs: TxPool {
-            cfg: db_config.clone(),
-            idle: Mutex::new(Vec::new()),
-        },
+        control: Db::new("wakeup", db_config.clone(), reconnects.clone()),
+        leases: Db::new("lease", db_config.clone(), reconnects.clone()),
+        exchanges: Pool::new(db_config.clone(), reconnects.clone()),
+        txs: Pool::new(db_config.clone(), reconnects.clone()),
+        queues,
         options,
         registry,
         stats: stats.clone(),
         results: tx,
         finished: Notify::new(),
+        running: Mutex::new(HashMap::new()),
+        stopping: AtomicBool::new(false),
     });
-    let options = &shared.options;
-    let permits = Arc::new(Semaphore::new(options.concurrency.max(1) as usize));
-    let in_flight: Arc<Mutex<HashMap<i64, String>>> = Arc::default();
+    let o = &shared.options;
+    let concurrency = o.concurrency.max(1);
+    let mut lp = Loop {
+        shared: shared.clone(),
+        permits: Arc::new(Semaphore::new(concurrency as usize)),
+        pending: Vec::new(),
+        in_flight: HashMap::new(),
+        next_id: 0,
+        done_tx,
+        want_read: true,
+        empty_read: false,
+        idle: false,
+        unregister: false,
+        listening: false,
+        backoff: Duration::ZERO,
+        retry_at: Instant::now(),
+        next_poll: None,
+    };
     log(format!(
         "worker {} serving {:?} (concurrency {}, batch {}, lease {:?})",
-        options.worker_id,
-        options.namespaces,
-        options.concurrency,
-        options.batch_size,
-        options.visibility_timeout
+        o.worker_id, o.namespaces, o.concurrency, o.batch_size, o.visibility_timeout
     ));
 
-    let mut pending: Vec<(Value, bool)> = Vec::new();
-    let mut idle = false;
-    let mut listening = false;
-    'exchange: loop {
+    loop {
         while let Ok(r) = rx.try_recv() {
-            pending.push(r);
+            lp.pending.push(r);
         }
-        let free = permits.available_permits().min(options.batch_size as usize);
-        if pending.is_empty() && free == 0 {
+        while let Ok(d) = done_rx.try_recv() {
+            lp.on_done(d);
+        }
+        if lp.unregister {
             tokio::select! {
-                _ = &mut shutdown => break 'exchange,
-                _ = shared.finished.notified() => {}
+                _ = &mut shutdown => break,
+                _ = lp.set_busy() => {}
+            }
+        }
+        if lp.empty_read && lp.want_read && lp.in_flight.is_empty() && lp.pending.is_empty() {
+            lp.empty_read = false;
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = lp.go_idle() => {}
             }
             continue;
         }
-        let (client, fresh) = tokio::select! {
-            _ = &mut shutdown => break 'exchange,
-            c = shared.db.get() => c,
-        };
-        if fresh {
-            listening = false;
-            idle = false;
-        }
-        let results = Value::from(pending.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>());
-        let rows = client
-            .query(
-                "SELECT namespace, msg_id, read_ct, message::text
-                   FROM tasker.exchange($1, $2, $3::text::jsonb, $4, $5)",
-                &[
-                    &options.namespaces,
-                    &options.worker_id,
-                    &results.to_string(),
-                    &(free as i32),
-                    &(options.visibility_timeout.as_secs().max(1) as i32),
-                ],
-            )
-            .await;
-        let rows = match rows {
-            Ok(r) => r,
-            Err(e) if e.as_db_error().is_some() => {
-                // refused as a whole (e.g. an unknown namespace): retrying
-                // the same call would fail again
-                log(format!("exchange refused: {e}"));
-                tokio::select! {
-                    _ = &mut shutdown => break 'exchange,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            }
-            Err(e) => {
-                log(format!("exchange failed: {e}; retrying"));
-                tokio::select! {
-                    _ = &mut shutdown => break 'exchange,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-                continue;
-            }
-        };
-        {
-            let mut s = stats.lock().unwrap();
-            s.exchanges += 1;
-            for (_, ok) in pending.drain(..) {
-                s.processed += 1;
-                if ok {
-                    s.succeeded += 1;
-                } else {
-                    s.failed += 1;
-                }
-            }
-        }
-        let got = rows.len();
-        for row in rows {
-            let ns: String = row.get(0);
-            let msg_id: i64 = row.get(1);
-            let read_ct: i32 = row.get(2);
-            let text: &str = row.get(3);
-            let message: StepMessage = match serde_json::from_str(text) {
-                Ok(m) => m,
-                Err(e) => {
-                    log(format!("unreadable message {msg_id} in {ns}: {e}; leaving it for its lease to expire"));
-                    continue;
-                }
-            };
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore open");
-            let queue = queues.get(&ns).cloned().unwrap_or_default();
-            in_flight.lock().unwrap().insert(msg_id, queue);
-            let ctx = StepContext {
-                message,
-                msg_id,
-                read_ct,
-                worker_id: options.worker_id.clone(),
-            };
-            let (shared, in_flight) = (shared.clone(), in_flight.clone());
-            tokio::spawn(async move {
-                process(&shared, ctx).await;
-                in_flight.lock().unwrap().remove(&msg_id);
-                drop(permit);
-                shared.finished.notify_one();
-            });
-        }
-        if got > 0 || !rx.is_empty() {
-            if idle {
-                idle = false;
-                let _ = client
-                    .execute(
-                        "SELECT tasker.worker_idle($1, $2, false)",
-                        &[&options.namespaces, &options.worker_id],
-                    )
-                    .await;
-            }
+        if lp.maybe_start() {
             continue;
         }
-        if free == 0 {
-            // busy: results went out, wait for a slot
-            continue;
-        }
-        if !idle {
-            // nothing to do: register, listen, and look once more (a
-            // message sent before the registration would not be notified)
-            if !listening {
-                let mut sql = String::new();
-                for ns in &options.namespaces {
-                    let ch: String = match client
-                        .query_one("SELECT tasker.wake_channel($1)", &[ns])
-                        .await
-                    {
-                        Ok(r) => r.get(0),
-                        Err(e) => {
-                            log(format!("no wake channel for {ns}: {e}"));
-                            continue;
-                        }
-                    };
-                    sql.push_str(&format!("LISTEN \"{}\";", ch.replace('"', "\"\"")));
-                }
-                match client.batch_execute(&sql).await {
-                    Ok(()) => listening = true,
-                    Err(e) => log(format!(
-                        "cannot LISTEN ({e}); polling every {:?}",
-                        options.poll_interval
-                    )),
-                }
-            }
-            match client
-                .execute(
-                    "SELECT tasker.worker_idle($1, $2, true)",
-                    &[&options.namespaces, &options.worker_id],
-                )
-                .await
-            {
-                Ok(_) => idle = true,
-                Err(e) => {
-                    log(format!("could not register as idle ({e}); polling"));
-                    tokio::select! {
-                        _ = &mut shutdown => break 'exchange,
-                        _ = shared.finished.notified() => {}
-                        _ = tokio::time::sleep(options.poll_interval) => {}
-                    }
-                }
-            }
-            continue;
-        }
+        let wake_at = lp.wake_at();
         tokio::select! {
-            _ = &mut shutdown => break 'exchange,
-            _ = shared.db.wake.notified() => stats.lock().unwrap().notified += 1,
+            _ = &mut shutdown => break,
+            Some(r) = rx.recv() => lp.pending.push(r),
+            Some(d) = done_rx.recv() => lp.on_done(d),
             _ = shared.finished.notified() => {}
-            _ = tokio::time::sleep(options.poll_interval) => {}
+            _ = shared.control.wake.notified() => {
+                if lp.idle {
+                    stats.lock().unwrap().notified += 1;
+                }
+                lp.want_read = true;
+                lp.next_poll = None;
+            }
+            _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now).into()), if wake_at.is_some() => {
+                if lp.next_poll.is_some_and(|p| p <= Instant::now()) {
+                    lp.want_read = true;
+                    lp.next_poll = None;
+                }
+            }
         }
     }
 
-    // graceful shutdown: let handlers finish, send their results
+    // graceful shutdown, within shutdown_timeout: handlers finish (or are
+    // cancelled and their messages released), their results are sent
     log("shutting down: finishing in-flight steps");
-    let all = options.concurrency.max(1);
-    let finished = tokio::time::timeout(options.shutdown_timeout, permits.acquire_many(all))
-        .await
-        .is_ok();
-    while let Ok(r) = rx.try_recv() {
-        pending.push(r);
-    }
-    let (client, _) = shared.db.get().await;
-    if !pending.is_empty() {
-        let results = Value::from(pending.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>());
-        match client
-            .query(
-                "SELECT outcome FROM tasker.submit_results($1::text::jsonb)",
-                &[&results.to_string()],
-            )
-            .await
-        {
-            Ok(rows) => {
-                let mut s = stats.lock().unwrap();
-                for (row, (_, ok)) in rows.iter().zip(&pending) {
-                    s.processed += 1;
-                    if *ok {
-                        s.succeeded += 1;
-                    } else {
-                        s.failed += 1;
-                    }
-                    if row.get::<_, &str>(0) != "applied" {
-                        s.ignored += 1;
-                    }
-                }
-            }
-            Err(e) => log(format!("could not submit the last results: {e}")),
+    shared.stopping.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + o.shutdown_timeout;
+    let reserve = (o.shutdown_timeout / 4).min(Duration::from_secs(2));
+    let finished = tokio::time::timeout_at(
+        (deadline - reserve).into(),
+        lp.permits.acquire_many(concurrency),
+    )
+    .await
+    .is_ok();
+    let unfinished: Vec<(String, i64)> = {
+        let mut running = shared.running.lock().unwrap();
+        for task in running.values() {
+            task.abort();
         }
-    }
-    let _ = client
-        .execute(
-            "SELECT tasker.worker_idle($1, $2, false)",
-            &[&options.namespaces, &options.worker_id],
-        )
-        .await;
+        running.drain().map(|(k, _)| k).collect()
+    };
     if !finished {
-        let left: Vec<(i64, String)> = in_flight
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        for (msg_id, queue) in left {
-            // visible again now: another worker takes it
-            match client
-                .execute(
-                    "SELECT pgmq.set_vt($1::text, $2::bigint, 0)",
-                    &[&queue, &msg_id],
-                )
-                .await
-            {
-                Ok(_) => stats.lock().unwrap().released += 1,
-                Err(e) => log(format!(
-                    "could not release message {msg_id} of {queue}: {e}"
-                )),
+        log(format!(
+            "{} handlers did not finish in {:?}: cancelled",
+            unfinished.len(),
+            o.shutdown_timeout
+        ));
+    }
+    let last = async {
+        // exchanges still in flight, then the results left
+        while !lp.in_flight.is_empty() {
+            match done_rx.recv().await {
+                Some(d) => lp.on_done(d),
+                None => break,
             }
         }
+        loop {
+            while let Ok(r) = rx.try_recv() {
+                lp.pending.push(r);
+            }
+            if lp.pending.is_empty() {
+                break;
+            }
+            let results = std::mem::take(&mut lp.pending);
+            lp.next_id += 1;
+            let d = exchange(shared.clone(), lp.next_id, results, 0, None).await;
+            lp.in_flight.insert(d.id, (Instant::now(), 0));
+            lp.on_done(d);
+            if !lp.pending.is_empty() {
+                tokio::time::sleep(lp.backoff).await;
+            }
+        }
+        if lp.idle {
+            lp.set_busy().await;
+        }
+        for (queue, msg_id) in &unfinished {
+            if release(&shared, queue, *msg_id).await {
+                stats.lock().unwrap().released += 1;
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline.into(), last)
+        .await
+        .is_err()
+    {
+        log(format!(
+            "database unreachable at shutdown: {} results not sent, unfinished messages not released; their leases expire and the steps are delivered again",
+            lp.pending.len()
+        ));
     }
-    let s = stats.lock().unwrap().clone();
+    let mut s = stats.lock().unwrap().clone();
+    s.reconnects = reconnects.load(Ordering::Relaxed);
     log(format!("stopped: {s:?}"));
     Ok(s)
 }
 
 /// Runs one attempt: keeps its lease, runs its handler with the step's
-/// timeout, and hands the result to the exchange loop (a transactional
-/// handler's success is submitted in the handler's own transaction).
+/// timeout (cancelling it when the time is up), and hands the result to the
+/// exchange loop (a transactional handler's success is submitted in the
+/// handler's own transaction).
 async fn process(shared: &Arc<Shared>, ctx: StepContext) {
     let options = &shared.options;
     let started = Instant::now();
@@ -546,20 +929,19 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
     let timeout = ctx.message.timeout_seconds.map(Duration::from_secs);
 
     // keep the lease while the handler runs (tasker.extend_lease: for this
-    // attempt only, never beyond the step's timeout_seconds)
-    let lease = {
+    // attempt only, never beyond the step's timeout_seconds), on a
+    // connection of its own; ends when this attempt ends, however it ends
+    let _lease = {
         let (step, vt, shared) = (
             step_uuid.clone(),
             options.visibility_timeout,
             shared.clone(),
         );
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let every = (vt / 2).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
-                // the live connection each time: a reconnect does not end
-                // the lease
-                let (client, _) = shared.db.get().await;
+                let (client, _) = shared.leases.get().await;
                 let extended = client
                     .execute(
                         "SELECT tasker.extend_lease($1::text::uuid, $2::integer, $3::integer)",
@@ -568,11 +950,12 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
                     .await;
                 if let Err(e) = extended {
                     log(format!(
-                        "could not extend the lease of message {msg_id}: {e}"
+                        "could not extend the lease of message {msg_id}: {}",
+                        explain(&e)
                     ));
                 }
             }
-        })
+        }))
     };
     let metadata = |outcome: &Outcome| {
         let mut m = json!({
@@ -590,15 +973,27 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
         }
         m
     };
+    let step_ref = &step_uuid;
     let guarded = |run: tokio::task::JoinHandle<Outcome>| async move {
-        // its own task, so that a panic becomes a failure, not a crash
+        // its own task, so that a panic becomes a failure, not a crash, and
+        // a timeout cancels it (a detached handler would go on running
+        // beside the retry)
+        let abort = run.abort_handle();
         let joined = match timeout {
             Some(t) => match tokio::time::timeout(t, run).await {
                 Ok(j) => j,
-                Err(_) => Ok(Outcome::retryable(format!(
-                    "step timed out after {}s",
-                    t.as_secs()
-                ))),
+                Err(_) => {
+                    abort.abort();
+                    shared.stats.lock().unwrap().timed_out += 1;
+                    log(format!(
+                        "step {step_ref} (attempt {attempt}) timed out after {}s: handler cancelled",
+                        t.as_secs()
+                    ));
+                    Ok(Outcome::retryable(format!(
+                        "step timed out after {}s",
+                        t.as_secs()
+                    )))
+                }
             },
             None => run.await,
         };
@@ -623,20 +1018,14 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
         Some(Handler::Transactional(handler)) => {
             match run_in_transaction(shared, &handler, ctx, &guarded, &metadata).await {
                 // submitted (or ignored) in the handler's transaction
-                None => {
-                    lease.abort();
-                    shared.finished.notify_one();
-                    return;
-                }
+                None => return,
                 Some(o) => o,
             }
         }
     };
-    lease.abort();
-    let ok = matches!(outcome, Outcome::Success { .. });
     let _ = shared
         .results
-        .send((result_json(&step_uuid, &outcome, metadata(&outcome)), ok));
+        .send(Finished::new(&step_uuid, &outcome, metadata(&outcome)));
 }
 
 /// A transactional handler: BEGIN on a connection of its own, the
@@ -659,15 +1048,22 @@ where
     let step_uuid = ctx.message.step_uuid.clone();
     let client = match shared.txs.take().await {
         Ok(c) => Arc::new(c),
-        Err(e) => return Some(Outcome::retryable(format!("no database connection: {e}"))),
+        Err(e) => {
+            return Some(Outcome::retryable(format!(
+                "no database connection: {}",
+                explain(&e)
+            )))
+        }
     };
     if let Err(e) = client.batch_execute("BEGIN").await {
         return Some(Outcome::retryable(format!(
-            "cannot begin a transaction: {e}"
+            "cannot begin a transaction: {}",
+            explain(&e)
         )));
     }
     let outcome = guarded(tokio::spawn(handler.handle(ctx, Tx::new(client.clone())))).await;
     let give_back = |client: Arc<Client>| {
+        // (a cancelled handler may still hold it: then it is closed)
         if let Ok(c) = Arc::try_unwrap(client) {
             shared.txs.give_back(c);
         }
@@ -677,11 +1073,11 @@ where
         give_back(client);
         return Some(outcome);
     }
-    let result = Value::from(vec![result_json(&step_uuid, &outcome, metadata(&outcome))]);
+    let result = as_json_array(&[Finished::new(&step_uuid, &outcome, metadata(&outcome))]);
     let applied = client
         .query_one(
             "SELECT outcome, detail FROM tasker.submit_results($1::text::jsonb)",
-            &[&result.to_string()],
+            &[&result],
         )
         .await;
     let commit = match applied {
@@ -710,7 +1106,10 @@ where
         Err(e) => {
             // not committed: nothing happened; the lease expires and the
             // step is delivered again
-            log(format!("transaction of step {step_uuid} failed: {e}"));
+            log(format!(
+                "transaction of step {step_uuid} failed: {}",
+                explain(&e)
+            ));
             let _ = client.batch_execute("ROLLBACK").await;
             None
         }

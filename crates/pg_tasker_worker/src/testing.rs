@@ -66,6 +66,17 @@ impl Cluster {
         )
     }
 
+    /// Stops the server (`pg_ctl stop -m fast`): connections are refused
+    /// until [`Cluster::start_again`].
+    pub fn stop(&self) {
+        self.run("stop");
+    }
+
+    /// Starts a stopped server again.
+    pub fn start_again(&self) {
+        self.run("start");
+    }
+
     /// `pg_ctl restart -m immediate` (crash recovery, no shutdown checkpoint).
     pub fn restart_immediate(&self) {
         self.restart("immediate");

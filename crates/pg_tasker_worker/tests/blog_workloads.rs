@@ -524,6 +524,36 @@ fn a_python_worker_runs_the_ecommerce_workflow() {
                  "cart_items": [{{"sku": "A", "price": 10.0, "quantity": 3}}], "payment_info": {{"token": "{token}"}}}}"#
         )
     };
+    let log_path = env.cluster.dir.join("python-worker.log");
+    let python = Command::new("python3")
+        .arg(repo().join("examples/python/worker.py"))
+        .args(["--dsn", &env.cluster.url(), "--namespace", "ecommerce"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("python3 runs");
+    let _python = Worker(python);
+    // its connection is cut (as by a server restart): it reconnects
+    let started = Instant::now();
+    loop {
+        let cut: i64 = env
+            .db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE application_name = 'python-worker'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if cut > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the python worker never connected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let happy = create(
         &mut env.db,
         "ecommerce",
@@ -542,14 +572,9 @@ fn a_python_worker_runs_the_ecommerce_workflow() {
         "process_order",
         &order("tok_declined"),
     );
-    let python = Command::new("python3")
-        .arg(repo().join("examples/python/worker.py"))
-        .args(["--dsn", &env.cluster.url(), "--namespace", "ecommerce"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("python3 runs");
-    let _python = Worker(python);
     settle(&mut env, "ecommerce", Duration::from_secs(30));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("retrying in"), "no reconnect logged:\n{log}");
     assert_eq!(task_state(&mut env.db, &happy), "complete");
     let pay = step(&mut env.db, &happy, "process_payment");
     assert_eq!(
@@ -570,6 +595,25 @@ fn a_python_worker_runs_the_ecommerce_workflow() {
         step(&mut env.db, &declined, "process_payment")["last_error"]["error_code"],
         "CARD_DECLINED"
     );
+}
+
+#[test]
+fn a_python_worker_explains_an_unknown_namespace() {
+    let env = setup("e2e_python_ns", &["ecommerce_process_order.yaml"]);
+    let started = Instant::now();
+    let out = Command::new("python3")
+        .arg(repo().join("examples/python/worker.py"))
+        .args(["--dsn", &env.cluster.url(), "--namespace", "nosuch"])
+        .output()
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        stderr.contains("namespace 'nosuch' is not registered"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Traceback"), "{stderr}");
 }
 
 /// Shutdown: a handler that outlives the grace period has its message

@@ -318,3 +318,265 @@ fn idle_workers_are_woken_by_notify_not_by_polling() {
         0
     );
 }
+
+/// Invocations of a handler, per step.
+#[derive(Clone, Default)]
+struct Invocations(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl Invocations {
+    fn record(&self, step: &StepContext) {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry(step.message.step_uuid.clone())
+            .or_default() += 1;
+    }
+
+    fn total(&self) -> usize {
+        self.0.lock().unwrap().values().sum()
+    }
+
+    /// Steps run more than once, with their counts.
+    fn repeated(&self) -> Vec<(String, usize)> {
+        let mut r: Vec<(String, usize)> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(s, n)| (s.clone(), *n))
+            .collect();
+        r.sort();
+        r
+    }
+}
+
+fn complete_tasks(db: &mut Client) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM tasker.tasks WHERE state = 'complete'",
+    )
+}
+
+#[test]
+fn a_blocked_statement_does_not_stall_the_other_handlers() {
+    let (cluster, mut db) = setup("sdk_blocked");
+    let blocked = create(&mut db, 1).remove(0);
+    // the first step of `blocked` waits until the test has locked its task
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let (started_tx, started) = mpsc::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let runs = Invocations::default();
+    let mut registry = Registry::new();
+    let (b, r) = (blocked.clone(), runs.clone());
+    registry.register("Effect", move |step: StepContext| {
+        let (mut go, started_tx, b, r) = (go.clone(), started_tx.clone(), b.clone(), r.clone());
+        async move {
+            r.record(&step);
+            if step.message.task_uuid == b && step.message.step_name == "a" {
+                let _ = started_tx.lock().unwrap().send(());
+                while !*go.borrow() {
+                    go.changed().await.unwrap();
+                }
+            }
+            Outcome::success(json!({}))
+        }
+    });
+    let mut o = options(
+        &cluster,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    );
+    o.concurrency = 4;
+    o.batch_size = 4;
+    let worker = start(o, registry);
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    // an operator's transaction holds the task: the result of its step waits
+    let mut operator = Client::connect(&cluster.url(), NoTls).unwrap();
+    let mut lock = operator.transaction().unwrap();
+    lock.execute(
+        "SELECT 1 FROM tasker.tasks WHERE task_uuid = $1::text::uuid FOR UPDATE",
+        &[&blocked],
+    )
+    .unwrap();
+    go_tx.send(true).unwrap();
+    wait_until(
+        "the worker's result waiting on the lock",
+        Duration::from_secs(10),
+        || {
+            count(
+                &mut db,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'pg-tasker-worker' AND wait_event_type = 'Lock'",
+            ) >= 1
+        },
+    );
+    // other tasks go on meanwhile
+    create(&mut db, 5);
+    wait_until(
+        "the other tasks complete while one is locked",
+        Duration::from_secs(20),
+        || complete_tasks(&mut db) == 5,
+    );
+    assert_eq!(task_state(&mut db, &blocked), "steps_in_process");
+    lock.rollback().unwrap();
+    wait_until("the locked task complete", Duration::from_secs(20), || {
+        complete_tasks(&mut db) == 6
+    });
+    let stats = worker.stop();
+    assert_eq!(runs.total(), 12, "{stats:?}");
+    assert_eq!(runs.repeated(), vec![], "{stats:?}");
+}
+
+fn task_state(db: &mut Client, task: &str) -> String {
+    db.query_one(
+        "SELECT state::text FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
+        &[&task],
+    )
+    .unwrap()
+    .get(0)
+}
+
+#[test]
+fn a_timed_out_handler_is_cancelled_and_its_step_retried() {
+    let (cluster, mut db) = setup("sdk_timeout");
+    let t = json!({"name": "slow", "namespace_name": "txn", "version": "1.0.0",
+                   "steps": [{"name": "s", "handler": {"callable": "Slow"}, "timeout_seconds": 1,
+                              "retry": {"max_attempts": 3, "backoff": "linear", "backoff_base_ms": 10}}]});
+    db.execute(
+        "SELECT tasker.register_template($1::text::jsonb)",
+        &[&t.to_string()],
+    )
+    .unwrap();
+    let task: String = db
+        .query_one("SELECT tasker.create_task('txn', 'slow')::text", &[])
+        .unwrap()
+        .get(0);
+    let late = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    let l = late.clone();
+    registry.register("Slow", move |step: StepContext| {
+        let l = l.clone();
+        async move {
+            if step.message.attempt == 1 {
+                // far beyond the step's timeout: must be cancelled
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                l.fetch_add(1, Ordering::SeqCst);
+            }
+            Outcome::success(json!({"attempt": step.message.attempt}))
+        }
+    });
+    let worker = start(
+        options(
+            &cluster,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+        ),
+        registry,
+    );
+    wait_until("the task complete", Duration::from_secs(20), || {
+        task_state(&mut db, &task) == "complete"
+    });
+    // the cancelled attempt never gets to the end of its sleep
+    std::thread::sleep(Duration::from_secs(4));
+    let stats = worker.stop();
+    assert_eq!(late.load(Ordering::SeqCst), 0, "{stats:?}");
+    assert_eq!(stats.timed_out, 1, "{stats:?}");
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT (results->>'attempt')::bigint FROM tasker.workflow_steps WHERE name = 's'"
+        ),
+        2
+    );
+}
+
+#[test]
+fn shutdown_is_bounded_while_the_database_is_down() {
+    let (cluster, mut db) = setup("sdk_down");
+    create(&mut db, 1);
+    let (started_tx, started) = mpsc::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let mut registry = Registry::new();
+    registry.register("Effect", move |_step: StepContext| {
+        let started_tx = started_tx.clone();
+        async move {
+            let _ = started_tx.lock().unwrap().send(());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Outcome::success(json!({}))
+        }
+    });
+    let mut o = options(
+        &cluster,
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    );
+    o.shutdown_timeout = Duration::from_secs(3);
+    let worker = start(o, registry);
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    drop(db);
+    cluster.stop();
+    let asked = Instant::now();
+    let stats = worker.stop();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(4500),
+        "shutdown took {took:?}: {stats:?}"
+    );
+    // nothing could be released: the lease will expire instead
+    assert_eq!(stats.released, 0, "{stats:?}");
+    cluster.start_again();
+}
+
+#[test]
+fn a_fast_restart_under_load_loses_no_result_and_reruns_no_step() {
+    let (cluster, mut db) = setup("sdk_restart");
+    const TASKS: usize = 300;
+    db.batch_execute(&format!(
+        "SELECT tasker.create_task('txn', 'flow') FROM generate_series(1, {TASKS})"
+    ))
+    .unwrap();
+    let runs = Invocations::default();
+    let mut registry = Registry::new();
+    let r = runs.clone();
+    registry.register("Effect", move |step: StepContext| {
+        let r = r.clone();
+        async move {
+            r.record(&step);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Outcome::success(json!({}))
+        }
+    });
+    let mut o = options(
+        &cluster,
+        Duration::from_millis(200),
+        Duration::from_secs(15),
+    );
+    o.concurrency = 8;
+    o.batch_size = 8;
+    let worker = start(o, registry);
+    wait_until("load under way", Duration::from_secs(30), || {
+        runs.total() >= TASKS / 2
+    });
+    drop(db);
+    cluster.restart_fast();
+    let mut db = Client::connect(&cluster.url(), NoTls).unwrap();
+    wait_until("every task complete", Duration::from_secs(120), || {
+        complete_tasks(&mut db) == TASKS as i64
+    });
+    let stats = worker.stop();
+    assert!(
+        stats.retried + stats.reconnects >= 1,
+        "the restart went unnoticed: {stats:?}"
+    );
+    assert_eq!(runs.repeated(), vec![], "{stats:?}");
+    assert_eq!(runs.total(), 2 * TASKS, "{stats:?}");
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM tasker.workflow_steps WHERE state = 'complete'"
+        ),
+        2 * TASKS as i64
+    );
+}
