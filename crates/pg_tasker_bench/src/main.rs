@@ -1019,9 +1019,54 @@ fn sdk(b: &mut Bench) {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
+    // throughput of one SDK worker with the default settings (the
+    // handlers do nothing: what is left is the runtime and the database)
+    let backlog = if b.quick { 500 } else { 2_500 };
+    db.batch_execute(&format!(
+        "SELECT tasker.create_task('sdk', 'linear') FROM generate_series(1, {backlog})"
+    ))
+    .unwrap();
+    let steps = 4 * backlog as i64;
+    let done = |db: &mut Client| -> i64 {
+        db.query_one(
+            "SELECT count(*) FROM tasker.workflow_steps s JOIN tasker.tasks t USING (task_uuid)
+              WHERE t.namespace_name = 'sdk' AND s.state = 'complete'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let before = done(&mut db);
+    let (t0, c0) = (Instant::now(), cpu_counters());
+    let stops = spawn_workers(1);
+    while done(&mut db) - before < steps {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (took, c1) = (t0.elapsed(), cpu_counters());
+    let mut exchanges = 0;
+    for (tx, h) in stops {
+        let _ = tx.send(());
+        if let Ok(Ok(stats)) = runtime.block_on(h) {
+            exchanges += stats.exchanges;
+        }
+    }
+    let per_s = steps as f64 / took.as_secs_f64();
+    let busy = busy_percent(c0, c1);
+    let defaults = pg_tasker_worker::WorkerOptions::new("", vec![]);
+    println!(
+        "  one SDK worker (concurrency {}, batch {}), {backlog} tasks x 4 steps queued: {per_s:.0} steps/s, CPU {:.3} ms/step, {:.1} steps per exchange",
+        defaults.concurrency,
+        defaults.batch_size,
+        cpu_ms_per(busy, per_s),
+        steps as f64 / exchanges.max(1) as f64
+    );
     b.results.insert("sdk".into(), json!({"idle": idle_rows,
         "p3_idle_worker": {"tasks": tasks, "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
-                           "enqueued_to_read_p50_ms": to_read, "read_to_result_p50_ms": to_done}}));
+                           "enqueued_to_read_p50_ms": to_read, "read_to_result_p50_ms": to_done},
+        "throughput_one_worker": {"tasks": backlog, "steps": steps, "steps_per_s": per_s,
+                                  "cpu_ms_per_step": cpu_ms_per(busy, per_s),
+                                  "concurrency": defaults.concurrency, "batch_size": defaults.batch_size,
+                                  "exchanges": exchanges}}));
 }
 
 fn cpu_ticks(pid: i32) -> Option<u64> {

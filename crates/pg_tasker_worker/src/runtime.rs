@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use pg_tasker_core::config::WorkerConfig;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify, RwLock, Semaphore};
@@ -221,11 +222,21 @@ impl Db {
     }
 }
 
+/// A pooled connection, with the exchange statement prepared on it (once
+/// per connection, not once per call: one round trip per exchange).
+struct Conn {
+    client: Client,
+    exchange: Option<tokio_postgres::Statement>,
+}
+
+const EXCHANGE_SQL: &str = "SELECT namespace, msg_id, read_ct, message::text
+   FROM tasker.exchange($1, $2, $3::text::jsonb, $4, $5)";
+
 /// Connections taken one at a time (an exchange, a transactional handler)
 /// and given back when still open; opened on demand.
 struct Pool {
     cfg: tokio_postgres::Config,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     reconnects: Arc<AtomicU64>,
     /// A connection of this pool was found closed: the next one opened is a
     /// reconnect.
@@ -242,26 +253,29 @@ impl Pool {
         }
     }
 
-    async fn take(&self) -> Result<Client, tokio_postgres::Error> {
+    async fn take(&self) -> Result<Conn, tokio_postgres::Error> {
         loop {
             let c = self.idle.lock().unwrap().pop();
             match c {
-                Some(c) if !c.is_closed() => return Ok(c),
+                Some(c) if !c.client.is_closed() => return Ok(c),
                 Some(_) => self.lost.store(true, Ordering::Relaxed),
                 None => {
-                    let c = connect(&self.cfg, None).await?;
+                    let client = connect(&self.cfg, None).await?;
                     if self.lost.swap(false, Ordering::Relaxed) {
                         self.reconnects.fetch_add(1, Ordering::Relaxed);
                         log("reconnected");
                     }
-                    return Ok(c);
+                    return Ok(Conn {
+                        client,
+                        exchange: None,
+                    });
                 }
             }
         }
     }
 
-    fn give_back(&self, c: Client) {
-        if c.is_closed() {
+    fn give_back(&self, c: Conn) {
+        if c.client.is_closed() {
             self.lost.store(true, Ordering::Relaxed);
         } else {
             self.idle.lock().unwrap().push(c);
@@ -361,7 +375,7 @@ async fn exchange(
         taken: Vec::new(),
         again: results,
     };
-    let client = match shared.exchanges.take().await {
+    let mut conn = match shared.exchanges.take().await {
         Ok(c) => c,
         Err(e) => {
             let why = format!("cannot connect: {}", explain(&e));
@@ -369,37 +383,53 @@ async fn exchange(
         }
     };
     let body = (!results.is_empty()).then(|| as_json_array(&results));
-    let rows = client
-        .query(
-            "SELECT namespace, msg_id, read_ct, message::text
-               FROM tasker.exchange($1, $2, $3::text::jsonb, $4, $5)",
-            &[
-                &o.namespaces,
-                &o.worker_id,
-                &body,
-                &(asked as i32),
-                &(o.visibility_timeout.as_secs().max(1) as i32),
-            ],
-        )
-        .await;
+    let statement = match conn.exchange.take() {
+        Some(s) => Ok(s),
+        None => conn.client.prepare(EXCHANGE_SQL).await,
+    };
+    // kept for the next exchange on this connection unless it failed (an
+    // upgraded extension may need it prepared again)
+    let rows = match statement {
+        Ok(statement) => {
+            let rows = conn
+                .client
+                .query(
+                    &statement,
+                    &[
+                        &o.namespaces,
+                        &o.worker_id,
+                        &body,
+                        &(asked as i32),
+                        &(o.visibility_timeout.as_secs().max(1) as i32),
+                    ],
+                )
+                .await;
+            if rows.is_ok() {
+                conn.exchange = Some(statement);
+            }
+            rows
+        }
+        Err(e) => Err(e),
+    };
     let rows = match rows {
         Ok(rows) => rows,
         Err(e) => {
             let class = classify_error(&e);
             let why = explain(&e);
             if class == ErrorClass::Retry || results.is_empty() {
-                shared.exchanges.give_back(client);
+                shared.exchanges.give_back(conn);
                 return failed(results, class, why);
             }
             // refused as a whole (e.g. a namespace dropped since start-up):
             // the results alone, once
-            let alone = client
+            let alone = conn
+                .client
                 .query(
                     "SELECT outcome FROM tasker.submit_results($1::text::jsonb)",
                     &[&body],
                 )
                 .await;
-            shared.exchanges.give_back(client);
+            shared.exchanges.give_back(conn);
             return match alone {
                 Ok(_) => Exchanged {
                     taken: results,
@@ -421,7 +451,7 @@ async fn exchange(
             };
         }
     };
-    shared.exchanges.give_back(client);
+    shared.exchanges.give_back(conn);
     let got = rows.len();
     for row in rows {
         let ns: String = row.get(0);
@@ -508,7 +538,6 @@ struct Loop {
     /// Exchanges in flight: their start and the messages they asked for.
     in_flight: HashMap<u64, (Instant, usize)>,
     next_id: u64,
-    done_tx: mpsc::UnboundedSender<Exchanged>,
     /// Messages may be waiting: ask for them.
     want_read: bool,
     /// The last read found nothing.
@@ -579,21 +608,22 @@ impl Loop {
 
     /// Starts an exchange when there is something to send or room to read,
     /// no exchange is in flight that is not [`STALLED`], and no backoff is
-    /// running. True if one started.
-    fn maybe_start(&mut self) -> bool {
+    /// running. The exchange is polled by the loop itself (no hop to another
+    /// task and thread on the way to or from the database).
+    fn maybe_start(&mut self) -> Option<impl Future<Output = Exchanged> + Send + 'static> {
         let now = Instant::now();
         if now < self.retry_at
             || self.in_flight.len() >= self.max_exchanges()
             || self.in_flight.values().any(|(t, _)| now - *t < STALLED)
         {
-            return false;
+            return None;
         }
         // slots promised to exchanges in flight do not count while those
         // are blocked: their messages, if any come, wait for a slot
         let free = self.permits.available_permits();
         let reading = self.want_read && free > 0;
         if !reading && self.pending.is_empty() {
-            return false;
+            return None;
         }
         let asked = if reading {
             free.min(self.shared.options.batch_size.max(1) as usize)
@@ -608,11 +638,7 @@ impl Loop {
         let id = self.next_id;
         self.next_id += 1;
         self.in_flight.insert(id, (now, asked));
-        let (shared, done) = (self.shared.clone(), self.done_tx.clone());
-        tokio::spawn(async move {
-            let _ = done.send(exchange(shared, id, results, asked, permits).await);
-        });
-        true
+        Some(exchange(self.shared.clone(), id, results, asked, permits))
     }
 
     fn max_exchanges(&self) -> usize {
@@ -757,7 +783,7 @@ pub async fn run(
     let stats = Arc::new(Mutex::new(Stats::default()));
     let reconnects = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Exchanged>();
+    let mut exchanges = FuturesUnordered::new();
     let shared = Arc::new(Shared {
         control: Db::new("wakeup", db_config.clone(), reconnects.clone()),
         leases: Db::new("lease", db_config.clone(), reconnects.clone()),
@@ -780,7 +806,6 @@ pub async fn run(
         pending: Vec::new(),
         in_flight: HashMap::new(),
         next_id: 0,
-        done_tx,
         want_read: true,
         empty_read: false,
         idle: false,
@@ -799,9 +824,6 @@ pub async fn run(
         while let Ok(r) = rx.try_recv() {
             lp.pending.push(r);
         }
-        while let Ok(d) = done_rx.try_recv() {
-            lp.on_done(d);
-        }
         if lp.unregister {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -816,14 +838,15 @@ pub async fn run(
             }
             continue;
         }
-        if lp.maybe_start() {
+        if let Some(x) = lp.maybe_start() {
+            exchanges.push(Box::pin(x));
             continue;
         }
         let wake_at = lp.wake_at();
         tokio::select! {
             _ = &mut shutdown => break,
             Some(r) = rx.recv() => lp.pending.push(r),
-            Some(d) = done_rx.recv() => lp.on_done(d),
+            Some(d) = exchanges.next(), if !exchanges.is_empty() => lp.on_done(d),
             _ = shared.finished.notified() => {}
             _ = shared.control.wake.notified() => {
                 if lp.idle {
@@ -869,11 +892,8 @@ pub async fn run(
     }
     let last = async {
         // exchanges still in flight, then the results left
-        while !lp.in_flight.is_empty() {
-            match done_rx.recv().await {
-                Some(d) => lp.on_done(d),
-                None => break,
-            }
+        while let Some(d) = exchanges.next().await {
+            lp.on_done(d);
         }
         loop {
             while let Ok(r) = rx.try_recv() {
@@ -1047,7 +1067,7 @@ where
 {
     let step_uuid = ctx.message.step_uuid.clone();
     let client = match shared.txs.take().await {
-        Ok(c) => Arc::new(c),
+        Ok(c) => Arc::new(c.client),
         Err(e) => {
             return Some(Outcome::retryable(format!(
                 "no database connection: {}",
@@ -1064,8 +1084,11 @@ where
     let outcome = guarded(tokio::spawn(handler.handle(ctx, Tx::new(client.clone())))).await;
     let give_back = |client: Arc<Client>| {
         // (a cancelled handler may still hold it: then it is closed)
-        if let Ok(c) = Arc::try_unwrap(client) {
-            shared.txs.give_back(c);
+        if let Ok(client) = Arc::try_unwrap(client) {
+            shared.txs.give_back(Conn {
+                client,
+                exchange: None,
+            });
         }
     };
     if !matches!(outcome, Outcome::Success { .. }) {

@@ -319,6 +319,31 @@ fn idle_workers_are_woken_by_notify_not_by_polling() {
     );
 }
 
+/// Idle cost, test-visible: three idle workers with the default fallback
+/// poll (5 s) make a read, register, read once more, then one exchange per
+/// poll — not one per millisecond.
+#[test]
+fn idle_workers_stay_quiet() {
+    let (cluster, _db) = setup("sdk_quiet");
+    let mut registry = Registry::new();
+    registry.register("Effect", |_step: StepContext| async move {
+        Outcome::success(json!({}))
+    });
+    let workers: Vec<Running> = (0..3)
+        .map(|i| {
+            let mut o = WorkerOptions::new(cluster.url(), vec!["txn".into()]);
+            o.worker_id = format!("quiet-{i}");
+            assert_eq!(o.poll_interval, Duration::from_secs(5));
+            start(o, registry.clone())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
+    let stats: Vec<pg_tasker_worker::Stats> = workers.into_iter().map(Running::stop).collect();
+    let exchanges: u64 = stats.iter().map(|s| s.exchanges).sum();
+    assert!(exchanges >= 6, "{stats:?}");
+    assert!(exchanges <= 12, "{stats:?}");
+}
+
 /// Invocations of a handler, per step.
 #[derive(Clone, Default)]
 struct Invocations(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
