@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::task_state;
 use pg_tasker_worker::testing::Cluster;
 use postgres::{Client, NoTls};
 use serde_json::Value;
@@ -122,15 +124,6 @@ fn step(db: &mut Client, task: &str, name: &str) -> Value {
         "SELECT to_jsonb(s) FROM tasker.workflow_steps s WHERE s.task_uuid = $1::text::uuid AND s.name = $2",
         &[&task, &name],
     )
-}
-
-fn task_state(db: &mut Client, task: &str) -> String {
-    db.query_one(
-        "SELECT state::text FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-        &[&task],
-    )
-    .unwrap()
-    .get(0)
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::task_state;
 use pg_tasker_worker::testing::Cluster;
 use pg_tasker_worker::{Outcome, Registry, StepContext, Tx, WorkerOptions};
 use postgres::{Client, NoTls};
@@ -42,6 +44,14 @@ fn options(cluster: &Cluster, poll: Duration, vt: Duration) -> WorkerOptions {
     o.visibility_timeout = vt;
     o.shutdown_timeout = Duration::from_secs(2);
     o.worker_id = format!("w-{}", std::process::id());
+    o
+}
+
+/// `options` for `n` handlers at once, reading up to `n` per exchange.
+fn busy_options(cluster: &Cluster, vt: Duration, n: u32) -> WorkerOptions {
+    let mut o = options(cluster, Duration::from_millis(200), vt);
+    o.concurrency = n;
+    o.batch_size = n;
     o
 }
 
@@ -408,13 +418,7 @@ fn a_blocked_statement_does_not_stall_the_other_handlers() {
             Outcome::success(json!({}))
         }
     });
-    let mut o = options(
-        &cluster,
-        Duration::from_millis(200),
-        Duration::from_secs(30),
-    );
-    o.concurrency = 4;
-    o.batch_size = 4;
+    let o = busy_options(&cluster, Duration::from_secs(30), 4);
     let worker = start(o, registry);
     started.recv_timeout(Duration::from_secs(20)).unwrap();
     // an operator's transaction holds the task: the result of its step waits
@@ -452,15 +456,6 @@ fn a_blocked_statement_does_not_stall_the_other_handlers() {
     let stats = worker.stop();
     assert_eq!(runs.total(), 12, "{stats:?}");
     assert_eq!(runs.repeated(), vec![], "{stats:?}");
-}
-
-fn task_state(db: &mut Client, task: &str) -> String {
-    db.query_one(
-        "SELECT state::text FROM tasker.tasks WHERE task_uuid = $1::text::uuid",
-        &[&task],
-    )
-    .unwrap()
-    .get(0)
 }
 
 #[test]
@@ -573,13 +568,7 @@ fn a_fast_restart_under_load_loses_no_result_and_reruns_no_step() {
             Outcome::success(json!({}))
         }
     });
-    let mut o = options(
-        &cluster,
-        Duration::from_millis(200),
-        Duration::from_secs(15),
-    );
-    o.concurrency = 8;
-    o.batch_size = 8;
+    let o = busy_options(&cluster, Duration::from_secs(15), 8);
     let worker = start(o, registry);
     wait_until("load under way", Duration::from_secs(30), || {
         runs.total() >= TASKS / 2
