@@ -594,3 +594,53 @@ fn a_fast_restart_under_load_loses_no_result_and_reruns_no_step() {
         2 * TASKS as i64
     );
 }
+
+/// A refusal (here 42501: the worker's role lost tasker_worker mid-run) is
+/// not retried forever: the result is tried alone once, then dropped; its
+/// lease expires and the step is delivered again once the role may work.
+#[test]
+fn a_refused_result_is_dropped_and_the_step_delivered_again() {
+    let (cluster, mut db) = setup("sdk_refused");
+    db.batch_execute("CREATE ROLE refused_worker LOGIN; GRANT tasker_worker TO refused_worker;")
+        .unwrap();
+    let task = create(&mut db, 1).remove(0);
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let (started_tx, started) = mpsc::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let runs = Invocations::default();
+    let mut registry = Registry::new();
+    let r = runs.clone();
+    registry.register("Effect", move |step: StepContext| {
+        let (mut go, started_tx, r) = (go.clone(), started_tx.clone(), r.clone());
+        async move {
+            r.record(&step);
+            if step.read_ct == 1 && step.message.step_name == "a" {
+                let _ = started_tx.lock().unwrap().send(());
+                while !*go.borrow() {
+                    go.changed().await.unwrap();
+                }
+            }
+            Outcome::success(json!({}))
+        }
+    });
+    let mut o = options(&cluster, Duration::from_millis(200), Duration::from_secs(3));
+    o.database_url = cluster
+        .url()
+        .replace("user=postgres", "user=refused_worker");
+    let worker = start(o, registry);
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    db.batch_execute("REVOKE tasker_worker FROM refused_worker")
+        .unwrap();
+    go_tx.send(true).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(task_state(&mut db, &task), "steps_in_process");
+    db.batch_execute("GRANT tasker_worker TO refused_worker")
+        .unwrap();
+    wait_until("the task complete", Duration::from_secs(30), || {
+        task_state(&mut db, &task) == "complete"
+    });
+    let stats = worker.stop();
+    assert_eq!(stats.dropped, 1, "{stats:?}");
+    // step a ran twice (the refused result, then its redelivery), b once
+    assert_eq!(runs.total(), 3, "{stats:?}");
+}
