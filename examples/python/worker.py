@@ -158,11 +158,18 @@ def connect(dsn, namespace, first):
     return conn
 
 
-def serve(conn, args, worker_id, unsent, stop):
-    """Reads, runs, submits until stopped; raises TRANSIENT errors."""
-    while unsent:  # results a lost connection kept from the database
+def flush(conn, unsent):
+    """Submits the results not sent yet, oldest first; one is removed only
+    once the database took it (a TRANSIENT error leaves it for the next
+    connection)."""
+    while unsent:
         submit(conn, unsent[0])
         unsent.pop(0)
+
+
+def serve(conn, args, worker_id, unsent, stop):
+    """Reads, runs, submits until stopped; raises TRANSIENT errors."""
+    flush(conn, unsent)  # results a lost connection kept from the database
     idle = False
     while not stop:
         rows = conn.execute(
@@ -171,8 +178,7 @@ def serve(conn, args, worker_id, unsent, stop):
         for _msg_id, msg in rows:
             started = time.monotonic()
             unsent.append(submission(msg, run_step(msg), started, worker_id))
-            submit(conn, unsent[0])
-            unsent.pop(0)
+            flush(conn, unsent)
         if rows:
             if idle:
                 conn.execute("SELECT tasker.worker_idle(%s, %s, false)", ([args.namespace], worker_id))

@@ -141,6 +141,18 @@ pub fn fatal_cause(cfg: &Config, e: &tokio_postgres::Error) -> Option<String> {
     }
 }
 
+/// Waits between attempts after a failure: the first, and the longest.
+pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The wait after `prev` (zero: the first failure): doubling, capped.
+pub fn next_backoff(prev: Duration) -> Duration {
+    if prev.is_zero() {
+        BACKOFF.0
+    } else {
+        (prev * 2).min(BACKOFF.1)
+    }
+}
+
 /// What the worker does after a statement failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -215,7 +227,7 @@ pub async fn check_startup(
                     describe(cfg)
                 ));
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                wait = next_backoff(wait);
             }
         }
     };

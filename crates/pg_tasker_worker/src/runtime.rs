@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, Notify, RwLock, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use crate::connection::{classify_error, explain, ErrorClass};
+use crate::connection::{classify_error, explain, next_backoff, ErrorClass};
 use crate::handler::{Handler, Outcome, Registry, StepContext, StepMessage, Tx};
 
 /// An exchange in flight for longer than this is taken as blocked: the next
@@ -40,8 +40,6 @@ use crate::handler::{Handler, Outcome, Registry, StepContext, StepMessage, Tx};
 pub const STALLED: Duration = Duration::from_millis(100);
 /// Exchanges in flight at once, at most (never more than `concurrency`).
 const MAX_EXCHANGES: usize = 4;
-/// Backoff after a failed exchange: first wait, longest wait.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -196,7 +194,7 @@ impl Db {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return (c.clone(), false);
         }
-        let mut wait = BACKOFF.0;
+        let mut wait = next_backoff(Duration::ZERO);
         loop {
             match connect(&self.cfg, Some(self.wake.clone())).await {
                 Ok(client) => {
@@ -215,7 +213,7 @@ impl Db {
                         explain(&e)
                     ));
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(BACKOFF.1);
+                    wait = next_backoff(wait);
                 }
             }
         }
@@ -357,15 +355,16 @@ struct Exchanged {
 }
 
 /// One exchange on a pooled connection: the results, then up to `asked`
-/// messages, each started when a handler slot (of `permits`) is free — at
-/// once, unless an exchange that was taken for blocked read beside this one
-/// (then the message waits for a slot, under its lease).
+/// messages, each started when a handler slot (of `permits`) is free. That
+/// is at once, unless this exchange ran beside one taken for blocked whose
+/// messages came after all: then a message waits for a slot, under its
+/// lease.
 async fn exchange(
     shared: Arc<Shared>,
     id: u64,
     results: Vec<Finished>,
     asked: usize,
-    permits: Option<Arc<Semaphore>>,
+    permits: Arc<Semaphore>,
 ) -> Exchanged {
     let o = &shared.options;
     let failed = |results: Vec<Finished>, class, why| Exchanged {
@@ -468,18 +467,12 @@ async fn exchange(
                 continue;
             }
         };
-        let permit = match &permits {
-            Some(p) => match p.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => p.clone().acquire_owned().await.ok(),
-            },
-            None => None,
-        };
-        if permit.is_none() || shared.stopping.load(Ordering::SeqCst) {
-            // (shutdown began: another worker takes it)
+        let permit = permits.clone().acquire_owned().await.ok();
+        // (shutdown began: another worker takes it)
+        let Some(permit) = permit.filter(|_| !shared.stopping.load(Ordering::SeqCst)) else {
             release(&shared, &queue, msg_id).await;
             continue;
-        }
+        };
         let ctx = StepContext {
             message,
             msg_id,
@@ -535,8 +528,8 @@ struct Loop {
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     pending: Vec<Finished>,
-    /// Exchanges in flight: their start and the messages they asked for.
-    in_flight: HashMap<u64, (Instant, usize)>,
+    /// Exchanges in flight, with their start.
+    in_flight: HashMap<u64, Instant>,
     next_id: u64,
     /// Messages may be waiting: ask for them.
     want_read: bool,
@@ -581,11 +574,7 @@ impl Loop {
                 }
             }
             Err((class, why)) => {
-                self.backoff = if self.backoff.is_zero() {
-                    BACKOFF.0
-                } else {
-                    (self.backoff * 2).min(BACKOFF.1)
-                };
+                self.backoff = next_backoff(self.backoff);
                 self.retry_at = Instant::now() + self.backoff;
                 let kept = d.again.len();
                 self.pending.extend(d.again);
@@ -614,7 +603,7 @@ impl Loop {
         let now = Instant::now();
         if now < self.retry_at
             || self.in_flight.len() >= self.max_exchanges()
-            || self.in_flight.values().any(|(t, _)| now - *t < STALLED)
+            || self.in_flight.values().any(|t| now - *t < STALLED)
         {
             return None;
         }
@@ -630,15 +619,30 @@ impl Loop {
         } else {
             0
         };
-        let permits = (asked > 0).then(|| self.permits.clone());
         if asked > 0 {
             self.empty_read = false;
         }
         let results = std::mem::take(&mut self.pending);
+        Some(self.launch(results, asked))
+    }
+
+    /// An exchange of `results` for up to `asked` messages, counted in
+    /// flight until [`Loop::on_done`] takes its outcome.
+    fn launch(
+        &mut self,
+        results: Vec<Finished>,
+        asked: usize,
+    ) -> impl Future<Output = Exchanged> + Send + 'static {
         let id = self.next_id;
         self.next_id += 1;
-        self.in_flight.insert(id, (now, asked));
-        Some(exchange(self.shared.clone(), id, results, asked, permits))
+        self.in_flight.insert(id, Instant::now());
+        exchange(
+            self.shared.clone(),
+            id,
+            results,
+            asked,
+            self.permits.clone(),
+        )
     }
 
     fn max_exchanges(&self) -> usize {
@@ -656,7 +660,7 @@ impl Loop {
             at.push(p);
         }
         if !self.pending.is_empty() || self.want_read {
-            if let Some((youngest, _)) = self.in_flight.values().max() {
+            if let Some(youngest) = self.in_flight.values().max() {
                 at.push(*youngest + STALLED);
             }
         }
@@ -700,13 +704,7 @@ impl Loop {
                 )),
             }
         }
-        match client
-            .execute(
-                "SELECT tasker.worker_idle($1, $2, true)",
-                &[&o.namespaces, &o.worker_id],
-            )
-            .await
-        {
+        match self.worker_idle(&client, true).await {
             Ok(_) => {
                 self.idle = true;
                 self.want_read = true;
@@ -728,17 +726,21 @@ impl Loop {
             return;
         }
         self.idle = false;
-        let o = &self.shared.options;
         let (client, _) = self.shared.control.get().await;
-        if let Err(e) = client
-            .execute(
-                "SELECT tasker.worker_idle($1, $2, false)",
-                &[&o.namespaces, &o.worker_id],
-            )
-            .await
-        {
+        if let Err(e) = self.worker_idle(&client, false).await {
             log(format!("could not unregister as idle: {}", explain(&e)));
         }
+    }
+
+    /// tasker.worker_idle for this worker's namespaces.
+    async fn worker_idle(&self, client: &Client, idle: bool) -> Result<u64, tokio_postgres::Error> {
+        let o = &self.shared.options;
+        client
+            .execute(
+                "SELECT tasker.worker_idle($1, $2, $3)",
+                &[&o.namespaces, &o.worker_id, &idle],
+            )
+            .await
     }
 }
 
@@ -903,17 +905,13 @@ pub async fn run(
                 break;
             }
             let results = std::mem::take(&mut lp.pending);
-            lp.next_id += 1;
-            let d = exchange(shared.clone(), lp.next_id, results, 0, None).await;
-            lp.in_flight.insert(d.id, (Instant::now(), 0));
+            let d = lp.launch(results, 0).await;
             lp.on_done(d);
             if !lp.pending.is_empty() {
                 tokio::time::sleep(lp.backoff).await;
             }
         }
-        if lp.idle {
-            lp.set_busy().await;
-        }
+        lp.set_busy().await;
         for (queue, msg_id) in &unfinished {
             if release(&shared, queue, *msg_id).await {
                 stats.lock().unwrap().released += 1;
