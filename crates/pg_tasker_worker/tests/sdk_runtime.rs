@@ -91,6 +91,59 @@ async fn record(step: &StepContext, tx: &Tx) {
         .unwrap();
 }
 
+/// Holds handlers until the test opens it: a handler calls `pass` (or just
+/// `arrive`), the test waits for the arrival, does what it must meanwhile,
+/// then opens the gate.
+#[derive(Clone)]
+struct Gate {
+    arrived: Arc<std::sync::Mutex<mpsc::Sender<()>>>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+struct GateControl {
+    arrived: mpsc::Receiver<()>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+fn gate() -> (Gate, GateControl) {
+    let (arrived_tx, arrived) = mpsc::channel();
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    (
+        Gate {
+            arrived: Arc::new(std::sync::Mutex::new(arrived_tx)),
+            open,
+        },
+        GateControl {
+            arrived,
+            open: open_tx,
+        },
+    )
+}
+
+impl Gate {
+    fn arrive(&self) {
+        let _ = self.arrived.lock().unwrap().send(());
+    }
+
+    async fn pass(&self) {
+        self.arrive();
+        let mut open = self.open.clone();
+        while !*open.borrow() {
+            open.changed().await.unwrap();
+        }
+    }
+}
+
+impl GateControl {
+    fn wait_arrival(&self) {
+        self.arrived.recv_timeout(Duration::from_secs(20)).unwrap();
+    }
+
+    fn open(&self) {
+        self.open.send(true).unwrap();
+    }
+}
+
 /// Runs a worker on a runtime of its own, on a thread; `stop` ends it
 /// gracefully, dropping the returned runtime handle kills it (its
 /// connections close without COMMIT, as in a crash).
@@ -226,19 +279,14 @@ fn a_duplicate_transactional_attempt_is_rolled_back() {
     let (cluster, mut db) = setup("sdk_dup");
     create(&mut db, 1);
     // the first delivery blocks until the test lets it go
-    let (go_tx, go) = tokio::sync::watch::channel(false);
-    let (started_tx, started) = mpsc::channel::<()>();
-    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let (gate, control) = gate();
     let mut registry = Registry::new();
     registry.register_transactional("Effect", move |step: StepContext, tx: Tx| {
-        let (mut go, started_tx) = (go.clone(), started_tx.clone());
+        let gate = gate.clone();
         async move {
             record(&step, &tx).await;
             if step.read_ct == 1 {
-                let _ = started_tx.lock().unwrap().send(());
-                while !*go.borrow() {
-                    go.changed().await.unwrap();
-                }
+                gate.pass().await;
             }
             Outcome::success(json!({"read_ct": step.read_ct}))
         }
@@ -247,7 +295,7 @@ fn a_duplicate_transactional_attempt_is_rolled_back() {
         options(&cluster, Duration::from_millis(50), Duration::from_secs(30)),
         registry.clone(),
     );
-    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    control.wait_arrival();
     // its lease ends early (as if it had stalled): another worker takes
     // the message and settles the step
     db.batch_execute("UPDATE pgmq.q_tasker_txn_queue SET vt = now()")
@@ -267,7 +315,7 @@ fn a_duplicate_transactional_attempt_is_rolled_back() {
         },
     );
     // the first one finishes now: its result is stale, its effect rolled back
-    go_tx.send(true).unwrap();
+    control.open();
     wait_until("the task complete", Duration::from_secs(20), || {
         count(
             &mut db,
@@ -399,28 +447,23 @@ fn a_blocked_statement_does_not_stall_the_other_handlers() {
     let (cluster, mut db) = setup("sdk_blocked");
     let blocked = create(&mut db, 1).remove(0);
     // the first step of `blocked` waits until the test has locked its task
-    let (go_tx, go) = tokio::sync::watch::channel(false);
-    let (started_tx, started) = mpsc::channel::<()>();
-    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let (gate, control) = gate();
     let runs = Invocations::default();
     let mut registry = Registry::new();
     let (b, r) = (blocked.clone(), runs.clone());
     registry.register("Effect", move |step: StepContext| {
-        let (mut go, started_tx, b, r) = (go.clone(), started_tx.clone(), b.clone(), r.clone());
+        let (gate, b, r) = (gate.clone(), b.clone(), r.clone());
         async move {
             r.record(&step);
             if step.message.task_uuid == b && step.message.step_name == "a" {
-                let _ = started_tx.lock().unwrap().send(());
-                while !*go.borrow() {
-                    go.changed().await.unwrap();
-                }
+                gate.pass().await;
             }
             Outcome::success(json!({}))
         }
     });
     let o = busy_options(&cluster, Duration::from_secs(30), 4);
     let worker = start(o, registry);
-    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    control.wait_arrival();
     // an operator's transaction holds the task: the result of its step waits
     let mut operator = Client::connect(&cluster.url(), NoTls).unwrap();
     let mut lock = operator.transaction().unwrap();
@@ -429,7 +472,7 @@ fn a_blocked_statement_does_not_stall_the_other_handlers() {
         &[&blocked],
     )
     .unwrap();
-    go_tx.send(true).unwrap();
+    control.open();
     wait_until(
         "the worker's result waiting on the lock",
         Duration::from_secs(10),
@@ -516,13 +559,12 @@ fn a_timed_out_handler_is_cancelled_and_its_step_retried() {
 fn shutdown_is_bounded_while_the_database_is_down() {
     let (cluster, mut db) = setup("sdk_down");
     create(&mut db, 1);
-    let (started_tx, started) = mpsc::channel::<()>();
-    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let (gate, control) = gate();
     let mut registry = Registry::new();
     registry.register("Effect", move |_step: StepContext| {
-        let started_tx = started_tx.clone();
+        let gate = gate.clone();
         async move {
-            let _ = started_tx.lock().unwrap().send(());
+            gate.arrive();
             tokio::time::sleep(Duration::from_secs(60)).await;
             Outcome::success(json!({}))
         }
@@ -534,7 +576,7 @@ fn shutdown_is_bounded_while_the_database_is_down() {
     );
     o.shutdown_timeout = Duration::from_secs(3);
     let worker = start(o, registry);
-    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    control.wait_arrival();
     drop(db);
     cluster.stop();
     let asked = Instant::now();
@@ -604,21 +646,16 @@ fn a_refused_result_is_dropped_and_the_step_delivered_again() {
     db.batch_execute("CREATE ROLE refused_worker LOGIN; GRANT tasker_worker TO refused_worker;")
         .unwrap();
     let task = create(&mut db, 1).remove(0);
-    let (go_tx, go) = tokio::sync::watch::channel(false);
-    let (started_tx, started) = mpsc::channel::<()>();
-    let started_tx = Arc::new(std::sync::Mutex::new(started_tx));
+    let (gate, control) = gate();
     let runs = Invocations::default();
     let mut registry = Registry::new();
     let r = runs.clone();
     registry.register("Effect", move |step: StepContext| {
-        let (mut go, started_tx, r) = (go.clone(), started_tx.clone(), r.clone());
+        let (gate, r) = (gate.clone(), r.clone());
         async move {
             r.record(&step);
             if step.read_ct == 1 && step.message.step_name == "a" {
-                let _ = started_tx.lock().unwrap().send(());
-                while !*go.borrow() {
-                    go.changed().await.unwrap();
-                }
+                gate.pass().await;
             }
             Outcome::success(json!({}))
         }
@@ -628,10 +665,10 @@ fn a_refused_result_is_dropped_and_the_step_delivered_again() {
         .url()
         .replace("user=postgres", "user=refused_worker");
     let worker = start(o, registry);
-    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    control.wait_arrival();
     db.batch_execute("REVOKE tasker_worker FROM refused_worker")
         .unwrap();
-    go_tx.send(true).unwrap();
+    control.open();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(task_state(&mut db, &task), "steps_in_process");
     db.batch_execute("GRANT tasker_worker TO refused_worker")
