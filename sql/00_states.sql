@@ -5,7 +5,7 @@
 -- src/tests/states.rs compares the two, value by value and class by class.
 -- The legal moves between states are rows of the two transition tables at
 -- the end; tasker._move_steps, tasker._enqueue_steps and tasker._move_task
--- (03_transitions.sql, 05_enqueue.sql) refuse any other move.
+-- (04_transitions.sql, 06_enqueue.sql) refuse any other move.
 
 CREATE TYPE tasker.task_state AS ENUM (
     'pending',                   -- created; its first evaluation has not run

@@ -45,27 +45,27 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
-    "../sql/03_transitions.sql",
+    "../sql/04_transitions.sql",
     name = "transitions",
     requires = ["tables"]
 );
 extension_sql_file!(
-    "../sql/04_payloads.sql",
+    "../sql/05_payloads.sql",
     name = "payloads",
     requires = ["transitions"]
 );
 extension_sql_file!(
-    "../sql/05_enqueue.sql",
+    "../sql/06_enqueue.sql",
     name = "enqueue",
     requires = ["payloads", pgmq::_pgmq_send]
 );
 extension_sql_file!(
-    "../sql/06_evaluate.sql",
+    "../sql/07_evaluate.sql",
     name = "evaluate",
     requires = ["enqueue", decisions::_task_status]
 );
 extension_sql_file!(
-    "../sql/07_templates.sql",
+    "../sql/08_templates.sql",
     name = "templates",
     requires = [
         "evaluate",
@@ -74,47 +74,47 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
-    "../sql/08_tasks.sql",
+    "../sql/09_tasks.sql",
     name = "tasks",
     requires = ["templates"]
 );
 extension_sql_file!(
-    "../sql/09_results.sql",
+    "../sql/10_results.sql",
     name = "results",
     requires = ["tasks"]
 );
 extension_sql_file!(
-    "../sql/10_workers.sql",
+    "../sql/11_workers.sql",
     name = "workers",
     requires = ["results"]
 );
 extension_sql_file!(
-    "../sql/11_operator.sql",
+    "../sql/12_operator.sql",
     name = "operator",
     requires = ["workers"]
 );
 extension_sql_file!(
-    "../sql/12_cycle.sql",
+    "../sql/13_cycle.sql",
     name = "cycle",
     requires = ["operator"]
 );
 extension_sql_file!(
-    "../sql/13_maintenance.sql",
+    "../sql/14_maintenance.sql",
     name = "maintenance",
     requires = ["cycle"]
 );
 extension_sql_file!(
-    "../sql/14_views.sql",
+    "../sql/15_views.sql",
     name = "views",
     requires = ["maintenance"]
 );
 extension_sql_file!(
-    "../sql/15_health.sql",
+    "../sql/16_health.sql",
     name = "health_views",
     requires = ["views", health::health]
 );
 extension_sql_file!(
-    "../sql/16_analytics.sql",
+    "../sql/17_analytics.sql",
     name = "analytics",
     requires = ["health_views"]
 );

@@ -1,5 +1,5 @@
 //! Maintenance jobs with the configuration in force: the row work is in
-//! sql/13_maintenance.sql; this module hands each job its settings. Run by
+//! sql/14_maintenance.sql; this module hands each job its settings. Run by
 //! the background worker on its intervals and by `tasker.run_maintenance()`.
 
 use pg_tasker_core::config::{OrchestrationSection, RetentionPolicy};

@@ -1,7 +1,7 @@
 //! Template registration: parse and validate in pg_tasker_core, then store
 //! the canonical definition and the steps create_task copies (one set per
 //! environment with overrides) through `tasker._store_template`
-//! (sql/07_templates.sql).
+//! (sql/08_templates.sql).
 
 use pg_tasker_core::{naming, template, version, TaskTemplate};
 use pgrx::prelude::*;

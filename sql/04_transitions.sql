@@ -4,7 +4,7 @@
 -- The primitives that change state. Every operation changes a step's or a
 -- task's state through them, and nothing else writes `state`:
 --   tasker._move_steps     steps to any state but enqueued
---   tasker._enqueue_steps  steps to enqueued (05_enqueue.sql: readiness,
+--   tasker._enqueue_steps  steps to enqueued (06_enqueue.sql: readiness,
 --                          messages)
 --   tasker._move_task      a task to any state
 -- and every operation ends with tasker._settle_tasks over the moves it

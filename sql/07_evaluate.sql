@@ -1,7 +1,7 @@
 -- Task evaluation by time: what the orchestration cycle does for a task
 -- whose next_action_at has come (its due retries), and what an upgrade does
 -- for every active task. Operations that move steps find their ready steps
--- through the counters and settle the task themselves (03_transitions.sql).
+-- through the counters and settle the task themselves (04_transitions.sql).
 
 -- Enqueues the task's steps whose retry is due (with p_all: every ready
 -- step, found by a scan of the task's steps) and settles the task, with
