@@ -72,22 +72,45 @@ BEGIN
 END
 $$;
 
--- Lets a role read a queue as a worker does (pgmq.read, pgmq.set_vt).
-CREATE FUNCTION tasker._pgmq_grant_reader(queue text, grantee name) RETURNS void
+-- Takes every privilege on a queue's tables from a role.
+CREATE FUNCTION tasker._pgmq_revoke(queue text, grantee name) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('GRANT SELECT, UPDATE ON %s TO %I', tasker._pgmq_table(queue, 'q'), grantee);
-    EXECUTE format('GRANT SELECT ON %s TO %I', tasker._pgmq_table(queue, 'a'), grantee);
+    EXECUTE format('REVOKE ALL ON %s, %s FROM %I', tasker._pgmq_table(queue, 'q'),
+                   tasker._pgmq_table(queue, 'a'), grantee);
 END
 $$;
 
--- Lets a role send to a queue with pgmq.send.
+-- Gives a role exactly what reading a queue as a worker takes: pgmq.read
+-- and pgmq.set_vt select every column and update the lease columns (vt,
+-- read_ct, last_read_at). The message cannot be changed, nothing inserted
+-- or deleted, the archive is not readable.
+CREATE FUNCTION tasker._pgmq_grant_reader(queue text, grantee name) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._pgmq_revoke(queue, grantee);
+    EXECUTE format('GRANT SELECT, UPDATE (vt, read_ct, last_read_at) ON %s TO %I',
+                   tasker._pgmq_table(queue, 'q'), grantee);
+END
+$$;
+
+-- Gives a role exactly what sending to a queue with pgmq.send takes: it
+-- inserts vt, message and headers (msg_id is always the queue's own) and
+-- reads back msg_id; the messages of others are not readable.
 CREATE FUNCTION tasker._pgmq_grant_sender(queue text, grantee name) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('GRANT SELECT, INSERT ON %s TO %I', tasker._pgmq_table(queue, 'q'), grantee);
+    PERFORM tasker._pgmq_revoke(queue, grantee);
+    EXECUTE format('GRANT INSERT (vt, message, headers), SELECT (msg_id) ON %s TO %I',
+                   tasker._pgmq_table(queue, 'q'), grantee);
 END
 $$;
+
+-- Sends one message with pgmq.send; returns its msg_id (for queues whose
+-- msg_ids pg_tasker does not make itself: the task request queue).
+CREATE FUNCTION tasker._pgmq_send_one(queue text, msg jsonb) RETURNS bigint
+LANGUAGE sql
+RETURN (SELECT s FROM pgmq.send(queue, msg) s);
 
 -- (tasker._pgmq_read(queue, vt, qty), pgmq.read's statement as a kept
 -- plan, is in src/pgmq.rs.)

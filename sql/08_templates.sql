@@ -3,8 +3,8 @@
 -- pg_tasker_core::template).
 
 -- The namespace's row, created with its pgmq queue (readable by
--- tasker_worker) the first time; the queue is recreated when it was dropped
--- by hand since.
+-- tasker_worker, tasker._pgmq_grant_reader) the first time; the queue is
+-- recreated when it was dropped by hand since.
 CREATE FUNCTION tasker._ensure_namespace(p_namespace text) RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -25,8 +25,21 @@ BEGIN
 END
 $$;
 
--- The task request queue (orchestration.task_requests.queue): applications
--- send task requests to it with pgmq.send.
+-- The privileges on the task request queue: tasker_app sends (pgmq.send,
+-- reading back only msg_ids), tasker_admin reads.
+CREATE FUNCTION tasker._grant_request_queue(p_queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    GRANT USAGE ON SCHEMA pgmq TO tasker_app;
+    PERFORM tasker._pgmq_grant_sender(p_queue, 'tasker_app');
+    PERFORM tasker._pgmq_revoke(p_queue, 'tasker_admin');
+    EXECUTE format('GRANT SELECT ON %s TO tasker_admin', tasker._pgmq_table(p_queue, 'q'));
+END
+$$;
+
+-- The task request queue (orchestration.task_requests.queue): tasker_app
+-- sends task requests to it with pgmq.send (and reads back only msg_ids);
+-- tasker_admin may read it; others ask with tasker.request_task.
 CREATE FUNCTION tasker._ensure_request_queue(p_queue text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -34,8 +47,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM tasker._pgmq_ensure_queue(p_queue);
-    GRANT USAGE ON SCHEMA pgmq TO tasker_app;
-    PERFORM tasker._pgmq_grant_sender(p_queue, 'tasker_app');
+    PERFORM tasker._grant_request_queue(p_queue);
 END
 $$;
 
@@ -74,11 +86,14 @@ CREATE FUNCTION tasker._store_template(p_namespace text, p_name text, p_version 
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_ns uuid := tasker._ensure_namespace(p_namespace);
+    v_ns uuid;
     v_uuid uuid;
     v_same boolean;
     v_count integer := jsonb_array_length(p_steps) / (cardinality(p_environments) + 1);
 BEGIN
+    -- admins of the namespace register its templates; a new namespace takes tasker_admin
+    PERFORM tasker._require_namespaces(ARRAY[p_namespace], 'admin');
+    v_ns := tasker._ensure_namespace(p_namespace);
     -- Two rounds: a concurrent registration of the same new version makes
     -- our INSERT do nothing; the second round finds its row.
     FOR round IN 1..2 LOOP

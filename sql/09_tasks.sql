@@ -43,6 +43,7 @@ BEGIN
     ELSIF v_key = '' THEN
         RAISE EXCEPTION 'idempotency_key must not be empty (use NULL for none)' USING ERRCODE = '22023';
     END IF;
+    PERFORM tasker._require_namespaces(ARRAY[v_ns], 'app');
     PERFORM tasker._check_payload_size(v_context, 'limits.max_context_bytes', 'the task context');
 
     SELECT n.namespace_uuid INTO v_namespace_uuid FROM tasker.namespaces n WHERE n.name = v_ns;

@@ -207,6 +207,7 @@ BEGIN
     ELSIF submit_result.status IS NULL THEN
         RAISE EXCEPTION 'status must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[submit_result.step_uuid], 'worker');
     sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
     IF sub.success THEN
         PERFORM tasker._check_payload_size(submit_result.result, 'limits.max_result_bytes', 'the result');
@@ -235,7 +236,8 @@ $$;
 -- statement and applied. Per element, in order, what became of it: one of
 -- tasker._apply_results' outcomes, or rejected (the element is not a valid
 -- result: the note says why, nothing of it is applied). 22023 when results
--- is not an array; 54000 beyond 1,000 elements.
+-- is not an array; 54000 beyond 1,000 elements; 42501 (nothing applied)
+-- when a step belongs to a namespace the caller is no worker in.
 CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
 RETURNS tasker.result_outcome[]
 LANGUAGE plpgsql AS $$
@@ -282,6 +284,8 @@ BEGIN
                         pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END),
                         lim)
         END AS problem) p;
+    -- a result for a step of a namespace the caller does not work in refuses the batch
+    PERFORM tasker._require_steps(v_steps, 'worker');
     IF v_results IS NOT NULL THEN
         v_applied := tasker._apply_results(v_results, p_reason);
     END IF;

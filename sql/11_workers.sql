@@ -109,13 +109,15 @@ BEGIN
 END
 $$;
 
--- The queues of namespaces, in the order given; 42704 for an unknown one.
-CREATE FUNCTION tasker._namespace_queues(p_namespaces text[]) RETURNS text[]
+-- The queues of namespaces the caller works in, in the order given; 42501
+-- for a namespace it is no worker in, 42704 for an unknown one.
+CREATE FUNCTION tasker._worker_queues(p_namespaces text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_queues text[];
     v_missing text;
 BEGIN
+    PERFORM tasker._require_namespaces(p_namespaces, 'worker');
     SELECT array_agg(n.queue_name ORDER BY u.i), (array_agg(u.name ORDER BY u.i) FILTER (WHERE n.queue_name IS NULL))[1]
     INTO v_queues, v_missing
     FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
@@ -148,7 +150,7 @@ BEGIN
         RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
     END IF;
     RETURN QUERY SELECT * FROM tasker._message_rows(tasker._read_steps(
-        read_steps.namespace, (tasker._namespace_queues(ARRAY[read_steps.namespace]))[1], read_steps.worker_id,
+        read_steps.namespace, (tasker._worker_queues(ARRAY[read_steps.namespace]))[1], read_steps.worker_id,
         read_steps.qty, v_vt));
 END
 $$;
@@ -160,7 +162,7 @@ $$;
 CREATE FUNCTION tasker.wake_channel(namespace text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN tasker.wake_channel_of_queue((tasker._namespace_queues(ARRAY[wake_channel.namespace]))[1]);
+    RETURN tasker.wake_channel_of_queue((tasker._worker_queues(ARRAY[wake_channel.namespace]))[1]);
 END
 $$;
 
@@ -183,7 +185,7 @@ BEGIN
     IF worker_idle.idle THEN
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
         SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
-        FROM unnest(tasker._namespace_queues(worker_idle.namespaces)) q
+        FROM unnest(tasker._worker_queues(worker_idle.namespaces)) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
     END IF;
@@ -221,7 +223,7 @@ BEGIN
     ELSIF exchange.qty IS NULL OR exchange.qty NOT BETWEEN 0 AND 1000 THEN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
-    v_queues := tasker._namespace_queues(exchange.namespaces);
+    v_queues := tasker._worker_queues(exchange.namespaces);
     IF exchange.results IS NOT NULL THEN
         v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
@@ -272,6 +274,7 @@ BEGIN
     ELSIF extend_lease.seconds NOT BETWEEN 1 AND 86400 THEN
         RAISE EXCEPTION 'seconds must be between 1 and 86400, got %', extend_lease.seconds USING ERRCODE = '22023';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[extend_lease.step_uuid], 'worker');
     SELECT ws.state, ws.attempts, ws.queue_msg_id, ws.started_at, ws.timeout_seconds, n.queue_name INTO s
     FROM tasker.workflow_steps ws
     JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid

@@ -97,6 +97,7 @@ CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RET
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM tasker._require_tasks(ARRAY[cancel_task.task_uuid], 'app');
     PERFORM tasker._close_task(cancel_task.task_uuid, 'cancelled',
                                coalesce(cancel_task.reason, 'cancelled by operator'));
     RETURN 'cancelled';
@@ -110,6 +111,7 @@ CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM tasker._require_tasks(ARRAY[resolve_task_manually.task_uuid], 'admin');
     PERFORM tasker._close_task(resolve_task_manually.task_uuid, 'resolved_manually',
                                coalesce(resolve_task_manually.reason, 'resolved manually by operator'));
     RETURN 'resolved_manually';
@@ -129,6 +131,7 @@ BEGIN
     IF retry_step.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[retry_step.step_uuid], 'admin');
     t := tasker._lock_task_of_step(retry_step.step_uuid);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = retry_step.step_uuid;
     IF s.state <> 'error' THEN
@@ -160,6 +163,7 @@ BEGIN
     IF resolve_step_manually.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[resolve_step_manually.step_uuid], 'admin');
     t := tasker._lock_task_of_step(resolve_step_manually.step_uuid);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = resolve_step_manually.step_uuid;
     IF NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions l

@@ -84,8 +84,9 @@ BEGIN
 END
 $$;
 
--- Tasks with due work that nobody holds (or whose claim expired).
-CREATE VIEW tasker.ready_tasks AS
+-- Tasks with due work that nobody holds (or whose claim expired), of the
+-- namespaces the caller holds a privilege in.
+CREATE VIEW tasker.ready_tasks WITH (security_barrier) AS
 SELECT t.task_uuid,
        t.namespace_name AS namespace,
        t.task_name,
@@ -99,7 +100,8 @@ SELECT t.task_uuid,
        t.claim_expires_at
 FROM tasker.tasks t
 WHERE t.next_action_at <= now()
-  AND (t.claimed_by IS NULL OR t.claim_expires_at < now());
+  AND (t.claimed_by IS NULL OR t.claim_expires_at < now())
+  AND t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.ready_tasks IS
     'Tasks the orchestrator should look at now, with their escalated priority.';
 

@@ -243,6 +243,45 @@ BEGIN
 END
 $$;
 
+-- tasker.request_task(namespace, name, context, version, priority,
+-- initiator, source_system, reason, tags, idempotency_key) RETURNS bigint:
+-- asks the orchestrator to create a task later (the request queue's
+-- message; returns its msg_id). For applications that must not fail on a
+-- task they ask for: a request that create_task refuses goes to the DLQ.
+-- Takes the app privilege in the namespace (pgmq.send to the request
+-- queue takes tasker_app); 55000 when task requests are off.
+CREATE FUNCTION tasker.request_task(namespace text, name text, context jsonb DEFAULT '{}',
+                                    version text DEFAULT NULL, priority integer DEFAULT NULL,
+                                    initiator text DEFAULT NULL, source_system text DEFAULT NULL,
+                                    reason text DEFAULT NULL, tags text[] DEFAULT NULL,
+                                    idempotency_key text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+DECLARE
+    v_queue text := tasker._request_queue();
+BEGIN
+    IF request_task.namespace IS NULL OR request_task.name IS NULL THEN
+        RAISE EXCEPTION 'namespace and name must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM tasker._require_namespaces(ARRAY[request_task.namespace], 'app');
+    IF v_queue IS NULL THEN
+        RAISE EXCEPTION 'task requests are off (orchestration.task_requests.enabled = false)'
+            USING ERRCODE = '55000', HINT = 'use tasker.create_task, or turn task requests on';
+    END IF;
+    PERFORM tasker._check_payload_size(request_task.context, 'limits.max_context_bytes', 'the task context');
+    PERFORM tasker._ensure_request_queue(v_queue);
+    -- (the context as given, byte for byte: only the optional fields lose their NULLs)
+    RETURN tasker._pgmq_send_one(v_queue, jsonb_build_object(
+        'namespace', request_task.namespace, 'name', request_task.name,
+        'context', coalesce(request_task.context, '{}'))
+        || jsonb_strip_nulls(jsonb_build_object(
+        'version', request_task.version, 'priority', request_task.priority,
+        'initiator', request_task.initiator, 'source_system', request_task.source_system,
+        'reason', request_task.reason, 'tags', to_jsonb(request_task.tags),
+        'idempotency_key', request_task.idempotency_key)));
+END
+$$;
+
 -- Turns queued task requests into tasks with create_task's checks. Each
 -- request is parsed and created in its own subtransaction; one that fails
 -- goes to the DLQ with its error. Either way its message is archived, so

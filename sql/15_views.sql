@@ -1,9 +1,37 @@
 -- Views and read functions for people at a psql prompt. The views run with
 -- the extension owner's rights, so tasker_app / tasker_worker read them
--- without any access to the tables underneath. Step counts come from the
--- task's counters: a task's row is O(1) whatever its size.
+-- without any access to the tables underneath; each shows the rows of the
+-- namespaces the caller holds a privilege in (tasker._seen_namespaces) and
+-- is a security barrier, so that no function in a caller's WHERE clause
+-- sees the others. Step counts come from the task's counters: a task's row
+-- is O(1) whatever its size.
 
-CREATE VIEW tasker.templates AS
+-- A template definition without its handlers' initialization (where
+-- secrets end up), in its steps and in its environments' step overrides.
+CREATE FUNCTION tasker._without_initialization(p_steps jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN jsonb_typeof(p_steps) = 'array' THEN
+    coalesce((SELECT jsonb_agg(CASE WHEN jsonb_typeof(e.s -> 'handler') = 'object'
+                                    THEN e.s #- '{handler,initialization}' ELSE e.s END ORDER BY e.i)
+              FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS e(s, i)), '[]')
+    ELSE p_steps END;
+
+CREATE FUNCTION tasker._redacted_definition(p_definition jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+RETURN p_definition
+    || CASE WHEN p_definition ? 'steps'
+            THEN jsonb_build_object('steps', tasker._without_initialization(p_definition -> 'steps'))
+            ELSE '{}' END
+    || CASE WHEN jsonb_typeof(p_definition -> 'environments') = 'object'
+            THEN jsonb_build_object('environments', coalesce((
+                SELECT jsonb_object_agg(e.k, CASE WHEN jsonb_typeof(e.v) = 'object' AND e.v ? 'steps'
+                                                  THEN e.v || jsonb_build_object('steps', tasker._without_initialization(e.v -> 'steps'))
+                                                  ELSE e.v END)
+                FROM jsonb_each(p_definition -> 'environments') AS e(k, v)), '{}'))
+            ELSE '{}' END;
+
+-- The definition in full only for admins of its namespace.
+CREATE VIEW tasker.templates WITH (security_barrier) AS
 SELECT tt.template_uuid,
        n.name          AS namespace,
        tt.name,
@@ -13,12 +41,16 @@ SELECT tt.template_uuid,
        n.queue_name,
        tt.created_at,
        tt.updated_at,
-       tt.definition
+       CASE WHEN n.name = ANY (coalesce(a.mine, ARRAY[n.name])) THEN tt.definition
+            ELSE tasker._redacted_definition(tt.definition) END AS definition
 FROM tasker.task_templates tt
-JOIN tasker.namespaces n USING (namespace_uuid);
-COMMENT ON VIEW tasker.templates IS 'Registered task templates, one row per version.';
+JOIN tasker.namespaces n USING (namespace_uuid)
+CROSS JOIN (SELECT tasker._caller_namespaces('admin') AS mine OFFSET 0) a
+WHERE n.name IN (SELECT tasker._seen_namespaces());
+COMMENT ON VIEW tasker.templates IS
+    'Registered task templates, one row per version (handler initialization shown to the namespace''s admins only).';
 
-CREATE VIEW tasker.task_status AS
+CREATE VIEW tasker.task_status WITH (security_barrier) AS
 SELECT t.task_uuid,
        t.namespace_name  AS namespace,
        t.task_name,
@@ -37,11 +69,12 @@ SELECT t.task_uuid,
        t.created_at,
        t.updated_at,
        t.completed_at
-FROM tasker.tasks t;
+FROM tasker.tasks t
+WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.task_status IS
     'One row per task: state, priority and step counts by class (complete includes resolved_manually).';
 
-CREATE VIEW tasker.step_status AS
+CREATE VIEW tasker.step_status WITH (security_barrier) AS
 SELECT s.task_uuid,
        t.namespace_name AS namespace,
        t.task_name,
@@ -66,9 +99,23 @@ SELECT s.task_uuid,
        s.completed_at,
        s.updated_at
 FROM tasker.workflow_steps s
-JOIN tasker.tasks t USING (task_uuid);
+JOIN tasker.tasks t USING (task_uuid)
+WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.step_status IS
     'One row per step: state, attempts, dependencies by name, last error, results, next retry time.';
+
+-- The task's uuid, for the read functions: P0002 when there is no such
+-- task, 42501 when the caller holds no privilege in its namespace.
+CREATE FUNCTION tasker._seen_task(p_task uuid) RETURNS uuid
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'P0002';
+    END IF;
+    PERFORM tasker._require_tasks(ARRAY[p_task], 'any');
+    RETURN p_task;
+END
+$$;
 
 -- tasker.step_readiness(task_uuid): per step, what readiness is made of
 -- (tasker-core's get_step_readiness_status).
@@ -88,20 +135,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
            s.attempts,
            s.max_attempts
     FROM tasker.workflow_steps s
-    WHERE s.task_uuid = step_readiness.task_uuid
+    WHERE s.task_uuid = tasker._seen_task(step_readiness.task_uuid)
     ORDER BY s.position
 $$;
 
--- The task's uuid; P0002 when there is no such task.
-CREATE FUNCTION tasker._existing_task(p_task uuid) RETURNS uuid
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
-        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'P0002';
-    END IF;
-    RETURN p_task;
-END
-$$;
 
 -- tasker.task_execution_context(task_uuid): the task's execution status,
 -- health and step counts (tasker-core's get_task_execution_context).
@@ -121,5 +158,5 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
                           AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())) r
     CROSS JOIN LATERAL tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
                                            t.steps_done, t.steps_error, t.steps_cancelled, r.ready) d
-    WHERE t.task_uuid = tasker._existing_task($1)
+    WHERE t.task_uuid = tasker._seen_task($1)
 $$;

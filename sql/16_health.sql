@@ -1,7 +1,8 @@
 -- Health: what tasker.health() (src/health.rs) reports besides the
 -- orchestrator's shared-memory state, and psql-friendly views over it.
 -- Cheap and side-effect free: queue depths, active tasks (never the
--- finished history), due tasks.
+-- finished history), due tasks; of the namespaces the caller holds a
+-- privilege in (the DLQ only for those who see every namespace).
 
 CREATE FUNCTION tasker._health_data() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
@@ -13,16 +14,20 @@ LANGUAGE sql STABLE AS $$
                        'total_messages', m.total_messages) ORDER BY n.name)
             FROM tasker.namespaces n
             CROSS JOIN LATERAL tasker._pgmq_metrics(n.queue_name) m
-            WHERE tasker._pgmq_queue_exists(n.queue_name)), '[]'),
+            WHERE tasker._pgmq_queue_exists(n.queue_name)
+              AND n.name IN (SELECT tasker._seen_namespaces())), '[]'),
         'active_tasks_by_state', coalesce((
             SELECT jsonb_object_agg(a.state, a.n)
             FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
-                  WHERE NOT tasker.task_state_is_terminal(t.state) GROUP BY t.state) a), '{}'),
+                  WHERE NOT tasker.task_state_is_terminal(t.state)
+                    AND t.namespace_name IN (SELECT tasker._seen_namespaces())
+                  GROUP BY t.state) a), '{}'),
         'due_tasks', (SELECT count(*) FROM tasker.ready_tasks),
         'dlq_pending_by_reason', coalesce((
             SELECT jsonb_object_agg(d.reason, d.n)
             FROM (SELECT reason, count(*) AS n FROM tasker.dlq
-                  WHERE resolution_status = 'pending' GROUP BY reason) d), '{}'))
+                  WHERE resolution_status = 'pending' AND tasker._caller_namespaces('any') IS NULL
+                  GROUP BY reason) d), '{}'))
 $$;
 
 CREATE VIEW tasker.orchestrator_status AS

@@ -1,6 +1,7 @@
 -- Observability (blog post 05): throughput, failures, slowest steps, and a
 -- Mermaid picture of a task's DAG. They read the transition history of the
--- given window; run them on purpose, not in a hot loop.
+-- given window; run them on purpose, not in a hot loop. Each counts the
+-- namespaces the caller holds a privilege in.
 
 CREATE FUNCTION tasker.analytics_throughput(since interval DEFAULT '1 hour',
                                             bucket interval DEFAULT '1 minute')
@@ -12,12 +13,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
                count(*) FILTER (WHERE st.to_state IN ('complete', 'resolved_manually')) AS done,
                count(*) FILTER (WHERE st.to_state IN ('waiting_for_retry', 'error')) AS failed
         FROM tasker.step_transitions st
+        JOIN tasker.workflow_steps s USING (step_uuid)
+        JOIN tasker.tasks t USING (task_uuid)
         WHERE st.created_at >= now() - since
+          AND t.namespace_name IN (SELECT tasker._seen_namespaces())
         GROUP BY 1
     ), tasks AS (
         SELECT date_bin(bucket, t.completed_at, 'epoch'::timestamptz) AS b, count(*) AS n
         FROM tasker.tasks t
         WHERE t.state = 'complete' AND t.completed_at >= now() - since
+          AND t.namespace_name IN (SELECT tasker._seen_namespaces())
         GROUP BY 1
     )
     SELECT coalesce(e.b, t.b), coalesce(t.n, 0), coalesce(e.done, 0), coalesce(e.failed, 0)
@@ -40,6 +45,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
     JOIN tasker.tasks t USING (task_uuid)
     WHERE st.to_state IN ('waiting_for_retry', 'error')
       AND st.created_at >= now() - since
+      AND t.namespace_name IN (SELECT tasker._seen_namespaces())
     GROUP BY 1, 2, 3, 4
     ORDER BY 5 DESC, 1, 2, 3
 $$;
@@ -58,20 +64,31 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
     JOIN tasker.workflow_steps s USING (step_uuid)
     JOIN tasker.tasks t USING (task_uuid)
     WHERE st.to_state = 'complete' AND st.created_at >= now() - since
+      AND t.namespace_name IN (SELECT tasker._seen_namespaces())
     GROUP BY 1, 2, 3
     ORDER BY 5 DESC NULLS LAST
     LIMIT lim
 $$;
 
+-- Text as a Mermaid label shows it, whatever it holds: every character but
+-- letters, digits, space and _ . : - becomes an entity code (#34; for "),
+-- so no step name can end its label or inject Mermaid or HTML.
+CREATE FUNCTION tasker._mermaid_text(p text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT string_agg(CASE WHEN c.ch ~ '^[A-Za-z0-9 _.:-]$' THEN c.ch
+                                        ELSE '#' || ascii(c.ch) || ';' END, '' ORDER BY c.i)
+                 FROM regexp_split_to_table(p, '') WITH ORDINALITY AS c(ch, i)), '');
+
 -- A Mermaid flowchart of a task: one node per step (name, state, attempts),
--- one arrow per dependency, colour by state.
+-- one arrow per dependency, colour by state. P0002 for an unknown task,
+-- 42501 for one of a namespace the caller holds no privilege in.
 CREATE FUNCTION tasker.task_graph(task_uuid uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
     SELECT concat_ws(E'\n',
         'flowchart LR',
-        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', s.position, s.name, s.state,
+        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', s.position, tasker._mermaid_text(s.name), s.state,
                                   s.attempts, s.max_attempts, s.state), E'\n' ORDER BY s.position)
-           FROM tasker.workflow_steps s WHERE s.task_uuid = task_graph.task_uuid),
+           FROM tasker.workflow_steps s WHERE s.task_uuid = tasker._seen_task(task_graph.task_uuid)),
         (SELECT string_agg(format('    s%s --> s%s', p.position, c.position), E'\n' ORDER BY c.position, p.position)
            FROM tasker.step_edges e
            JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid

@@ -58,7 +58,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:31
+-- src/lib.rs:32
 -- States of tasks and steps: their one definition.
 --
 -- Every table, view and function uses these types and the functions below;
@@ -66,7 +66,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 -- src/tests/states.rs compares the two, value by value and class by class.
 -- The legal moves between states are rows of the two transition tables at
 -- the end; tasker._move_steps, tasker._enqueue_steps and tasker._move_task
--- (03_transitions.sql, 05_enqueue.sql) refuse any other move.
+-- (04_transitions.sql, 06_enqueue.sql) refuse any other move.
 
 CREATE TYPE tasker.task_state AS ENUM (
     'pending',                   -- created; its first evaluation has not run
@@ -199,7 +199,7 @@ SELECT 'error', 'steps_in_process', 'dlq_requeue';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:32
+-- src/lib.rs:33
 -- requires:
 --   states
 
@@ -277,22 +277,45 @@ BEGIN
 END
 $$;
 
--- Lets a role read a queue as a worker does (pgmq.read, pgmq.set_vt).
-CREATE FUNCTION tasker._pgmq_grant_reader(queue text, grantee name) RETURNS void
+-- Takes every privilege on a queue's tables from a role.
+CREATE FUNCTION tasker._pgmq_revoke(queue text, grantee name) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('GRANT SELECT, UPDATE ON %s TO %I', tasker._pgmq_table(queue, 'q'), grantee);
-    EXECUTE format('GRANT SELECT ON %s TO %I', tasker._pgmq_table(queue, 'a'), grantee);
+    EXECUTE format('REVOKE ALL ON %s, %s FROM %I', tasker._pgmq_table(queue, 'q'),
+                   tasker._pgmq_table(queue, 'a'), grantee);
 END
 $$;
 
--- Lets a role send to a queue with pgmq.send.
+-- Gives a role exactly what reading a queue as a worker takes: pgmq.read
+-- and pgmq.set_vt select every column and update the lease columns (vt,
+-- read_ct, last_read_at). The message cannot be changed, nothing inserted
+-- or deleted, the archive is not readable.
+CREATE FUNCTION tasker._pgmq_grant_reader(queue text, grantee name) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._pgmq_revoke(queue, grantee);
+    EXECUTE format('GRANT SELECT, UPDATE (vt, read_ct, last_read_at) ON %s TO %I',
+                   tasker._pgmq_table(queue, 'q'), grantee);
+END
+$$;
+
+-- Gives a role exactly what sending to a queue with pgmq.send takes: it
+-- inserts vt, message and headers (msg_id is always the queue's own) and
+-- reads back msg_id; the messages of others are not readable.
 CREATE FUNCTION tasker._pgmq_grant_sender(queue text, grantee name) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('GRANT SELECT, INSERT ON %s TO %I', tasker._pgmq_table(queue, 'q'), grantee);
+    PERFORM tasker._pgmq_revoke(queue, grantee);
+    EXECUTE format('GRANT INSERT (vt, message, headers), SELECT (msg_id) ON %s TO %I',
+                   tasker._pgmq_table(queue, 'q'), grantee);
 END
 $$;
+
+-- Sends one message with pgmq.send; returns its msg_id (for queues whose
+-- msg_ids pg_tasker does not make itself: the task request queue).
+CREATE FUNCTION tasker._pgmq_send_one(queue text, msg jsonb) RETURNS bigint
+LANGUAGE sql
+RETURN (SELECT s FROM pgmq.send(queue, msg) s);
 
 -- (tasker._pgmq_read(queue, vt, qty), pgmq.read's statement as a kept
 -- plan, is in src/pgmq.rs.)
@@ -373,6 +396,15 @@ SELECT tasker._pgmq_check_version();
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/caller.rs:9
+-- pg_tasker::caller::_caller
+CREATE  FUNCTION "_caller"() RETURNS oid /* pg_sys :: Oid */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/decisions.rs:155
 -- pg_tasker::decisions::_canonical_version
 CREATE  FUNCTION "_canonical_version"(
@@ -384,7 +416,7 @@ AS 'MODULE_PATHNAME', '_canonical_version_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:180
+-- src/decisions.rs:190
 -- pg_tasker::decisions::_environment
 CREATE  FUNCTION "_environment"() RETURNS TEXT /* String */
 STRICT STABLE PARALLEL SAFE
@@ -449,6 +481,15 @@ AS 'MODULE_PATHNAME', '_register_template_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/decisions.rs:181
+-- pg_tasker::decisions::_request_queue
+CREATE  FUNCTION "_request_queue"() RETURNS TEXT /* Option < String > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_request_queue_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/decisions.rs:26
 -- pg_tasker::decisions::_retry_decision
 CREATE  FUNCTION "_retry_decision"(
@@ -484,7 +525,7 @@ AS 'MODULE_PATHNAME', '_setting_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:207
+-- src/decisions.rs:217
 -- pg_tasker::decisions::_step_row_check
 CREATE  FUNCTION "_step_row_check"(
 	"state" TEXT, /* & str */
@@ -505,7 +546,7 @@ AS 'MODULE_PATHNAME', '_step_row_check_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:242
+-- src/decisions.rs:252
 -- pg_tasker::decisions::_task_row_check
 CREATE  FUNCTION "_task_row_check"(
 	"state" TEXT, /* & str */
@@ -577,7 +618,7 @@ AS 'MODULE_PATHNAME', '_version_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:187
+-- src/decisions.rs:197
 -- pg_tasker::decisions::_wake_orchestrator
 CREATE  FUNCTION "_wake_orchestrator"() RETURNS void
 STRICT
@@ -586,7 +627,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:100
+-- src/health.rs:90
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -596,7 +637,7 @@ AS 'MODULE_PATHNAME', 'config_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:79
+-- src/health.rs:69
 -- pg_tasker::health::health
 CREATE  FUNCTION "health"() RETURNS jsonb /* ApiResult < JsonB > */
 STRICT STABLE SECURITY DEFINER
@@ -638,7 +679,7 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:37
+-- src/lib.rs:38
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
@@ -953,9 +994,253 @@ COMMENT ON TABLE tasker.worker_waits IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:47
+-- src/lib.rs:48
 -- requires:
 --   tables
+--   caller::_caller
+
+-- Who may do what in which namespace. The one home of the rule: every API
+-- function asks tasker._require_namespaces (or its step / task forms), every
+-- view and read function filters by tasker._seen_namespaces().
+--
+-- A privilege in a namespace:
+--   worker  read its queue (pgmq.read, read_steps, exchange), report, extend
+--           and wait for its steps;
+--   app     create, see and cancel its tasks, send it task requests;
+--   admin   both, and register its templates, retry and resolve its steps
+--           and tasks, see handler initialization in tasker.templates.
+-- The cluster-wide roles hold a privilege in every namespace: tasker_worker
+-- (worker), tasker_app (app), tasker_admin (admin, and what only the
+-- cluster admin does: new namespaces, grants, maintenance, the DLQ).
+-- tasker.grant_namespace gives one role one privilege in one namespace (a
+-- row here, and the API role it needs: tasker_namespace_worker / _app /
+-- _admin, which carry the API's EXECUTE privileges and no namespace).
+--
+-- The caller is the role the session acts as (SET ROLE included), never the
+-- owner of the SECURITY DEFINER function that asks (tasker._caller()).
+
+CREATE TYPE tasker.namespace_privilege AS ENUM ('worker', 'app', 'admin');
+
+CREATE TABLE tasker.namespace_grants (
+    namespace_uuid uuid NOT NULL REFERENCES tasker.namespaces ON DELETE CASCADE,
+    grantee        regrole NOT NULL,
+    privilege      tasker.namespace_privilege NOT NULL,
+    granted_by     text NOT NULL DEFAULT session_user,
+    granted_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (namespace_uuid, grantee, privilege)
+);
+CREATE INDEX namespace_grants_grantee_idx ON tasker.namespace_grants (grantee);
+COMMENT ON TABLE tasker.namespace_grants IS
+    'Privileges of roles in single namespaces (tasker.grant_namespace); the cluster-wide roles hold theirs everywhere.';
+
+-- What holds privilege p ('worker', 'app', 'admin', or 'any': some
+-- privilege, which is what seeing a namespace's tasks takes): the
+-- cluster-wide roles that hold it in every namespace, and the granted
+-- privileges that include it (admin includes worker and app).
+CREATE FUNCTION tasker._privilege_holders(p text, OUT cluster_roles name[],
+                                          OUT granted tasker.namespace_privilege[])
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    CASE p
+        WHEN 'worker' THEN cluster_roles := '{tasker_worker}'; granted := '{worker,admin}';
+        WHEN 'app' THEN cluster_roles := '{tasker_app}'; granted := '{app,admin}';
+        WHEN 'admin' THEN cluster_roles := '{tasker_admin}'; granted := '{admin}';
+        WHEN 'any' THEN cluster_roles := '{tasker_worker,tasker_app}'; granted := '{worker,app,admin}';
+        ELSE RAISE EXCEPTION 'pg_tasker internal error: unknown privilege "%"', p USING ERRCODE = 'XX000';
+    END CASE;
+END
+$$;
+
+-- The namespaces in which the caller holds privilege p, by name; NULL when
+-- it holds p in every namespace (a cluster-wide role, or a superuser).
+-- (SECURITY DEFINER, like _seen_namespaces: the views call them, and a
+-- function in a view runs with the rights of the view's user.)
+CREATE FUNCTION tasker._caller_namespaces(p text) RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM unnest(h.cluster_roles) r
+                     WHERE pg_catalog.pg_has_role(tasker._caller(), r, 'USAGE')) THEN NULL
+        ELSE ARRAY(SELECT DISTINCT n.name
+                   FROM tasker.namespace_grants g
+                   JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
+                   JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
+                   WHERE g.privilege = ANY (h.granted)
+                     AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
+                   ORDER BY 1)
+    END
+    FROM tasker._privilege_holders(p) h
+$$;
+
+-- The namespaces whose tasks the caller sees (views, read functions):
+-- those it holds any privilege in.
+CREATE FUNCTION tasker._seen_namespaces() RETURNS SETOF text
+LANGUAGE sql STABLE ROWS 10 SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    SELECT n.name FROM tasker.namespaces n, tasker._caller_namespaces('any') mine
+    WHERE mine IS NULL OR n.name = ANY (mine)
+$$;
+
+-- 42501 unless the caller holds privilege p in each of the namespaces.
+CREATE FUNCTION tasker._require_namespaces(p_namespaces text[], p text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_mine text[] := tasker._caller_namespaces(p);
+    v_denied text;
+BEGIN
+    IF v_mine IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT u INTO v_denied FROM unnest(p_namespaces) u WHERE u IS NOT NULL AND u <> ALL (v_mine) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'permission denied: role "%" has no % privilege in namespace "%"',
+            tasker._caller()::regrole, CASE p WHEN 'any' THEN 'pg_tasker' ELSE p END, v_denied
+            USING ERRCODE = '42501',
+                  HINT = CASE WHEN p = 'admin' AND NOT EXISTS (SELECT 1 FROM tasker.namespaces n WHERE n.name = v_denied)
+                              THEN 'creating a namespace takes tasker_admin'
+                              ELSE format('tasker_admin grants it: SELECT tasker.grant_namespace(%L, %L, %L)',
+                                          v_denied, tasker._caller()::regrole::text,
+                                          CASE p WHEN 'any' THEN 'app' ELSE p END) END;
+    END IF;
+END
+$$;
+
+-- 42501 unless the caller holds privilege p in the namespaces of the given
+-- steps (steps that do not exist are left to the caller to report).
+CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF tasker._caller_namespaces(p) IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM tasker._require_namespaces(
+        ARRAY(SELECT DISTINCT t.namespace_name
+              FROM tasker.workflow_steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+              WHERE s.step_uuid = ANY (p_steps)), p);
+END
+$$;
+
+-- 42501 unless the caller holds privilege p in the namespaces of the given
+-- tasks (tasks that do not exist are left to the caller to report).
+CREATE FUNCTION tasker._require_tasks(p_tasks uuid[], p text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF tasker._caller_namespaces(p) IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM tasker._require_namespaces(
+        ARRAY(SELECT DISTINCT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = ANY (p_tasks)), p);
+END
+$$;
+
+-- The API role a namespace privilege needs (EXECUTE on its functions).
+CREATE FUNCTION tasker._api_role(p tasker.namespace_privilege) RETURNS name
+LANGUAGE sql IMMUTABLE
+RETURN ('tasker_namespace_' || p::text)::name;
+
+-- The checks of grant_namespace / revoke_namespace: the namespace's row
+-- (42704 when unknown), the role's oid (42704), the privilege (22023).
+CREATE FUNCTION tasker._grant_target(p_namespace text, p_role name, p_privilege text,
+                                     OUT namespace_uuid uuid, OUT queue_name text, OUT grantee regrole,
+                                     OUT grantee_name name, OUT privilege tasker.namespace_privilege)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_namespace IS NULL OR p_role IS NULL OR p_privilege IS NULL THEN
+        RAISE EXCEPTION 'namespace, role and privilege must not be NULL' USING ERRCODE = '22004';
+    ELSIF p_privilege NOT IN ('worker', 'app', 'admin') THEN
+        RAISE EXCEPTION 'unknown namespace privilege "%"', p_privilege
+            USING ERRCODE = '22023', HINT = 'privileges: worker, app, admin';
+    END IF;
+    privilege := p_privilege::tasker.namespace_privilege;
+    SELECT n.namespace_uuid, n.queue_name INTO namespace_uuid, queue_name
+    FROM tasker.namespaces n WHERE n.name = p_namespace;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'namespace "%" does not exist', p_namespace
+            USING ERRCODE = '42704', HINT = 'register a template in this namespace first';
+    END IF;
+    SELECT r.oid::regrole, r.rolname INTO grantee, grantee_name FROM pg_catalog.pg_roles r WHERE r.rolname = p_role;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'role "%" does not exist', p_role USING ERRCODE = '42704';
+    END IF;
+END
+$$;
+
+-- Whether a role still holds a privilege that lets it read the namespace's
+-- queue (worker or admin) through a grant.
+CREATE FUNCTION tasker._grant_reads_queue(p_namespace uuid, p_role regrole) RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM tasker.namespace_grants g
+               WHERE g.namespace_uuid = p_namespace AND g.grantee = p_role
+                 AND g.privilege = ANY ((tasker._privilege_holders('worker')).granted));
+
+-- tasker.grant_namespace(namespace, role, privilege) RETURNS boolean: gives
+-- a role the privilege worker, app or admin in one namespace (false when it
+-- held it already). Workers get what pgmq.read needs on the namespace's
+-- queue table, and nothing on others.
+CREATE FUNCTION tasker.grant_namespace(namespace text, role name, privilege text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+DECLARE
+    g record := tasker._grant_target(grant_namespace.namespace, grant_namespace.role, grant_namespace.privilege);
+    v_new boolean;
+BEGIN
+    INSERT INTO tasker.namespace_grants AS x (namespace_uuid, grantee, privilege)
+    VALUES (g.namespace_uuid, g.grantee, g.privilege)
+    ON CONFLICT DO NOTHING
+    RETURNING true INTO v_new;
+    IF NOT pg_catalog.pg_has_role(g.grantee, tasker._api_role(g.privilege), 'MEMBER') THEN
+        EXECUTE format('GRANT %I TO %I', tasker._api_role(g.privilege), g.grantee_name);
+    END IF;
+    IF tasker._grant_reads_queue(g.namespace_uuid, g.grantee) THEN
+        PERFORM tasker._pgmq_grant_reader(g.queue_name, g.grantee_name);
+    END IF;
+    RETURN coalesce(v_new, false);
+END
+$$;
+
+-- tasker.revoke_namespace(namespace, role, privilege) RETURNS boolean:
+-- takes the privilege back (false when the role did not hold it through a
+-- grant). The queue table's privileges go with the last grant that needed
+-- them, the API role with the role's last grant of that privilege.
+CREATE FUNCTION tasker.revoke_namespace(namespace text, role name, privilege text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+DECLARE
+    g record := tasker._grant_target(revoke_namespace.namespace, revoke_namespace.role, revoke_namespace.privilege);
+    v_gone boolean;
+BEGIN
+    DELETE FROM tasker.namespace_grants x
+    WHERE x.namespace_uuid = g.namespace_uuid AND x.grantee = g.grantee AND x.privilege = g.privilege
+    RETURNING true INTO v_gone;
+    IF NOT tasker._grant_reads_queue(g.namespace_uuid, g.grantee) THEN
+        PERFORM tasker._pgmq_revoke(g.queue_name, g.grantee_name);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM tasker.namespace_grants x WHERE x.grantee = g.grantee AND x.privilege = g.privilege)
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                   WHERE m.member = g.grantee AND m.roleid = tasker._api_role(g.privilege)::text::regrole) THEN
+        EXECUTE format('REVOKE %I FROM %I', tasker._api_role(g.privilege), g.grantee_name);
+    END IF;
+    RETURN coalesce(v_gone, false);
+END
+$$;
+
+-- Who holds what: one row per grant, and one per direct member of a
+-- cluster-wide role (namespace '*').
+CREATE VIEW tasker.namespace_privileges AS
+SELECT n.name AS namespace, g.grantee::text AS role, g.privilege::text AS privilege, g.granted_by, g.granted_at
+FROM tasker.namespace_grants g
+JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
+JOIN pg_catalog.pg_roles r ON r.oid = g.grantee
+UNION ALL
+SELECT '*', m.member::regrole::text, substr(c.rolname, length('tasker_') + 1), NULL, NULL
+FROM pg_catalog.pg_auth_members m
+JOIN pg_catalog.pg_roles c ON c.oid = m.roleid
+WHERE c.rolname IN ('tasker_worker', 'tasker_app', 'tasker_admin')
+  AND m.member::regrole::text NOT IN ('tasker_worker', 'tasker_app', 'tasker_admin');
+COMMENT ON VIEW tasker.namespace_privileges IS
+    'Who holds which pg_tasker privilege in which namespace (* = every namespace, through a cluster-wide role).';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:53
+-- requires:
+--   privileges
 
 -- Plans: see 98_plans.sql (every operation runs with generic plans of key
 -- lookups, planned once per session).
@@ -963,7 +1248,7 @@ COMMENT ON TABLE tasker.worker_waits IS
 -- The primitives that change state. Every operation changes a step's or a
 -- task's state through them, and nothing else writes `state`:
 --   tasker._move_steps     steps to any state but enqueued
---   tasker._enqueue_steps  steps to enqueued (05_enqueue.sql: readiness,
+--   tasker._enqueue_steps  steps to enqueued (06_enqueue.sql: readiness,
 --                          messages)
 --   tasker._move_task      a task to any state
 -- and every operation ends with tasker._settle_tasks over the moves it
@@ -1187,7 +1472,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:52
+-- src/lib.rs:58
 -- requires:
 --   transitions
 
@@ -1441,7 +1726,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:57
+-- src/lib.rs:63
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -1578,7 +1863,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:62
+-- src/lib.rs:68
 -- requires:
 --   enqueue
 --   decisions::_task_status
@@ -1586,7 +1871,7 @@ $$;
 -- Task evaluation by time: what the orchestration cycle does for a task
 -- whose next_action_at has come (its due retries), and what an upgrade does
 -- for every active task. Operations that move steps find their ready steps
--- through the counters and settle the task themselves (03_transitions.sql).
+-- through the counters and settle the task themselves (04_transitions.sql).
 
 -- Enqueues the task's steps whose retry is due (with p_all: every ready
 -- step, found by a scan of the task's steps) and settles the task, with
@@ -1616,7 +1901,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:67
+-- src/lib.rs:73
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -1627,8 +1912,8 @@ $$;
 -- pg_tasker_core::template).
 
 -- The namespace's row, created with its pgmq queue (readable by
--- tasker_worker) the first time; the queue is recreated when it was dropped
--- by hand since.
+-- tasker_worker, tasker._pgmq_grant_reader) the first time; the queue is
+-- recreated when it was dropped by hand since.
 CREATE FUNCTION tasker._ensure_namespace(p_namespace text) RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1649,8 +1934,21 @@ BEGIN
 END
 $$;
 
--- The task request queue (orchestration.task_requests.queue): applications
--- send task requests to it with pgmq.send.
+-- The privileges on the task request queue: tasker_app sends (pgmq.send,
+-- reading back only msg_ids), tasker_admin reads.
+CREATE FUNCTION tasker._grant_request_queue(p_queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    GRANT USAGE ON SCHEMA pgmq TO tasker_app;
+    PERFORM tasker._pgmq_grant_sender(p_queue, 'tasker_app');
+    PERFORM tasker._pgmq_revoke(p_queue, 'tasker_admin');
+    EXECUTE format('GRANT SELECT ON %s TO tasker_admin', tasker._pgmq_table(p_queue, 'q'));
+END
+$$;
+
+-- The task request queue (orchestration.task_requests.queue): tasker_app
+-- sends task requests to it with pgmq.send (and reads back only msg_ids);
+-- tasker_admin may read it; others ask with tasker.request_task.
 CREATE FUNCTION tasker._ensure_request_queue(p_queue text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -1658,8 +1956,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM tasker._pgmq_ensure_queue(p_queue);
-    GRANT USAGE ON SCHEMA pgmq TO tasker_app;
-    PERFORM tasker._pgmq_grant_sender(p_queue, 'tasker_app');
+    PERFORM tasker._grant_request_queue(p_queue);
 END
 $$;
 
@@ -1698,11 +1995,14 @@ CREATE FUNCTION tasker._store_template(p_namespace text, p_name text, p_version 
 RETURNS uuid
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_ns uuid := tasker._ensure_namespace(p_namespace);
+    v_ns uuid;
     v_uuid uuid;
     v_same boolean;
     v_count integer := jsonb_array_length(p_steps) / (cardinality(p_environments) + 1);
 BEGIN
+    -- admins of the namespace register its templates; a new namespace takes tasker_admin
+    PERFORM tasker._require_namespaces(ARRAY[p_namespace], 'admin');
+    v_ns := tasker._ensure_namespace(p_namespace);
     -- Two rounds: a concurrent registration of the same new version makes
     -- our INSERT do nothing; the second round finds its row.
     FOR round IN 1..2 LOOP
@@ -1760,7 +2060,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:76
+-- src/lib.rs:82
 -- requires:
 --   templates
 
@@ -1809,6 +2109,7 @@ BEGIN
     ELSIF v_key = '' THEN
         RAISE EXCEPTION 'idempotency_key must not be empty (use NULL for none)' USING ERRCODE = '22023';
     END IF;
+    PERFORM tasker._require_namespaces(ARRAY[v_ns], 'app');
     PERFORM tasker._check_payload_size(v_context, 'limits.max_context_bytes', 'the task context');
 
     SELECT n.namespace_uuid INTO v_namespace_uuid FROM tasker.namespaces n WHERE n.name = v_ns;
@@ -1928,7 +2229,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:81
+-- src/lib.rs:87
 -- requires:
 --   tasks
 
@@ -2141,6 +2442,7 @@ BEGIN
     ELSIF submit_result.status IS NULL THEN
         RAISE EXCEPTION 'status must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[submit_result.step_uuid], 'worker');
     sub := tasker._read_submission(submit_result.status, submit_result.error, submit_result.metadata);
     IF sub.success THEN
         PERFORM tasker._check_payload_size(submit_result.result, 'limits.max_result_bytes', 'the result');
@@ -2169,7 +2471,8 @@ $$;
 -- statement and applied. Per element, in order, what became of it: one of
 -- tasker._apply_results' outcomes, or rejected (the element is not a valid
 -- result: the note says why, nothing of it is applied). 22023 when results
--- is not an array; 54000 beyond 1,000 elements.
+-- is not an array; 54000 beyond 1,000 elements; 42501 (nothing applied)
+-- when a step belongs to a namespace the caller is no worker in.
 CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
 RETURNS tasker.result_outcome[]
 LANGUAGE plpgsql AS $$
@@ -2216,6 +2519,8 @@ BEGIN
                         pg_catalog.pg_column_size(CASE WHEN f.success THEN e.item -> 'result' ELSE e.item -> 'error' END),
                         lim)
         END AS problem) p;
+    -- a result for a step of a namespace the caller does not work in refuses the batch
+    PERFORM tasker._require_steps(v_steps, 'worker');
     IF v_results IS NOT NULL THEN
         v_applied := tasker._apply_results(v_results, p_reason);
     END IF;
@@ -2256,7 +2561,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:86
+-- src/lib.rs:92
 -- requires:
 --   results
 
@@ -2371,13 +2676,15 @@ BEGIN
 END
 $$;
 
--- The queues of namespaces, in the order given; 42704 for an unknown one.
-CREATE FUNCTION tasker._namespace_queues(p_namespaces text[]) RETURNS text[]
+-- The queues of namespaces the caller works in, in the order given; 42501
+-- for a namespace it is no worker in, 42704 for an unknown one.
+CREATE FUNCTION tasker._worker_queues(p_namespaces text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_queues text[];
     v_missing text;
 BEGIN
+    PERFORM tasker._require_namespaces(p_namespaces, 'worker');
     SELECT array_agg(n.queue_name ORDER BY u.i), (array_agg(u.name ORDER BY u.i) FILTER (WHERE n.queue_name IS NULL))[1]
     INTO v_queues, v_missing
     FROM unnest(p_namespaces) WITH ORDINALITY AS u(name, i)
@@ -2410,7 +2717,7 @@ BEGIN
         RAISE EXCEPTION 'namespace must not be NULL' USING ERRCODE = '22004';
     END IF;
     RETURN QUERY SELECT * FROM tasker._message_rows(tasker._read_steps(
-        read_steps.namespace, (tasker._namespace_queues(ARRAY[read_steps.namespace]))[1], read_steps.worker_id,
+        read_steps.namespace, (tasker._worker_queues(ARRAY[read_steps.namespace]))[1], read_steps.worker_id,
         read_steps.qty, v_vt));
 END
 $$;
@@ -2422,7 +2729,7 @@ $$;
 CREATE FUNCTION tasker.wake_channel(namespace text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 BEGIN
-    RETURN tasker.wake_channel_of_queue((tasker._namespace_queues(ARRAY[wake_channel.namespace]))[1]);
+    RETURN tasker.wake_channel_of_queue((tasker._worker_queues(ARRAY[wake_channel.namespace]))[1]);
 END
 $$;
 
@@ -2445,7 +2752,7 @@ BEGIN
     IF worker_idle.idle THEN
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
         SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
-        FROM unnest(tasker._namespace_queues(worker_idle.namespaces)) q
+        FROM unnest(tasker._worker_queues(worker_idle.namespaces)) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
     END IF;
@@ -2483,7 +2790,7 @@ BEGIN
     ELSIF exchange.qty IS NULL OR exchange.qty NOT BETWEEN 0 AND 1000 THEN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
-    v_queues := tasker._namespace_queues(exchange.namespaces);
+    v_queues := tasker._worker_queues(exchange.namespaces);
     IF exchange.results IS NOT NULL THEN
         v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
@@ -2534,6 +2841,7 @@ BEGIN
     ELSIF extend_lease.seconds NOT BETWEEN 1 AND 86400 THEN
         RAISE EXCEPTION 'seconds must be between 1 and 86400, got %', extend_lease.seconds USING ERRCODE = '22023';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[extend_lease.step_uuid], 'worker');
     SELECT ws.state, ws.attempts, ws.queue_msg_id, ws.started_at, ws.timeout_seconds, n.queue_name INTO s
     FROM tasker.workflow_steps ws
     JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
@@ -2560,7 +2868,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:91
+-- src/lib.rs:97
 -- requires:
 --   workers
 
@@ -2663,6 +2971,7 @@ CREATE FUNCTION tasker.cancel_task(task_uuid uuid, reason text DEFAULT NULL) RET
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM tasker._require_tasks(ARRAY[cancel_task.task_uuid], 'app');
     PERFORM tasker._close_task(cancel_task.task_uuid, 'cancelled',
                                coalesce(cancel_task.reason, 'cancelled by operator'));
     RETURN 'cancelled';
@@ -2676,6 +2985,7 @@ CREATE FUNCTION tasker.resolve_task_manually(task_uuid uuid, reason text DEFAULT
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM tasker._require_tasks(ARRAY[resolve_task_manually.task_uuid], 'admin');
     PERFORM tasker._close_task(resolve_task_manually.task_uuid, 'resolved_manually',
                                coalesce(resolve_task_manually.reason, 'resolved manually by operator'));
     RETURN 'resolved_manually';
@@ -2695,6 +3005,7 @@ BEGIN
     IF retry_step.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[retry_step.step_uuid], 'admin');
     t := tasker._lock_task_of_step(retry_step.step_uuid);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = retry_step.step_uuid;
     IF s.state <> 'error' THEN
@@ -2726,6 +3037,7 @@ BEGIN
     IF resolve_step_manually.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker._require_steps(ARRAY[resolve_step_manually.step_uuid], 'admin');
     t := tasker._lock_task_of_step(resolve_step_manually.step_uuid);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = resolve_step_manually.step_uuid;
     IF NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions l
@@ -2750,7 +3062,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:96
+-- src/lib.rs:102
 -- requires:
 --   operator
 
@@ -2840,8 +3152,9 @@ BEGIN
 END
 $$;
 
--- Tasks with due work that nobody holds (or whose claim expired).
-CREATE VIEW tasker.ready_tasks AS
+-- Tasks with due work that nobody holds (or whose claim expired), of the
+-- namespaces the caller holds a privilege in.
+CREATE VIEW tasker.ready_tasks WITH (security_barrier) AS
 SELECT t.task_uuid,
        t.namespace_name AS namespace,
        t.task_name,
@@ -2855,7 +3168,8 @@ SELECT t.task_uuid,
        t.claim_expires_at
 FROM tasker.tasks t
 WHERE t.next_action_at <= now()
-  AND (t.claimed_by IS NULL OR t.claim_expires_at < now());
+  AND (t.claimed_by IS NULL OR t.claim_expires_at < now())
+  AND t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.ready_tasks IS
     'Tasks the orchestrator should look at now, with their escalated priority.';
 
@@ -2942,7 +3256,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:101
+-- src/lib.rs:107
 -- requires:
 --   cycle
 
@@ -3191,6 +3505,45 @@ BEGIN
 END
 $$;
 
+-- tasker.request_task(namespace, name, context, version, priority,
+-- initiator, source_system, reason, tags, idempotency_key) RETURNS bigint:
+-- asks the orchestrator to create a task later (the request queue's
+-- message; returns its msg_id). For applications that must not fail on a
+-- task they ask for: a request that create_task refuses goes to the DLQ.
+-- Takes the app privilege in the namespace (pgmq.send to the request
+-- queue takes tasker_app); 55000 when task requests are off.
+CREATE FUNCTION tasker.request_task(namespace text, name text, context jsonb DEFAULT '{}',
+                                    version text DEFAULT NULL, priority integer DEFAULT NULL,
+                                    initiator text DEFAULT NULL, source_system text DEFAULT NULL,
+                                    reason text DEFAULT NULL, tags text[] DEFAULT NULL,
+                                    idempotency_key text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+DECLARE
+    v_queue text := tasker._request_queue();
+BEGIN
+    IF request_task.namespace IS NULL OR request_task.name IS NULL THEN
+        RAISE EXCEPTION 'namespace and name must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM tasker._require_namespaces(ARRAY[request_task.namespace], 'app');
+    IF v_queue IS NULL THEN
+        RAISE EXCEPTION 'task requests are off (orchestration.task_requests.enabled = false)'
+            USING ERRCODE = '55000', HINT = 'use tasker.create_task, or turn task requests on';
+    END IF;
+    PERFORM tasker._check_payload_size(request_task.context, 'limits.max_context_bytes', 'the task context');
+    PERFORM tasker._ensure_request_queue(v_queue);
+    -- (the context as given, byte for byte: only the optional fields lose their NULLs)
+    RETURN tasker._pgmq_send_one(v_queue, jsonb_build_object(
+        'namespace', request_task.namespace, 'name', request_task.name,
+        'context', coalesce(request_task.context, '{}'))
+        || jsonb_strip_nulls(jsonb_build_object(
+        'version', request_task.version, 'priority', request_task.priority,
+        'initiator', request_task.initiator, 'source_system', request_task.source_system,
+        'reason', request_task.reason, 'tags', to_jsonb(request_task.tags),
+        'idempotency_key', request_task.idempotency_key)));
+END
+$$;
+
 -- Turns queued task requests into tasks with create_task's checks. Each
 -- request is parsed and created in its own subtransaction; one that fails
 -- goes to the DLQ with its error. Either way its message is archived, so
@@ -3321,16 +3674,44 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:106
+-- src/lib.rs:112
 -- requires:
 --   maintenance
 
 -- Views and read functions for people at a psql prompt. The views run with
 -- the extension owner's rights, so tasker_app / tasker_worker read them
--- without any access to the tables underneath. Step counts come from the
--- task's counters: a task's row is O(1) whatever its size.
+-- without any access to the tables underneath; each shows the rows of the
+-- namespaces the caller holds a privilege in (tasker._seen_namespaces) and
+-- is a security barrier, so that no function in a caller's WHERE clause
+-- sees the others. Step counts come from the task's counters: a task's row
+-- is O(1) whatever its size.
 
-CREATE VIEW tasker.templates AS
+-- A template definition without its handlers' initialization (where
+-- secrets end up), in its steps and in its environments' step overrides.
+CREATE FUNCTION tasker._without_initialization(p_steps jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN jsonb_typeof(p_steps) = 'array' THEN
+    coalesce((SELECT jsonb_agg(CASE WHEN jsonb_typeof(e.s -> 'handler') = 'object'
+                                    THEN e.s #- '{handler,initialization}' ELSE e.s END ORDER BY e.i)
+              FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS e(s, i)), '[]')
+    ELSE p_steps END;
+
+CREATE FUNCTION tasker._redacted_definition(p_definition jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+RETURN p_definition
+    || CASE WHEN p_definition ? 'steps'
+            THEN jsonb_build_object('steps', tasker._without_initialization(p_definition -> 'steps'))
+            ELSE '{}' END
+    || CASE WHEN jsonb_typeof(p_definition -> 'environments') = 'object'
+            THEN jsonb_build_object('environments', coalesce((
+                SELECT jsonb_object_agg(e.k, CASE WHEN jsonb_typeof(e.v) = 'object' AND e.v ? 'steps'
+                                                  THEN e.v || jsonb_build_object('steps', tasker._without_initialization(e.v -> 'steps'))
+                                                  ELSE e.v END)
+                FROM jsonb_each(p_definition -> 'environments') AS e(k, v)), '{}'))
+            ELSE '{}' END;
+
+-- The definition in full only for admins of its namespace.
+CREATE VIEW tasker.templates WITH (security_barrier) AS
 SELECT tt.template_uuid,
        n.name          AS namespace,
        tt.name,
@@ -3340,12 +3721,16 @@ SELECT tt.template_uuid,
        n.queue_name,
        tt.created_at,
        tt.updated_at,
-       tt.definition
+       CASE WHEN n.name = ANY (coalesce(a.mine, ARRAY[n.name])) THEN tt.definition
+            ELSE tasker._redacted_definition(tt.definition) END AS definition
 FROM tasker.task_templates tt
-JOIN tasker.namespaces n USING (namespace_uuid);
-COMMENT ON VIEW tasker.templates IS 'Registered task templates, one row per version.';
+JOIN tasker.namespaces n USING (namespace_uuid)
+CROSS JOIN (SELECT tasker._caller_namespaces('admin') AS mine OFFSET 0) a
+WHERE n.name IN (SELECT tasker._seen_namespaces());
+COMMENT ON VIEW tasker.templates IS
+    'Registered task templates, one row per version (handler initialization shown to the namespace''s admins only).';
 
-CREATE VIEW tasker.task_status AS
+CREATE VIEW tasker.task_status WITH (security_barrier) AS
 SELECT t.task_uuid,
        t.namespace_name  AS namespace,
        t.task_name,
@@ -3364,11 +3749,12 @@ SELECT t.task_uuid,
        t.created_at,
        t.updated_at,
        t.completed_at
-FROM tasker.tasks t;
+FROM tasker.tasks t
+WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.task_status IS
     'One row per task: state, priority and step counts by class (complete includes resolved_manually).';
 
-CREATE VIEW tasker.step_status AS
+CREATE VIEW tasker.step_status WITH (security_barrier) AS
 SELECT s.task_uuid,
        t.namespace_name AS namespace,
        t.task_name,
@@ -3393,9 +3779,23 @@ SELECT s.task_uuid,
        s.completed_at,
        s.updated_at
 FROM tasker.workflow_steps s
-JOIN tasker.tasks t USING (task_uuid);
+JOIN tasker.tasks t USING (task_uuid)
+WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.step_status IS
     'One row per step: state, attempts, dependencies by name, last error, results, next retry time.';
+
+-- The task's uuid, for the read functions: P0002 when there is no such
+-- task, 42501 when the caller holds no privilege in its namespace.
+CREATE FUNCTION tasker._seen_task(p_task uuid) RETURNS uuid
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'P0002';
+    END IF;
+    PERFORM tasker._require_tasks(ARRAY[p_task], 'any');
+    RETURN p_task;
+END
+$$;
 
 -- tasker.step_readiness(task_uuid): per step, what readiness is made of
 -- (tasker-core's get_step_readiness_status).
@@ -3415,20 +3815,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
            s.attempts,
            s.max_attempts
     FROM tasker.workflow_steps s
-    WHERE s.task_uuid = step_readiness.task_uuid
+    WHERE s.task_uuid = tasker._seen_task(step_readiness.task_uuid)
     ORDER BY s.position
 $$;
 
--- The task's uuid; P0002 when there is no such task.
-CREATE FUNCTION tasker._existing_task(p_task uuid) RETURNS uuid
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
-        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'P0002';
-    END IF;
-    RETURN p_task;
-END
-$$;
 
 -- tasker.task_execution_context(task_uuid): the task's execution status,
 -- health and step counts (tasker-core's get_task_execution_context).
@@ -3448,12 +3838,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
                           AND tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())) r
     CROSS JOIN LATERAL tasker._task_status(t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting,
                                            t.steps_done, t.steps_error, t.steps_cancelled, r.ready) d
-    WHERE t.task_uuid = tasker._existing_task($1)
+    WHERE t.task_uuid = tasker._seen_task($1)
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:111
+-- src/lib.rs:117
 -- requires:
 --   views
 --   health::health
@@ -3461,7 +3851,8 @@ $$;
 -- Health: what tasker.health() (src/health.rs) reports besides the
 -- orchestrator's shared-memory state, and psql-friendly views over it.
 -- Cheap and side-effect free: queue depths, active tasks (never the
--- finished history), due tasks.
+-- finished history), due tasks; of the namespaces the caller holds a
+-- privilege in (the DLQ only for those who see every namespace).
 
 CREATE FUNCTION tasker._health_data() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
@@ -3473,16 +3864,20 @@ LANGUAGE sql STABLE AS $$
                        'total_messages', m.total_messages) ORDER BY n.name)
             FROM tasker.namespaces n
             CROSS JOIN LATERAL tasker._pgmq_metrics(n.queue_name) m
-            WHERE tasker._pgmq_queue_exists(n.queue_name)), '[]'),
+            WHERE tasker._pgmq_queue_exists(n.queue_name)
+              AND n.name IN (SELECT tasker._seen_namespaces())), '[]'),
         'active_tasks_by_state', coalesce((
             SELECT jsonb_object_agg(a.state, a.n)
             FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
-                  WHERE NOT tasker.task_state_is_terminal(t.state) GROUP BY t.state) a), '{}'),
+                  WHERE NOT tasker.task_state_is_terminal(t.state)
+                    AND t.namespace_name IN (SELECT tasker._seen_namespaces())
+                  GROUP BY t.state) a), '{}'),
         'due_tasks', (SELECT count(*) FROM tasker.ready_tasks),
         'dlq_pending_by_reason', coalesce((
             SELECT jsonb_object_agg(d.reason, d.n)
             FROM (SELECT reason, count(*) AS n FROM tasker.dlq
-                  WHERE resolution_status = 'pending' GROUP BY reason) d), '{}'))
+                  WHERE resolution_status = 'pending' AND tasker._caller_namespaces('any') IS NULL
+                  GROUP BY reason) d), '{}'))
 $$;
 
 CREATE VIEW tasker.orchestrator_status AS
@@ -3511,13 +3906,14 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:116
+-- src/lib.rs:122
 -- requires:
 --   health_views
 
 -- Observability (blog post 05): throughput, failures, slowest steps, and a
 -- Mermaid picture of a task's DAG. They read the transition history of the
--- given window; run them on purpose, not in a hot loop.
+-- given window; run them on purpose, not in a hot loop. Each counts the
+-- namespaces the caller holds a privilege in.
 
 CREATE FUNCTION tasker.analytics_throughput(since interval DEFAULT '1 hour',
                                             bucket interval DEFAULT '1 minute')
@@ -3529,12 +3925,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
                count(*) FILTER (WHERE st.to_state IN ('complete', 'resolved_manually')) AS done,
                count(*) FILTER (WHERE st.to_state IN ('waiting_for_retry', 'error')) AS failed
         FROM tasker.step_transitions st
+        JOIN tasker.workflow_steps s USING (step_uuid)
+        JOIN tasker.tasks t USING (task_uuid)
         WHERE st.created_at >= now() - since
+          AND t.namespace_name IN (SELECT tasker._seen_namespaces())
         GROUP BY 1
     ), tasks AS (
         SELECT date_bin(bucket, t.completed_at, 'epoch'::timestamptz) AS b, count(*) AS n
         FROM tasker.tasks t
         WHERE t.state = 'complete' AND t.completed_at >= now() - since
+          AND t.namespace_name IN (SELECT tasker._seen_namespaces())
         GROUP BY 1
     )
     SELECT coalesce(e.b, t.b), coalesce(t.n, 0), coalesce(e.done, 0), coalesce(e.failed, 0)
@@ -3557,6 +3957,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
     JOIN tasker.tasks t USING (task_uuid)
     WHERE st.to_state IN ('waiting_for_retry', 'error')
       AND st.created_at >= now() - since
+      AND t.namespace_name IN (SELECT tasker._seen_namespaces())
     GROUP BY 1, 2, 3, 4
     ORDER BY 5 DESC, 1, 2, 3
 $$;
@@ -3575,20 +3976,31 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
     JOIN tasker.workflow_steps s USING (step_uuid)
     JOIN tasker.tasks t USING (task_uuid)
     WHERE st.to_state = 'complete' AND st.created_at >= now() - since
+      AND t.namespace_name IN (SELECT tasker._seen_namespaces())
     GROUP BY 1, 2, 3
     ORDER BY 5 DESC NULLS LAST
     LIMIT lim
 $$;
 
+-- Text as a Mermaid label shows it, whatever it holds: every character but
+-- letters, digits, space and _ . : - becomes an entity code (#34; for "),
+-- so no step name can end its label or inject Mermaid or HTML.
+CREATE FUNCTION tasker._mermaid_text(p text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN coalesce((SELECT string_agg(CASE WHEN c.ch ~ '^[A-Za-z0-9 _.:-]$' THEN c.ch
+                                        ELSE '#' || ascii(c.ch) || ';' END, '' ORDER BY c.i)
+                 FROM regexp_split_to_table(p, '') WITH ORDINALITY AS c(ch, i)), '');
+
 -- A Mermaid flowchart of a task: one node per step (name, state, attempts),
--- one arrow per dependency, colour by state.
+-- one arrow per dependency, colour by state. P0002 for an unknown task,
+-- 42501 for one of a namespace the caller holds no privilege in.
 CREATE FUNCTION tasker.task_graph(task_uuid uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
     SELECT concat_ws(E'\n',
         'flowchart LR',
-        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', s.position, s.name, s.state,
+        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', s.position, tasker._mermaid_text(s.name), s.state,
                                   s.attempts, s.max_attempts, s.state), E'\n' ORDER BY s.position)
-           FROM tasker.workflow_steps s WHERE s.task_uuid = task_graph.task_uuid),
+           FROM tasker.workflow_steps s WHERE s.task_uuid = tasker._seen_task(task_graph.task_uuid)),
         (SELECT string_agg(format('    s%s --> s%s', p.position, c.position), E'\n' ORDER BY c.position, p.position)
            FROM tasker.step_edges e
            JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
@@ -3607,7 +4019,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:121
+-- src/lib.rs:127
 -- requires:
 --   analytics
 
@@ -3661,64 +4073,80 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:126
+-- src/lib.rs:132
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --
---   tasker_admin   registers templates and performs admin operations; is also
+-- Cluster-wide roles, each holding its privilege in every namespace
+-- (sql/03_privileges.sql):
+--   tasker_admin   registers templates, creates namespaces, grants
+--                  namespace privileges, runs maintenance, handles the DLQ;
 --                  a member of tasker_app and tasker_worker.
---   tasker_app     creates tasks and reads the status views.
---   tasker_worker  reads namespace queues and submits step results.
+--   tasker_app     creates tasks, sees them, cancels them.
+--   tasker_worker  reads namespace queues and reports step results.
+-- API roles, holding EXECUTE on the API and no namespace: a role granted a
+-- privilege in one namespace (tasker.grant_namespace) becomes a member of
+-- one of them; the cluster-wide roles are members too.
+--   tasker_namespace_worker, tasker_namespace_app, tasker_namespace_admin
+--   (a member of the other two).
 --
 -- The roles are cluster-wide and NOLOGIN: grant them to your login roles.
 -- They survive DROP EXTENSION (other databases may use them).
 
 DO $roles$
+DECLARE
+    m record;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_admin') THEN
-        CREATE ROLE tasker_admin NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_app') THEN
-        CREATE ROLE tasker_app NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_worker') THEN
-        CREATE ROLE tasker_worker NOLOGIN;
-    END IF;
-    IF NOT pg_catalog.pg_has_role('tasker_admin', 'tasker_app', 'MEMBER') THEN
-        GRANT tasker_app TO tasker_admin;
-    END IF;
-    IF NOT pg_catalog.pg_has_role('tasker_admin', 'tasker_worker', 'MEMBER') THEN
-        GRANT tasker_worker TO tasker_admin;
-    END IF;
+    FOR m IN SELECT * FROM (VALUES ('tasker_admin'), ('tasker_app'), ('tasker_worker'),
+                                   ('tasker_namespace_admin'), ('tasker_namespace_app'),
+                                   ('tasker_namespace_worker')) r(name)
+             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.rolname = r.name) LOOP
+        EXECUTE format('CREATE ROLE %I NOLOGIN', m.name);
+    END LOOP;
+    FOR m IN SELECT * FROM (VALUES ('tasker_app', 'tasker_admin'), ('tasker_worker', 'tasker_admin'),
+                                   ('tasker_namespace_app', 'tasker_namespace_admin'),
+                                   ('tasker_namespace_worker', 'tasker_namespace_admin'),
+                                   ('tasker_namespace_admin', 'tasker_admin'),
+                                   ('tasker_namespace_app', 'tasker_app'),
+                                   ('tasker_namespace_worker', 'tasker_worker')) g(role, member)
+             WHERE NOT pg_catalog.pg_has_role(g.member, g.role, 'MEMBER') LOOP
+        EXECUTE format('GRANT %I TO %I', m.role, m.member);
+    END LOOP;
 END
 $roles$;
 
 -- Nothing in the schema is reachable by default ...
 REVOKE ALL ON ALL TABLES IN SCHEMA tasker FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA tasker FROM PUBLIC;
-GRANT USAGE ON SCHEMA tasker TO tasker_admin, tasker_app, tasker_worker;
+GRANT USAGE ON SCHEMA tasker TO tasker_namespace_app, tasker_namespace_worker;
 
 -- ... except the API, role by role. Functions that write are SECURITY DEFINER
 -- with a pinned search_path; the tables themselves stay closed.
 GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status, tasker.ready_tasks,
                 tasker.step_state_transitions, tasker.task_state_transitions
-    TO tasker_app, tasker_worker;
+    TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
                           tasker.step_state_class(tasker.step_state),
                           tasker.step_is_runnable(tasker.step_state, integer),
                           tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz)
-    TO tasker_app, tasker_worker;
+    TO tasker_namespace_app, tasker_namespace_worker;
 
-GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_app, tasker_worker;
-GRANT EXECUTE ON FUNCTION tasker.uuid_generate_v7() TO tasker_app, tasker_worker;
-GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb) TO tasker_admin;
-GRANT EXECUTE ON FUNCTION tasker.register_template_yaml(text) TO tasker_admin;
-GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text)
-    TO tasker_app;
+-- what the views call (functions in a view run with the rights of its user)
+GRANT EXECUTE ON FUNCTION tasker._seen_namespaces(), tasker._caller_namespaces(text),
+                          tasker._redacted_definition(jsonb), tasker._without_initialization(jsonb)
+    TO tasker_namespace_app, tasker_namespace_worker;
+GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_namespace_app, tasker_namespace_worker;
+GRANT EXECUTE ON FUNCTION tasker.uuid_generate_v7() TO tasker_namespace_app, tasker_namespace_worker;
+GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb),
+                          tasker.register_template_yaml(text)
+    TO tasker_namespace_admin;
+GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text),
+                          tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text)
+    TO tasker_namespace_app;
 GRANT EXECUTE ON FUNCTION tasker.step_readiness(uuid), tasker.task_execution_context(uuid),
                           tasker.effective_priority(integer, interval)
-    TO tasker_app, tasker_worker;
-GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_app;
+    TO tasker_namespace_app, tasker_namespace_worker;
+GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_namespace_app;
 
 -- Workers: take steps and report results.
 GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
@@ -3728,26 +4156,34 @@ GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
                           tasker.exchange(text[], text, jsonb, integer, integer),
                           tasker.wake_channel(text),
                           tasker.worker_idle(text[], text, boolean)
-    TO tasker_worker;
+    TO tasker_namespace_worker;
 
--- Orchestration and operator actions.
+-- Operator actions in a namespace.
+GRANT EXECUTE ON FUNCTION tasker.retry_step(uuid, text),
+                          tasker.resolve_step_manually(uuid, jsonb, text),
+                          tasker.resolve_task_manually(uuid, text)
+    TO tasker_namespace_admin;
+
+-- Orchestration across namespaces, and who holds what.
 GRANT EXECUTE ON FUNCTION tasker.run_orchestration_cycle(text, integer),
                           tasker.claim_ready_tasks(text, integer, text, integer),
                           tasker.release_task_claim(uuid, text),
                           tasker.extend_task_claim(uuid, text, integer),
-                          tasker.retry_step(uuid, text),
-                          tasker.resolve_step_manually(uuid, jsonb, text),
-                          tasker.resolve_task_manually(uuid, text)
+                          tasker.grant_namespace(text, name, text),
+                          tasker.revoke_namespace(text, name, text)
     TO tasker_admin;
+GRANT SELECT ON tasker.namespace_privileges TO tasker_admin;
 
 -- Workers read step messages with plain pgmq calls; each namespace queue
--- grants its table to tasker_worker when it is created (register_template).
-GRANT USAGE ON SCHEMA pgmq TO tasker_worker;
+-- grants what pgmq.read needs on its table to tasker_worker when it is
+-- created (register_template), and to a namespace's workers when they are
+-- granted (tasker.grant_namespace).
+GRANT USAGE ON SCHEMA pgmq TO tasker_namespace_worker;
 
 -- Health and configuration.
-GRANT EXECUTE ON FUNCTION tasker.health() TO tasker_app, tasker_worker;
+GRANT EXECUTE ON FUNCTION tasker.health() TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.config() TO tasker_admin;
-GRANT SELECT ON tasker.orchestrator_status, tasker.queue_status TO tasker_app, tasker_worker;
+GRANT SELECT ON tasker.orchestrator_status, tasker.queue_status TO tasker_namespace_app, tasker_namespace_worker;
 
 -- Maintenance and the dead letter queue.
 GRANT EXECUTE ON FUNCTION tasker.run_maintenance(text[]),
@@ -3761,7 +4197,7 @@ GRANT EXECUTE ON FUNCTION tasker.analytics_throughput(interval, interval),
                           tasker.analytics_failures(interval),
                           tasker.analytics_slowest_steps(interval, integer),
                           tasker.task_graph(uuid)
-    TO tasker_app, tasker_worker;
+    TO tasker_namespace_app, tasker_namespace_worker;
 /* </end connected objects> */
 
 -- </pg_tasker 0.2.0 install script>
@@ -3861,3 +4297,9 @@ DROP SCHEMA tasker_0_1_0 CASCADE;
 -- new tables are this transaction's own: no lock to wait for.
 SELECT tasker._evaluate_task(t.task_uuid, 'upgraded to 0.2.0', true)
 FROM tasker.tasks t WHERE NOT tasker.task_state_is_terminal(t.state);
+
+-- 0.1.0 granted whole queue tables (SELECT and UPDATE to tasker_worker,
+-- SELECT of their archives; SELECT and INSERT of the request queue to
+-- tasker_app); 0.2.0 grants what pgmq.read and pgmq.send need, no more.
+SELECT tasker._pgmq_grant_reader(n.queue_name, 'tasker_worker') FROM tasker.namespaces n;
+SELECT tasker._grant_request_queue(m.queue_name) FROM pgmq.meta m WHERE m.queue_name = tasker._request_queue();

@@ -176,6 +176,16 @@ fn _setting(key: &str) -> ApiResult<i64> {
     })
 }
 
+/// `tasker._request_queue() RETURNS text`: the task request queue
+/// (orchestration.task_requests.queue), NULL when task requests are off.
+#[pg_extern(stable, parallel_safe)]
+fn _request_queue() -> Option<String> {
+    crate::settings::with_current(|c| {
+        let r = &c.orchestration.task_requests;
+        r.enabled.then(|| r.queue.clone())
+    })
+}
+
 /// `tasker._environment() RETURNS text`: pg_tasker.environment.
 #[pg_extern(stable, parallel_safe)]
 fn _environment() -> String {

@@ -52,7 +52,9 @@ pub fn init(preloading: bool) {
         c"Environment name (test, development, production, ...).",
         c"Selects the template overrides under environments.<name> applied by create_task, and the configuration overlays under config_dir/environments/<name>.",
         &ENVIRONMENT,
-        GucContext::Userset,
+        // it changes what create_task builds: set by superusers and the
+        // server's configuration only
+        GucContext::Suset,
         GucFlags::default(),
     );
 }

@@ -10,16 +10,6 @@ use crate::errors::{internal, ApiResult};
 use crate::worker_state::{self, Status};
 use crate::{guc, settings};
 
-/// Whether the role the caller acts as (SET ROLE included, SECURITY DEFINER
-/// excluded) has the privileges of tasker_admin (superusers do).
-fn caller_is_admin() -> bool {
-    // SAFETY: plain catalog lookups of the current backend.
-    unsafe {
-        let admin = pg_sys::get_role_oid(c"tasker_admin".as_ptr(), true);
-        admin != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), admin)
-    }
-}
-
 fn current_database() -> String {
     // SAFETY: the name of the database this backend is connected to.
     unsafe {
@@ -64,7 +54,7 @@ fn orchestrator() -> Value {
         "last_tick_at": if last_tick_ms > 0 { Some(last_tick_ms) } else { None },
         "errors": worker_state::ERRORS.get().load(Ordering::SeqCst),
     });
-    if caller_is_admin() {
+    if crate::caller::is_admin() {
         o["last_error"] =
             json!(Some(worker_state::LAST_ERROR.share().get()).filter(|e| !e.is_empty()));
     }

@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod bgworker;
+mod caller;
 mod decisions;
 mod errors;
 mod guc;
@@ -45,9 +46,14 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/03_privileges.sql",
+    name = "privileges",
+    requires = ["tables", caller::_caller]
+);
+extension_sql_file!(
     "../sql/04_transitions.sql",
     name = "transitions",
-    requires = ["tables"]
+    requires = ["privileges"]
 );
 extension_sql_file!(
     "../sql/05_payloads.sql",

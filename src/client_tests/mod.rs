@@ -11,6 +11,7 @@ mod crash;
 mod health;
 mod orchestration;
 mod scale;
+mod security;
 mod upgrade;
 
 use std::time::{Duration, Instant};

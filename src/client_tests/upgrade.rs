@@ -288,6 +288,39 @@ fn update_from_0_1_0_with_tasks_in_flight_matches_a_fresh_install() {
         panic!("schemas differ\nonly after the upgrade: {only_upgraded:#?}\nonly in a fresh install: {only_fresh:#?}");
     }
 
+    // a queue made by 0.1.0 grants what one made by 0.2.0 does (pgmq.read's
+    // columns to workers, nothing to apps), in the upgraded database and in
+    // a fresh one
+    let queue_acl = |c: &mut Client, queue: &str| -> String {
+        c.query_one(
+            "SELECT concat_ws(' ', (SELECT relacl::text FROM pg_class WHERE oid = $1::text::regclass),
+                              (SELECT string_agg(attname || '=' || attacl::text, ' ' ORDER BY attnum)
+                               FROM pg_attribute WHERE attrelid = $1::text::regclass AND attacl IS NOT NULL),
+                              (SELECT relacl::text FROM pg_class WHERE oid = $2::text::regclass))",
+            &[&format!("pgmq.q_{queue}"), &format!("pgmq.a_{queue}")],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let fresh_queue = |c: &mut Client| {
+        let t = json!({"name": "x", "namespace_name": "upg_new", "version": "1",
+            "steps": [step("only", &[], json!({}))]});
+        c.execute(
+            "SELECT tasker.register_template($1::text::jsonb)",
+            &[&t.to_string()],
+        )
+        .unwrap();
+    };
+    fresh_queue(&mut c);
+    fresh_queue(&mut fresh);
+    let old_acl = queue_acl(&mut c, "tasker_upg_queue");
+    assert_eq!(old_acl, queue_acl(&mut c, "tasker_upg_new_queue"));
+    assert_eq!(old_acl, queue_acl(&mut fresh, "tasker_upg_new_queue"));
+    assert!(
+        old_acl.contains("vt=") && !old_acl.contains("message="),
+        "{old_acl}"
+    );
+
     // the data came along, consistently
     assert_eq!(all_problems(&mut c), 0);
     assert_eq!(states(&mut c)["cancelled"], 1);
