@@ -419,3 +419,66 @@ fn task_graph_escapes_step_names() {
         "{node}"
     );
 }
+
+/// The views are security barriers: a function of the caller's own in a
+/// WHERE clause (cheap enough to run first, if the planner could) never
+/// sees a row of another namespace, and a lookup by key still uses the
+/// primary key.
+#[test]
+fn a_leaky_function_sees_no_other_namespace() {
+    let mut c = connect();
+    register_linear(&mut c, "sec_l1", "flow", 2);
+    register_linear(&mut c, "sec_l2", "flow", 2);
+    let mine = create(&mut c, "sec_l1", "flow");
+    create(&mut c, "sec_l2", "flow");
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE sec_leaker LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         SELECT tasker.grant_namespace('sec_l1', 'sec_leaker', 'app');",
+    )
+    .unwrap();
+    let port: String = c.query_one("SHOW port", &[]).unwrap().get(0);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    let mut leaker = postgres::Config::new()
+        .host("localhost")
+        .port(port.parse().unwrap())
+        .user("sec_leaker")
+        .dbname(pgrx_tests::get_pg_dbname())
+        .notice_callback(move |n| s.lock().unwrap().push(n.message().to_string()))
+        .connect(NoTls)
+        .unwrap();
+    leaker
+        .batch_execute(
+            "CREATE FUNCTION pg_temp.leak(t text) RETURNS boolean LANGUAGE plpgsql COST 0.0000001 AS
+             $$ BEGIN RAISE NOTICE 'saw %', t; RETURN true; END $$;",
+        )
+        .unwrap();
+    for q in [
+        "SELECT count(*) FROM tasker.task_status WHERE pg_temp.leak(namespace)",
+        "SELECT count(*) FROM tasker.step_status WHERE pg_temp.leak(namespace || ' ' || step_name)",
+        "SELECT count(*) FROM tasker.templates WHERE pg_temp.leak(namespace || ' ' || definition::text)",
+        "SELECT count(*) FROM tasker.ready_tasks WHERE pg_temp.leak(namespace)",
+    ] {
+        leaker.query_one(q, &[]).unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|n| n.contains("sec_l1")), "{seen:?}");
+    let foreign: Vec<_> = seen.iter().filter(|n| !n.contains("sec_l1")).collect();
+    assert!(foreign.is_empty(), "the leaky function saw {foreign:?}");
+
+    let plan: Vec<String> = leaker
+        .query(
+            &format!("EXPLAIN SELECT * FROM tasker.task_status WHERE task_uuid = '{mine}'"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("Index Scan using tasks_pkey")),
+        "{}",
+        plan.join("\n")
+    );
+}

@@ -267,8 +267,11 @@ pub async fn check_startup(
                 format!("namespace \"{ns}\" is not registered in database \"{dbname}\" (register a template of it first)")
             } else if *db.code() == SqlState::INSUFFICIENT_PRIVILEGE {
                 format!(
-                    "role \"{user}\" may not work on namespace \"{ns}\": {} (GRANT tasker_worker TO it)",
-                    db.message()
+                    "role \"{user}\" may not work on namespace \"{ns}\": {} ({})",
+                    db.message(),
+                    db.hint().unwrap_or(
+                        "tasker_admin grants it with tasker.grant_namespace, or GRANT tasker_worker for every namespace"
+                    )
                 )
             } else {
                 format!("cannot check namespace \"{ns}\": {}", db.message())

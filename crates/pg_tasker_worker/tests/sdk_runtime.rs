@@ -681,3 +681,80 @@ fn a_refused_result_is_dropped_and_the_step_delivered_again() {
     // step a ran twice (the refused result, then its redelivery), b once
     assert_eq!(runs.total(), 3, "{stats:?}");
 }
+
+/// A worker whose role holds `worker` in one namespace only (issue #12)
+/// runs that namespace's steps, and is refused at start-up, with the grant
+/// it lacks, when asked to serve another.
+#[test]
+fn a_worker_granted_one_namespace_runs_it_and_is_refused_the_others() {
+    let (cluster, mut db) = setup("sdk_tenant");
+    let other = json!({"name": "flow", "namespace_name": "other", "version": "1.0.0",
+                       "steps": [{"name": "a", "handler": {"callable": "Effect"}}]});
+    db.execute(
+        "SELECT tasker.register_template($1::text::jsonb)",
+        &[&other.to_string()],
+    )
+    .unwrap();
+    db.batch_execute(
+        "CREATE ROLE txn_worker LOGIN;
+         SELECT tasker.grant_namespace('txn', 'txn_worker', 'worker');",
+    )
+    .unwrap();
+    let tasks = create(&mut db, 5);
+    let foreign: String = db
+        .query_one("SELECT tasker.create_task('other', 'flow')::text", &[])
+        .unwrap()
+        .get(0);
+    let url = cluster.url().replace("user=postgres", "user=txn_worker");
+    let runs = Invocations::default();
+    let mut registry = Registry::new();
+    let r = runs.clone();
+    registry.register("Effect", move |step: StepContext| {
+        let r = r.clone();
+        async move {
+            r.record(&step);
+            Outcome::success(json!({}))
+        }
+    });
+    let mut o = options(
+        &cluster,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    );
+    o.database_url = url.clone();
+    let worker = start(o, registry);
+    wait_until(
+        "its namespace's tasks complete",
+        Duration::from_secs(30),
+        || tasks.iter().all(|t| task_state(&mut db, t) == "complete"),
+    );
+    let stats = worker.stop();
+    assert_eq!(runs.total(), 10, "{stats:?}");
+    assert_eq!(task_state(&mut db, &foreign), "steps_in_process");
+
+    // asked to serve "other" too: refused before it reads anything
+    let mut o = options(
+        &cluster,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    );
+    o.database_url = url;
+    o.namespaces = vec!["txn".into(), "other".into()];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                pg_tasker_worker::run(o, Registry::new(), std::future::pending::<()>()),
+            )
+            .await
+        })
+        .expect("refused at start-up, not run")
+        .unwrap_err();
+    assert!(
+        err.contains("may not work on namespace \"other\"")
+            && err.contains("grant_namespace('other', 'txn_worker', 'worker')"),
+        "{err}"
+    );
+    assert_eq!(task_state(&mut db, &foreign), "steps_in_process");
+}
