@@ -41,6 +41,20 @@ CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS b
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 
+-- A task arriving in these states is an event (NOTIFY on
+-- tasker.events_channel(), by tasker._move_task): it finished, or it is
+-- blocked by failures and needs someone.
+CREATE FUNCTION tasker.task_state_is_event(state tasker.task_state) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN tasker.task_state_is_terminal(state) OR state = 'blocked_by_failures';
+
+-- The channel of task events: LISTEN tasker_events; each notification's
+-- payload is {"task_uuid", "namespace", "state", "from_state"} (JSON),
+-- sent when the transaction that moved the task commits.
+CREATE FUNCTION tasker.events_channel() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 'tasker_events';
+
 -- The class of a step state; each class has a counter on its task row
 -- (tasks.steps_<class>), kept by tasker._settle_tasks.
 --   pending  - pending

@@ -32,42 +32,30 @@ CREATE INDEX namespace_grants_grantee_idx ON tasker.namespace_grants (grantee);
 COMMENT ON TABLE tasker.namespace_grants IS
     'Privileges of roles in single namespaces (tasker.grant_namespace); the cluster-wide roles hold theirs everywhere.';
 
--- What holds privilege p ('worker', 'app', 'admin', or 'any': some
--- privilege, which is what seeing a namespace's tasks takes): the
--- cluster-wide roles that hold it in every namespace, and the granted
--- privileges that include it (admin includes worker and app).
-CREATE FUNCTION tasker._privilege_holders(p text, OUT cluster_roles name[],
-                                          OUT granted tasker.namespace_privilege[])
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    CASE p
-        WHEN 'worker' THEN cluster_roles := '{tasker_worker}'; granted := '{worker,admin}';
-        WHEN 'app' THEN cluster_roles := '{tasker_app}'; granted := '{app,admin}';
-        WHEN 'admin' THEN cluster_roles := '{tasker_admin}'; granted := '{admin}';
-        WHEN 'any' THEN cluster_roles := '{tasker_worker,tasker_app}'; granted := '{worker,app,admin}';
-        ELSE RAISE EXCEPTION 'pg_tasker internal error: unknown privilege "%"', p USING ERRCODE = 'XX000';
-    END CASE;
-END
-$$;
+-- Privilege p is 'worker', 'app', 'admin', or 'any' (some privilege: what
+-- seeing a namespace's tasks takes). Who holds it where is the rule of
+-- pg_tasker_core::privilege: tasker._caller_holds_all(p) (a cluster-wide
+-- role: every namespace; no query) and tasker._privileges_including(p)
+-- (the granted privileges that include it; admin includes worker and app).
 
 -- The namespaces in which the caller holds privilege p, by name; NULL when
 -- it holds p in every namespace (a cluster-wide role, or a superuser).
 -- (SECURITY DEFINER, like _seen_namespaces: the views call them, and a
 -- function in a view runs with the rights of the view's user.)
 CREATE FUNCTION tasker._caller_namespaces(p text) RETURNS text[]
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-    SELECT CASE
-        WHEN EXISTS (SELECT 1 FROM unnest(h.cluster_roles) r
-                     WHERE pg_catalog.pg_has_role(tasker._caller(), r, 'USAGE')) THEN NULL
-        ELSE ARRAY(SELECT DISTINCT n.name
-                   FROM tasker.namespace_grants g
-                   JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
-                   JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
-                   WHERE g.privilege = ANY (h.granted)
-                     AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
-                   ORDER BY 1)
-    END
-    FROM tasker._privilege_holders(p) h
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+BEGIN
+    IF tasker._caller_holds_all(p) THEN
+        RETURN NULL;
+    END IF;
+    RETURN ARRAY(SELECT DISTINCT n.name
+                 FROM tasker.namespace_grants g
+                 JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
+                 JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
+                 WHERE g.privilege::text = ANY (tasker._privileges_including(p))
+                   AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
+                 ORDER BY 1);
+END
 $$;
 
 -- The namespaces whose tasks the caller sees (views, read functions):
@@ -82,12 +70,13 @@ $$;
 CREATE FUNCTION tasker._require_namespaces(p_namespaces text[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_mine text[] := tasker._caller_namespaces(p);
+    v_mine text[];
     v_denied text;
 BEGIN
-    IF v_mine IS NULL THEN
+    IF tasker._caller_holds_all(p) THEN
         RETURN;
     END IF;
+    v_mine := tasker._caller_namespaces(p);
     SELECT u INTO v_denied FROM unnest(p_namespaces) u WHERE u IS NOT NULL AND u <> ALL (v_mine) LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'permission denied: role "%" has no % privilege in namespace "%"',
@@ -103,30 +92,27 @@ END
 $$;
 
 -- 42501 unless the caller holds privilege p in the namespaces of the given
--- steps (steps that do not exist are left to the caller to report).
-CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
+-- tasks (tasks that do not exist are left to the caller to report).
+-- (plpgsql, like the others here: its plans are kept for the session)
+CREATE FUNCTION tasker._require_tasks(p_tasks uuid[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF tasker._caller_namespaces(p) IS NULL THEN
-        RETURN;
-    END IF;
     PERFORM tasker._require_namespaces(
-        ARRAY(SELECT DISTINCT t.namespace_name
-              FROM tasker.workflow_steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-              WHERE s.step_uuid = ANY (p_steps)), p);
+        ARRAY(SELECT DISTINCT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = ANY (p_tasks)), p);
 END
 $$;
 
 -- 42501 unless the caller holds privilege p in the namespaces of the given
--- tasks (tasks that do not exist are left to the caller to report).
-CREATE FUNCTION tasker._require_tasks(p_tasks uuid[], p text) RETURNS void
+-- steps (steps that do not exist are left to the caller to report). The
+-- cluster-wide roles pass without a look at the steps (results take this
+-- path: it is the hot one).
+CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF tasker._caller_namespaces(p) IS NULL THEN
-        RETURN;
+    IF NOT tasker._caller_holds_all(p) THEN
+        PERFORM tasker._require_tasks(
+            ARRAY(SELECT s.task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = ANY (p_steps)), p);
     END IF;
-    PERFORM tasker._require_namespaces(
-        ARRAY(SELECT DISTINCT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = ANY (p_tasks)), p);
 END
 $$;
 
@@ -168,7 +154,7 @@ CREATE FUNCTION tasker._grant_reads_queue(p_namespace uuid, p_role regrole) RETU
 LANGUAGE sql STABLE
 RETURN EXISTS (SELECT 1 FROM tasker.namespace_grants g
                WHERE g.namespace_uuid = p_namespace AND g.grantee = p_role
-                 AND g.privilege = ANY ((tasker._privilege_holders('worker')).granted));
+                 AND g.privilege::text = ANY (tasker._privileges_including('worker')));
 
 -- tasker.grant_namespace(namespace, role, privilege) RETURNS boolean: gives
 -- a role the privilege worker, app or admin in one namespace (false when it

@@ -143,6 +143,12 @@ BEGIN
         RAISE EXCEPTION 'pg_tasker internal error: task % cannot move to %', p_task, p_to
             USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
     END IF;
+    PERFORM tasker._count_moves('task', p_to::text, 1);
+    IF tasker.task_state_is_event(p_to) THEN
+        PERFORM pg_catalog.pg_notify(tasker.events_channel(), json_build_object(
+            'task_uuid', p_task, 'namespace', (SELECT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = p_task),
+            'state', p_to, 'from_state', previous)::text);
+    END IF;
     RETURN previous;
 END
 $$;
@@ -212,6 +218,9 @@ BEGIN
     FROM u
     CROSS JOIN LATERAL tasker._task_status(u.steps_total, u.steps_pending, u.steps_out, u.steps_waiting,
                                            u.steps_done, u.steps_error, u.steps_cancelled, 0) s;
+    -- (counted for tasker.metrics() when the transaction commits)
+    PERFORM tasker._count_moves('step', m.to_state::text, count(*))
+    FROM unnest(p_moves) m GROUP BY m.to_state;
     FOR i IN 1 .. coalesce(cardinality(v_tasks), 0) LOOP
         IF v_to[i] <> v_from[i] THEN
             PERFORM tasker._move_task(v_tasks[i], v_to[i], p_reason,

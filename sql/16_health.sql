@@ -6,6 +6,13 @@
 
 CREATE FUNCTION tasker._health_data() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
+    WITH seen AS (
+        SELECT tasker._seen_namespaces() AS name
+    ), active AS (
+        SELECT t.namespace_name, t.state, count(*) AS n FROM tasker.tasks t
+        WHERE NOT tasker.task_state_is_terminal(t.state) AND t.namespace_name IN (SELECT name FROM seen)
+        GROUP BY t.namespace_name, t.state
+    )
     SELECT jsonb_build_object(
         'queues', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
@@ -15,18 +22,19 @@ LANGUAGE sql STABLE AS $$
             FROM tasker.namespaces n
             CROSS JOIN LATERAL tasker._pgmq_metrics(n.queue_name) m
             WHERE tasker._pgmq_queue_exists(n.queue_name)
-              AND n.name IN (SELECT tasker._seen_namespaces())), '[]'),
+              AND n.name IN (SELECT name FROM seen)), '[]'),
         'active_tasks_by_state', coalesce((
             SELECT jsonb_object_agg(a.state, a.n)
-            FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
-                  WHERE NOT tasker.task_state_is_terminal(t.state)
-                    AND t.namespace_name IN (SELECT tasker._seen_namespaces())
-                  GROUP BY t.state) a), '{}'),
+            FROM (SELECT state, sum(n) AS n FROM active GROUP BY state) a), '{}'),
+        'active_tasks', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('namespace', a.namespace_name, 'state', a.state, 'tasks', a.n)
+                             ORDER BY a.namespace_name, a.state)
+            FROM active a), '[]'),
         'due_tasks', (SELECT count(*) FROM tasker.ready_tasks),
         'dlq_pending_by_reason', coalesce((
             SELECT jsonb_object_agg(d.reason, d.n)
             FROM (SELECT reason, count(*) AS n FROM tasker.dlq
-                  WHERE resolution_status = 'pending' AND tasker._caller_namespaces('any') IS NULL
+                  WHERE resolution_status = 'pending' AND tasker._caller_holds_all('any')
                   GROUP BY reason) d), '{}'))
 $$;
 

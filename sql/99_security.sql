@@ -51,7 +51,9 @@ GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status, tasker
 GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
                           tasker.step_state_class(tasker.step_state),
                           tasker.step_is_runnable(tasker.step_state, integer),
-                          tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz)
+                          tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz),
+                          tasker.task_state_is_event(tasker.task_state),
+                          tasker.events_channel()
     TO tasker_namespace_app, tasker_namespace_worker;
 
 -- what the views call (functions in a view run with the rights of its user)
@@ -104,7 +106,7 @@ GRANT SELECT ON tasker.namespace_privileges TO tasker_admin;
 GRANT USAGE ON SCHEMA pgmq TO tasker_namespace_worker;
 
 -- Health and configuration.
-GRANT EXECUTE ON FUNCTION tasker.health() TO tasker_namespace_app, tasker_namespace_worker;
+GRANT EXECUTE ON FUNCTION tasker.health(), tasker.metrics() TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.config() TO tasker_admin;
 GRANT SELECT ON tasker.orchestrator_status, tasker.queue_status TO tasker_namespace_app, tasker_namespace_worker;
 

@@ -58,7 +58,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:32
+-- src/lib.rs:33
 -- States of tasks and steps: their one definition.
 --
 -- Every table, view and function uses these types and the functions below;
@@ -101,6 +101,20 @@ CREATE TYPE tasker.step_state AS ENUM (
 CREATE FUNCTION tasker.task_state_is_terminal(state tasker.task_state) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
+
+-- A task arriving in these states is an event (NOTIFY on
+-- tasker.events_channel(), by tasker._move_task): it finished, or it is
+-- blocked by failures and needs someone.
+CREATE FUNCTION tasker.task_state_is_event(state tasker.task_state) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN tasker.task_state_is_terminal(state) OR state = 'blocked_by_failures';
+
+-- The channel of task events: LISTEN tasker_events; each notification's
+-- payload is {"task_uuid", "namespace", "state", "from_state"} (JSON),
+-- sent when the transaction that moved the task commits.
+CREATE FUNCTION tasker.events_channel() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN 'tasker_events';
 
 -- The class of a step state; each class has a counter on its task row
 -- (tasks.steps_<class>), kept by tasker._settle_tasks.
@@ -199,7 +213,7 @@ SELECT 'error', 'steps_in_process', 'dlq_requeue';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:33
+-- src/lib.rs:34
 -- requires:
 --   states
 
@@ -396,12 +410,23 @@ SELECT tasker._pgmq_check_version();
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:9
+-- src/caller.rs:30
 -- pg_tasker::caller::_caller
 CREATE  FUNCTION "_caller"() RETURNS oid /* pg_sys :: Oid */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/caller.rs:40
+-- pg_tasker::caller::_caller_holds_all
+CREATE  FUNCTION "_caller_holds_all"(
+	"privilege" TEXT /* & str */
+) RETURNS bool /* ApiResult < bool > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_holds_all_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -413,6 +438,19 @@ CREATE  FUNCTION "_canonical_version"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_canonical_version_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/metrics.rs:17
+-- pg_tasker::metrics::_count_moves
+CREATE  FUNCTION "_count_moves"(
+	"kind" TEXT, /* & str */
+	"state" TEXT, /* & str */
+	"n" bigint /* i64 */
+) RETURNS VOID /* ApiResult < () > */
+STRICT PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_count_moves_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -466,6 +504,17 @@ CREATE  FUNCTION "_pgmq_send"(
 STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_pgmq_send_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/caller.rs:50
+-- pg_tasker::caller::_privileges_including
+CREATE  FUNCTION "_privileges_including"(
+	"privilege" TEXT /* & str */
+) RETURNS TEXT[] /* ApiResult < Vec < String > > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_privileges_including_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -627,7 +676,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:90
+-- src/health.rs:92
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -637,13 +686,23 @@ AS 'MODULE_PATHNAME', 'config_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:69
+-- src/health.rs:71
 -- pg_tasker::health::health
 CREATE  FUNCTION "health"() RETURNS jsonb /* ApiResult < JsonB > */
 STRICT STABLE SECURITY DEFINER
 SET search_path TO @extschema@, pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'health_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/metrics.rs:40
+-- pg_tasker::metrics::metrics
+CREATE  FUNCTION "metrics"() RETURNS TEXT /* ApiResult < String > */
+STRICT STABLE SECURITY DEFINER
+SET search_path TO @extschema@, pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'metrics_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -679,7 +738,7 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:38
+-- src/lib.rs:39
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
@@ -994,10 +1053,12 @@ COMMENT ON TABLE tasker.worker_waits IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:48
+-- src/lib.rs:49
 -- requires:
 --   tables
 --   caller::_caller
+--   caller::_caller_holds_all
+--   caller::_privileges_including
 
 -- Who may do what in which namespace. The one home of the rule: every API
 -- function asks tasker._require_namespaces (or its step / task forms), every
@@ -1033,42 +1094,30 @@ CREATE INDEX namespace_grants_grantee_idx ON tasker.namespace_grants (grantee);
 COMMENT ON TABLE tasker.namespace_grants IS
     'Privileges of roles in single namespaces (tasker.grant_namespace); the cluster-wide roles hold theirs everywhere.';
 
--- What holds privilege p ('worker', 'app', 'admin', or 'any': some
--- privilege, which is what seeing a namespace's tasks takes): the
--- cluster-wide roles that hold it in every namespace, and the granted
--- privileges that include it (admin includes worker and app).
-CREATE FUNCTION tasker._privilege_holders(p text, OUT cluster_roles name[],
-                                          OUT granted tasker.namespace_privilege[])
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    CASE p
-        WHEN 'worker' THEN cluster_roles := '{tasker_worker}'; granted := '{worker,admin}';
-        WHEN 'app' THEN cluster_roles := '{tasker_app}'; granted := '{app,admin}';
-        WHEN 'admin' THEN cluster_roles := '{tasker_admin}'; granted := '{admin}';
-        WHEN 'any' THEN cluster_roles := '{tasker_worker,tasker_app}'; granted := '{worker,app,admin}';
-        ELSE RAISE EXCEPTION 'pg_tasker internal error: unknown privilege "%"', p USING ERRCODE = 'XX000';
-    END CASE;
-END
-$$;
+-- Privilege p is 'worker', 'app', 'admin', or 'any' (some privilege: what
+-- seeing a namespace's tasks takes). Who holds it where is the rule of
+-- pg_tasker_core::privilege: tasker._caller_holds_all(p) (a cluster-wide
+-- role: every namespace; no query) and tasker._privileges_including(p)
+-- (the granted privileges that include it; admin includes worker and app).
 
 -- The namespaces in which the caller holds privilege p, by name; NULL when
 -- it holds p in every namespace (a cluster-wide role, or a superuser).
 -- (SECURITY DEFINER, like _seen_namespaces: the views call them, and a
 -- function in a view runs with the rights of the view's user.)
 CREATE FUNCTION tasker._caller_namespaces(p text) RETURNS text[]
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-    SELECT CASE
-        WHEN EXISTS (SELECT 1 FROM unnest(h.cluster_roles) r
-                     WHERE pg_catalog.pg_has_role(tasker._caller(), r, 'USAGE')) THEN NULL
-        ELSE ARRAY(SELECT DISTINCT n.name
-                   FROM tasker.namespace_grants g
-                   JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
-                   JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
-                   WHERE g.privilege = ANY (h.granted)
-                     AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
-                   ORDER BY 1)
-    END
-    FROM tasker._privilege_holders(p) h
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+BEGIN
+    IF tasker._caller_holds_all(p) THEN
+        RETURN NULL;
+    END IF;
+    RETURN ARRAY(SELECT DISTINCT n.name
+                 FROM tasker.namespace_grants g
+                 JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
+                 JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
+                 WHERE g.privilege::text = ANY (tasker._privileges_including(p))
+                   AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
+                 ORDER BY 1);
+END
 $$;
 
 -- The namespaces whose tasks the caller sees (views, read functions):
@@ -1083,12 +1132,13 @@ $$;
 CREATE FUNCTION tasker._require_namespaces(p_namespaces text[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_mine text[] := tasker._caller_namespaces(p);
+    v_mine text[];
     v_denied text;
 BEGIN
-    IF v_mine IS NULL THEN
+    IF tasker._caller_holds_all(p) THEN
         RETURN;
     END IF;
+    v_mine := tasker._caller_namespaces(p);
     SELECT u INTO v_denied FROM unnest(p_namespaces) u WHERE u IS NOT NULL AND u <> ALL (v_mine) LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'permission denied: role "%" has no % privilege in namespace "%"',
@@ -1104,30 +1154,27 @@ END
 $$;
 
 -- 42501 unless the caller holds privilege p in the namespaces of the given
--- steps (steps that do not exist are left to the caller to report).
-CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
+-- tasks (tasks that do not exist are left to the caller to report).
+-- (plpgsql, like the others here: its plans are kept for the session)
+CREATE FUNCTION tasker._require_tasks(p_tasks uuid[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF tasker._caller_namespaces(p) IS NULL THEN
-        RETURN;
-    END IF;
     PERFORM tasker._require_namespaces(
-        ARRAY(SELECT DISTINCT t.namespace_name
-              FROM tasker.workflow_steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-              WHERE s.step_uuid = ANY (p_steps)), p);
+        ARRAY(SELECT DISTINCT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = ANY (p_tasks)), p);
 END
 $$;
 
 -- 42501 unless the caller holds privilege p in the namespaces of the given
--- tasks (tasks that do not exist are left to the caller to report).
-CREATE FUNCTION tasker._require_tasks(p_tasks uuid[], p text) RETURNS void
+-- steps (steps that do not exist are left to the caller to report). The
+-- cluster-wide roles pass without a look at the steps (results take this
+-- path: it is the hot one).
+CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF tasker._caller_namespaces(p) IS NULL THEN
-        RETURN;
+    IF NOT tasker._caller_holds_all(p) THEN
+        PERFORM tasker._require_tasks(
+            ARRAY(SELECT s.task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = ANY (p_steps)), p);
     END IF;
-    PERFORM tasker._require_namespaces(
-        ARRAY(SELECT DISTINCT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = ANY (p_tasks)), p);
 END
 $$;
 
@@ -1169,7 +1216,7 @@ CREATE FUNCTION tasker._grant_reads_queue(p_namespace uuid, p_role regrole) RETU
 LANGUAGE sql STABLE
 RETURN EXISTS (SELECT 1 FROM tasker.namespace_grants g
                WHERE g.namespace_uuid = p_namespace AND g.grantee = p_role
-                 AND g.privilege = ANY ((tasker._privilege_holders('worker')).granted));
+                 AND g.privilege::text = ANY (tasker._privileges_including('worker')));
 
 -- tasker.grant_namespace(namespace, role, privilege) RETURNS boolean: gives
 -- a role the privilege worker, app or admin in one namespace (false when it
@@ -1238,7 +1285,7 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:53
+-- src/lib.rs:59
 -- requires:
 --   privileges
 
@@ -1387,6 +1434,12 @@ BEGIN
         RAISE EXCEPTION 'pg_tasker internal error: task % cannot move to %', p_task, p_to
             USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
     END IF;
+    PERFORM tasker._count_moves('task', p_to::text, 1);
+    IF tasker.task_state_is_event(p_to) THEN
+        PERFORM pg_catalog.pg_notify(tasker.events_channel(), json_build_object(
+            'task_uuid', p_task, 'namespace', (SELECT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = p_task),
+            'state', p_to, 'from_state', previous)::text);
+    END IF;
     RETURN previous;
 END
 $$;
@@ -1456,6 +1509,9 @@ BEGIN
     FROM u
     CROSS JOIN LATERAL tasker._task_status(u.steps_total, u.steps_pending, u.steps_out, u.steps_waiting,
                                            u.steps_done, u.steps_error, u.steps_cancelled, 0) s;
+    -- (counted for tasker.metrics() when the transaction commits)
+    PERFORM tasker._count_moves('step', m.to_state::text, count(*))
+    FROM unnest(p_moves) m GROUP BY m.to_state;
     FOR i IN 1 .. coalesce(cardinality(v_tasks), 0) LOOP
         IF v_to[i] <> v_from[i] THEN
             PERFORM tasker._move_task(v_tasks[i], v_to[i], p_reason,
@@ -1472,7 +1528,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:58
+-- src/lib.rs:64
 -- requires:
 --   transitions
 
@@ -1726,7 +1782,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:63
+-- src/lib.rs:69
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -1863,7 +1919,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:68
+-- src/lib.rs:74
 -- requires:
 --   enqueue
 --   decisions::_task_status
@@ -1901,7 +1957,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:73
+-- src/lib.rs:79
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -2060,7 +2116,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:82
+-- src/lib.rs:88
 -- requires:
 --   templates
 
@@ -2229,7 +2285,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:87
+-- src/lib.rs:93
 -- requires:
 --   tasks
 
@@ -2561,7 +2617,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:92
+-- src/lib.rs:98
 -- requires:
 --   results
 
@@ -2868,7 +2924,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:97
+-- src/lib.rs:103
 -- requires:
 --   workers
 
@@ -3062,7 +3118,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:102
+-- src/lib.rs:108
 -- requires:
 --   operator
 
@@ -3256,7 +3312,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:107
+-- src/lib.rs:113
 -- requires:
 --   cycle
 
@@ -3674,7 +3730,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:112
+-- src/lib.rs:118
 -- requires:
 --   maintenance
 
@@ -3843,7 +3899,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:117
+-- src/lib.rs:123
 -- requires:
 --   views
 --   health::health
@@ -3856,6 +3912,13 @@ $$;
 
 CREATE FUNCTION tasker._health_data() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
+    WITH seen AS (
+        SELECT tasker._seen_namespaces() AS name
+    ), active AS (
+        SELECT t.namespace_name, t.state, count(*) AS n FROM tasker.tasks t
+        WHERE NOT tasker.task_state_is_terminal(t.state) AND t.namespace_name IN (SELECT name FROM seen)
+        GROUP BY t.namespace_name, t.state
+    )
     SELECT jsonb_build_object(
         'queues', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
@@ -3865,18 +3928,19 @@ LANGUAGE sql STABLE AS $$
             FROM tasker.namespaces n
             CROSS JOIN LATERAL tasker._pgmq_metrics(n.queue_name) m
             WHERE tasker._pgmq_queue_exists(n.queue_name)
-              AND n.name IN (SELECT tasker._seen_namespaces())), '[]'),
+              AND n.name IN (SELECT name FROM seen)), '[]'),
         'active_tasks_by_state', coalesce((
             SELECT jsonb_object_agg(a.state, a.n)
-            FROM (SELECT t.state, count(*) AS n FROM tasker.tasks t
-                  WHERE NOT tasker.task_state_is_terminal(t.state)
-                    AND t.namespace_name IN (SELECT tasker._seen_namespaces())
-                  GROUP BY t.state) a), '{}'),
+            FROM (SELECT state, sum(n) AS n FROM active GROUP BY state) a), '{}'),
+        'active_tasks', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('namespace', a.namespace_name, 'state', a.state, 'tasks', a.n)
+                             ORDER BY a.namespace_name, a.state)
+            FROM active a), '[]'),
         'due_tasks', (SELECT count(*) FROM tasker.ready_tasks),
         'dlq_pending_by_reason', coalesce((
             SELECT jsonb_object_agg(d.reason, d.n)
             FROM (SELECT reason, count(*) AS n FROM tasker.dlq
-                  WHERE resolution_status = 'pending' AND tasker._caller_namespaces('any') IS NULL
+                  WHERE resolution_status = 'pending' AND tasker._caller_holds_all('any')
                   GROUP BY reason) d), '{}'))
 $$;
 
@@ -3906,7 +3970,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:122
+-- src/lib.rs:128
 -- requires:
 --   health_views
 
@@ -4019,7 +4083,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:127
+-- src/lib.rs:133
 -- requires:
 --   analytics
 
@@ -4073,7 +4137,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:132
+-- src/lib.rs:138
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --
@@ -4128,7 +4192,9 @@ GRANT SELECT ON tasker.templates, tasker.task_status, tasker.step_status, tasker
 GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
                           tasker.step_state_class(tasker.step_state),
                           tasker.step_is_runnable(tasker.step_state, integer),
-                          tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz)
+                          tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz),
+                          tasker.task_state_is_event(tasker.task_state),
+                          tasker.events_channel()
     TO tasker_namespace_app, tasker_namespace_worker;
 
 -- what the views call (functions in a view run with the rights of its user)
@@ -4181,7 +4247,7 @@ GRANT SELECT ON tasker.namespace_privileges TO tasker_admin;
 GRANT USAGE ON SCHEMA pgmq TO tasker_namespace_worker;
 
 -- Health and configuration.
-GRANT EXECUTE ON FUNCTION tasker.health() TO tasker_namespace_app, tasker_namespace_worker;
+GRANT EXECUTE ON FUNCTION tasker.health(), tasker.metrics() TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.config() TO tasker_admin;
 GRANT SELECT ON tasker.orchestrator_status, tasker.queue_status TO tasker_namespace_app, tasker_namespace_worker;
 

@@ -238,6 +238,7 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
             report_once("pg_tasker orchestrator disabled (pg_tasker.enabled = off)".into());
         } else {
             let o = &cfg.orchestration;
+            let tick_started = std::time::Instant::now();
             match tick(o, &mut clock) {
                 Ok(Tick::WaitingForExtension) => {
                     worker_state::set_status(Status::WaitingForExtension);
@@ -276,13 +277,13 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
             worker_state::TICKS
                 .get()
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
             worker_state::LAST_TICK_MS
                 .get()
-                .store(now_ms, std::sync::atomic::Ordering::SeqCst);
+                .store(worker_state::now_ms(), std::sync::atomic::Ordering::SeqCst);
+            worker_state::LAST_TICK_US.get().store(
+                tick_started.elapsed().as_micros() as u64,
+                std::sync::atomic::Ordering::SeqCst,
+            );
         }
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;

@@ -29,7 +29,7 @@ fn process_alive(pid: i32) -> bool {
     pid > 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
 }
 
-fn orchestrator() -> Value {
+pub(crate) fn orchestrator() -> Value {
     if !worker_state::preloaded() {
         return json!({"preloaded": false, "running": false,
                       "status": "pg_tasker is not in shared_preload_libraries: no background worker"});
@@ -53,6 +53,8 @@ fn orchestrator() -> Value {
         "cycle_interval_ms": worker_state::CYCLE_INTERVAL_MS.get().load(Ordering::SeqCst),
         "last_tick_at": if last_tick_ms > 0 { Some(last_tick_ms) } else { None },
         "errors": worker_state::ERRORS.get().load(Ordering::SeqCst),
+        "last_tick_duration_us": worker_state::LAST_TICK_US.get().load(Ordering::SeqCst),
+        "last_error_at": Some(worker_state::LAST_ERROR_MS.get().load(Ordering::SeqCst)).filter(|&ms| ms > 0),
     });
     if crate::caller::is_admin() {
         o["last_error"] =

@@ -23,6 +23,7 @@ mod guc;
 mod health;
 mod ids;
 mod maintenance;
+mod metrics;
 mod pgmq;
 mod settings;
 mod subxact;
@@ -48,7 +49,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/03_privileges.sql",
     name = "privileges",
-    requires = ["tables", caller::_caller]
+    requires = [
+        "tables",
+        caller::_caller,
+        caller::_caller_holds_all,
+        caller::_privileges_including
+    ]
 );
 extension_sql_file!(
     "../sql/04_transitions.sql",

@@ -19,6 +19,25 @@ pub static CYCLE_INTERVAL_MS: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"pg_tasker_worker_interval") };
 pub static LAST_ERROR: PgLwLock<ErrorText> =
     unsafe { PgLwLock::new(c"pg_tasker_worker_last_error") };
+/// When the last error was recorded (ms since the epoch; 0: none yet).
+pub static LAST_ERROR_MS: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"pg_tasker_worker_last_error_at") };
+/// How long the last tick took, in microseconds.
+pub static LAST_TICK_US: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"pg_tasker_worker_last_tick_us") };
+/// State changes committed since the server started (tasker.metrics()).
+pub static MOVES: PgLwLock<Moves> = unsafe { PgLwLock::new(c"pg_tasker_moves") };
+
+/// Counts of committed moves into each state, by the states' SQL order
+/// (pg_tasker_core::state::StepState::ALL / TaskState::ALL).
+#[derive(Clone, Copy, Default)]
+pub struct Moves {
+    pub steps: [u64; 16],
+    pub tasks: [u64; 16],
+}
+
+// SAFETY: plain numbers, no pointers.
+unsafe impl PGRXSharedMemory for Moves {}
 
 /// Set in `_PG_init` when loaded through shared_preload_libraries; backends
 /// forked from the postmaster inherit it. Without it there is no shared
@@ -81,6 +100,9 @@ pub fn init_shmem() {
     pg_shmem_init!(ERRORS);
     pg_shmem_init!(CYCLE_INTERVAL_MS);
     pg_shmem_init!(LAST_ERROR);
+    pg_shmem_init!(LAST_ERROR_MS);
+    pg_shmem_init!(LAST_TICK_US);
+    pg_shmem_init!(MOVES);
     PRELOADED.store(true, Ordering::SeqCst);
 }
 
@@ -92,8 +114,16 @@ pub fn set_status(s: Status) {
     STATUS.get().store(s as i32, Ordering::SeqCst);
 }
 
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 pub fn record_error(message: &str) {
     ERRORS.get().fetch_add(1, Ordering::SeqCst);
+    LAST_ERROR_MS.get().store(now_ms(), Ordering::SeqCst);
     let mut slot = LAST_ERROR.exclusive();
     let mut end = message.len().min(slot.bytes.len());
     while !message.is_char_boundary(end) {
@@ -138,4 +168,44 @@ pub fn wake_on_commit() {
     pgrx::register_xact_callback(PgXactCallbackEvent::Abort, || {
         WAKE_PENDING.store(false, Ordering::SeqCst);
     });
+}
+
+thread_local! {
+    /// This transaction's moves, added to MOVES when it commits.
+    static PENDING: std::cell::RefCell<Option<Moves>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Counts `n` moves into a step or task state (its index in the states'
+/// SQL order), in shared memory when the current transaction commits; a
+/// rollback forgets them. Without shared_preload_libraries nothing is kept.
+pub fn count_moves_on_commit(task: bool, index: usize, n: u64) {
+    if !preloaded() {
+        return;
+    }
+    let first = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let first = p.is_none();
+        let m = p.get_or_insert_with(Moves::default);
+        let slots = if task { &mut m.tasks } else { &mut m.steps };
+        if let Some(slot) = slots.get_mut(index) {
+            *slot += n;
+        }
+        first
+    });
+    if first {
+        pgrx::register_xact_callback(PgXactCallbackEvent::Commit, || {
+            if let Some(m) = PENDING.with(|p| p.borrow_mut().take()) {
+                let mut total = MOVES.exclusive();
+                for (t, a) in total.steps.iter_mut().zip(m.steps) {
+                    *t += a;
+                }
+                for (t, a) in total.tasks.iter_mut().zip(m.tasks) {
+                    *t += a;
+                }
+            }
+        });
+        pgrx::register_xact_callback(PgXactCallbackEvent::Abort, || {
+            PENDING.with(|p| p.borrow_mut().take());
+        });
+    }
 }

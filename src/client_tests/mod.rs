@@ -9,6 +9,7 @@ mod bgworker;
 mod concurrency;
 mod crash;
 mod health;
+mod observability;
 mod orchestration;
 mod scale;
 mod security;

@@ -6,7 +6,9 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod naming;
+pub mod privilege;
 pub mod retry;
 pub mod state;
 pub mod status;

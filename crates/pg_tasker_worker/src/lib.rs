@@ -23,11 +23,13 @@
 //! ```
 
 pub mod connection;
+pub mod events;
 pub mod examples;
 mod handler;
 mod runtime;
 pub mod testing;
 
+pub use events::wait_for_task;
 pub use handler::{
     Handler, HandlerFuture, Outcome, Registry, StepContext, StepHandler, StepMessage, Tx,
     TxStepHandler,
