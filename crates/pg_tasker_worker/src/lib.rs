@@ -27,7 +27,9 @@ pub mod events;
 pub mod examples;
 mod handler;
 mod runtime;
+pub mod telemetry;
 pub mod testing;
+pub mod web;
 
 pub use events::wait_for_task;
 pub use handler::{

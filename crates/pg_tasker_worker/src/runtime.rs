@@ -57,6 +57,9 @@ pub struct WorkerOptions {
     /// On shutdown, how long in-flight handlers may take before their
     /// messages are released for other workers.
     pub shutdown_timeout: Duration,
+    /// Where to serve the worker web API (`/health`, `/health/ready`,
+    /// `/health/live`, `/metrics`: [`crate::web`]); None: not served.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl WorkerOptions {
@@ -72,6 +75,11 @@ impl WorkerOptions {
             poll_interval: Duration::from_millis(w.poll_interval_ms),
             visibility_timeout: Duration::from_secs(w.visibility_timeout_seconds as u64),
             shutdown_timeout: Duration::from_secs(w.shutdown_timeout_seconds as u64),
+            http: w
+                .web
+                .enabled
+                .then(|| w.web.bind_address.parse().ok())
+                .flatten(),
         }
     }
 
@@ -335,6 +343,8 @@ struct Shared {
     exchanges: Pool,
     txs: Pool,
     results: mpsc::UnboundedSender<Finished>,
+    /// What the web API reports.
+    telemetry: Arc<crate::telemetry::Telemetry>,
     /// A handler finished: a slot is free.
     finished: Notify,
     running: Mutex<Running>,
@@ -561,6 +571,7 @@ impl Loop {
         }
         match d.outcome {
             Ok(got) => {
+                self.shared.telemetry.set_connected(true);
                 self.shared.stats.lock().unwrap().exchanges += 1;
                 self.backoff = Duration::ZERO;
                 if d.asked > 0 {
@@ -574,6 +585,9 @@ impl Loop {
                 }
             }
             Err((class, why)) => {
+                self.shared
+                    .telemetry
+                    .set_connected(matches!(class, ErrorClass::Final));
                 self.backoff = next_backoff(self.backoff);
                 self.retry_at = Instant::now() + self.backoff;
                 let kept = d.again.len();
@@ -786,7 +800,24 @@ pub async fn run(
     let reconnects = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
     let mut exchanges = FuturesUnordered::new();
+    let telemetry = Arc::new(crate::telemetry::Telemetry::new(
+        options.worker_id.clone(),
+        options.namespaces.clone(),
+        reconnects.clone(),
+    ));
+    telemetry.set_connected(true);
+    let (web_stop, web_stopped) = tokio::sync::oneshot::channel::<()>();
+    let web = match options.http {
+        Some(addr) => Some(
+            crate::web::serve(addr, telemetry.clone(), db_config.clone(), async {
+                let _ = web_stopped.await;
+            })
+            .await?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        telemetry: telemetry.clone(),
         control: Db::new("wakeup", db_config.clone(), reconnects.clone()),
         leases: Db::new("lease", db_config.clone(), reconnects.clone()),
         exchanges: Pool::new(db_config.clone(), reconnects.clone()),
@@ -823,6 +854,7 @@ pub async fn run(
     ));
 
     loop {
+        telemetry.beat();
         while let Ok(r) = rx.try_recv() {
             lp.pending.push(r);
         }
@@ -927,6 +959,10 @@ pub async fn run(
             lp.pending.len()
         ));
     }
+    let _ = web_stop.send(());
+    if let Some(w) = web {
+        let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+    }
     let mut s = stats.lock().unwrap().clone();
     s.reconnects = reconnects.load(Ordering::Relaxed);
     log(format!("stopped: {s:?}"));
@@ -992,10 +1028,14 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
         m
     };
     let step_ref = &step_uuid;
+    let namespace = ctx.message.namespace.clone();
+    let ns_ref = &namespace;
     let guarded = |run: tokio::task::JoinHandle<Outcome>| async move {
         // its own task, so that a panic becomes a failure, not a crash, and
         // a timeout cancels it (a detached handler would go on running
         // beside the retry)
+        shared.telemetry.handler_started(ns_ref);
+        let ran = Instant::now();
         let abort = run.abort_handle();
         let joined = match timeout {
             Some(t) => match tokio::time::timeout(t, run).await {
@@ -1015,7 +1055,12 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
             },
             None => run.await,
         };
-        joined.unwrap_or_else(|e| Outcome::retryable(format!("handler panicked: {e}")))
+        let outcome =
+            joined.unwrap_or_else(|e| Outcome::retryable(format!("handler panicked: {e}")));
+        shared
+            .telemetry
+            .handler_finished(ns_ref, &outcome, ran.elapsed());
+        outcome
     };
 
     let outcome = match shared.registry.get(&callable) {

@@ -758,3 +758,123 @@ fn a_worker_granted_one_namespace_runs_it_and_is_refused_the_others() {
     );
     assert_eq!(task_state(&mut db, &foreign), "steps_in_process");
 }
+
+/// One HTTP/1.1 GET: (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The worker web API (seed 002) of a running worker: /health with its
+/// namespace's queue depth and rate, probes that follow the database,
+/// /metrics that a Prometheus parser reads.
+#[test]
+fn the_web_api_reports_health_readiness_and_metrics() {
+    let (cluster, mut db) = setup("sdk_web");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register("Effect", |_step: StepContext| async {
+        Outcome::success(json!({}))
+    });
+    let mut o = options(
+        &cluster,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    );
+    o.http = Some(addr);
+    let worker_id = o.worker_id.clone();
+    let worker = start(o, registry);
+    let tasks = create(&mut db, 3);
+    wait_until("the tasks complete", Duration::from_secs(30), || {
+        tasks.iter().all(|t| task_state(&mut db, t) == "complete")
+    });
+
+    let (status, body) = http_get(addr, "/health");
+    assert_eq!(status, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["worker_id"], worker_id.as_str(), "{h}");
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert_eq!(h["namespaces"][0]["namespace"], "txn", "{h}");
+    assert_eq!(h["namespaces"][0]["queue_depth"], 0, "{h}");
+    assert!(
+        h["namespaces"][0]["processing_rate_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{h}"
+    );
+    assert!(h["namespaces"][0]["last_processed_at_ms"].is_i64(), "{h}");
+    assert_eq!(h["active_steps"], 0, "{h}");
+    assert_eq!(http_get(addr, "/health/ready").0, 200);
+    assert_eq!(http_get(addr, "/health/live").0, 200);
+    assert_eq!(http_get(addr, "/nope").0, 404);
+
+    let (status, text) = http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |metric: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{other:?}"),
+            })
+    };
+    assert_eq!(
+        value(
+            "pg_tasker_worker_steps_total",
+            &[("namespace", "txn"), ("outcome", "success")]
+        ),
+        Some(6.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("pg_tasker_worker_in_flight", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("pg_tasker_worker_handler_duration_seconds_count{namespace=\"txn\"} 6"),
+        "{text}"
+    );
+
+    // the database goes away: not ready (still alive); back: ready again
+    cluster.stop();
+    wait_until("not ready", Duration::from_secs(15), || {
+        http_get(addr, "/health/ready").0 == 503
+    });
+    assert_eq!(http_get(addr, "/health/live").0, 200);
+    let (_, body) = http_get(addr, "/health");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["status"],
+        "degraded"
+    );
+    cluster.start_again();
+    wait_until("ready again", Duration::from_secs(30), || {
+        http_get(addr, "/health/ready").0 == 200
+    });
+    worker.stop();
+    // the server ends with the worker
+    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
+}

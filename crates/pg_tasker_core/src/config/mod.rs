@@ -191,6 +191,17 @@ pub struct WorkerSection {
     pub poll_interval_ms: u64,
     pub visibility_timeout_seconds: u32,
     pub shutdown_timeout_seconds: u32,
+    pub web: WorkerWebSection,
+}
+
+/// The worker web API (`/health`, `/health/ready`, `/health/live`,
+/// `/metrics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerWebSection {
+    pub enabled: bool,
+    /// host:port to listen on.
+    pub bind_address: String,
 }
 
 /// The orchestration context: common + orchestration.
@@ -488,6 +499,15 @@ impl Validate for WorkerConfig {
             0,
             3_600,
         );
+        if w.web.bind_address.parse::<std::net::SocketAddr>().is_err() {
+            out.push((
+                "worker.web.bind_address",
+                format!(
+                    "must be an address and port such as 0.0.0.0:8081, got \"{}\"",
+                    w.web.bind_address
+                ),
+            ));
+        }
         for ns in &w.namespaces {
             if crate::naming::validate_namespace(ns).is_err() {
                 out.push(("worker.namespaces", format!("invalid namespace \"{ns}\"")));

@@ -66,6 +66,11 @@ struct Args {
     #[arg(long = "visibility-timeout", env = "PG_TASKER_VISIBILITY_TIMEOUT",
           value_parser = clap::value_parser!(u64).range(1..=86400))]
     visibility_timeout: Option<u64>,
+
+    /// Serve the web API (/health, /health/ready, /health/live, /metrics)
+    /// on this address, e.g. 0.0.0.0:8081; default: worker.web when enabled
+    #[arg(long, env = "PG_TASKER_HTTP")]
+    http: Option<std::net::SocketAddr>,
 }
 
 fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -129,6 +134,9 @@ async fn main() -> ExitCode {
     }
     if let Some(s) = args.visibility_timeout {
         options.visibility_timeout = std::time::Duration::from_secs(s);
+    }
+    if let Some(a) = args.http {
+        options.http = Some(a);
     }
     let registry = examples::by_name(&args.handlers).expect("the parser allows known sets only");
     let shutdown = async {
