@@ -8,20 +8,177 @@ use std::time::Duration;
 
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, Socket};
+
+use crate::tls::{SslMode, Tls};
+
+/// A database to connect to: tokio-postgres's settings (what it derefs to)
+/// and the TLS its sslmode asks for ([`crate::tls`]).
+#[derive(Clone)]
+pub struct Database {
+    config: Config,
+    tls: Tls,
+    pub ssl_mode: SslMode,
+}
+
+/// A connection's half that must be polled (spawned) for its client.
+pub type DbConnection = tokio_postgres::Connection<Socket, <Tls as MakeTlsConnect<Socket>>::Stream>;
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // (tokio-postgres's Config redacts the password)
+        f.debug_struct("Database")
+            .field("config", &self.config)
+            .field("ssl_mode", &self.ssl_mode)
+            .finish()
+    }
+}
+
+impl std::ops::Deref for Database {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl Database {
+    /// Opens a connection, with TLS as sslmode says.
+    pub async fn connect(&self) -> Result<(Client, DbConnection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a URL or `key=value` string
+/// (tokio-postgres knows neither verify-ca / verify-full nor sslrootcert):
+/// (the rest, sslmode, sslrootcert).
+fn take_tls_options(url: &str) -> Result<(String, Option<String>, Option<String>), String> {
+    let tls_key = |k: &str| k == "sslmode" || k == "sslrootcert";
+    let (mut mode, mut root) = (None, None);
+    let mut keep = |k: &str, v: String| -> bool {
+        match k {
+            "sslmode" => mode = Some(v),
+            "sslrootcert" => root = Some(v),
+            _ => return true,
+        }
+        false
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_string(), None, None));
+        };
+        let rest: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                !tls_key(k) || keep(k, percent_decode(v))
+            })
+            .collect();
+        let url = if rest.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        return Ok((url, mode, root));
+    }
+    // key=value pairs, values plain or single-quoted with backslash escapes
+    let mut rest = Vec::new();
+    let mut chars = url.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next() != Some('=') {
+            return Err(format!("invalid database URL: \"{key}\" has no value"));
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("invalid database URL: unterminated quoted value".into()),
+                    Some('\'') => break,
+                    Some('\\') => value.extend(chars.next()),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                chars.next();
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        if keep(&key, value.clone()) {
+            rest.push(format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            ));
+        }
+    }
+    Ok((rest.join(" "), mode, root))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = s
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// The connection settings of a database URL (or `key=value` string), with
 /// what it leaves out taken from the libpq environment variables (PGHOST,
-/// PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGAPPNAME) as libpq would; an
-/// empty URL means "all from the environment".
-pub fn database_config(url: &str) -> Result<Config, String> {
+/// PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGAPPNAME, PGSSLMODE,
+/// PGSSLROOTCERT) as libpq would; an empty URL means "all from the
+/// environment". `sslmode` and `sslrootcert` choose the TLS
+/// ([`crate::tls`]).
+pub fn database_config(url: &str) -> Result<Database, String> {
     database_config_with(url, &|k| std::env::var(k).ok())
 }
 
 pub fn database_config_with(
     url: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Config, String> {
+) -> Result<Database, String> {
+    let (url, mode, root) = take_tls_options(url.trim())?;
     let mut cfg = if url.trim().is_empty() {
         Config::new()
     } else {
@@ -29,6 +186,13 @@ pub fn database_config_with(
         url.parse::<Config>()
             .map_err(|e| format!("invalid database URL: {e}"))?
     };
+    let ssl_mode = SslMode::parse(
+        &mode
+            .or_else(|| env("PGSSLMODE").filter(|m| !m.is_empty()))
+            .unwrap_or_else(|| "prefer".into()),
+    )?;
+    let root = root.or_else(|| env("PGSSLROOTCERT").filter(|r| !r.is_empty()));
+    let tls = Tls::new(crate::tls::client_config(ssl_mode, root.as_deref())?);
     if cfg.get_hosts().is_empty() {
         match env("PGHOST").filter(|h| !h.is_empty()) {
             Some(hosts) => {
@@ -74,7 +238,18 @@ pub fn database_config_with(
     if cfg.get_application_name().is_none() {
         cfg.application_name(env("PGAPPNAME").unwrap_or_else(|| "pg-tasker-worker".into()));
     }
-    Ok(cfg)
+    // (as libpq: no TLS over Unix-domain sockets, the server offers none)
+    let unix_only = cfg.get_hosts().iter().all(|h| !matches!(h, Host::Tcp(_)));
+    cfg.ssl_mode(if unix_only {
+        tokio_postgres::config::SslMode::Disable
+    } else {
+        ssl_mode.negotiation()
+    });
+    Ok(Database {
+        config: cfg,
+        tls,
+        ssl_mode,
+    })
 }
 
 /// The database a configuration names (the server's default: the user's
@@ -139,6 +314,36 @@ pub fn fatal_cause(cfg: &Config, e: &tokio_postgres::Error) -> Option<String> {
     } else {
         None
     }
+}
+
+/// A TLS failure that retrying cannot fix: the server's certificate is not
+/// accepted (sslmode verify-ca / verify-full and sslrootcert), or the
+/// server does not speak TLS (sslmode require or stricter).
+pub fn tls_cause(cfg: &Database, e: &tokio_postgres::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static))
+            .unwrap_or(c);
+        if let Some(rustls::Error::InvalidCertificate(why)) = inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(format!(
+                "the server's certificate is not accepted ({why:?}) by sslmode={:?} for {}; check the host name and the root certificate (sslrootcert)",
+                cfg.ssl_mode,
+                describe(cfg)
+            ));
+        }
+        cause = inner.source();
+    }
+    e.to_string().contains("does not support TLS").then(|| {
+        format!(
+            "the server does not accept TLS connections (sslmode={:?}, {})",
+            cfg.ssl_mode,
+            describe(cfg)
+        )
+    })
 }
 
 /// Waits between attempts after a failure: the first, and the longest.
@@ -207,19 +412,19 @@ pub fn explain(e: &tokio_postgres::Error) -> String {
 /// cannot be reached) and checks the extension and every namespace. Err:
 /// why this worker cannot serve, as a sentence.
 pub async fn check_startup(
-    cfg: &Config,
+    cfg: &Database,
     namespaces: &[String],
     log: &(dyn Fn(String) + Sync),
 ) -> Result<(), String> {
     let mut wait = Duration::from_millis(200);
     let client = loop {
-        match cfg.connect(NoTls).await {
+        match cfg.connect().await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 break client;
             }
             Err(e) => {
-                if let Some(cause) = fatal_cause(cfg, &e) {
+                if let Some(cause) = fatal_cause(cfg, &e).or_else(|| tls_cause(cfg, &e)) {
                     return Err(cause);
                 }
                 log(format!(
@@ -291,6 +496,65 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_taken_out_of_either_form() {
+        let (rest, mode, root) =
+            take_tls_options("postgres://u:p@db.example:5433/shop?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x")
+                .unwrap();
+        assert_eq!(
+            rest,
+            "postgres://u:p@db.example:5433/shop?application_name=x"
+        );
+        assert_eq!(
+            (mode.as_deref(), root.as_deref()),
+            (Some("verify-full"), Some("/etc/ca.pem"))
+        );
+        let (_, mode, root) =
+            take_tls_options("host=db.example sslmode = 'verify-ca' sslrootcert=/etc/ca.pem")
+                .unwrap();
+        assert_eq!(
+            (mode.as_deref(), root.as_deref()),
+            (Some("verify-ca"), Some("/etc/ca.pem"))
+        );
+        let (rest, mode2, _) =
+            take_tls_options(r"host=db.example sslmode=require password='a\'b c'").unwrap();
+        assert_eq!(mode2.as_deref(), Some("require"));
+        assert_eq!(rest, r"host='db.example' password='a\'b c'");
+        let cfg: Config = rest.parse().unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"a'b c"[..]));
+        let (rest, mode, root) = take_tls_options("host=/tmp dbname=x").unwrap();
+        assert_eq!(
+            (rest.as_str(), mode, root),
+            ("host='/tmp' dbname='x'", None, None)
+        );
+        assert!(take_tls_options("host").is_err());
+    }
+
+    #[test]
+    fn sslmode_is_checked_and_unix_sockets_use_no_tls() {
+        let none = |_: &str| None;
+        let e = database_config_with("host=db.example user=u sslmode=verify_full", &none)
+            .err()
+            .unwrap();
+        assert!(e.contains("invalid sslmode"), "{e}");
+        let d = database_config_with("host=db.example user=u sslmode=require", &none).unwrap();
+        assert_eq!(d.ssl_mode, SslMode::Require);
+        assert_eq!(d.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        let d =
+            database_config_with("host=/var/run/postgresql user=u sslmode=require", &none).unwrap();
+        assert_eq!(d.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
+        let env = |k: &str| (k == "PGSSLMODE").then(|| "disable".to_string());
+        let d = database_config_with("host=db.example user=u", &env).unwrap();
+        assert_eq!(d.ssl_mode, SslMode::Disable);
+        let e = database_config_with(
+            "host=db.example user=u sslmode=verify-full sslrootcert=/nope.pem",
+            &none,
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("/nope.pem"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub async fn wait_for_task(
 ) -> Result<Option<String>, String> {
     let cfg = database_config(database_url)?;
     let (client, mut connection) = cfg
-        .connect(tokio_postgres::NoTls)
+        .connect()
         .await
         .map_err(|e| format!("cannot connect: {}", explain(&e)))?;
     let (tx, mut events) = mpsc::unbounded_channel();

@@ -29,6 +29,7 @@ mod handler;
 mod runtime;
 pub mod telemetry;
 pub mod testing;
+pub mod tls;
 pub mod web;
 
 pub use events::wait_for_task;

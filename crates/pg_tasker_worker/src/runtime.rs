@@ -30,7 +30,7 @@ use pg_tasker_core::config::WorkerConfig;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify, RwLock, Semaphore};
 use tokio::task::AbortHandle;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::connection::{classify_error, explain, next_backoff, ErrorClass};
 use crate::handler::{Handler, Outcome, Registry, StepContext, StepMessage, Tx};
@@ -146,10 +146,10 @@ fn log(msg: impl AsRef<str>) {
 /// Opens a connection whose notifications set `wake` and whose notices are
 /// logged.
 async fn connect(
-    cfg: &tokio_postgres::Config,
+    cfg: &crate::connection::Database,
     wake: Option<Arc<Notify>>,
 ) -> Result<Client, tokio_postgres::Error> {
-    let (client, mut connection) = cfg.connect(NoTls).await?;
+    let (client, mut connection) = cfg.connect().await?;
     tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
@@ -175,7 +175,7 @@ async fn connect(
 /// backoff, while the server is unreachable).
 struct Db {
     name: &'static str,
-    cfg: tokio_postgres::Config,
+    cfg: crate::connection::Database,
     client: RwLock<Option<Arc<Client>>>,
     reconnects: Arc<AtomicU64>,
     /// Set by notifications on this connection.
@@ -183,7 +183,7 @@ struct Db {
 }
 
 impl Db {
-    fn new(name: &'static str, cfg: tokio_postgres::Config, reconnects: Arc<AtomicU64>) -> Db {
+    fn new(name: &'static str, cfg: crate::connection::Database, reconnects: Arc<AtomicU64>) -> Db {
         Db {
             name,
             cfg,
@@ -241,7 +241,7 @@ const EXCHANGE_SQL: &str = "SELECT namespace, msg_id, read_ct, message::text
 /// Connections taken one at a time (an exchange, a transactional handler)
 /// and given back when still open; opened on demand.
 struct Pool {
-    cfg: tokio_postgres::Config,
+    cfg: crate::connection::Database,
     idle: Mutex<Vec<Conn>>,
     reconnects: Arc<AtomicU64>,
     /// A connection of this pool was found closed: the next one opened is a
@@ -250,7 +250,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(cfg: tokio_postgres::Config, reconnects: Arc<AtomicU64>) -> Pool {
+    fn new(cfg: crate::connection::Database, reconnects: Arc<AtomicU64>) -> Pool {
         Pool {
             cfg,
             idle: Mutex::new(Vec::new()),

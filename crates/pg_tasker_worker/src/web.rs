@@ -28,16 +28,16 @@ const LIVENESS: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 struct App {
     telemetry: Arc<Telemetry>,
-    db: tokio_postgres::Config,
+    db: crate::connection::Database,
 }
 
 /// The queue depth of each namespace the worker serves, as its role sees
 /// them (tasker.queue_status); None when the database cannot be asked.
 async fn queue_depths(
-    db: &tokio_postgres::Config,
+    db: &crate::connection::Database,
     namespaces: &[String],
 ) -> Option<Vec<(String, i64)>> {
-    let connect = tokio::time::timeout(Duration::from_secs(2), db.connect(tokio_postgres::NoTls));
+    let connect = tokio::time::timeout(Duration::from_secs(2), db.connect());
     let (client, connection) = connect.await.ok()?.ok()?;
     tokio::spawn(connection);
     let rows = client
@@ -115,7 +115,7 @@ async fn metrics(State(app): State<App>) -> Response {
 pub async fn serve(
     addr: SocketAddr,
     telemetry: Arc<Telemetry>,
-    db: tokio_postgres::Config,
+    db: crate::connection::Database,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let listener = tokio::net::TcpListener::bind(addr)
