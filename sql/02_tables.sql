@@ -98,6 +98,9 @@ CREATE TABLE tasker.tasks (
     tags             text[] NOT NULL DEFAULT '{}',
     idempotency_key  text,
     correlation_id   uuid NOT NULL DEFAULT tasker.uuid_generate_v7(),
+    -- the W3C trace context create_task was given (tasker._traceparent
+    -- checked it); every step message carries it
+    traceparent      text,
     -- step counters by class (tasker.step_state_class), kept by tasker._settle_tasks
     steps_total      integer NOT NULL,
     steps_pending    integer NOT NULL,

@@ -179,12 +179,32 @@ RETURN CASE WHEN p_problem LIKE 'invalid status%' THEN 'status is ''success'' or
             THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
             ELSE '' END;
 
+-- A W3C trace context header (https://www.w3.org/TR/trace-context/):
+-- version 00, a 32-hex trace id and a 16-hex parent id that are not all
+-- zeros, 2-hex flags; returned lowercase. 22023 for anything else.
+CREATE FUNCTION tasker._traceparent(p text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v text := lower(p);
+BEGIN
+    IF v IS NULL THEN
+        RETURN NULL;
+    ELSIF v !~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+          OR substr(v, 4, 32) = repeat('0', 32) OR substr(v, 37, 16) = repeat('0', 16) THEN
+        RAISE EXCEPTION 'traceparent is not a W3C trace context: %', left(p, 100)
+            USING ERRCODE = '22023',
+                  HINT = 'traceparent is 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, ids not all zeros';
+    END IF;
+    RETURN v;
+END
+$$;
+
 -- The fields of a task request (the task request queue's message format):
 -- what tasker.create_task takes, as one object.
 CREATE FUNCTION tasker._request_fields() RETURNS text[]
 LANGUAGE sql IMMUTABLE
 RETURN ARRAY['namespace', 'name', 'context', 'version', 'priority', 'initiator', 'source_system',
-             'reason', 'tags', 'idempotency_key'];
+             'reason', 'tags', 'idempotency_key', 'traceparent'];
 
 -- Creates the task a request asks for, with create_task's checks; 22023 for
 -- a request that is not of the documented shape.
@@ -242,6 +262,7 @@ BEGIN
         source_system   => tasker._string_field(p_request, 'source_system', 'source_system'),
         reason          => tasker._string_field(p_request, 'reason', 'reason'),
         tags            => coalesce(v_tags, '{}'),
-        idempotency_key => tasker._string_field(p_request, 'idempotency_key', 'idempotency_key'));
+        idempotency_key => tasker._string_field(p_request, 'idempotency_key', 'idempotency_key'),
+        traceparent     => tasker._string_field(p_request, 'traceparent', 'traceparent'));
 END
 $$;

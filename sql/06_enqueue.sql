@@ -78,7 +78,7 @@ BEGIN
                   s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
                   s.max_attempts, s.timeout_seconds, c.ready, c.queue_name
     ), enq AS (
-        SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id
+        SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id, t.traceparent
         FROM m JOIN tasker.tasks t ON t.task_uuid = m.task_uuid
         WHERE m.ready
     ), audit AS (
@@ -111,6 +111,7 @@ BEGIN
                 'max_attempts', e.max_attempts,
                 'timeout_seconds', e.timeout_seconds,
                 'correlation_id', e.correlation_id,
+                'traceparent', e.traceparent,
                 'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name

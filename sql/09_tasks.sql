@@ -4,12 +4,12 @@
 -- O(steps): rows find their step ids by array subscript, never by a join.
 
 -- tasker.create_task(namespace, name, context, version, priority, initiator,
--- source_system, reason, tags, idempotency_key) RETURNS uuid
+-- source_system, reason, tags, idempotency_key, traceparent) RETURNS uuid
 CREATE FUNCTION tasker.create_task(namespace text, name text, context jsonb DEFAULT '{}',
                                    version text DEFAULT NULL, priority integer DEFAULT 0,
                                    initiator text DEFAULT NULL, source_system text DEFAULT NULL,
                                    reason text DEFAULT NULL, tags text[] DEFAULT '{}',
-                                   idempotency_key text DEFAULT NULL)
+                                   idempotency_key text DEFAULT NULL, traceparent text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
@@ -21,6 +21,7 @@ DECLARE
     v_priority integer := coalesce(create_task.priority, 0);
     v_tags text[] := coalesce(create_task.tags, '{}');
     v_key text := create_task.idempotency_key;
+    v_trace text := tasker._traceparent(create_task.traceparent);
     v_version text;
     v_namespace_uuid uuid;
     tt record;
@@ -107,10 +108,10 @@ BEGIN
     WITH task AS (
         INSERT INTO tasker.tasks AS t (task_uuid, template_uuid, namespace_name, task_name, task_version,
                                        context, priority, initiator, source_system, reason, tags,
-                                       idempotency_key, steps_total, steps_pending)
+                                       idempotency_key, traceparent, steps_total, steps_pending)
         VALUES (v_task, tt.template_uuid, v_ns, v_name, tt.version, v_context, v_priority,
                 create_task.initiator, create_task.source_system, create_task.reason, v_tags, v_key,
-                tt.step_count, tt.step_count)
+                v_trace, tt.step_count, tt.step_count)
         ON CONFLICT (namespace_name, task_name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
         RETURNING t.task_uuid

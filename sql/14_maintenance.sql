@@ -244,7 +244,8 @@ END
 $$;
 
 -- tasker.request_task(namespace, name, context, version, priority,
--- initiator, source_system, reason, tags, idempotency_key) RETURNS bigint:
+-- initiator, source_system, reason, tags, idempotency_key, traceparent)
+-- RETURNS bigint:
 -- asks the orchestrator to create a task later (the request queue's
 -- message; returns its msg_id). For applications that must not fail on a
 -- task they ask for: a request that create_task refuses goes to the DLQ.
@@ -254,7 +255,7 @@ CREATE FUNCTION tasker.request_task(namespace text, name text, context jsonb DEF
                                     version text DEFAULT NULL, priority integer DEFAULT NULL,
                                     initiator text DEFAULT NULL, source_system text DEFAULT NULL,
                                     reason text DEFAULT NULL, tags text[] DEFAULT NULL,
-                                    idempotency_key text DEFAULT NULL)
+                                    idempotency_key text DEFAULT NULL, traceparent text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 DECLARE
@@ -278,7 +279,8 @@ BEGIN
         'version', request_task.version, 'priority', request_task.priority,
         'initiator', request_task.initiator, 'source_system', request_task.source_system,
         'reason', request_task.reason, 'tags', to_jsonb(request_task.tags),
-        'idempotency_key', request_task.idempotency_key)));
+        'idempotency_key', request_task.idempotency_key,
+        'traceparent', tasker._traceparent(request_task.traceparent))));
 END
 $$;
 

@@ -65,8 +65,8 @@ GRANT EXECUTE ON FUNCTION tasker.uuid_generate_v7() TO tasker_namespace_app, tas
 GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb),
                           tasker.register_template_yaml(text)
     TO tasker_namespace_admin;
-GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text),
-                          tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text)
+GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text, text),
+                          tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text, text)
     TO tasker_namespace_app;
 GRANT EXECUTE ON FUNCTION tasker.step_readiness(uuid), tasker.task_execution_context(uuid),
                           tasker.effective_priority(integer, interval)

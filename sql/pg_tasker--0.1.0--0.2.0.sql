@@ -845,6 +845,9 @@ CREATE TABLE tasker.tasks (
     tags             text[] NOT NULL DEFAULT '{}',
     idempotency_key  text,
     correlation_id   uuid NOT NULL DEFAULT tasker.uuid_generate_v7(),
+    -- the W3C trace context create_task was given (tasker._traceparent
+    -- checked it); every step message carries it
+    traceparent      text,
     -- step counters by class (tasker.step_state_class), kept by tasker._settle_tasks
     steps_total      integer NOT NULL,
     steps_pending    integer NOT NULL,
@@ -1713,12 +1716,32 @@ RETURN CASE WHEN p_problem LIKE 'invalid status%' THEN 'status is ''success'' or
             THEN 'error is {"message": text, "error_code": text, "retryable": bool, "retry_after_seconds": number}'
             ELSE '' END;
 
+-- A W3C trace context header (https://www.w3.org/TR/trace-context/):
+-- version 00, a 32-hex trace id and a 16-hex parent id that are not all
+-- zeros, 2-hex flags; returned lowercase. 22023 for anything else.
+CREATE FUNCTION tasker._traceparent(p text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v text := lower(p);
+BEGIN
+    IF v IS NULL THEN
+        RETURN NULL;
+    ELSIF v !~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+          OR substr(v, 4, 32) = repeat('0', 32) OR substr(v, 37, 16) = repeat('0', 16) THEN
+        RAISE EXCEPTION 'traceparent is not a W3C trace context: %', left(p, 100)
+            USING ERRCODE = '22023',
+                  HINT = 'traceparent is 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, ids not all zeros';
+    END IF;
+    RETURN v;
+END
+$$;
+
 -- The fields of a task request (the task request queue's message format):
 -- what tasker.create_task takes, as one object.
 CREATE FUNCTION tasker._request_fields() RETURNS text[]
 LANGUAGE sql IMMUTABLE
 RETURN ARRAY['namespace', 'name', 'context', 'version', 'priority', 'initiator', 'source_system',
-             'reason', 'tags', 'idempotency_key'];
+             'reason', 'tags', 'idempotency_key', 'traceparent'];
 
 -- Creates the task a request asks for, with create_task's checks; 22023 for
 -- a request that is not of the documented shape.
@@ -1776,7 +1799,8 @@ BEGIN
         source_system   => tasker._string_field(p_request, 'source_system', 'source_system'),
         reason          => tasker._string_field(p_request, 'reason', 'reason'),
         tags            => coalesce(v_tags, '{}'),
-        idempotency_key => tasker._string_field(p_request, 'idempotency_key', 'idempotency_key'));
+        idempotency_key => tasker._string_field(p_request, 'idempotency_key', 'idempotency_key'),
+        traceparent     => tasker._string_field(p_request, 'traceparent', 'traceparent'));
 END
 $$;
 /* </end connected objects> */
@@ -1867,7 +1891,7 @@ BEGIN
                   s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
                   s.max_attempts, s.timeout_seconds, c.ready, c.queue_name
     ), enq AS (
-        SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id
+        SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id, t.traceparent
         FROM m JOIN tasker.tasks t ON t.task_uuid = m.task_uuid
         WHERE m.ready
     ), audit AS (
@@ -1900,6 +1924,7 @@ BEGIN
                 'max_attempts', e.max_attempts,
                 'timeout_seconds', e.timeout_seconds,
                 'correlation_id', e.correlation_id,
+                'traceparent', e.traceparent,
                 'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name
@@ -2126,12 +2151,12 @@ RETURN tasker._register_template(template, 'yaml');
 -- O(steps): rows find their step ids by array subscript, never by a join.
 
 -- tasker.create_task(namespace, name, context, version, priority, initiator,
--- source_system, reason, tags, idempotency_key) RETURNS uuid
+-- source_system, reason, tags, idempotency_key, traceparent) RETURNS uuid
 CREATE FUNCTION tasker.create_task(namespace text, name text, context jsonb DEFAULT '{}',
                                    version text DEFAULT NULL, priority integer DEFAULT 0,
                                    initiator text DEFAULT NULL, source_system text DEFAULT NULL,
                                    reason text DEFAULT NULL, tags text[] DEFAULT '{}',
-                                   idempotency_key text DEFAULT NULL)
+                                   idempotency_key text DEFAULT NULL, traceparent text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
@@ -2143,6 +2168,7 @@ DECLARE
     v_priority integer := coalesce(create_task.priority, 0);
     v_tags text[] := coalesce(create_task.tags, '{}');
     v_key text := create_task.idempotency_key;
+    v_trace text := tasker._traceparent(create_task.traceparent);
     v_version text;
     v_namespace_uuid uuid;
     tt record;
@@ -2229,10 +2255,10 @@ BEGIN
     WITH task AS (
         INSERT INTO tasker.tasks AS t (task_uuid, template_uuid, namespace_name, task_name, task_version,
                                        context, priority, initiator, source_system, reason, tags,
-                                       idempotency_key, steps_total, steps_pending)
+                                       idempotency_key, traceparent, steps_total, steps_pending)
         VALUES (v_task, tt.template_uuid, v_ns, v_name, tt.version, v_context, v_priority,
                 create_task.initiator, create_task.source_system, create_task.reason, v_tags, v_key,
-                tt.step_count, tt.step_count)
+                v_trace, tt.step_count, tt.step_count)
         ON CONFLICT (namespace_name, task_name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
         RETURNING t.task_uuid
@@ -3562,7 +3588,8 @@ END
 $$;
 
 -- tasker.request_task(namespace, name, context, version, priority,
--- initiator, source_system, reason, tags, idempotency_key) RETURNS bigint:
+-- initiator, source_system, reason, tags, idempotency_key, traceparent)
+-- RETURNS bigint:
 -- asks the orchestrator to create a task later (the request queue's
 -- message; returns its msg_id). For applications that must not fail on a
 -- task they ask for: a request that create_task refuses goes to the DLQ.
@@ -3572,7 +3599,7 @@ CREATE FUNCTION tasker.request_task(namespace text, name text, context jsonb DEF
                                     version text DEFAULT NULL, priority integer DEFAULT NULL,
                                     initiator text DEFAULT NULL, source_system text DEFAULT NULL,
                                     reason text DEFAULT NULL, tags text[] DEFAULT NULL,
-                                    idempotency_key text DEFAULT NULL)
+                                    idempotency_key text DEFAULT NULL, traceparent text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 DECLARE
@@ -3596,7 +3623,8 @@ BEGIN
         'version', request_task.version, 'priority', request_task.priority,
         'initiator', request_task.initiator, 'source_system', request_task.source_system,
         'reason', request_task.reason, 'tags', to_jsonb(request_task.tags),
-        'idempotency_key', request_task.idempotency_key)));
+        'idempotency_key', request_task.idempotency_key,
+        'traceparent', tasker._traceparent(request_task.traceparent))));
 END
 $$;
 
@@ -4206,8 +4234,8 @@ GRANT EXECUTE ON FUNCTION tasker.uuid_generate_v7() TO tasker_namespace_app, tas
 GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb),
                           tasker.register_template_yaml(text)
     TO tasker_namespace_admin;
-GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text),
-                          tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text)
+GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text, text),
+                          tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text, text)
     TO tasker_namespace_app;
 GRANT EXECUTE ON FUNCTION tasker.step_readiness(uuid), tasker.task_execution_context(uuid),
                           tasker.effective_priority(integer, interval)

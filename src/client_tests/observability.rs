@@ -146,8 +146,11 @@ fn wait_for_task_returns_when_the_task_finishes() {
     assert!(e.contains("does not exist"), "{e}");
 }
 
-/// A scrape, parsed by a Prometheus text parser: (metric, labels, value).
-fn scrape(c: &mut Client) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One sample: (metric, labels, value).
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// A scrape, parsed by a Prometheus text parser.
+fn scrape(c: &mut Client) -> Vec<Sample> {
     let text: String = c.query_one("SELECT tasker.metrics()", &[]).unwrap().get(0);
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let parsed = prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -172,11 +175,7 @@ fn scrape(c: &mut Client) -> Vec<(String, Vec<(String, String)>, f64)> {
         .collect()
 }
 
-fn sample(
-    s: &[(String, Vec<(String, String)>, f64)],
-    metric: &str,
-    labels: &[(&str, &str)],
-) -> Option<f64> {
+fn sample(s: &[Sample], metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     s.iter()
         .find(|(m, l, _)| {
             m == metric
@@ -217,9 +216,8 @@ fn metrics_are_prometheus_text_and_count_committed_moves() {
              ORDER BY s.step_uuid LIMIT 1",
         )
     };
-    let completed = |s: &[(String, Vec<(String, String)>, f64)]| {
-        sample(s, "pg_tasker_step_moves_total", &[("state", "complete")]).unwrap()
-    };
+    let completed =
+        |s: &[Sample]| sample(s, "pg_tasker_step_moves_total", &[("state", "complete")]).unwrap();
     let before = scrape(&mut c);
     assert_eq!(
         sample(
@@ -291,4 +289,85 @@ fn metrics_are_prometheus_text_and_count_committed_moves() {
         scrape(&mut c);
     }
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_traceparent_travels_in_every_step_message() {
+    let mut c = connect();
+    register_linear(&mut c, "obs_tr", "flow", 1);
+    let task: String = c
+        .query_one(
+            "SELECT tasker.create_task('obs_tr', 'flow', traceparent => '00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let tp: Option<String> = c
+        .query_one(
+            "SELECT message ->> 'traceparent' FROM pgmq.q_tasker_obs_tr_queue WHERE message ->> 'task_uuid' = $1",
+            &[&task],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tp.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    let plain: String = c
+        .query_one("SELECT tasker.create_task('obs_tr', 'flow')::text", &[])
+        .unwrap()
+        .get(0);
+    let none: bool = c
+        .query_one(
+            "SELECT message -> 'traceparent' = 'null' FROM pgmq.q_tasker_obs_tr_queue WHERE message ->> 'task_uuid' = $1",
+            &[&plain],
+        )
+        .unwrap()
+        .get(0);
+    assert!(none);
+    for bad in [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "garbage",
+    ] {
+        let e = c
+            .query_one(
+                "SELECT tasker.create_task('obs_tr', 'flow', traceparent => $1)",
+                &[&bad],
+            )
+            .unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "22023", "{bad}: {e}");
+        let e = c
+            .query_one(
+                "SELECT tasker.request_task('obs_tr', 'flow', traceparent => $1)",
+                &[&bad],
+            )
+            .unwrap_err();
+        assert_eq!(e.code().unwrap().code(), "22023", "{bad}: {e}");
+    }
+    // a request carries it to the task it becomes
+    let msg: i64 = c
+        .query_one(
+            "SELECT tasker.request_task('obs_tr', 'flow', idempotency_key => 'tr-1',
+                                        traceparent => '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(msg > 0);
+    c.query_one("SELECT tasker.run_maintenance(ARRAY['task_requests'])", &[])
+        .unwrap();
+    wait_until(
+        "the request becomes a task",
+        Duration::from_secs(10),
+        || {
+            count(
+                &mut c,
+                "SELECT count(*) FROM tasker.tasks WHERE idempotency_key = 'tr-1'
+                       AND traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'",
+            ) == 1
+        },
+    );
 }

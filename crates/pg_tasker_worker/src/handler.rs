@@ -31,6 +31,9 @@ pub struct StepMessage {
     pub max_attempts: u32,
     pub timeout_seconds: Option<u64>,
     pub correlation_id: String,
+    /// The W3C trace context the task was created with.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     pub enqueued_at: String,
 }
 
@@ -50,6 +53,9 @@ pub struct StepContext {
     /// How many times pgmq delivered this message (1 on first delivery).
     pub read_ct: i32,
     pub worker_id: String,
+    /// The span this attempt runs in, when the task carries a trace
+    /// context; `trace.traceparent()` is the header for calls it makes.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl StepContext {

@@ -30,6 +30,7 @@ mod runtime;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;
+pub mod trace;
 pub mod web;
 
 pub use events::wait_for_task;

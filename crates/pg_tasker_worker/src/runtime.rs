@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify, RwLock, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_postgres::{AsyncMessage, Client};
+use tracing::Instrument;
 
 use crate::connection::{classify_error, explain, next_backoff, ErrorClass};
 use crate::handler::{Handler, Outcome, Registry, StepContext, StepMessage, Tx};
@@ -137,10 +138,40 @@ pub struct Stats {
     pub notified: u64,
 }
 
+/// A log line: a `tracing` event (with the step's span, trace id
+/// included, when it is about a step) when the program installed a
+/// subscriber (the CLI does: text or JSON), else a line on stderr.
 fn log(msg: impl AsRef<str>) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::info!(target: "pg_tasker_worker", "{}", msg.as_ref());
+        return;
+    }
     use std::io::Write;
     // (never panics: a closed stderr loses the line, not the worker)
     let _ = writeln!(std::io::stderr(), "[pg-tasker-worker] {}", msg.as_ref());
+}
+
+/// The span a step attempt runs in: its ids, and its trace when the task
+/// has one.
+fn step_span(ctx: &StepContext) -> tracing::Span {
+    let m = &ctx.message;
+    let span = tracing::info_span!(
+        "step",
+        step_uuid = %m.step_uuid,
+        task_uuid = %m.task_uuid,
+        namespace = %m.namespace,
+        step_name = %m.step_name,
+        attempt = m.attempt,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+    );
+    if let Some(t) = &ctx.trace {
+        span.record("trace_id", t.trace_id.as_str());
+        span.record("span_id", t.span_id.as_str());
+        span.record("parent_span_id", t.parent_id.as_str());
+    }
+    span
 }
 
 /// Opens a connection whose notifications set `wake` and whose notices are
@@ -483,11 +514,16 @@ async fn exchange(
             release(&shared, &queue, msg_id).await;
             continue;
         };
+        let trace = message
+            .traceparent
+            .as_deref()
+            .and_then(crate::trace::TraceContext::child_of);
         let ctx = StepContext {
             message,
             msg_id,
             read_ct,
             worker_id: o.worker_id.clone(),
+            trace,
         };
         let key = (queue, msg_id);
         let s = shared.clone();
@@ -495,8 +531,9 @@ async fn exchange(
         // insertion)
         let mut running = shared.running.lock().unwrap();
         let k = key.clone();
+        let span = step_span(&ctx);
         let task = tokio::spawn(async move {
-            process(&s, ctx).await;
+            process(&s, ctx).instrument(span).await;
             s.running.lock().unwrap().remove(&k);
             drop(permit);
             s.finished.notify_one();
@@ -1077,7 +1114,9 @@ async fn process(shared: &Arc<Shared>, ctx: StepContext) {
                 "UNKNOWN_HANDLER",
             )
         }
-        Some(Handler::Plain(handler)) => guarded(tokio::spawn(handler.handle(ctx))).await,
+        Some(Handler::Plain(handler)) => {
+            guarded(tokio::spawn(handler.handle(ctx).in_current_span())).await
+        }
         Some(Handler::Transactional(handler)) => {
             match run_in_transaction(shared, &handler, ctx, &guarded, &metadata).await {
                 // submitted (or ignored) in the handler's transaction
@@ -1124,7 +1163,12 @@ where
             explain(&e)
         )));
     }
-    let outcome = guarded(tokio::spawn(handler.handle(ctx, Tx::new(client.clone())))).await;
+    let outcome = guarded(tokio::spawn(
+        handler
+            .handle(ctx, Tx::new(client.clone()))
+            .in_current_span(),
+    ))
+    .await;
     let give_back = |client: Arc<Client>| {
         // (a cancelled handler may still hold it: then it is closed)
         if let Ok(client) = Arc::try_unwrap(client) {

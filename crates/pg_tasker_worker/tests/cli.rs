@@ -210,3 +210,87 @@ fn misconfiguration_ends_the_worker_with_its_cause() {
     assert!(!err.contains("right-one"), "{err}");
     assert!(out.status.success(), "graceful stop: {err}");
 }
+
+/// `--log-format json`: one JSON object per line, and a step's lines carry
+/// its span — ids and the trace id of the task's traceparent.
+#[test]
+fn json_logs_carry_the_step_and_its_trace() {
+    let cluster = Cluster::start(&repo(), "cli_json");
+    let mut db = Client::connect(&cluster.url(), NoTls).expect("connect");
+    db.batch_execute(
+        "CREATE EXTENSION pg_tasker CASCADE;
+         SELECT tasker.register_template('{\"name\": \"t\", \"namespace_name\": \"cli_tr\", \"version\": \"1.0.0\",
+             \"steps\": [{\"name\": \"a\", \"handler\": {\"callable\": \"No::Such\"}}]}');",
+    )
+    .unwrap();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let task: String = db
+        .query_one(
+            "SELECT tasker.create_task('cli_tr', 't', traceparent => $1)::text",
+            &[&format!("00-{trace}-00f067aa0ba902b7-01")],
+        )
+        .unwrap()
+        .get(0);
+    let child = Command::new(env!("CARGO_BIN_EXE_pg-tasker-worker"))
+        .args([
+            "--namespace",
+            "cli_tr",
+            "--environment",
+            "test",
+            "--log-format",
+            "json",
+            "--database-url",
+        ])
+        .arg(format!(
+            "host={} port={} user=postgres dbname=postgres",
+            cluster.dir.display(),
+            cluster.port
+        ))
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let state: String = db
+            .query_one(
+                "SELECT state::text FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid",
+                &[&task],
+            )
+            .unwrap()
+            .get(0);
+        if state == "error" || t0.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let no_handler = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("NO HANDLER"))
+        })
+        .unwrap_or_else(|| panic!("no NO HANDLER line:\n{err}"));
+    let span = &no_handler["span"];
+    assert_eq!(span["trace_id"], trace, "{no_handler}");
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{no_handler}");
+    assert_eq!(span["namespace"], "cli_tr", "{no_handler}");
+    assert_eq!(span["task_uuid"], task.as_str(), "{no_handler}");
+    assert_eq!(
+        span["span_id"].as_str().map(str::len),
+        Some(16),
+        "{no_handler}"
+    );
+    assert!(lines.iter().any(|l| l["fields"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("connecting to"))));
+}

@@ -878,3 +878,67 @@ fn the_web_api_reports_health_readiness_and_metrics() {
     // the server ends with the worker
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
 }
+
+/// A task created with a traceparent: its handler runs in a child span of
+/// that trace (same trace id, the task's span as parent, a span id of its
+/// own) and gets the header for the calls it makes.
+#[test]
+fn a_handler_continues_the_tasks_trace() {
+    let (cluster, mut db) = setup("sdk_trace");
+    let task: String = db
+        .query_one(
+            "SELECT tasker.create_task('txn', 'flow', traceparent => '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let untraced = create(&mut db, 1).remove(0);
+    let mut registry = Registry::new();
+    registry.register("Effect", |step: StepContext| async move {
+        Outcome::success(match &step.trace {
+            Some(t) => {
+                json!({"trace_id": t.trace_id, "parent_id": t.parent_id, "span_id": t.span_id,
+                              "traceparent": t.traceparent()})
+            }
+            None => json!({"trace": null}),
+        })
+    });
+    let worker = start(
+        options(
+            &cluster,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        ),
+        registry,
+    );
+    wait_until("both complete", Duration::from_secs(30), || {
+        task_state(&mut db, &task) == "complete" && task_state(&mut db, &untraced) == "complete"
+    });
+    worker.stop();
+    let mut results = |t: &str| -> Vec<serde_json::Value> {
+        db.query(
+            "SELECT results::text FROM tasker.workflow_steps WHERE task_uuid = $1::text::uuid ORDER BY position",
+            &[&t],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect()
+    };
+    let traced = results(&task);
+    for r in &traced {
+        assert_eq!(r["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{r}");
+        assert_eq!(r["parent_id"], "00f067aa0ba902b7", "{r}");
+        let span = r["span_id"].as_str().unwrap();
+        assert_ne!(span, "00f067aa0ba902b7");
+        assert_eq!(
+            r["traceparent"],
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01")
+        );
+    }
+    assert_ne!(
+        traced[0]["span_id"], traced[1]["span_id"],
+        "each attempt its own span"
+    );
+    assert!(results(&untraced).iter().all(|r| r["trace"].is_null()));
+}

@@ -71,6 +71,11 @@ struct Args {
     /// on this address, e.g. 0.0.0.0:8081; default: worker.web when enabled
     #[arg(long, env = "PG_TASKER_HTTP")]
     http: Option<std::net::SocketAddr>,
+
+    /// Log lines on stderr as text or as JSON objects (one per line; a
+    /// step's lines carry its ids and trace id)
+    #[arg(long, env = "PG_TASKER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -90,6 +95,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false);
+    if args.log_format == "json" {
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.init();
+    }
     let location = args
         .config_dir
         .clone()
