@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 log() { printf '==> %s\n' "$*"; }
 
 # 1. Debian packages -----------------------------------------------------------
-packages=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 libclang-dev clang sudo openssl)
+packages=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 libclang-dev clang sudo openssl chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,7 +5,8 @@
 #      started by `cargo pgrx test` (as the postgres OS user when run as root,
 #      since initdb refuses root); this also installs the extension;
 #   3. the worker SDK's unit tests and the end-to-end blog workloads, run by
-#      real worker processes (Rust and Python) on clusters of their own.
+#      real worker processes (Rust and Python) on clusters of their own;
+#   4. the dashboard, in headless Chromium against a live cluster.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -28,3 +29,6 @@ fi
 
 echo "==> worker SDK and end-to-end workloads"
 cargo test -p pg_tasker_worker
+
+echo "==> dashboard (headless Chromium against a live cluster)"
+cargo test -p pg_tasker_dashboard
