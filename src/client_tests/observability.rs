@@ -194,13 +194,7 @@ fn metrics_are_prometheus_text_and_count_committed_moves() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
         "metrics",
     );
-    let mut c = postgres::Config::new()
-        .host_path(&cluster.dir)
-        .port(cluster.port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(postgres::NoTls)
-        .unwrap();
+    let mut c = Client::connect(&cluster.url(), postgres::NoTls).unwrap();
     c.batch_execute("CREATE EXTENSION pg_tasker CASCADE")
         .unwrap();
     register_linear(&mut c, "obs_m", "flow", 2);

@@ -196,8 +196,13 @@ pub fn exposition(s: &Snapshot) -> String {
             m,
         );
     }
+    text(&reg)
+}
+
+/// The OpenMetrics text of a registry (also the worker's `/metrics`).
+pub fn text(reg: &Registry) -> String {
     let mut out = String::new();
-    encode(&mut out, &reg).expect("writing to a String cannot fail");
+    encode(&mut out, reg).expect("writing to a String cannot fail");
     out
 }
 

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -201,9 +200,7 @@ impl Telemetry {
             "Whether the last exchange reached the database",
             up,
         );
-        let mut out = String::new();
-        encode(&mut out, &reg).expect("writing to a String cannot fail");
-        out
+        pg_tasker_core::metrics::text(&reg)
     }
 }
 
