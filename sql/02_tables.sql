@@ -145,6 +145,9 @@ CREATE INDEX tasks_active_state_idx ON tasker.tasks (state)
 CREATE INDEX tasks_finished_idx ON tasker.tasks (completed_at)
     WHERE tasker.task_state_is_terminal(state);
 CREATE INDEX tasks_template_idx ON tasker.tasks (template_uuid);
+-- A namespace's tasks newest first (tasker.list_tasks, the dashboard):
+-- neither column ever changes, so state changes stay HOT updates.
+CREATE INDEX tasks_namespace_idx ON tasker.tasks (namespace_name, task_uuid);
 CREATE INDEX tasks_created_at_idx ON tasker.tasks (created_at);
 
 CREATE TABLE tasker.workflow_steps (

@@ -68,6 +68,8 @@ GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb),
 GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text, text),
                           tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text, text)
     TO tasker_namespace_app;
+GRANT EXECUTE ON FUNCTION tasker.list_tasks(text, tasker.task_state, text, timestamptz, uuid, integer)
+    TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.step_readiness(uuid), tasker.task_execution_context(uuid),
                           tasker.effective_priority(integer, interval)
     TO tasker_namespace_app, tasker_namespace_worker;

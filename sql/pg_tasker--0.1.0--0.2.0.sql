@@ -892,6 +892,9 @@ CREATE INDEX tasks_active_state_idx ON tasker.tasks (state)
 CREATE INDEX tasks_finished_idx ON tasker.tasks (completed_at)
     WHERE tasker.task_state_is_terminal(state);
 CREATE INDEX tasks_template_idx ON tasker.tasks (template_uuid);
+-- A namespace's tasks newest first (tasker.list_tasks, the dashboard):
+-- neither column ever changes, so state changes stay HOT updates.
+CREATE INDEX tasks_namespace_idx ON tasker.tasks (namespace_name, task_uuid);
 CREATE INDEX tasks_created_at_idx ON tasker.tasks (created_at);
 
 CREATE TABLE tasker.workflow_steps (
@@ -3814,7 +3817,9 @@ WHERE n.name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.templates IS
     'Registered task templates, one row per version (handler initialization shown to the namespace''s admins only).';
 
-CREATE VIEW tasker.task_status WITH (security_barrier) AS
+-- A task as task_status shows it, for every namespace (not granted: the
+-- filtered forms below are the API).
+CREATE VIEW tasker._task_rows AS
 SELECT t.task_uuid,
        t.namespace_name  AS namespace,
        t.task_name,
@@ -3833,10 +3838,49 @@ SELECT t.task_uuid,
        t.created_at,
        t.updated_at,
        t.completed_at
-FROM tasker.tasks t
-WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
+FROM tasker.tasks t;
+
+CREATE VIEW tasker.task_status WITH (security_barrier) AS
+SELECT r.* FROM tasker._task_rows r
+WHERE r.namespace = ANY (ARRAY(SELECT tasker._seen_namespaces()));
 COMMENT ON VIEW tasker.task_status IS
     'One row per task: state, priority and step counts by class (complete includes resolved_manually).';
+
+-- tasker.list_tasks(namespace, state, task_name, since, before, lim): a
+-- page of task_status rows, newest first, of the namespaces the caller
+-- sees, optionally of one namespace, state, template name and created
+-- since a time. Keyset paging: `before` is the last task_uuid of the
+-- previous page (task uuids are time-ordered). It walks the primary key
+-- backwards, so a page costs the same with millions of tasks (a security
+-- barrier view cannot take the ORDER BY ... LIMIT into its scan).
+CREATE FUNCTION tasker.list_tasks(namespace text DEFAULT NULL, state tasker.task_state DEFAULT NULL,
+                                  task_name text DEFAULT NULL, since timestamptz DEFAULT NULL,
+                                  before uuid DEFAULT NULL, lim integer DEFAULT 50)
+RETURNS SETOF tasker.task_status
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    v_lim integer := least(greatest(coalesce(lim, 50), 0), 1000);
+BEGIN
+    IF namespace IS NULL THEN
+        -- the primary key backwards
+        RETURN QUERY
+        SELECT r.* FROM tasker._task_rows r
+        WHERE r.namespace = ANY (ARRAY(SELECT tasker._seen_namespaces()))
+          AND (state IS NULL OR r.state = state) AND (task_name IS NULL OR r.task_name = task_name)
+          AND (since IS NULL OR r.created_at >= since) AND (before IS NULL OR r.task_uuid < before)
+        ORDER BY r.task_uuid DESC LIMIT v_lim;
+    ELSE
+        -- one namespace: tasks_namespace_idx backwards
+        RETURN QUERY
+        SELECT r.* FROM tasker._task_rows r
+        WHERE r.namespace = namespace AND namespace = ANY (ARRAY(SELECT tasker._seen_namespaces()))
+          AND (state IS NULL OR r.state = state) AND (task_name IS NULL OR r.task_name = task_name)
+          AND (since IS NULL OR r.created_at >= since) AND (before IS NULL OR r.task_uuid < before)
+        ORDER BY r.task_uuid DESC LIMIT v_lim;
+    END IF;
+END
+$$;
 
 CREATE VIEW tasker.step_status WITH (security_barrier) AS
 SELECT s.task_uuid,
@@ -4237,6 +4281,8 @@ GRANT EXECUTE ON FUNCTION tasker.register_template(jsonb),
 GRANT EXECUTE ON FUNCTION tasker.create_task(text, text, jsonb, text, integer, text, text, text, text[], text, text),
                           tasker.request_task(text, text, jsonb, text, integer, text, text, text, text[], text, text)
     TO tasker_namespace_app;
+GRANT EXECUTE ON FUNCTION tasker.list_tasks(text, tasker.task_state, text, timestamptz, uuid, integer)
+    TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.step_readiness(uuid), tasker.task_execution_context(uuid),
                           tasker.effective_priority(integer, interval)
     TO tasker_namespace_app, tasker_namespace_worker;

@@ -227,6 +227,8 @@ fn operations(f: &Fixture) -> Vec<(&'static str, &'static str, String)> {
         ("run_maintenance", "DDDDADD", "SELECT tasker.run_maintenance(ARRAY['staleness'])".into()),
         ("task_status alpha", "AAAAAAD", "SELECT count(*) FROM tasker.task_status WHERE namespace = 'sec_a'".into()),
         ("task_status beta", "00AAA0D", "SELECT count(*) FROM tasker.task_status WHERE namespace = 'sec_b'".into()),
+        ("list_tasks beta", "00AAA0D", "SELECT count(*) FROM tasker.list_tasks('sec_b')".into()),
+        ("list_tasks alpha", "AAAAAAD", "SELECT count(*) FROM tasker.list_tasks(namespace => 'sec_a')".into()),
         ("step_status alpha", "AAAAAAD", "SELECT count(*) FROM tasker.step_status WHERE namespace = 'sec_a'".into()),
         ("step_status beta", "00AAA0D", "SELECT count(*) FROM tasker.step_status WHERE namespace = 'sec_b'".into()),
         ("templates beta", "00AAA0D", "SELECT count(*) FROM tasker.templates WHERE namespace = 'sec_b'".into()),

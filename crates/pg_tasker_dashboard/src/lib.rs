@@ -51,10 +51,11 @@ fn failure(status: StatusCode, message: String) -> Response {
 
 fn db_failure(e: tokio_postgres::Error) -> Response {
     let text = pg_tasker_worker::connection::explain(&e);
-    let status = if e.code().map(|c| c.code()) == Some("42501") {
-        StatusCode::FORBIDDEN
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
+    let status = match e.code().map(|c| c.code()) {
+        Some("42501") => StatusCode::FORBIDDEN,
+        // a filter Postgres cannot read (a state, a time)
+        Some("22P02" | "22007" | "22008" | "22023") => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     failure(status, text)
 }
@@ -260,12 +261,9 @@ async fn tasks(State(app): State<App>, Query(f): Query<TaskFilter>) -> Page {
         .query(
             "SELECT task_uuid::text, namespace, task_name, task_version, state::text, steps_total, steps_complete,
                     steps_error, created_at::text, completed_at::text
-             FROM tasker.task_status
-             WHERE ($1::text IS NULL OR namespace = $1) AND ($2::text IS NULL OR state::text = $2)
-               AND ($3::text IS NULL OR task_name = $3) AND ($4::text IS NULL OR created_at >= $4::text::timestamptz)
-               AND ($5::text IS NULL OR task_uuid < $5::text::uuid)
-             ORDER BY task_uuid DESC LIMIT $6",
-            &[&opt(&f.namespace), &opt(&f.state), &opt(&f.template), &opt(&f.since), &before, &(PAGE + 1)],
+             FROM tasker.list_tasks($1, $2::text::tasker.task_state, $3, $4::text::timestamptz, $5::text::uuid,
+                                    $6::integer)",
+            &[&opt(&f.namespace), &opt(&f.state), &opt(&f.template), &opt(&f.since), &before, &((PAGE + 1) as i32)],
         )
         .await?;
     let more = rows.len() as i64 > PAGE;

@@ -268,6 +268,10 @@ fn the_dashboard_in_a_browser() {
     );
     let shop_only = dom(a, "/tasks?namespace=shop&template=order");
     assert!(shop_only.contains(&done) && !shop_only.contains(&evil_task));
+    assert!(
+        get(a, "/tasks?since=yesterday-ish").contains("invalid input syntax"),
+        "a bad filter is said"
+    );
 
     let page = dom(a, &format!("/tasks/{blocked}"));
     assert!(page.contains("<svg"), "{page}");
