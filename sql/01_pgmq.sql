@@ -59,6 +59,7 @@ BEGIN
     IF NOT tasker._pgmq_queue_exists(queue) THEN
         PERFORM pgmq.create(queue);
     END IF;
+    PERFORM tasker._pgmq_close(queue);
     SELECT array_agg(c ORDER BY c) INTO missing
     FROM unnest(ARRAY['msg_id', 'read_ct', 'enqueued_at', 'last_read_at', 'vt', 'message', 'headers']) c
     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
@@ -69,6 +70,17 @@ BEGIN
             USING ERRCODE = '0A000';
     END IF;
     RETURN pg_catalog.pg_get_serial_sequence(tasker._pgmq_table(queue, 'q'), 'msg_id')::regclass;
+END
+$$;
+
+-- Nobody reads pg_tasker's queues but the roles granted below: pgmq gives
+-- pg_monitor SELECT on every queue table (its default privileges), which
+-- would show every namespace's messages and task requests to monitoring.
+CREATE FUNCTION tasker._pgmq_close(queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('REVOKE ALL ON %s, %s FROM PUBLIC, pg_monitor', tasker._pgmq_table(queue, 'q'),
+                   tasker._pgmq_table(queue, 'a'));
 END
 $$;
 

@@ -126,7 +126,7 @@ RETURN ('tasker_namespace_' || p::text)::name;
 CREATE FUNCTION tasker._grant_target(p_namespace text, p_role name, p_privilege text,
                                      OUT namespace_uuid uuid, OUT queue_name text, OUT grantee regrole,
                                      OUT grantee_name name, OUT privilege tasker.namespace_privilege)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 BEGIN
     IF p_namespace IS NULL OR p_role IS NULL OR p_privilege IS NULL THEN
         RAISE EXCEPTION 'namespace, role and privilege must not be NULL' USING ERRCODE = '22004';
@@ -144,7 +144,15 @@ BEGIN
     SELECT r.oid::regrole, r.rolname INTO grantee, grantee_name FROM pg_catalog.pg_roles r WHERE r.rolname = p_role;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'role "%" does not exist', p_role USING ERRCODE = '42704';
+    ELSIF p_role ~ '^(tasker_|pg_)' THEN
+        -- the cluster-wide and API roles hold what they hold everywhere;
+        -- a grant to one would reach every member of it
+        RAISE EXCEPTION 'role "%" cannot be given or lose namespace privileges', p_role
+            USING ERRCODE = '0LP01', HINT = 'grant to a role of your own (GRANT tasker_worker TO it means every namespace)';
     END IF;
+    -- one grantee's grants change one transaction at a time (what each
+    -- statement below concludes from the rows left holds until commit)
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pg_tasker.namespace_grants'), grantee::oid::integer);
 END
 $$;
 
@@ -193,6 +201,9 @@ BEGIN
     DELETE FROM tasker.namespace_grants x
     WHERE x.namespace_uuid = g.namespace_uuid AND x.grantee = g.grantee AND x.privilege = g.privilege
     RETURNING true INTO v_gone;
+    IF v_gone IS NULL THEN
+        RETURN false;   -- not held through a grant: nothing of it to take back
+    END IF;
     IF NOT tasker._grant_reads_queue(g.namespace_uuid, g.grantee) THEN
         PERFORM tasker._pgmq_revoke(g.queue_name, g.grantee_name);
     END IF;
@@ -201,7 +212,7 @@ BEGIN
                    WHERE m.member = g.grantee AND m.roleid = tasker._api_role(g.privilege)::text::regrole) THEN
         EXECUTE format('REVOKE %I FROM %I', tasker._api_role(g.privilege), g.grantee_name);
     END IF;
-    RETURN coalesce(v_gone, false);
+    RETURN true;
 END
 $$;
 

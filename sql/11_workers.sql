@@ -117,6 +117,9 @@ DECLARE
     v_queues text[];
     v_missing text;
 BEGIN
+    IF cardinality(p_namespaces) = 0 THEN
+        RETURN '{}';
+    END IF;
     PERFORM tasker._require_namespaces(p_namespaces, 'worker');
     SELECT array_agg(n.queue_name ORDER BY u.i), (array_agg(u.name ORDER BY u.i) FILTER (WHERE n.queue_name IS NULL))[1]
     INTO v_queues, v_missing
@@ -175,17 +178,21 @@ CREATE FUNCTION tasker.worker_idle(namespaces text[], worker_id text, idle boole
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
+DECLARE
+    v_queues text[];
 BEGIN
     IF worker_idle.worker_id IS NULL OR worker_idle.idle IS NULL THEN
         RAISE EXCEPTION 'worker_id and idle must not be NULL' USING ERRCODE = '22004';
     END IF;
+    -- (checked first: a worker changes registrations of its own namespaces only)
+    v_queues := tasker._worker_queues(coalesce(worker_idle.namespaces, '{}'));
     DELETE FROM tasker.worker_waits w
-    WHERE w.worker_id = worker_idle.worker_id
+    WHERE (w.worker_id = worker_idle.worker_id AND w.queue_name = ANY (v_queues))
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
     IF worker_idle.idle THEN
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
         SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
-        FROM unnest(tasker._worker_queues(worker_idle.namespaces)) q
+        FROM unnest(v_queues) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
     END IF;

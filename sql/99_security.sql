@@ -20,6 +20,17 @@ DO $roles$
 DECLARE
     m record;
 BEGIN
+    -- roles of these names made by someone else beforehand must not be
+    -- able to log in or be superusers (they would hold pg_tasker's API)
+    SELECT r.rolname INTO m FROM pg_catalog.pg_roles r
+    WHERE r.rolname IN ('tasker_admin', 'tasker_app', 'tasker_worker', 'tasker_namespace_admin',
+                        'tasker_namespace_app', 'tasker_namespace_worker')
+      AND (r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolbypassrls)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'role "%" exists and can log in (or is privileged); pg_tasker''s roles must be NOLOGIN and unprivileged', m.rolname
+            USING ERRCODE = '42501', HINT = format('ALTER ROLE %I NOLOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS, or drop it', m.rolname);
+    END IF;
     FOR m IN SELECT * FROM (VALUES ('tasker_admin'), ('tasker_app'), ('tasker_worker'),
                                    ('tasker_namespace_admin'), ('tasker_namespace_app'),
                                    ('tasker_namespace_worker')) r(name)

@@ -278,6 +278,7 @@ BEGIN
     IF NOT tasker._pgmq_queue_exists(queue) THEN
         PERFORM pgmq.create(queue);
     END IF;
+    PERFORM tasker._pgmq_close(queue);
     SELECT array_agg(c ORDER BY c) INTO missing
     FROM unnest(ARRAY['msg_id', 'read_ct', 'enqueued_at', 'last_read_at', 'vt', 'message', 'headers']) c
     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
@@ -288,6 +289,17 @@ BEGIN
             USING ERRCODE = '0A000';
     END IF;
     RETURN pg_catalog.pg_get_serial_sequence(tasker._pgmq_table(queue, 'q'), 'msg_id')::regclass;
+END
+$$;
+
+-- Nobody reads pg_tasker's queues but the roles granted below: pgmq gives
+-- pg_monitor SELECT on every queue table (its default privileges), which
+-- would show every namespace's messages and task requests to monitoring.
+CREATE FUNCTION tasker._pgmq_close(queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('REVOKE ALL ON %s, %s FROM PUBLIC, pg_monitor', tasker._pgmq_table(queue, 'q'),
+                   tasker._pgmq_table(queue, 'a'));
 END
 $$;
 
@@ -410,16 +422,16 @@ SELECT tasker._pgmq_check_version();
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:30
+-- src/caller.rs:45
 -- pg_tasker::caller::_caller
-CREATE  FUNCTION "_caller"() RETURNS oid /* pg_sys :: Oid */
+CREATE  FUNCTION "_caller"() RETURNS oid /* ApiResult < pg_sys :: Oid > */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:40
+-- src/caller.rs:56
 -- pg_tasker::caller::_caller_holds_all
 CREATE  FUNCTION "_caller_holds_all"(
 	"privilege" TEXT /* & str */
@@ -507,7 +519,7 @@ AS 'MODULE_PATHNAME', '_pgmq_send_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:50
+-- src/caller.rs:67
 -- pg_tasker::caller::_privileges_including
 CREATE  FUNCTION "_privileges_including"(
 	"privilege" TEXT /* & str */
@@ -1194,7 +1206,7 @@ RETURN ('tasker_namespace_' || p::text)::name;
 CREATE FUNCTION tasker._grant_target(p_namespace text, p_role name, p_privilege text,
                                      OUT namespace_uuid uuid, OUT queue_name text, OUT grantee regrole,
                                      OUT grantee_name name, OUT privilege tasker.namespace_privilege)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 BEGIN
     IF p_namespace IS NULL OR p_role IS NULL OR p_privilege IS NULL THEN
         RAISE EXCEPTION 'namespace, role and privilege must not be NULL' USING ERRCODE = '22004';
@@ -1212,7 +1224,15 @@ BEGIN
     SELECT r.oid::regrole, r.rolname INTO grantee, grantee_name FROM pg_catalog.pg_roles r WHERE r.rolname = p_role;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'role "%" does not exist', p_role USING ERRCODE = '42704';
+    ELSIF p_role ~ '^(tasker_|pg_)' THEN
+        -- the cluster-wide and API roles hold what they hold everywhere;
+        -- a grant to one would reach every member of it
+        RAISE EXCEPTION 'role "%" cannot be given or lose namespace privileges', p_role
+            USING ERRCODE = '0LP01', HINT = 'grant to a role of your own (GRANT tasker_worker TO it means every namespace)';
     END IF;
+    -- one grantee's grants change one transaction at a time (what each
+    -- statement below concludes from the rows left holds until commit)
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pg_tasker.namespace_grants'), grantee::oid::integer);
 END
 $$;
 
@@ -1261,6 +1281,9 @@ BEGIN
     DELETE FROM tasker.namespace_grants x
     WHERE x.namespace_uuid = g.namespace_uuid AND x.grantee = g.grantee AND x.privilege = g.privilege
     RETURNING true INTO v_gone;
+    IF v_gone IS NULL THEN
+        RETURN false;   -- not held through a grant: nothing of it to take back
+    END IF;
     IF NOT tasker._grant_reads_queue(g.namespace_uuid, g.grantee) THEN
         PERFORM tasker._pgmq_revoke(g.queue_name, g.grantee_name);
     END IF;
@@ -1269,7 +1292,7 @@ BEGIN
                    WHERE m.member = g.grantee AND m.roleid = tasker._api_role(g.privilege)::text::regrole) THEN
         EXECUTE format('REVOKE %I FROM %I', tasker._api_role(g.privilege), g.grantee_name);
     END IF;
-    RETURN coalesce(v_gone, false);
+    RETURN true;
 END
 $$;
 
@@ -2769,6 +2792,9 @@ DECLARE
     v_queues text[];
     v_missing text;
 BEGIN
+    IF cardinality(p_namespaces) = 0 THEN
+        RETURN '{}';
+    END IF;
     PERFORM tasker._require_namespaces(p_namespaces, 'worker');
     SELECT array_agg(n.queue_name ORDER BY u.i), (array_agg(u.name ORDER BY u.i) FILTER (WHERE n.queue_name IS NULL))[1]
     INTO v_queues, v_missing
@@ -2827,17 +2853,21 @@ CREATE FUNCTION tasker.worker_idle(namespaces text[], worker_id text, idle boole
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
+DECLARE
+    v_queues text[];
 BEGIN
     IF worker_idle.worker_id IS NULL OR worker_idle.idle IS NULL THEN
         RAISE EXCEPTION 'worker_id and idle must not be NULL' USING ERRCODE = '22004';
     END IF;
+    -- (checked first: a worker changes registrations of its own namespaces only)
+    v_queues := tasker._worker_queues(coalesce(worker_idle.namespaces, '{}'));
     DELETE FROM tasker.worker_waits w
-    WHERE w.worker_id = worker_idle.worker_id
+    WHERE (w.worker_id = worker_idle.worker_id AND w.queue_name = ANY (v_queues))
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
     IF worker_idle.idle THEN
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
         SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
-        FROM unnest(tasker._worker_queues(worker_idle.namespaces)) q
+        FROM unnest(v_queues) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
     END IF;
@@ -4233,6 +4263,17 @@ DO $roles$
 DECLARE
     m record;
 BEGIN
+    -- roles of these names made by someone else beforehand must not be
+    -- able to log in or be superusers (they would hold pg_tasker's API)
+    SELECT r.rolname INTO m FROM pg_catalog.pg_roles r
+    WHERE r.rolname IN ('tasker_admin', 'tasker_app', 'tasker_worker', 'tasker_namespace_admin',
+                        'tasker_namespace_app', 'tasker_namespace_worker')
+      AND (r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolbypassrls)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'role "%" exists and can log in (or is privileged); pg_tasker''s roles must be NOLOGIN and unprivileged', m.rolname
+            USING ERRCODE = '42501', HINT = format('ALTER ROLE %I NOLOGIN NOSUPERUSER NOCREATEROLE NOBYPASSRLS, or drop it', m.rolname);
+    END IF;
     FOR m IN SELECT * FROM (VALUES ('tasker_admin'), ('tasker_app'), ('tasker_worker'),
                                    ('tasker_namespace_admin'), ('tasker_namespace_app'),
                                    ('tasker_namespace_worker')) r(name)
@@ -4441,5 +4482,7 @@ FROM tasker.tasks t WHERE NOT tasker.task_state_is_terminal(t.state);
 -- 0.1.0 granted whole queue tables (SELECT and UPDATE to tasker_worker,
 -- SELECT of their archives; SELECT and INSERT of the request queue to
 -- tasker_app); 0.2.0 grants what pgmq.read and pgmq.send need, no more.
-SELECT tasker._pgmq_grant_reader(n.queue_name, 'tasker_worker') FROM tasker.namespaces n;
+SELECT tasker._pgmq_close(n.queue_name), tasker._pgmq_grant_reader(n.queue_name, 'tasker_worker')
+FROM tasker.namespaces n;
+SELECT tasker._pgmq_close(m.queue_name) FROM pgmq.meta m WHERE m.queue_name = tasker._request_queue();
 SELECT tasker._grant_request_queue(m.queue_name) FROM pgmq.meta m WHERE m.queue_name = tasker._request_queue();

@@ -160,6 +160,10 @@ fn tick(
         if version != env!("CARGO_PKG_VERSION") {
             return Ok(Tick::VersionMismatch(version));
         }
+        // a row a client holds (a worker may lock its queue's messages) makes
+        // a job give up after a while (each job is a subtransaction), not
+        // stall every namespace's orchestration
+        Spi::run("SET LOCAL lock_timeout = '5s'").map_err(|e| e.to_string())?;
         maintenance(o, clock.0);
         let summary = Spi::get_one_with_args::<pgrx::JsonB>(
             "SELECT tasker._run_cycle($1, $2, $3)",

@@ -11,6 +11,21 @@ fn need(p: &str) -> ApiResult<Need> {
     Need::parse(p).ok_or_else(|| internal(format!("unknown privilege \"{p}\"")))
 }
 
+/// 42501 inside a security-restricted operation (an index expression, a
+/// maintenance command, a materialized view refresh): there the session's
+/// role is not the one whose code runs (a superuser's ANALYZE runs a table
+/// owner's functions), so it must not count as the caller.
+fn unrestricted() -> ApiResult<()> {
+    // SAFETY: reads a backend-local flag.
+    if unsafe { pg_sys::InSecurityRestrictedOperation() } {
+        return Err(crate::errors::err(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "pg_tasker functions cannot run inside a security-restricted operation (index expressions, VACUUM, ANALYZE, REFRESH MATERIALIZED VIEW)",
+        ));
+    }
+    Ok(())
+}
+
 /// Whether the role the caller acts as has the privileges of `role`
 /// (superusers have every role's).
 fn caller_has_privs_of(role: &str) -> bool {
@@ -28,9 +43,10 @@ fn caller_has_privs_of(role: &str) -> bool {
 /// session's role, or the one SET ROLE chose), not the owner of the
 /// SECURITY DEFINER function that asks.
 #[pg_extern(stable, parallel_safe)]
-fn _caller() -> pg_sys::Oid {
+fn _caller() -> ApiResult<pg_sys::Oid> {
+    unrestricted()?;
     // SAFETY: reads a backend-local variable.
-    unsafe { pg_sys::GetOuterUserId() }
+    Ok(unsafe { pg_sys::GetOuterUserId() })
 }
 
 /// `tasker._caller_holds_all(privilege) RETURNS boolean`: whether the
@@ -39,6 +55,7 @@ fn _caller() -> pg_sys::Oid {
 /// path's whole check: no query.
 #[pg_extern(stable, parallel_safe)]
 fn _caller_holds_all(privilege: &str) -> ApiResult<bool> {
+    unrestricted()?;
     Ok(need(privilege)?
         .cluster_roles()
         .iter()
@@ -58,5 +75,5 @@ fn _privileges_including(privilege: &str) -> ApiResult<Vec<String>> {
 
 /// Whether the caller has the privileges of tasker_admin.
 pub fn is_admin() -> bool {
-    caller_has_privs_of("tasker_admin")
+    unrestricted().is_ok() && caller_has_privs_of("tasker_admin")
 }

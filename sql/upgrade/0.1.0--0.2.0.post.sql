@@ -99,5 +99,7 @@ FROM tasker.tasks t WHERE NOT tasker.task_state_is_terminal(t.state);
 -- 0.1.0 granted whole queue tables (SELECT and UPDATE to tasker_worker,
 -- SELECT of their archives; SELECT and INSERT of the request queue to
 -- tasker_app); 0.2.0 grants what pgmq.read and pgmq.send need, no more.
-SELECT tasker._pgmq_grant_reader(n.queue_name, 'tasker_worker') FROM tasker.namespaces n;
+SELECT tasker._pgmq_close(n.queue_name), tasker._pgmq_grant_reader(n.queue_name, 'tasker_worker')
+FROM tasker.namespaces n;
+SELECT tasker._pgmq_close(m.queue_name) FROM pgmq.meta m WHERE m.queue_name = tasker._request_queue();
 SELECT tasker._grant_request_queue(m.queue_name) FROM pgmq.meta m WHERE m.queue_name = tasker._request_queue();

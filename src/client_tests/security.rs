@@ -179,6 +179,7 @@ fn operations(f: &Fixture) -> Vec<(&'static str, &'static str, String)> {
          "SELECT count(*) FROM tasker.exchange(ARRAY['sec_a', 'sec_b'], 'sec', NULL, 2, 1)".into()),
         ("wake_channel beta", "DDADADD", "SELECT tasker.wake_channel('sec_b')".into()),
         ("worker_idle beta", "DDADADD", "SELECT 1 FROM tasker.worker_idle(ARRAY['sec_b'], 'sec')".into()),
+        ("worker_idle off beta", "DDADADD", "SELECT 1 FROM tasker.worker_idle(ARRAY['sec_b'], 'sec', false)".into()),
         ("submit_result alpha", "ADADAAD", result(&f.a_step)),
         ("submit_result beta", "DDADADD", result(&f.b_step)),
         ("submit_results beta", "DDADADD", format!(
@@ -483,4 +484,108 @@ fn a_leaky_function_sees_no_other_namespace() {
         "{}",
         plan.join("\n")
     );
+}
+
+/// What the review of #12 found, closed: a worker cannot unregister
+/// another namespace's idle workers; the cluster-wide, API and pg_* roles
+/// take no namespace grants; pgmq's grant to pg_monitor is gone from
+/// pg_tasker's queues; inside a security-restricted operation (an index
+/// expression, ANALYZE) the session's role does not count as the caller.
+#[test]
+fn the_review_findings_stay_closed() {
+    let mut c = connect();
+    register_linear(&mut c, "sec_v1", "flow", 1);
+    register_linear(&mut c, "sec_v2", "flow", 1);
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE sec_vworker LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE sec_vmon LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT pg_monitor TO sec_vmon;
+         SELECT tasker.grant_namespace('sec_v1', 'sec_vworker', 'worker');",
+    )
+    .unwrap();
+    create(&mut c, "sec_v2", "flow");
+    // a victim idle on sec_v2, registered from a live backend
+    let mut victim = other_connection(&mut c);
+    victim
+        .batch_execute("SELECT tasker.worker_idle(ARRAY['sec_v2'], 'victim-1', true)")
+        .unwrap();
+    let mut w = connect_as(&mut c, "sec_vworker");
+    assert_eq!(
+        outcome(
+            &mut w,
+            "SELECT 1 FROM tasker.worker_idle('{}', 'victim-1', false)"
+        ),
+        "A"
+    );
+    assert_eq!(
+        outcome(
+            &mut w,
+            "SELECT 1 FROM tasker.worker_idle(ARRAY['sec_v1'], 'victim-1', false)"
+        ),
+        "A"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM tasker.worker_waits WHERE worker_id = 'victim-1' AND queue_name = 'tasker_sec_v2_queue'"),
+        1,
+        "another namespace's registration stays"
+    );
+    for role in ["tasker_worker", "tasker_namespace_app", "pg_monitor"] {
+        for f in ["grant_namespace", "revoke_namespace"] {
+            let e = c
+                .query_one(
+                    &format!("SELECT tasker.{f}('sec_v1', '{role}', 'worker')"),
+                    &[],
+                )
+                .unwrap_err();
+            assert_eq!(e.code().unwrap().code(), "0LP01", "{f} {role}: {e}");
+        }
+    }
+    // revoking what was never granted takes nothing
+    c.batch_execute("GRANT tasker_namespace_app TO sec_vworker")
+        .unwrap();
+    let r: bool = c
+        .query_one(
+            "SELECT tasker.revoke_namespace('sec_v1', 'sec_vworker', 'app')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!r);
+    let member: bool = c
+        .query_one(
+            "SELECT pg_has_role('sec_vworker', 'tasker_namespace_app', 'MEMBER')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(member, "a membership granted by hand stays");
+    let mut mon = connect_as(&mut c, "sec_vmon");
+    assert_eq!(
+        outcome(
+            &mut mon,
+            "SELECT count(*) + 1 FROM pgmq.q_tasker_sec_v2_queue"
+        ),
+        "D"
+    );
+    assert_eq!(
+        outcome(
+            &mut mon,
+            "SELECT count(*) + 1 FROM pgmq.a_tasker_sec_v2_queue"
+        ),
+        "D"
+    );
+    // an index expression runs in a security-restricted operation
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sec_idx;
+         CREATE TABLE sec_idx (i int); INSERT INTO sec_idx SELECT generate_series(1, 3);
+         CREATE OR REPLACE FUNCTION sec_probe(i int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+         $$ BEGIN PERFORM count(*) FROM tasker.task_status; RETURN i; END $$;",
+    )
+    .unwrap();
+    let e = c
+        .batch_execute("CREATE INDEX ON sec_idx (sec_probe(i))")
+        .unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "42501", "{e}");
+    c.batch_execute("DROP TABLE sec_idx; DROP FUNCTION sec_probe(int)")
+        .unwrap();
 }

@@ -980,6 +980,9 @@ pub async fn run(
                 tokio::time::sleep(lp.backoff).await;
             }
         }
+        // unregistered whatever the loop believed: a registration whose
+        // call the shutdown interrupted may have committed all the same
+        lp.idle = true;
         lp.set_busy().await;
         for (queue, msg_id) in &unfinished {
             if release(&shared, queue, *msg_id).await {
