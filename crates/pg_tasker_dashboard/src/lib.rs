@@ -283,8 +283,7 @@ async fn tasks(State(app): State<App>, Query(f): Query<TaskFilter>) -> Page {
             input name="namespace" placeholder="namespace" value=(f.namespace);
             select name="state" {
                 option value="" { "any state" }
-                @for s in ["pending", "steps_in_process", "waiting_for_dependencies", "waiting_for_retry",
-                           "blocked_by_failures", "complete", "error", "cancelled", "resolved_manually"] {
+                @for s in pg_tasker_core::state::TaskState::ALL.iter().map(|s| s.as_str()) {
                     option value=(s) selected[f.state == s] { (s) }
                 }
             }
