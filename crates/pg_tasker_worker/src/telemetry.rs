@@ -26,7 +26,6 @@ pub struct Telemetry {
     started: Instant,
     steps: Family<Labels, Counter>,
     durations: Family<Labels, Histogram, fn() -> Histogram>,
-    in_flight: AtomicI64,
     /// The runtime's count of re-established connections.
     reconnects: Arc<AtomicU64>,
     /// The last exchange (or the start-up check) reached the database.
@@ -87,7 +86,6 @@ impl Telemetry {
             started: Instant::now(),
             steps: Family::default(),
             durations: Family::new_with_constructor(handler_buckets),
-            in_flight: AtomicI64::new(0),
             reconnects,
             connected: AtomicBool::new(false),
             heartbeat_ms: AtomicI64::new(now_ms()),
@@ -96,14 +94,12 @@ impl Telemetry {
     }
 
     pub fn handler_started(&self, namespace: &str) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut m = self.per_namespace.lock().unwrap();
         m.entry(namespace.to_string()).or_default().active += 1;
     }
 
     /// A handler of `namespace` finished with `outcome` after `took`.
     pub fn handler_finished(&self, namespace: &str, outcome: &Outcome, took: Duration) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let ns = vec![("namespace".to_string(), namespace.to_string())];
         let mut l = ns.clone();
         l.push(("outcome".into(), outcome_label(outcome).into()));
@@ -162,8 +158,14 @@ impl Telemetry {
         Duration::from_millis((now_ms() - self.heartbeat_ms.load(Ordering::Relaxed)).max(0) as u64)
     }
 
+    /// Handlers running now, in every namespace.
     pub fn in_flight(&self) -> i64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.per_namespace
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.active)
+            .sum()
     }
 
     pub fn uptime(&self) -> Duration {
