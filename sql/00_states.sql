@@ -102,6 +102,8 @@ COMMENT ON TABLE tasker.step_state_transitions IS
 INSERT INTO tasker.step_state_transitions (from_state, to_state, via) VALUES
     (NULL,                'pending',           'create_task'),
     ('pending',           'enqueued',          'evaluation: parents done'),
+    ('pending',           'complete',          'map step: every element complete (or none)'),
+    ('pending',           'error',             'map step: its input is not an array, or too long'),
     ('waiting_for_retry', 'enqueued',          'evaluation: retry due'),
     ('enqueued',          'in_progress',       'read_steps'),
     ('enqueued',          'complete',          'submit_result success'),

@@ -173,6 +173,20 @@ BEGIN
 END
 $$;
 
+-- Merges p_patch into a message's body (a checkpoint for its redelivery);
+-- whether the message is still there.
+CREATE FUNCTION tasker._pgmq_merge_message(queue text, msg bigint, p_patch jsonb) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    EXECUTE format('UPDATE %s SET message = message || $2 WHERE msg_id = $1', tasker._pgmq_table(queue, 'q'))
+    USING msg, p_patch;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END
+$$;
+
 -- Depth and age of a queue (pgmq.metrics).
 CREATE FUNCTION tasker._pgmq_metrics(queue text)
 RETURNS TABLE (depth bigint, visible bigint, oldest_message_age_seconds integer, total_messages bigint)

@@ -19,6 +19,11 @@
 -- A step's backoff policy (pg_tasker_core::template::Backoff mirrors it).
 CREATE TYPE tasker.backoff AS ENUM ('none', 'linear', 'exponential', 'fibonacci');
 
+-- A step's type (pg_tasker_core::template::StepType mirrors it; what each
+-- does: pg_tasker_core::dynamic, docs/templates.md).
+CREATE TYPE tasker.step_type AS ENUM ('standard', 'decision', 'deferred_convergence', 'batchable',
+                                      'batch_worker', 'map');
+
 CREATE TABLE tasker.namespaces (
     namespace_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     name           text NOT NULL UNIQUE
@@ -43,12 +48,18 @@ CREATE TABLE tasker.task_templates (
     description    text,
     definition     jsonb NOT NULL CHECK (jsonb_typeof(definition) = 'object'),
     step_count     integer NOT NULL CHECK (step_count >= 1),
+    -- the steps create_task creates (the others are created by decisions
+    -- and batches: template_steps.initial); set by _replace_template_rows
+    initial_steps  integer NOT NULL DEFAULT 1,
+    -- whether any step is not standard (results may create steps)
+    dynamic        boolean NOT NULL DEFAULT false,
     -- environments whose overrides change steps (rows in template_steps)
     environments   text[] NOT NULL DEFAULT '{}',
     has_input_schema boolean NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (namespace_uuid, name, version)
+    UNIQUE (namespace_uuid, name, version),
+    CHECK (initial_steps BETWEEN 1 AND step_count)
 );
 COMMENT ON TABLE tasker.task_templates IS
     'Validated templates in canonical form; (namespace, name, version) is unique.';
@@ -71,7 +82,16 @@ CREATE TABLE tasker.template_steps (
     jitter           boolean NOT NULL,
     timeout_seconds  integer CHECK (timeout_seconds > 0),
     parents          integer NOT NULL CHECK (parents >= 0),
+    step_type        tasker.step_type NOT NULL,
+    -- created by create_task (pg_tasker_core::dynamic::Graph::initial)
+    initial          boolean NOT NULL,
+    -- map steps: the path of the array (in the dependency's result or the
+    -- task context)
+    map_over         text[] CHECK (map_over IS NULL OR step_type = 'map'),
+    -- batch_worker steps: batch_config
+    batch_config     jsonb CHECK (batch_config IS NULL OR step_type = 'batch_worker'),
     PRIMARY KEY (template_uuid, environment, position),
+    CHECK (initial OR parents > 0 OR step_type = 'batch_worker'),
     CHECK (max_backoff_ms >= backoff_base_ms)
 );
 
@@ -182,6 +202,21 @@ CREATE TABLE tasker.workflow_steps (
     -- dependency counters: runnable when pending_parents = 0
     total_parents    integer NOT NULL DEFAULT 0,
     pending_parents  integer NOT NULL DEFAULT 0,
+    step_type        tasker.step_type NOT NULL DEFAULT 'standard',
+    -- steps created after create_task: the decision, batchable or map step
+    -- whose result (or expansion) created them
+    created_by       uuid,
+    -- map steps: the path of their array; the number of elements once
+    -- expanded (NULL before)
+    map_over         text[],
+    map_size         integer,
+    -- map elements: the index and the item (created_by is the map step)
+    map_index        integer,
+    map_item         jsonb,
+    -- the latest checkpoint of the current attempt (tasker.checkpoint);
+    -- the next delivery carries it
+    checkpoint       jsonb,
+    checkpointed_at  timestamptz,
     results          jsonb,
     last_error       jsonb,
     next_retry_at    timestamptz,
@@ -212,10 +247,17 @@ CREATE TABLE tasker.workflow_steps (
 -- is found through the counters (tasker._enqueue_steps), not by a scan.
 CREATE INDEX workflow_steps_retry_idx ON tasker.workflow_steps (task_uuid, next_retry_at)
     WHERE next_retry_at IS NOT NULL;
+-- What a step created (map elements in index order, batch workers).
+CREATE INDEX workflow_steps_created_by_idx ON tasker.workflow_steps (created_by, map_index)
+    WHERE created_by IS NOT NULL;
 
 CREATE TABLE tasker.step_edges (
     from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
     to_step_uuid   uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    -- a gate: the child waits for a decision or batchable step that may
+    -- still create one of its dependencies; it carries no result
+    -- (pg_tasker_core::dynamic)
+    gate           boolean NOT NULL DEFAULT false,
     PRIMARY KEY (from_step_uuid, to_step_uuid),
     CHECK (from_step_uuid <> to_step_uuid)
 );

@@ -33,13 +33,15 @@ RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue)
 -- their queue's sequence) with an audit row, and their messages are built
 -- and sent, one insert per queue (a batch of results can span namespaces;
 -- each queue is its own table); idle workers of those queues are notified.
--- The caller holds the task row locks and settles the returned moves
--- (tasker._settle_tasks).
+-- Map steps that are ready are not sent: they expand or complete in the
+-- database (tasker._run_maps). The caller holds the task row locks and
+-- settles the returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_moves tasker.step_move[];
+    v_maps uuid[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
@@ -51,13 +53,16 @@ BEGIN
     -- lists for runnable states (src/tests/states.rs checks it).
     WITH c AS (
         SELECT x.step_uuid, x.released,
-               tasker.step_is_ready(s.state, s.pending_parents - x.released, s.next_retry_at, now()) AS ready,
+               r.ready AND s.step_type <> 'map' AS ready,
+               r.ready AND s.step_type = 'map' AS map_ready,
                n.queue_name, n.queue_seq
         FROM (SELECT r.step_uuid, sum(r.released)::integer AS released
               FROM unnest(p_candidates) r GROUP BY r.step_uuid) x
         JOIN tasker.workflow_steps s ON s.step_uuid = x.step_uuid
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         JOIN tasker.namespaces n ON n.name = t.namespace_name
+        CROSS JOIN LATERAL (SELECT tasker.step_is_ready(s.state, s.pending_parents - x.released,
+                                                        s.next_retry_at, now()) AS ready) r
         WHERE x.released > 0
            OR tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())
     ), m AS (
@@ -76,7 +81,8 @@ BEGIN
         WHERE s.step_uuid = c.step_uuid
         RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.budget_offset,
                   s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
-                  s.max_attempts, s.timeout_seconds, c.ready, c.queue_name
+                  s.max_attempts, s.timeout_seconds, s.map_index, s.map_item, s.checkpoint, c.ready,
+                  c.map_ready, c.queue_name
     ), enq AS (
         SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id, t.traceparent
         FROM m JOIN tasker.tasks t ON t.task_uuid = m.task_uuid
@@ -101,18 +107,25 @@ BEGIN
                                               'method', e.handler_method,
                                               'initialization', e.inputs),
                 'task_context', e.context,
+                -- (gate edges carry no result)
                 'dependency_results', (
                     SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
                     FROM tasker.step_edges pe
                     JOIN tasker.workflow_steps p ON p.step_uuid = pe.from_step_uuid
-                    WHERE pe.to_step_uuid = e.step_uuid),
+                    WHERE pe.to_step_uuid = e.step_uuid AND NOT pe.gate),
                 'attempt', e.attempts,
                 'budget_attempt', e.attempts - e.budget_offset,
                 'max_attempts', e.max_attempts,
                 'timeout_seconds', e.timeout_seconds,
                 'correlation_id', e.correlation_id,
                 'traceparent', e.traceparent,
-                'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
+                'enqueued_at', now())
+                -- map elements: their index and item; resumed steps: their checkpoint
+                || CASE WHEN e.map_index IS NULL THEN '{}'
+                        ELSE jsonb_build_object('map_index', e.map_index, 'map_item', e.map_item) END
+                || CASE WHEN e.checkpoint IS NULL THEN '{}'
+                        ELSE jsonb_build_object('checkpoint', e.checkpoint) END
+                ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name
     ), woken AS (
@@ -121,10 +134,15 @@ BEGIN
         FROM sent w
         WHERE tasker._has_waiters(w.queue_name)
     )
-    SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
-                                  e.queue_msg_id)::tasker.step_move), '{}')
-    INTO v_moves
-    FROM enq e, (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
+    SELECT (SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
+                                          e.queue_msg_id)::tasker.step_move), '{}')
+            FROM enq e),
+           (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready)
+    INTO v_moves, v_maps
+    FROM (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
+    IF v_maps IS NOT NULL THEN
+        v_moves := v_moves || tasker._run_maps(v_maps);
+    END IF;
     RETURN v_moves;
 END
 $$;

@@ -61,15 +61,22 @@ LANGUAGE plpgsql AS $$
 BEGIN
     DELETE FROM tasker.template_steps ts WHERE ts.template_uuid = p_template;
     DELETE FROM tasker.template_edges te WHERE te.template_uuid = p_template;
-    UPDATE tasker.task_templates tt SET environments = p_environments WHERE tt.template_uuid = p_template;
     INSERT INTO tasker.template_steps
     SELECT p_template, r.environment, r.position, r.name, r.handler_callable, r.handler_method, r.inputs,
            r.retryable, r.max_attempts, r.backoff, r.backoff_base_ms, r.max_backoff_ms, r.jitter,
-           r.timeout_seconds, r.parents
+           r.timeout_seconds, r.parents, r.step_type, r.initial, r.map_over, r.batch_config
     FROM jsonb_to_recordset(p_steps) AS r(environment text, position integer, name text,
          handler_callable text, handler_method text, inputs jsonb, retryable boolean,
          max_attempts integer, backoff tasker.backoff, backoff_base_ms bigint, max_backoff_ms bigint,
-         jitter boolean, timeout_seconds integer, parents integer);
+         jitter boolean, timeout_seconds integer, parents integer, step_type tasker.step_type,
+         initial boolean, map_over text[], batch_config jsonb);
+    UPDATE tasker.task_templates tt
+    SET environments = p_environments,
+        initial_steps = (SELECT count(*) FROM tasker.template_steps ts
+                         WHERE ts.template_uuid = p_template AND ts.environment = '' AND ts.initial),
+        dynamic = EXISTS (SELECT 1 FROM tasker.template_steps ts
+                          WHERE ts.template_uuid = p_template AND ts.step_type <> 'standard')
+    WHERE tt.template_uuid = p_template;
     INSERT INTO tasker.template_edges
     SELECT p_template, e.from_position, e.to_position
     FROM jsonb_to_recordset(p_edges) AS e(from_position integer, to_position integer);

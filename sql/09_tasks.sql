@@ -57,8 +57,8 @@ BEGIN
     -- to change the definition), or commits first and this one reads the new
     -- definition.
     IF create_task.version IS NULL THEN
-        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.environments,
-               t.has_input_schema
+        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.initial_steps,
+               t.environments, t.has_input_schema
         INTO tt
         FROM tasker.task_templates t
         WHERE t.namespace_uuid = v_namespace_uuid AND t.name = v_name
@@ -66,8 +66,8 @@ BEGIN
         FOR SHARE;
     ELSE
         v_version := tasker._canonical_version(create_task.version);
-        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.environments,
-               t.has_input_schema
+        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.initial_steps,
+               t.environments, t.has_input_schema
         INTO tt
         FROM tasker.task_templates t
         WHERE t.namespace_uuid = v_namespace_uuid AND t.name = v_name AND t.version = v_version
@@ -111,7 +111,7 @@ BEGIN
                                        idempotency_key, traceparent, steps_total, steps_pending)
         VALUES (v_task, tt.template_uuid, v_ns, v_name, tt.version, v_context, v_priority,
                 create_task.initiator, create_task.source_system, create_task.reason, v_tags, v_key,
-                v_trace, tt.step_count, tt.step_count)
+                v_trace, tt.initial_steps, tt.initial_steps)
         ON CONFLICT (namespace_name, task_name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
         RETURNING t.task_uuid
@@ -119,21 +119,27 @@ BEGIN
         INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, handler_callable,
                                            handler_method, inputs, retryable, max_attempts, backoff,
                                            backoff_base_ms, max_backoff_ms, jitter, timeout_seconds,
-                                           total_parents, pending_parents)
+                                           total_parents, pending_parents, step_type, map_over)
         SELECT v_ids[ts.position + 1], task.task_uuid, ts.name, ts.position, ts.handler_callable,
                ts.handler_method, ts.inputs, ts.retryable, ts.max_attempts, ts.backoff,
-               ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter, ts.timeout_seconds, ts.parents, ts.parents
+               ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter, ts.timeout_seconds, ts.parents, ts.parents,
+               ts.step_type, ts.map_over
         FROM task, tasker.template_steps ts
-        WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env
+        WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.initial
         ORDER BY ts.position
+        RETURNING step_uuid
     ), edges AS (
+        -- (a step created by create_task depends only on such steps:
+        -- pg_tasker_core::dynamic::Graph::initial)
         INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
         SELECT v_ids[te.from_position + 1], v_ids[te.to_position + 1]
         FROM task, tasker.template_edges te
-        WHERE te.template_uuid = tt.template_uuid
+        JOIN tasker.template_steps ts ON ts.template_uuid = te.template_uuid AND ts.environment = ''
+                                     AND ts.position = te.to_position
+        WHERE te.template_uuid = tt.template_uuid AND ts.initial
     ), step_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason)
-        SELECT u, 1, NULL, 'pending', 'task created' FROM task, unnest(v_ids) u
+        SELECT steps.step_uuid, 1, NULL, 'pending', 'task created' FROM steps
     )
     INSERT INTO tasker.task_transitions AS a (task_uuid, sort_key, from_state, to_state, reason, metadata)
     SELECT task.task_uuid, 1, NULL, 'pending', 'task created',
@@ -155,7 +161,8 @@ BEGIN
         tasker._enqueue_steps(
             ARRAY(SELECT ROW(v_ids[ts.position + 1], 0)::tasker.step_release
                   FROM tasker.template_steps ts
-                  WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0),
+                  WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0
+                    AND ts.initial),
             'ready'),
         'task created', ARRAY[v_task]);
     RETURN v_task;

@@ -29,15 +29,24 @@ CREATE TYPE tasker.result_outcome AS (
 );
 
 -- Moves steps to a done state (complete, resolved_manually) with their
--- results, releases their children and enqueues those that became ready.
--- The caller holds the task row locks and settles the returned moves.
-CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text)
+-- results, releases their children, creates what generator steps among
+-- them ask for (with p_dynamic: some may be decision or batchable steps,
+-- sql/18_dynamic.sql) and enqueues what became ready. The caller holds the
+-- task row locks and settles the returned moves.
+CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text,
+                                     p_dynamic boolean DEFAULT true)
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done tasker.step_move[] := tasker._move_steps(p_changes, p_to, p_reason);
+    -- (the children as they were: edges from these steps created below
+    -- start counted as done)
+    v_ready tasker.step_release[] := tasker._children_of(v_done);
 BEGIN
-    RETURN v_done || tasker._enqueue_steps(tasker._children_of(v_done));
+    IF p_dynamic THEN
+        v_ready := v_ready || tasker._create_steps_of(v_done);
+    END IF;
+    RETURN v_done || tasker._enqueue_steps(v_ready);
 END
 $$;
 
@@ -67,9 +76,12 @@ DECLARE
     v_queues text[];
     v_msgs bigint[];
     v_success tasker.step_change[];
+    v_generators uuid[];
+    v_invalid tasker.step_result[];
     v_failed tasker.step_result[];
     v_retry tasker.step_change[];
     v_error tasker.step_change[];
+    v_error_moves tasker.step_move[];
     v_moves tasker.step_move[] := '{}';
     v_settled tasker.task_state[];
     v_archived bigint;
@@ -87,7 +99,7 @@ BEGIN
         SELECT x.* FROM unnest(p_results) WITH ORDINALITY
             AS x(step_uuid, success, payload, attempt, message, retryable, requested_delay_ms, audit, i)
     ), v AS (
-        SELECT r.*, ws.name, ws.state AS step_state, ws.attempts AS current_attempt, ws.queue_msg_id,
+        SELECT r.*, ws.name, ws.state AS step_state, ws.attempts AS current_attempt, ws.queue_msg_id, ws.step_type,
                t.task_uuid, t.state AS task_state, n.queue_name,
                CASE WHEN ws.step_uuid IS NULL THEN 'unknown_step'
                     WHEN r.i > min(r.i) OVER (PARTITION BY r.step_uuid) THEN 'duplicate'
@@ -122,9 +134,30 @@ BEGIN
                FILTER (WHERE v.outcome = 'applied' AND v.success),
            array_agg(ROW(v.step_uuid, v.success, v.payload, v.attempt, v.message, v.retryable,
                          v.requested_delay_ms, v.audit)::tasker.step_result)
-               FILTER (WHERE v.outcome = 'applied' AND NOT v.success)
-    INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed
+               FILTER (WHERE v.outcome = 'applied' AND NOT v.success),
+           array_agg(v.step_uuid) FILTER (WHERE v.outcome = 'applied' AND v.success
+                                            AND v.step_type IN ('decision', 'batchable'))
+    INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed, v_generators
     FROM v;
+
+    IF v_generators IS NOT NULL THEN
+        -- a decision's or batchable step's success with an outcome that
+        -- cannot be applied is a permanent failure saying why
+        SELECT array_agg(c) FILTER (WHERE p.problem IS NULL),
+               array_agg(ROW(c.step_uuid, false,
+                             jsonb_build_object('message', p.problem, 'error_code', 'invalid_outcome',
+                                                'result', c.payload),
+                             NULL, p.problem, false, NULL, c.metadata)::tasker.step_result)
+                   FILTER (WHERE p.problem IS NOT NULL)
+        INTO v_success, v_invalid
+        FROM unnest(v_success) c
+        LEFT JOIN LATERAL (SELECT tasker._dynamic_plan(c.step_uuid, c.payload) ->> 'problem' AS problem
+                           WHERE c.step_uuid = ANY (v_generators)) p ON true;
+        v_failed := coalesce(v_failed, '{}') || v_invalid;
+        IF cardinality(v_failed) = 0 THEN
+            v_failed := NULL;
+        END IF;
+    END IF;
 
     IF v_tasks IS NOT NULL THEN
         -- the attempts' messages: done with (one statement per queue)
@@ -137,7 +170,7 @@ BEGIN
             END LOOP;
         END IF;
         IF v_success IS NOT NULL THEN
-            v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker');
+            v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker', v_generators IS NOT NULL);
         END IF;
         IF v_failed IS NOT NULL THEN
             -- the retry policy, per failed attempt
@@ -164,7 +197,8 @@ BEGIN
                     ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c), 'retry due');
             END IF;
             IF v_error IS NOT NULL THEN
-                v_moves := v_moves || tasker._move_steps(v_error, 'error', 'failed');
+                v_error_moves := tasker._move_steps(v_error, 'error', 'failed');
+                v_moves := v_moves || v_error_moves || tasker._batch_failures(v_error_moves);
             END IF;
         END IF;
         v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);

@@ -84,7 +84,8 @@ CREATE FUNCTION tasker._task_snapshot(p_task uuid) RETURNS jsonb LANGUAGE sql ST
         'task', to_jsonb(t),
         'steps', coalesce((SELECT jsonb_agg(to_jsonb(s) ORDER BY s.position)
                            FROM tasker.workflow_steps s WHERE s.task_uuid = t.task_uuid), '[]'),
-        'edges', coalesce((SELECT jsonb_agg(jsonb_build_object('from', e.from_step_uuid, 'to', e.to_step_uuid))
+        'edges', coalesce((SELECT jsonb_agg(jsonb_build_object('from', e.from_step_uuid, 'to', e.to_step_uuid,
+                                                               'gate', e.gate))
                            FROM tasker.workflow_steps s
                            JOIN tasker.step_edges e ON e.to_step_uuid = s.step_uuid
                            WHERE s.task_uuid = t.task_uuid), '[]'),

@@ -126,10 +126,10 @@ SELECT s.task_uuid,
        s.attempts,
        s.attempts - s.budget_offset AS budget_attempts,
        s.max_attempts,
-       coalesce((SELECT array_agg(p.name ORDER BY p.position)
+       coalesce((SELECT array_agg(p.name ORDER BY p.position, p.name)
                  FROM tasker.step_edges e
                  JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-                 WHERE e.to_step_uuid = s.step_uuid), '{}')      AS dependencies,
+                 WHERE e.to_step_uuid = s.step_uuid AND NOT e.gate), '{}') AS dependencies,
        CASE jsonb_typeof(s.last_error) WHEN 'string' THEN s.last_error #>> '{}'
                                        ELSE s.last_error ->> 'message' END AS last_error_message,
        s.next_retry_at,
@@ -138,12 +138,21 @@ SELECT s.task_uuid,
        s.enqueued_at,
        s.started_at,
        s.completed_at,
-       s.updated_at
+       s.updated_at,
+       s.step_type,
+       -- steps created after create_task: by which decision, batchable or
+       -- map step (and which element)
+       s.created_by,
+       (SELECT format('%s "%s"', c.step_type, c.name)
+               || CASE WHEN s.map_index IS NULL THEN '' ELSE ' element ' || s.map_index END
+          FROM tasker.workflow_steps c WHERE c.step_uuid = s.created_by) AS origin,
+       s.map_index,
+       s.checkpoint
 FROM tasker.workflow_steps s
 JOIN tasker.tasks t USING (task_uuid)
 WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.step_status IS
-    'One row per step: state, attempts, dependencies by name, last error, results, next retry time.';
+    'One row per step: state, attempts, dependencies by name, last error, results, next retry time, type and origin.';
 
 -- The task's uuid, for the read functions: P0002 when there is no such
 -- task, 42501 when the caller holds no privilege in its namespace.

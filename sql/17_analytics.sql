@@ -80,20 +80,27 @@ RETURN coalesce((SELECT string_agg(CASE WHEN c.ch ~ '^[A-Za-z0-9 _.:-]$' THEN c.
                  FROM regexp_split_to_table(p, '') WITH ORDINALITY AS c(ch, i)), '');
 
 -- A Mermaid flowchart of a task: one node per step (name, state, attempts),
--- one arrow per dependency, colour by state. P0002 for an unknown task,
--- 42501 for one of a namespace the caller holds no privilege in.
+-- one arrow per dependency (dotted: a gate, pg_tasker_core::dynamic),
+-- colour by state. P0002 for an unknown task, 42501 for one of a namespace
+-- the caller holds no privilege in.
 CREATE FUNCTION tasker.task_graph(task_uuid uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    WITH n AS (
+        -- node ids in template order (created steps share their template step's position)
+        SELECT s.step_uuid, s.name, s.state, s.attempts, s.max_attempts,
+               row_number() OVER (ORDER BY s.position, s.map_index NULLS FIRST, s.name) - 1 AS node
+        FROM tasker.workflow_steps s WHERE s.task_uuid = tasker._seen_task(task_graph.task_uuid)
+    )
     SELECT concat_ws(E'\n',
         'flowchart LR',
-        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', s.position, tasker._mermaid_text(s.name), s.state,
-                                  s.attempts, s.max_attempts, s.state), E'\n' ORDER BY s.position)
-           FROM tasker.workflow_steps s WHERE s.task_uuid = tasker._seen_task(task_graph.task_uuid)),
-        (SELECT string_agg(format('    s%s --> s%s', p.position, c.position), E'\n' ORDER BY c.position, p.position)
+        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', n.node, tasker._mermaid_text(n.name), n.state,
+                                  n.attempts, n.max_attempts, n.state), E'\n' ORDER BY n.node)
+           FROM n),
+        (SELECT string_agg(format('    s%s %s s%s', p.node, CASE WHEN e.gate THEN '-.->' ELSE '-->' END, c.node),
+                           E'\n' ORDER BY c.node, p.node)
            FROM tasker.step_edges e
-           JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
-           JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-          WHERE c.task_uuid = task_graph.task_uuid),
+           JOIN n c ON c.step_uuid = e.to_step_uuid
+           JOIN n p ON p.step_uuid = e.from_step_uuid),
         '    classDef complete fill:#c8e6c9,stroke:#2e7d32',
         '    classDef resolved_manually fill:#c8e6c9,stroke:#2e7d32,stroke-dasharray: 4',
         '    classDef error fill:#ffcdd2,stroke:#c62828',

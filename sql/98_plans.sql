@@ -22,7 +22,8 @@
 CREATE FUNCTION tasker._operations() RETURNS text[]
 LANGUAGE sql IMMUTABLE
 RETURN ARRAY[
-    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease', 'worker_idle',
+    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease', 'checkpoint',
+    'worker_idle',
     'cancel_task', 'resolve_task_manually', 'retry_step', 'resolve_step_manually',
     '_run_cycle', 'run_orchestration_cycle', 'claim_ready_tasks', 'release_task_claim', 'extend_task_claim',
     '_recover_attempts', '_detect_stale', '_ingest_requests', 'dlq_requeue', 'dlq_resolve'];

@@ -90,6 +90,7 @@ GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_namespace_app
 GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
                           tasker.read_steps(text, text, integer, integer),
                           tasker.extend_lease(uuid, integer, integer),
+                          tasker.checkpoint(uuid, jsonb, integer),
                           tasker.submit_results(jsonb),
                           tasker.exchange(text[], text, jsonb, integer, integer),
                           tasker.wake_channel(text),

@@ -172,6 +172,7 @@ fn _setting(key: &str) -> ApiResult<i64> {
         }
         "limits.max_context_bytes" => Ok(c.limits.max_context_bytes as i64),
         "limits.max_result_bytes" => Ok(c.limits.max_result_bytes as i64),
+        "limits.max_map_elements" => Ok(c.limits.max_map_elements.into()),
         other => Err(invalid(format!("unknown setting \"{other}\""))),
     })
 }

@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 mod bgworker;
 mod caller;
 mod decisions;
+mod dynamic;
 mod errors;
 mod guc;
 mod health;
@@ -131,9 +132,18 @@ extension_sql_file!(
     requires = ["health_views"]
 );
 extension_sql_file!(
+    "../sql/18_dynamic.sql",
+    name = "dynamic",
+    requires = [
+        "analytics",
+        dynamic::_plan_steps,
+        dynamic::_map_element_name
+    ]
+);
+extension_sql_file!(
     "../sql/98_plans.sql",
     name = "plans",
-    requires = ["analytics"]
+    requires = ["dynamic"]
 );
 extension_sql_file!("../sql/99_security.sql", finalize);
 

@@ -39,6 +39,7 @@ fn step_rows(t: &TaskTemplate, environment: &str, out: &mut Vec<Value>) -> ApiRe
     } else {
         t.steps_for_environment(environment).map_err(from_core)?
     };
+    let initial = pg_tasker_core::dynamic::Graph::new(&steps).initial();
     for (position, s) in steps.iter().enumerate() {
         out.push(json!({
             "environment": environment,
@@ -55,6 +56,10 @@ fn step_rows(t: &TaskTemplate, environment: &str, out: &mut Vec<Value>) -> ApiRe
             "jitter": s.retry.jitter,
             "timeout_seconds": s.timeout_seconds,
             "parents": s.dependencies.len(),
+            "step_type": s.step_type.as_str(),
+            "initial": initial[position],
+            "map_over": s.map_over,
+            "batch_config": s.batch_config,
         }));
     }
     Ok(())

@@ -190,6 +190,8 @@ fn operations(f: &Fixture) -> Vec<(&'static str, &'static str, String)> {
             f.b_step)),
         ("extend_lease alpha", "ADADAAD", format!("SELECT tasker.extend_lease('{}', 1, 60)", f.a_step)),
         ("extend_lease beta", "DDADADD", format!("SELECT tasker.extend_lease('{}', 1, 60)", f.b_step)),
+        ("checkpoint alpha", "ADADAAD", format!("SELECT tasker.checkpoint('{}', '{{\"cursor\": 1}}', 1)", f.a_step)),
+        ("checkpoint beta", "DDADADD", format!("SELECT tasker.checkpoint('{}', '{{\"cursor\": 1}}', 1)", f.b_step)),
         ("create_task alpha", "DADAAAD", "SELECT tasker.create_task('sec_a', 'flow')".into()),
         ("create_task beta", "DDDAADD", "SELECT tasker.create_task('sec_b', 'flow')".into()),
         ("request_task alpha", "DADAAAD", "SELECT tasker.request_task('sec_a', 'flow')".into()),

@@ -171,8 +171,8 @@ mod tests {
         s["type"] = json!("decision");
         assert_fails(
             &register_sql(&template("t_bad", "t", "1.0.0", json!([s]))),
-            "0A000",
-            "not supported",
+            "22023",
+            "needs at least one dependency",
         );
 
         assert_fails(

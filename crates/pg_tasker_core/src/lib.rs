@@ -5,6 +5,7 @@
 //! `cargo test -p pg_tasker_core` in a second.
 
 pub mod config;
+pub mod dynamic;
 pub mod error;
 pub mod metrics;
 pub mod naming;

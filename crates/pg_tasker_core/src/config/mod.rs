@@ -117,6 +117,12 @@ pub struct LimitsConfig {
     pub max_context_bytes: u64,
     /// A step's result or error, in bytes (as stored).
     pub max_result_bytes: u64,
+    /// Steps one decision may ask for.
+    pub max_steps_per_decision: u32,
+    /// Workers one batchable step may create.
+    pub max_batch_workers: u32,
+    /// Elements one map step may have.
+    pub max_map_elements: u32,
 }
 
 /// Staleness thresholds; the same keys may appear in a template's `lifecycle`.
@@ -258,6 +264,16 @@ fn common_problems(
         1024,
         255 << 20,
     );
+    for (key, v) in [
+        (
+            "limits.max_steps_per_decision",
+            limits.max_steps_per_decision,
+        ),
+        ("limits.max_batch_workers", limits.max_batch_workers),
+        ("limits.max_map_elements", limits.max_map_elements),
+    ] {
+        in_range(out, key, v as u64, 1, 1_000_000);
+    }
     in_range(
         out,
         "retry.max_attempts",

@@ -94,10 +94,96 @@ pub struct Handler {
     pub initialization: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A step's type (tasker-core's, plus `map`): how it is created and what
+/// its result does (crate::dynamic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepType {
     Standard,
+    /// Its result's `decision_point_outcome` creates steps of its segment.
+    Decision,
+    /// Waits for the dependencies that were created, not those never taken.
+    DeferredConvergence,
+    /// Its result's `batch_processing_outcome` creates batch workers.
+    Batchable,
+    /// A template for the workers a batchable step creates; never created
+    /// as itself.
+    BatchWorker,
+    /// One attempt per element of an array (its dependency's result, or
+    /// the task context at `map_over`); its result is the elements' results.
+    Map,
+}
+
+impl StepType {
+    pub const ALL: &'static [StepType] = &[
+        StepType::Standard,
+        StepType::Decision,
+        StepType::DeferredConvergence,
+        StepType::Batchable,
+        StepType::BatchWorker,
+        StepType::Map,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepType::Standard => "standard",
+            StepType::Decision => "decision",
+            StepType::DeferredConvergence => "deferred_convergence",
+            StepType::Batchable => "batchable",
+            StepType::BatchWorker => "batch_worker",
+            StepType::Map => "map",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|t| t.as_str() == s)
+    }
+
+    /// Whether its result creates steps (decision, batchable).
+    pub fn is_generator(self) -> bool {
+        matches!(self, StepType::Decision | StepType::Batchable)
+    }
+}
+
+/// What a batch worker does when one of its siblings fails for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureStrategy {
+    /// The other workers go on; the convergence step waits (the task is
+    /// blocked by the failure until an operator acts).
+    #[default]
+    ContinueOnFailure,
+    /// The other workers that have not finished are cancelled.
+    FailFast,
+    /// The failure is the worker's own: the convergence step runs with the
+    /// workers that succeeded and sees the failed one's error.
+    Isolate,
+}
+
+impl FailureStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureStrategy::ContinueOnFailure => "continue_on_failure",
+            FailureStrategy::FailFast => "fail_fast",
+            FailureStrategy::Isolate => "isolate",
+        }
+    }
+}
+
+/// `batch_config` of a batch_worker step (tasker-core's fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_template: Option<String>,
+    #[serde(default)]
+    pub failure_strategy: FailureStrategy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,8 +196,21 @@ pub struct StepTemplate {
     pub retry: RetryPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u32>,
-    #[serde(rename = "type")]
+    // (always written: definitions stored before 0.2 have it, and the
+    // stored form is compared on re-registration)
+    #[serde(rename = "type", default = "standard")]
     pub step_type: StepType,
+    /// batch_worker steps: their batch_config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_config: Option<BatchConfig>,
+    /// map steps: the path of the array (in the dependency's result, or in
+    /// the task context for a map step without dependencies), as keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_over: Option<Vec<String>>,
+}
+
+fn standard() -> StepType {
+    StepType::Standard
 }
 
 /// A validated template. Serializing it gives the canonical definition that
@@ -175,8 +274,10 @@ struct RawStep {
     handler: Option<RawHandler>,
     retry: Option<RawRetry>,
     timeout_seconds: Option<u32>,
-    #[serde(rename = "type")]
+    #[serde(rename = "type", alias = "step_type")]
     step_type: Option<String>,
+    batch_config: Option<Value>,
+    map_over: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +430,7 @@ pub fn parse_value_with(value: Value, retry_defaults: &RetryPolicy) -> Result<Ta
         ));
     }
     let steps = order_steps(steps)?;
+    crate::dynamic::validate_types(&steps)?;
 
     let environments = raw.environments.unwrap_or_default();
     validate_environments(&environments, &steps)?;
@@ -498,15 +600,49 @@ fn parse_step(v: Value, index: usize, retry_defaults: &RetryPolicy) -> Result<St
     };
 
     let step_type = match raw.step_type.as_deref() {
-        None | Some("standard") => StepType::Standard,
-        Some(t @ ("decision" | "deferred_convergence" | "batchable" | "batch_worker")) => {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{ctx}: step type \"{t}\" is not supported by pg_tasker"),
-            )
-            .with_hint("only \"standard\" steps are supported; model branches as explicit steps"))
+        None => StepType::Standard,
+        Some(t) => StepType::parse(t).ok_or_else(|| {
+            Error::invalid(format!("{ctx}: unknown step type \"{t}\"")).with_hint(format!(
+                "step types: {}",
+                StepType::ALL
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?,
+    };
+    let batch_config = match raw.batch_config {
+        None | Some(Value::Null) => None,
+        Some(_) if step_type != StepType::BatchWorker => {
+            return Err(Error::invalid(format!(
+                "{ctx}: batch_config belongs to batch_worker steps, this step is {}",
+                step_type.as_str()
+            )))
         }
-        Some(t) => return Err(Error::invalid(format!("{ctx}: unknown step type \"{t}\""))),
+        Some(v) => Some(
+            serde_json::from_value::<BatchConfig>(v)
+                .map_err(|e| Error::invalid(format!("{ctx}: invalid batch_config: {e}")))?,
+        ),
+    };
+    let map_over = match raw.map_over {
+        None | Some(Value::Null) => None,
+        Some(_) if step_type != StepType::Map => {
+            return Err(Error::invalid(format!(
+                "{ctx}: map_over belongs to map steps, this step is {}",
+                step_type.as_str()
+            )))
+        }
+        Some(Value::String(p)) => Some(parse_path(&p).ok_or_else(|| {
+            Error::invalid(format!("{ctx}: invalid map_over path \"{p}\"")).with_hint(
+                "map_over is a path of keys: \"items\", \"order.items\" or \"$.order.items\"",
+            )
+        })?),
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "{ctx}: map_over must be a string, got {other}"
+            )))
+        }
     };
 
     if let Some(t) = raw.timeout_seconds {
@@ -537,7 +673,22 @@ fn parse_step(v: Value, index: usize, retry_defaults: &RetryPolicy) -> Result<St
         retry,
         timeout_seconds: raw.timeout_seconds,
         step_type,
+        batch_config,
+        map_over,
     })
+}
+
+/// A `map_over` path: `a.b.c`, optionally after `$.` (`$` alone: the
+/// whole value); keys are non-empty.
+pub fn parse_path(p: &str) -> Option<Vec<String>> {
+    let p = p.trim();
+    let rest = if p == "$" {
+        return Some(Vec::new());
+    } else {
+        p.strip_prefix("$.").unwrap_or(p)
+    };
+    let keys: Vec<String> = rest.split('.').map(str::to_string).collect();
+    (!keys.iter().any(String::is_empty)).then_some(keys)
 }
 
 fn parse_retry(raw: Option<RawRetry>, base: RetryPolicy, ctx: &str) -> Result<RetryPolicy> {

@@ -176,10 +176,16 @@ fn unknown_fields_are_rejected_with_context() {
 }
 
 #[test]
-fn unsupported_step_types() {
+fn step_types_need_their_shape() {
     let mut s = step("decide", &[]);
     s["type"] = json!("decision");
-    assert_eq!(err(tpl(vec![s])).kind, ErrorKind::Unsupported);
+    let e = err(tpl(vec![s]));
+    assert_eq!(e.kind, ErrorKind::InvalidValue);
+    assert!(
+        e.message.contains("at least one dependency"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
