@@ -5,6 +5,7 @@
 //! are in `src/client_tests/`.
 
 mod batches;
+mod dynamic;
 pub mod helpers;
 mod maintenance;
 mod orchestration;
