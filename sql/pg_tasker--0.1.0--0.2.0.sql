@@ -58,7 +58,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:33
+-- src/lib.rs:34
 -- States of tasks and steps: their one definition.
 --
 -- Every table, view and function uses these types and the functions below;
@@ -163,6 +163,8 @@ COMMENT ON TABLE tasker.step_state_transitions IS
 INSERT INTO tasker.step_state_transitions (from_state, to_state, via) VALUES
     (NULL,                'pending',           'create_task'),
     ('pending',           'enqueued',          'evaluation: parents done'),
+    ('pending',           'complete',          'map step: every element complete (or none)'),
+    ('pending',           'error',             'map step: its input is not an array, or too long'),
     ('waiting_for_retry', 'enqueued',          'evaluation: retry due'),
     ('enqueued',          'in_progress',       'read_steps'),
     ('enqueued',          'complete',          'submit_result success'),
@@ -213,7 +215,7 @@ SELECT 'error', 'steps_in_process', 'dlq_requeue';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:34
+-- src/lib.rs:35
 -- requires:
 --   states
 
@@ -392,6 +394,20 @@ BEGIN
 END
 $$;
 
+-- Merges p_patch into a message's body (a checkpoint for its redelivery);
+-- whether the message is still there.
+CREATE FUNCTION tasker._pgmq_merge_message(queue text, msg bigint, p_patch jsonb) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    EXECUTE format('UPDATE %s SET message = message || $2 WHERE msg_id = $1', tasker._pgmq_table(queue, 'q'))
+    USING msg, p_patch;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END
+$$;
+
 -- Depth and age of a queue (pgmq.metrics).
 CREATE FUNCTION tasker._pgmq_metrics(queue text)
 RETURNS TABLE (depth bigint, visible bigint, oldest_message_age_seconds integer, total_messages bigint)
@@ -466,7 +482,7 @@ AS 'MODULE_PATHNAME', '_count_moves_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:190
+-- src/decisions.rs:191
 -- pg_tasker::decisions::_environment
 CREATE  FUNCTION "_environment"() RETURNS TEXT /* String */
 STRICT STABLE PARALLEL SAFE
@@ -475,7 +491,19 @@ AS 'MODULE_PATHNAME', '_environment_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/templates.rs:135
+-- src/dynamic.rs:117
+-- pg_tasker::dynamic::_map_element_name
+CREATE  FUNCTION "_map_element_name"(
+	"map" TEXT, /* & str */
+	"index" INT /* i32 */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_map_element_name_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/templates.rs:140
 -- pg_tasker::templates::_materialise_template
 CREATE  FUNCTION "_materialise_template"(
 	"template_uuid" uuid /* pgrx :: Uuid */
@@ -519,6 +547,25 @@ AS 'MODULE_PATHNAME', '_pgmq_send_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/dynamic.rs:50
+-- pg_tasker::dynamic::_plan_steps
+CREATE  FUNCTION "_plan_steps"(
+	"template_uuid" uuid, /* pgrx :: Uuid */
+	"updated_at" timestamp with time zone, /* pgrx :: datum :: TimestampWithTimeZone */
+	"generator" TEXT, /* & str */
+	"kind" TEXT, /* & str */
+	"names" TEXT[], /* Vec < String > */
+	"worker_template" TEXT, /* Option < String > */
+	"row_names" TEXT[], /* Vec < String > */
+	"row_positions" INT[], /* Vec < i32 > */
+	"row_pending" bool[], /* Vec < bool > */
+	"row_unfinished" bool[] /* Vec < bool > */
+) RETURNS jsonb /* ApiResult < JsonB > */
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_plan_steps_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/caller.rs:67
 -- pg_tasker::caller::_privileges_including
 CREATE  FUNCTION "_privileges_including"(
@@ -542,7 +589,7 @@ AS 'MODULE_PATHNAME', '_register_template_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:181
+-- src/decisions.rs:182
 -- pg_tasker::decisions::_request_queue
 CREATE  FUNCTION "_request_queue"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL SAFE
@@ -586,7 +633,7 @@ AS 'MODULE_PATHNAME', '_setting_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:217
+-- src/decisions.rs:218
 -- pg_tasker::decisions::_step_row_check
 CREATE  FUNCTION "_step_row_check"(
 	"state" TEXT, /* & str */
@@ -607,7 +654,7 @@ AS 'MODULE_PATHNAME', '_step_row_check_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:252
+-- src/decisions.rs:253
 -- pg_tasker::decisions::_task_row_check
 CREATE  FUNCTION "_task_row_check"(
 	"state" TEXT, /* & str */
@@ -668,7 +715,7 @@ AS 'MODULE_PATHNAME', '_validate_context_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/templates.rs:125
+-- src/templates.rs:130
 -- pg_tasker::templates::_version_key
 CREATE  FUNCTION "_version_key"(
 	"version" TEXT /* & str */
@@ -679,7 +726,7 @@ AS 'MODULE_PATHNAME', '_version_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:197
+-- src/decisions.rs:198
 -- pg_tasker::decisions::_wake_orchestrator
 CREATE  FUNCTION "_wake_orchestrator"() RETURNS void
 STRICT
@@ -750,7 +797,7 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:39
+-- src/lib.rs:40
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
@@ -778,6 +825,11 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 -- A step's backoff policy (pg_tasker_core::template::Backoff mirrors it).
 CREATE TYPE tasker.backoff AS ENUM ('none', 'linear', 'exponential', 'fibonacci');
 
+-- A step's type (pg_tasker_core::template::StepType mirrors it; what each
+-- does: pg_tasker_core::dynamic, docs/templates.md).
+CREATE TYPE tasker.step_type AS ENUM ('standard', 'decision', 'deferred_convergence', 'batchable',
+                                      'batch_worker', 'map');
+
 CREATE TABLE tasker.namespaces (
     namespace_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     name           text NOT NULL UNIQUE
@@ -802,12 +854,18 @@ CREATE TABLE tasker.task_templates (
     description    text,
     definition     jsonb NOT NULL CHECK (jsonb_typeof(definition) = 'object'),
     step_count     integer NOT NULL CHECK (step_count >= 1),
+    -- the steps create_task creates (the others are created by decisions
+    -- and batches: template_steps.initial); set by _replace_template_rows
+    initial_steps  integer NOT NULL DEFAULT 1,
+    -- whether any step is not standard (results may create steps)
+    dynamic        boolean NOT NULL DEFAULT false,
     -- environments whose overrides change steps (rows in template_steps)
     environments   text[] NOT NULL DEFAULT '{}',
     has_input_schema boolean NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (namespace_uuid, name, version)
+    UNIQUE (namespace_uuid, name, version),
+    CHECK (initial_steps BETWEEN 1 AND step_count)
 );
 COMMENT ON TABLE tasker.task_templates IS
     'Validated templates in canonical form; (namespace, name, version) is unique.';
@@ -830,7 +888,16 @@ CREATE TABLE tasker.template_steps (
     jitter           boolean NOT NULL,
     timeout_seconds  integer CHECK (timeout_seconds > 0),
     parents          integer NOT NULL CHECK (parents >= 0),
+    step_type        tasker.step_type NOT NULL,
+    -- created by create_task (pg_tasker_core::dynamic::Graph::initial)
+    initial          boolean NOT NULL,
+    -- map steps: the path of the array (in the dependency's result or the
+    -- task context)
+    map_over         text[] CHECK (map_over IS NULL OR step_type = 'map'),
+    -- batch_worker steps: batch_config
+    batch_config     jsonb CHECK (batch_config IS NULL OR step_type = 'batch_worker'),
     PRIMARY KEY (template_uuid, environment, position),
+    CHECK (initial OR parents > 0 OR step_type = 'batch_worker'),
     CHECK (max_backoff_ms >= backoff_base_ms)
 );
 
@@ -941,6 +1008,21 @@ CREATE TABLE tasker.workflow_steps (
     -- dependency counters: runnable when pending_parents = 0
     total_parents    integer NOT NULL DEFAULT 0,
     pending_parents  integer NOT NULL DEFAULT 0,
+    step_type        tasker.step_type NOT NULL DEFAULT 'standard',
+    -- steps created after create_task: the decision, batchable or map step
+    -- whose result (or expansion) created them
+    created_by       uuid,
+    -- map steps: the path of their array; the number of elements once
+    -- expanded (NULL before)
+    map_over         text[],
+    map_size         integer,
+    -- map elements: the index and the item (created_by is the map step)
+    map_index        integer,
+    map_item         jsonb,
+    -- the latest checkpoint of the current attempt (tasker.checkpoint);
+    -- the next delivery carries it
+    checkpoint       jsonb,
+    checkpointed_at  timestamptz,
     results          jsonb,
     last_error       jsonb,
     next_retry_at    timestamptz,
@@ -971,10 +1053,17 @@ CREATE TABLE tasker.workflow_steps (
 -- is found through the counters (tasker._enqueue_steps), not by a scan.
 CREATE INDEX workflow_steps_retry_idx ON tasker.workflow_steps (task_uuid, next_retry_at)
     WHERE next_retry_at IS NOT NULL;
+-- What a step created (map elements in index order, batch workers).
+CREATE INDEX workflow_steps_created_by_idx ON tasker.workflow_steps (created_by, map_index)
+    WHERE created_by IS NOT NULL;
 
 CREATE TABLE tasker.step_edges (
     from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
     to_step_uuid   uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    -- a gate: the child waits for a decision or batchable step that may
+    -- still create one of its dependencies; it carries no result
+    -- (pg_tasker_core::dynamic)
+    gate           boolean NOT NULL DEFAULT false,
     PRIMARY KEY (from_step_uuid, to_step_uuid),
     CHECK (from_step_uuid <> to_step_uuid)
 );
@@ -1071,7 +1160,7 @@ COMMENT ON TABLE tasker.worker_waits IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:49
+-- src/lib.rs:50
 -- requires:
 --   tables
 --   caller::_caller
@@ -1314,7 +1403,7 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:59
+-- src/lib.rs:60
 -- requires:
 --   privileges
 
@@ -1557,7 +1646,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:64
+-- src/lib.rs:65
 -- requires:
 --   transitions
 
@@ -1832,7 +1921,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:69
+-- src/lib.rs:70
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -1872,13 +1961,15 @@ RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue)
 -- their queue's sequence) with an audit row, and their messages are built
 -- and sent, one insert per queue (a batch of results can span namespaces;
 -- each queue is its own table); idle workers of those queues are notified.
--- The caller holds the task row locks and settles the returned moves
--- (tasker._settle_tasks).
+-- Map steps that are ready are not sent: they expand or complete in the
+-- database (tasker._run_maps). The caller holds the task row locks and
+-- settles the returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_moves tasker.step_move[];
+    v_maps uuid[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
@@ -1890,13 +1981,16 @@ BEGIN
     -- lists for runnable states (src/tests/states.rs checks it).
     WITH c AS (
         SELECT x.step_uuid, x.released,
-               tasker.step_is_ready(s.state, s.pending_parents - x.released, s.next_retry_at, now()) AS ready,
+               r.ready AND s.step_type <> 'map' AS ready,
+               r.ready AND s.step_type = 'map' AS map_ready,
                n.queue_name, n.queue_seq
         FROM (SELECT r.step_uuid, sum(r.released)::integer AS released
               FROM unnest(p_candidates) r GROUP BY r.step_uuid) x
         JOIN tasker.workflow_steps s ON s.step_uuid = x.step_uuid
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         JOIN tasker.namespaces n ON n.name = t.namespace_name
+        CROSS JOIN LATERAL (SELECT tasker.step_is_ready(s.state, s.pending_parents - x.released,
+                                                        s.next_retry_at, now()) AS ready) r
         WHERE x.released > 0
            OR tasker.step_is_ready(s.state, s.pending_parents, s.next_retry_at, now())
     ), m AS (
@@ -1915,7 +2009,8 @@ BEGIN
         WHERE s.step_uuid = c.step_uuid
         RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.budget_offset,
                   s.queue_msg_id, s.transitions, s.name, s.handler_callable, s.handler_method, s.inputs,
-                  s.max_attempts, s.timeout_seconds, c.ready, c.queue_name
+                  s.max_attempts, s.timeout_seconds, s.map_index, s.map_item, s.checkpoint, c.ready,
+                  c.map_ready, c.queue_name
     ), enq AS (
         SELECT m.*, t.namespace_name, t.task_name, t.task_version, t.context, t.correlation_id, t.traceparent
         FROM m JOIN tasker.tasks t ON t.task_uuid = m.task_uuid
@@ -1940,18 +2035,25 @@ BEGIN
                                               'method', e.handler_method,
                                               'initialization', e.inputs),
                 'task_context', e.context,
+                -- (gate edges carry no result)
                 'dependency_results', (
                     SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
                     FROM tasker.step_edges pe
                     JOIN tasker.workflow_steps p ON p.step_uuid = pe.from_step_uuid
-                    WHERE pe.to_step_uuid = e.step_uuid),
+                    WHERE pe.to_step_uuid = e.step_uuid AND NOT pe.gate),
                 'attempt', e.attempts,
                 'budget_attempt', e.attempts - e.budget_offset,
                 'max_attempts', e.max_attempts,
                 'timeout_seconds', e.timeout_seconds,
                 'correlation_id', e.correlation_id,
                 'traceparent', e.traceparent,
-                'enqueued_at', now()) ORDER BY e.queue_msg_id)) AS n
+                'enqueued_at', now())
+                -- map elements: their index and item; resumed steps: their checkpoint
+                || CASE WHEN e.map_index IS NULL THEN '{}'
+                        ELSE jsonb_build_object('map_index', e.map_index, 'map_item', e.map_item) END
+                || CASE WHEN e.checkpoint IS NULL THEN '{}'
+                        ELSE jsonb_build_object('checkpoint', e.checkpoint) END
+                ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name
     ), woken AS (
@@ -1960,17 +2062,22 @@ BEGIN
         FROM sent w
         WHERE tasker._has_waiters(w.queue_name)
     )
-    SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
-                                  e.queue_msg_id)::tasker.step_move), '{}')
-    INTO v_moves
-    FROM enq e, (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
+    SELECT (SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
+                                          e.queue_msg_id)::tasker.step_move), '{}')
+            FROM enq e),
+           (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready)
+    INTO v_moves, v_maps
+    FROM (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
+    IF v_maps IS NOT NULL THEN
+        v_moves := v_moves || tasker._run_maps(v_maps);
+    END IF;
     RETURN v_moves;
 END
 $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:74
+-- src/lib.rs:75
 -- requires:
 --   enqueue
 --   decisions::_task_status
@@ -2008,7 +2115,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:79
+-- src/lib.rs:80
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -2077,15 +2184,22 @@ LANGUAGE plpgsql AS $$
 BEGIN
     DELETE FROM tasker.template_steps ts WHERE ts.template_uuid = p_template;
     DELETE FROM tasker.template_edges te WHERE te.template_uuid = p_template;
-    UPDATE tasker.task_templates tt SET environments = p_environments WHERE tt.template_uuid = p_template;
     INSERT INTO tasker.template_steps
     SELECT p_template, r.environment, r.position, r.name, r.handler_callable, r.handler_method, r.inputs,
            r.retryable, r.max_attempts, r.backoff, r.backoff_base_ms, r.max_backoff_ms, r.jitter,
-           r.timeout_seconds, r.parents
+           r.timeout_seconds, r.parents, r.step_type, r.initial, r.map_over, r.batch_config
     FROM jsonb_to_recordset(p_steps) AS r(environment text, position integer, name text,
          handler_callable text, handler_method text, inputs jsonb, retryable boolean,
          max_attempts integer, backoff tasker.backoff, backoff_base_ms bigint, max_backoff_ms bigint,
-         jitter boolean, timeout_seconds integer, parents integer);
+         jitter boolean, timeout_seconds integer, parents integer, step_type tasker.step_type,
+         initial boolean, map_over text[], batch_config jsonb);
+    UPDATE tasker.task_templates tt
+    SET environments = p_environments,
+        initial_steps = (SELECT count(*) FROM tasker.template_steps ts
+                         WHERE ts.template_uuid = p_template AND ts.environment = '' AND ts.initial),
+        dynamic = EXISTS (SELECT 1 FROM tasker.template_steps ts
+                          WHERE ts.template_uuid = p_template AND ts.step_type <> 'standard')
+    WHERE tt.template_uuid = p_template;
     INSERT INTO tasker.template_edges
     SELECT p_template, e.from_position, e.to_position
     FROM jsonb_to_recordset(p_edges) AS e(from_position integer, to_position integer);
@@ -2167,7 +2281,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:88
+-- src/lib.rs:89
 -- requires:
 --   templates
 
@@ -2230,8 +2344,8 @@ BEGIN
     -- to change the definition), or commits first and this one reads the new
     -- definition.
     IF create_task.version IS NULL THEN
-        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.environments,
-               t.has_input_schema
+        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.initial_steps,
+               t.environments, t.has_input_schema
         INTO tt
         FROM tasker.task_templates t
         WHERE t.namespace_uuid = v_namespace_uuid AND t.name = v_name
@@ -2239,8 +2353,8 @@ BEGIN
         FOR SHARE;
     ELSE
         v_version := tasker._canonical_version(create_task.version);
-        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.environments,
-               t.has_input_schema
+        SELECT t.template_uuid, t.version, t.updated_at, t.definition, t.step_count, t.initial_steps,
+               t.environments, t.has_input_schema
         INTO tt
         FROM tasker.task_templates t
         WHERE t.namespace_uuid = v_namespace_uuid AND t.name = v_name AND t.version = v_version
@@ -2284,7 +2398,7 @@ BEGIN
                                        idempotency_key, traceparent, steps_total, steps_pending)
         VALUES (v_task, tt.template_uuid, v_ns, v_name, tt.version, v_context, v_priority,
                 create_task.initiator, create_task.source_system, create_task.reason, v_tags, v_key,
-                v_trace, tt.step_count, tt.step_count)
+                v_trace, tt.initial_steps, tt.initial_steps)
         ON CONFLICT (namespace_name, task_name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
         RETURNING t.task_uuid
@@ -2292,21 +2406,27 @@ BEGIN
         INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, handler_callable,
                                            handler_method, inputs, retryable, max_attempts, backoff,
                                            backoff_base_ms, max_backoff_ms, jitter, timeout_seconds,
-                                           total_parents, pending_parents)
+                                           total_parents, pending_parents, step_type, map_over)
         SELECT v_ids[ts.position + 1], task.task_uuid, ts.name, ts.position, ts.handler_callable,
                ts.handler_method, ts.inputs, ts.retryable, ts.max_attempts, ts.backoff,
-               ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter, ts.timeout_seconds, ts.parents, ts.parents
+               ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter, ts.timeout_seconds, ts.parents, ts.parents,
+               ts.step_type, ts.map_over
         FROM task, tasker.template_steps ts
-        WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env
+        WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.initial
         ORDER BY ts.position
+        RETURNING step_uuid
     ), edges AS (
+        -- (a step created by create_task depends only on such steps:
+        -- pg_tasker_core::dynamic::Graph::initial)
         INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
         SELECT v_ids[te.from_position + 1], v_ids[te.to_position + 1]
         FROM task, tasker.template_edges te
-        WHERE te.template_uuid = tt.template_uuid
+        JOIN tasker.template_steps ts ON ts.template_uuid = te.template_uuid AND ts.environment = ''
+                                     AND ts.position = te.to_position
+        WHERE te.template_uuid = tt.template_uuid AND ts.initial
     ), step_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason)
-        SELECT u, 1, NULL, 'pending', 'task created' FROM task, unnest(v_ids) u
+        SELECT steps.step_uuid, 1, NULL, 'pending', 'task created' FROM steps
     )
     INSERT INTO tasker.task_transitions AS a (task_uuid, sort_key, from_state, to_state, reason, metadata)
     SELECT task.task_uuid, 1, NULL, 'pending', 'task created',
@@ -2328,7 +2448,8 @@ BEGIN
         tasker._enqueue_steps(
             ARRAY(SELECT ROW(v_ids[ts.position + 1], 0)::tasker.step_release
                   FROM tasker.template_steps ts
-                  WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0),
+                  WHERE ts.template_uuid = tt.template_uuid AND ts.environment = v_env AND ts.parents = 0
+                    AND ts.initial),
             'ready'),
         'task created', ARRAY[v_task]);
     RETURN v_task;
@@ -2337,7 +2458,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:93
+-- src/lib.rs:94
 -- requires:
 --   tasks
 
@@ -2372,15 +2493,24 @@ CREATE TYPE tasker.result_outcome AS (
 );
 
 -- Moves steps to a done state (complete, resolved_manually) with their
--- results, releases their children and enqueues those that became ready.
--- The caller holds the task row locks and settles the returned moves.
-CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text)
+-- results, releases their children, creates what generator steps among
+-- them ask for (with p_dynamic: some may be decision or batchable steps,
+-- sql/18_dynamic.sql) and enqueues what became ready. The caller holds the
+-- task row locks and settles the returned moves.
+CREATE FUNCTION tasker._finish_steps(p_changes tasker.step_change[], p_to tasker.step_state, p_reason text,
+                                     p_dynamic boolean DEFAULT true)
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done tasker.step_move[] := tasker._move_steps(p_changes, p_to, p_reason);
+    -- (the children as they were: edges from these steps created below
+    -- start counted as done)
+    v_ready tasker.step_release[] := tasker._children_of(v_done);
 BEGIN
-    RETURN v_done || tasker._enqueue_steps(tasker._children_of(v_done));
+    IF p_dynamic THEN
+        v_ready := v_ready || tasker._create_steps_of(v_done);
+    END IF;
+    RETURN v_done || tasker._enqueue_steps(v_ready);
 END
 $$;
 
@@ -2410,9 +2540,12 @@ DECLARE
     v_queues text[];
     v_msgs bigint[];
     v_success tasker.step_change[];
+    v_generators uuid[];
+    v_invalid tasker.step_result[];
     v_failed tasker.step_result[];
     v_retry tasker.step_change[];
     v_error tasker.step_change[];
+    v_error_moves tasker.step_move[];
     v_moves tasker.step_move[] := '{}';
     v_settled tasker.task_state[];
     v_archived bigint;
@@ -2430,7 +2563,7 @@ BEGIN
         SELECT x.* FROM unnest(p_results) WITH ORDINALITY
             AS x(step_uuid, success, payload, attempt, message, retryable, requested_delay_ms, audit, i)
     ), v AS (
-        SELECT r.*, ws.name, ws.state AS step_state, ws.attempts AS current_attempt, ws.queue_msg_id,
+        SELECT r.*, ws.name, ws.state AS step_state, ws.attempts AS current_attempt, ws.queue_msg_id, ws.step_type,
                t.task_uuid, t.state AS task_state, n.queue_name,
                CASE WHEN ws.step_uuid IS NULL THEN 'unknown_step'
                     WHEN r.i > min(r.i) OVER (PARTITION BY r.step_uuid) THEN 'duplicate'
@@ -2465,9 +2598,30 @@ BEGIN
                FILTER (WHERE v.outcome = 'applied' AND v.success),
            array_agg(ROW(v.step_uuid, v.success, v.payload, v.attempt, v.message, v.retryable,
                          v.requested_delay_ms, v.audit)::tasker.step_result)
-               FILTER (WHERE v.outcome = 'applied' AND NOT v.success)
-    INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed
+               FILTER (WHERE v.outcome = 'applied' AND NOT v.success),
+           array_agg(v.step_uuid) FILTER (WHERE v.outcome = 'applied' AND v.success
+                                            AND v.step_type IN ('decision', 'batchable'))
+    INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed, v_generators
     FROM v;
+
+    IF v_generators IS NOT NULL THEN
+        -- a decision's or batchable step's success with an outcome that
+        -- cannot be applied is a permanent failure saying why
+        SELECT array_agg(c) FILTER (WHERE p.problem IS NULL),
+               array_agg(ROW(c.step_uuid, false,
+                             jsonb_build_object('message', p.problem, 'error_code', 'invalid_outcome',
+                                                'result', c.payload),
+                             NULL, p.problem, false, NULL, c.metadata)::tasker.step_result)
+                   FILTER (WHERE p.problem IS NOT NULL)
+        INTO v_success, v_invalid
+        FROM unnest(v_success) c
+        LEFT JOIN LATERAL (SELECT tasker._dynamic_plan(c.step_uuid, c.payload) ->> 'problem' AS problem
+                           WHERE c.step_uuid = ANY (v_generators)) p ON true;
+        v_failed := coalesce(v_failed, '{}') || v_invalid;
+        IF cardinality(v_failed) = 0 THEN
+            v_failed := NULL;
+        END IF;
+    END IF;
 
     IF v_tasks IS NOT NULL THEN
         -- the attempts' messages: done with (one statement per queue)
@@ -2480,7 +2634,7 @@ BEGIN
             END LOOP;
         END IF;
         IF v_success IS NOT NULL THEN
-            v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker');
+            v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker', v_generators IS NOT NULL);
         END IF;
         IF v_failed IS NOT NULL THEN
             -- the retry policy, per failed attempt
@@ -2507,7 +2661,8 @@ BEGIN
                     ARRAY(SELECT ROW(c.step_uuid, 0)::tasker.step_release FROM unnest(v_retry) c), 'retry due');
             END IF;
             IF v_error IS NOT NULL THEN
-                v_moves := v_moves || tasker._move_steps(v_error, 'error', 'failed');
+                v_error_moves := tasker._move_steps(v_error, 'error', 'failed');
+                v_moves := v_moves || v_error_moves || tasker._batch_failures(v_error_moves);
             END IF;
         END IF;
         v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);
@@ -2669,7 +2824,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:98
+-- src/lib.rs:99
 -- requires:
 --   results
 
@@ -2983,7 +3138,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:103
+-- src/lib.rs:104
 -- requires:
 --   workers
 
@@ -3177,7 +3332,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:108
+-- src/lib.rs:109
 -- requires:
 --   operator
 
@@ -3371,7 +3526,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:113
+-- src/lib.rs:114
 -- requires:
 --   cycle
 
@@ -3461,7 +3616,8 @@ CREATE FUNCTION tasker._task_snapshot(p_task uuid) RETURNS jsonb LANGUAGE sql ST
         'task', to_jsonb(t),
         'steps', coalesce((SELECT jsonb_agg(to_jsonb(s) ORDER BY s.position)
                            FROM tasker.workflow_steps s WHERE s.task_uuid = t.task_uuid), '[]'),
-        'edges', coalesce((SELECT jsonb_agg(jsonb_build_object('from', e.from_step_uuid, 'to', e.to_step_uuid))
+        'edges', coalesce((SELECT jsonb_agg(jsonb_build_object('from', e.from_step_uuid, 'to', e.to_step_uuid,
+                                                               'gate', e.gate))
                            FROM tasker.workflow_steps s
                            JOIN tasker.step_edges e ON e.to_step_uuid = s.step_uuid
                            WHERE s.task_uuid = t.task_uuid), '[]'),
@@ -3791,7 +3947,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:118
+-- src/lib.rs:119
 -- requires:
 --   maintenance
 
@@ -3923,10 +4079,10 @@ SELECT s.task_uuid,
        s.attempts,
        s.attempts - s.budget_offset AS budget_attempts,
        s.max_attempts,
-       coalesce((SELECT array_agg(p.name ORDER BY p.position)
+       coalesce((SELECT array_agg(p.name ORDER BY p.position, p.name)
                  FROM tasker.step_edges e
                  JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-                 WHERE e.to_step_uuid = s.step_uuid), '{}')      AS dependencies,
+                 WHERE e.to_step_uuid = s.step_uuid AND NOT e.gate), '{}') AS dependencies,
        CASE jsonb_typeof(s.last_error) WHEN 'string' THEN s.last_error #>> '{}'
                                        ELSE s.last_error ->> 'message' END AS last_error_message,
        s.next_retry_at,
@@ -3935,12 +4091,21 @@ SELECT s.task_uuid,
        s.enqueued_at,
        s.started_at,
        s.completed_at,
-       s.updated_at
+       s.updated_at,
+       s.step_type,
+       -- steps created after create_task: by which decision, batchable or
+       -- map step (and which element)
+       s.created_by,
+       (SELECT format('%s "%s"', c.step_type, c.name)
+               || CASE WHEN s.map_index IS NULL THEN '' ELSE ' element ' || s.map_index END
+          FROM tasker.workflow_steps c WHERE c.step_uuid = s.created_by) AS origin,
+       s.map_index,
+       s.checkpoint
 FROM tasker.workflow_steps s
 JOIN tasker.tasks t USING (task_uuid)
 WHERE t.namespace_name IN (SELECT tasker._seen_namespaces());
 COMMENT ON VIEW tasker.step_status IS
-    'One row per step: state, attempts, dependencies by name, last error, results, next retry time.';
+    'One row per step: state, attempts, dependencies by name, last error, results, next retry time, type and origin.';
 
 -- The task's uuid, for the read functions: P0002 when there is no such
 -- task, 42501 when the caller holds no privilege in its namespace.
@@ -4001,7 +4166,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:123
+-- src/lib.rs:124
 -- requires:
 --   views
 --   health::health
@@ -4072,7 +4237,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:128
+-- src/lib.rs:129
 -- requires:
 --   health_views
 
@@ -4158,20 +4323,27 @@ RETURN coalesce((SELECT string_agg(CASE WHEN c.ch ~ '^[A-Za-z0-9 _.:-]$' THEN c.
                  FROM regexp_split_to_table(p, '') WITH ORDINALITY AS c(ch, i)), '');
 
 -- A Mermaid flowchart of a task: one node per step (name, state, attempts),
--- one arrow per dependency, colour by state. P0002 for an unknown task,
--- 42501 for one of a namespace the caller holds no privilege in.
+-- one arrow per dependency (dotted: a gate, pg_tasker_core::dynamic),
+-- colour by state. P0002 for an unknown task, 42501 for one of a namespace
+-- the caller holds no privilege in.
 CREATE FUNCTION tasker.task_graph(task_uuid uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    WITH n AS (
+        -- node ids in template order (created steps share their template step's position)
+        SELECT s.step_uuid, s.name, s.state, s.attempts, s.max_attempts,
+               row_number() OVER (ORDER BY s.position, s.map_index NULLS FIRST, s.name) - 1 AS node
+        FROM tasker.workflow_steps s WHERE s.task_uuid = tasker._seen_task(task_graph.task_uuid)
+    )
     SELECT concat_ws(E'\n',
         'flowchart LR',
-        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', s.position, tasker._mermaid_text(s.name), s.state,
-                                  s.attempts, s.max_attempts, s.state), E'\n' ORDER BY s.position)
-           FROM tasker.workflow_steps s WHERE s.task_uuid = tasker._seen_task(task_graph.task_uuid)),
-        (SELECT string_agg(format('    s%s --> s%s', p.position, c.position), E'\n' ORDER BY c.position, p.position)
+        (SELECT string_agg(format('    s%s["%s<br/>%s (%s/%s)"]:::%s', n.node, tasker._mermaid_text(n.name), n.state,
+                                  n.attempts, n.max_attempts, n.state), E'\n' ORDER BY n.node)
+           FROM n),
+        (SELECT string_agg(format('    s%s %s s%s', p.node, CASE WHEN e.gate THEN '-.->' ELSE '-->' END, c.node),
+                           E'\n' ORDER BY c.node, p.node)
            FROM tasker.step_edges e
-           JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
-           JOIN tasker.workflow_steps p ON p.step_uuid = e.from_step_uuid
-          WHERE c.task_uuid = task_graph.task_uuid),
+           JOIN n c ON c.step_uuid = e.to_step_uuid
+           JOIN n p ON p.step_uuid = e.from_step_uuid),
         '    classDef complete fill:#c8e6c9,stroke:#2e7d32',
         '    classDef resolved_manually fill:#c8e6c9,stroke:#2e7d32,stroke-dasharray: 4',
         '    classDef error fill:#ffcdd2,stroke:#c62828',
@@ -4185,9 +4357,434 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:133
+-- src/lib.rs:134
 -- requires:
 --   analytics
+--   dynamic::_plan_steps
+--   dynamic::_map_element_name
+
+-- Dynamic steps (docs/templates.md, "Dynamic steps"): what a decision's or
+-- batchable step's result creates (the plan: pg_tasker_core::dynamic, via
+-- tasker._plan_steps), map steps expanding into elements and completing
+-- with their results, batch failure strategies, and checkpoints. Created
+-- steps are ordinary steps: their rows, edges, audit rows and the task's
+-- counters are written here, in the operation that completed their
+-- creator, under its task lock.
+
+-- The outcome a generator step's result states, read from the result
+-- (jsonb, never parsed elsewhere), and the plan of what it creates:
+-- {"steps": [...], "edges": [...], "cursors": [...]} or {"problem": text}.
+CREATE FUNCTION tasker._dynamic_plan(p_step uuid, p_result jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    s record;
+    o jsonb;
+    v_kind text;
+    v_names text[] := '{}';
+    v_worker text;
+    v_cursors jsonb;
+    v_rows record;
+    v_plan jsonb;
+BEGIN
+    SELECT ws.task_uuid, ws.name, ws.step_type, t.template_uuid, tt.updated_at INTO s
+    FROM tasker.workflow_steps ws
+    JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
+    JOIN tasker.task_templates tt ON tt.template_uuid = t.template_uuid
+    WHERE ws.step_uuid = p_step;
+    IF s.step_type = 'decision' THEN
+        o := p_result -> 'decision_point_outcome';
+        IF jsonb_typeof(o) IS DISTINCT FROM 'object' THEN
+            RETURN jsonb_build_object('problem', format(
+                'the result of decision step "%s" has no decision_point_outcome object '
+                '({"type": "create_steps", "step_names": [...]} or {"type": "no_branches"})', s.name));
+        END IF;
+        v_kind := o ->> 'type';
+        IF v_kind = 'create_steps' THEN
+            IF jsonb_typeof(o -> 'step_names') IS DISTINCT FROM 'array'
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(o -> 'step_names') e WHERE jsonb_typeof(e) <> 'string') THEN
+                RETURN jsonb_build_object('problem', format(
+                    'decision step "%s": decision_point_outcome.step_names must be an array of step names, got %s',
+                    s.name, left(coalesce((o -> 'step_names')::text, 'nothing'), 200)));
+            END IF;
+            v_names := ARRAY(SELECT DISTINCT jsonb_array_elements_text(o -> 'step_names'));
+        ELSIF v_kind IS DISTINCT FROM 'no_branches' THEN
+            RETURN jsonb_build_object('problem', format(
+                'decision step "%s": decision_point_outcome.type must be create_steps or no_branches, got %s',
+                s.name, left(coalesce((o -> 'type')::text, 'nothing'), 100)));
+        END IF;
+    ELSIF s.step_type = 'batchable' THEN
+        o := p_result -> 'batch_processing_outcome';
+        IF jsonb_typeof(o) IS DISTINCT FROM 'object' THEN
+            RETURN jsonb_build_object('problem', format(
+                'the result of batchable step "%s" has no batch_processing_outcome object '
+                '({"type": "create_batches", "worker_template_name": ..., "cursor_configs": [...]} or {"type": "no_batches"})',
+                s.name));
+        END IF;
+        v_kind := o ->> 'type';
+        IF jsonb_typeof(o -> 'worker_template_name') NOT IN ('string', 'null') THEN
+            RETURN jsonb_build_object('problem', format(
+                'batchable step "%s": worker_template_name must be a string, got %s',
+                s.name, left((o -> 'worker_template_name')::text, 100)));
+        END IF;
+        v_worker := o ->> 'worker_template_name';
+        IF v_kind = 'create_batches' THEN
+            v_cursors := o -> 'cursor_configs';
+            IF jsonb_typeof(v_cursors) IS DISTINCT FROM 'array'
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(v_cursors) c
+                          WHERE jsonb_typeof(c) <> 'object'
+                             OR coalesce(jsonb_typeof(c -> 'batch_id'), 'null') NOT IN ('string', 'number')) THEN
+                RETURN jsonb_build_object('problem', format(
+                    'batchable step "%s": cursor_configs must be an array of objects with a batch_id, got %s',
+                    s.name, left(coalesce(v_cursors::text, 'nothing'), 200)));
+            END IF;
+            v_names := ARRAY(SELECT c ->> 'batch_id' FROM jsonb_array_elements(v_cursors) WITH ORDINALITY AS x(c, i)
+                             ORDER BY x.i);
+        ELSIF v_kind IS DISTINCT FROM 'no_batches' THEN
+            RETURN jsonb_build_object('problem', format(
+                'batchable step "%s": batch_processing_outcome.type must be create_batches or no_batches, got %s',
+                s.name, left(coalesce((o -> 'type')::text, 'nothing'), 100)));
+        END IF;
+    ELSE
+        RETURN jsonb_build_object('problem', format('step "%s" is a %s step; it creates no steps', s.name, s.step_type));
+    END IF;
+    -- the task's rows as the plan sees them (map elements left out)
+    SELECT array_agg(ws.name ORDER BY ws.name) AS names, array_agg(ws.position ORDER BY ws.name) AS positions,
+           array_agg(ws.state = 'pending' ORDER BY ws.name) AS pending,
+           array_agg(tasker.step_state_class(ws.state) NOT IN ('done', 'cancelled') ORDER BY ws.name) AS unfinished
+    INTO v_rows
+    FROM tasker.workflow_steps ws
+    WHERE ws.task_uuid = s.task_uuid AND ws.map_index IS NULL;
+    v_plan := tasker._plan_steps(s.template_uuid, s.updated_at, s.name, v_kind, v_names, v_worker,
+                                 v_rows.names, v_rows.positions, v_rows.pending, v_rows.unfinished);
+    IF v_cursors IS NOT NULL THEN
+        v_plan := v_plan || jsonb_build_object('cursors', v_cursors);
+    END IF;
+    RETURN v_plan;
+END
+$$;
+
+-- Creates what generator step p_step's result asks for (its plan), under
+-- its task's lock: the rows (copied from the template's steps; batch
+-- workers get their cursor and batch_metadata in initialization), the
+-- edges, the parent counters of the rows that take edges, audit rows, the
+-- task's counters. 22023 for an invalid outcome (a worker's result was
+-- checked before: tasker._apply_results fails such a step instead).
+-- Returns the new rows as candidates for enqueueing.
+CREATE FUNCTION tasker._create_steps(p_step uuid, p_result jsonb) RETURNS tasker.step_release[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_plan jsonb := tasker._dynamic_plan(p_step, p_result);
+    g record;
+    v_env text := tasker._environment();
+    v_new uuid[];
+BEGIN
+    IF v_plan ? 'problem' THEN
+        RAISE EXCEPTION '%', v_plan ->> 'problem' USING ERRCODE = '22023',
+            HINT = 'a decision''s result has decision_point_outcome, a batchable step''s batch_processing_outcome (docs/templates.md)';
+    END IF;
+    IF jsonb_array_length(v_plan -> 'steps') = 0 AND jsonb_array_length(v_plan -> 'edges') = 0 THEN
+        RETURN '{}';
+    END IF;
+    SELECT ws.task_uuid, ws.name, ws.step_type, t.template_uuid, tt.environments INTO g
+    FROM tasker.workflow_steps ws
+    JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
+    JOIN tasker.task_templates tt ON tt.template_uuid = t.template_uuid
+    WHERE ws.step_uuid = p_step;
+    IF NOT v_env = ANY (g.environments) THEN
+        v_env := '';
+    END IF;
+    WITH n AS (
+        SELECT x.name, x.position, x.batch, x.no_op, x.i, tasker.uuid_generate_v7() AS step_uuid
+        FROM ROWS FROM (jsonb_to_recordset(v_plan -> 'steps')
+                        AS (name text, position integer, batch integer, no_op boolean))
+             WITH ORDINALITY AS x(name, position, batch, no_op, i)
+    ), ins AS (
+        INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, handler_callable,
+                                           handler_method, inputs, retryable, max_attempts, backoff,
+                                           backoff_base_ms, max_backoff_ms, jitter, timeout_seconds,
+                                           total_parents, pending_parents, step_type, created_by, map_over)
+        SELECT n.step_uuid, g.task_uuid, n.name, n.position, ts.handler_callable, ts.handler_method,
+               CASE WHEN ts.step_type = 'batch_worker' THEN
+                   ts.inputs || jsonb_build_object(
+                       'cursor', CASE WHEN n.no_op
+                                      THEN jsonb_build_object('batch_id', '000', 'start_cursor', 0,
+                                                              'end_cursor', 0, 'batch_size', 0)
+                                      ELSE v_plan -> 'cursors' -> n.batch END,
+                       'batch_metadata', jsonb_build_object(
+                           'cursor_field', ts.batch_config -> 'cursor_field',
+                           'failure_strategy', coalesce(ts.batch_config ->> 'failure_strategy', 'continue_on_failure')),
+                       'is_no_op', n.no_op)
+                    ELSE ts.inputs END,
+               ts.retryable, ts.max_attempts, ts.backoff, ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter,
+               ts.timeout_seconds, 0, 0, ts.step_type, p_step, ts.map_over
+        FROM n
+        JOIN tasker.template_steps ts ON ts.template_uuid = g.template_uuid AND ts.environment = v_env
+                                     AND ts.position = n.position
+        ORDER BY n.i
+        RETURNING step_uuid
+    ), audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT ins.step_uuid, 1, NULL, 'pending', format('created by %s step "%s"', g.step_type, g.name),
+               jsonb_build_object('created_by', p_step)
+        FROM ins
+    )
+    SELECT array_agg(ins.step_uuid) INTO v_new FROM ins;
+    -- the edges, by name within the task; then the parents of each row
+    -- that takes edges (those of a parent not done yet still to wait for)
+    WITH e AS (
+        INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid, gate)
+        SELECT f.step_uuid, t.step_uuid, x.gate
+        FROM jsonb_to_recordset(v_plan -> 'edges') AS x("from" text, "to" text, gate boolean)
+        JOIN tasker.workflow_steps f ON f.task_uuid = g.task_uuid AND f.name = x."from"
+        JOIN tasker.workflow_steps t ON t.task_uuid = g.task_uuid AND t.name = x."to"
+        ON CONFLICT DO NOTHING
+        RETURNING from_step_uuid, to_step_uuid
+    )
+    UPDATE tasker.workflow_steps s
+    SET total_parents = s.total_parents + k.total, pending_parents = s.pending_parents + k.pending
+    FROM (SELECT e.to_step_uuid, count(*) AS total,
+                 count(*) FILTER (WHERE tasker.step_state_class(f.state) <> 'done') AS pending
+          FROM e JOIN tasker.workflow_steps f ON f.step_uuid = e.from_step_uuid
+          GROUP BY e.to_step_uuid) k
+    WHERE s.step_uuid = k.to_step_uuid;
+    UPDATE tasker.tasks t
+    SET steps_total = t.steps_total + coalesce(cardinality(v_new), 0),
+        steps_pending = t.steps_pending + coalesce(cardinality(v_new), 0)
+    WHERE t.task_uuid = g.task_uuid;
+    RETURN ARRAY(SELECT ROW(u, 0)::tasker.step_release FROM unnest(v_new) u);
+END
+$$;
+
+-- What the generator steps among p_done (steps that have just become done)
+-- create: the candidates for enqueueing.
+CREATE FUNCTION tasker._create_steps_of(p_done tasker.step_move[]) RETURNS tasker.step_release[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v tasker.step_release[] := '{}';
+BEGIN
+    FOR r IN SELECT s.step_uuid, s.results FROM unnest(p_done) d
+             JOIN tasker.workflow_steps s ON s.step_uuid = d.step_uuid
+             WHERE s.step_type IN ('decision', 'batchable')
+             ORDER BY s.step_uuid LOOP
+        v := v || tasker._create_steps(r.step_uuid, r.results);
+    END LOOP;
+    RETURN v;
+END
+$$;
+
+-- Map steps that are ready (their parents done, or, once expanded, their
+-- elements): a map step not yet expanded takes its array (its dependency's
+-- result, or the task context, at map_over) and gets one element step per
+-- item, or completes at once with [] for an empty array, or fails for good
+-- when the input is not an array or longer than limits.max_map_elements;
+-- an expanded one completes with its elements' results in index order.
+-- Expanding is the map step's attempt. The caller holds the task lock.
+-- Returns the moves (and those of whatever became ready after them).
+CREATE FUNCTION tasker._run_maps(p_maps uuid[]) RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    v_moves tasker.step_move[] := '{}';
+    v_done tasker.step_move[];
+    v_new uuid[];
+    lim bigint := tasker._setting('limits.max_map_elements');
+    v_problem text;
+BEGIN
+    FOR m IN SELECT s.step_uuid, s.task_uuid, s.name, s.map_size, s.map_over,
+                    CASE WHEN p.step_uuid IS NOT NULL THEN p.results ELSE t.context END
+                        #> coalesce(s.map_over, '{}') AS input,
+                    CASE WHEN p.step_uuid IS NOT NULL THEN format('the result of "%s"', p.name)
+                         ELSE 'the task context' END AS source
+             FROM unnest(p_maps) u
+             JOIN tasker.workflow_steps s ON s.step_uuid = u
+             JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+             LEFT JOIN LATERAL (
+                 SELECT ps.step_uuid, ps.name, ps.results FROM tasker.step_edges e
+                 JOIN tasker.workflow_steps ps ON ps.step_uuid = e.from_step_uuid
+                 WHERE e.to_step_uuid = s.step_uuid AND NOT e.gate LIMIT 1) p ON s.map_size IS NULL
+             WHERE s.step_type = 'map' AND s.state = 'pending' AND s.pending_parents = 0
+             ORDER BY s.step_uuid LOOP
+        IF m.map_size IS NOT NULL THEN
+            -- every element is done
+            v_done := tasker._move_steps(ARRAY[ROW(m.step_uuid,
+                (SELECT coalesce(jsonb_agg(el.results ORDER BY el.map_index), '[]')
+                 FROM tasker.workflow_steps el
+                 WHERE el.created_by = m.step_uuid AND el.map_index IS NOT NULL),
+                NULL, NULL, jsonb_build_object('elements', m.map_size))::tasker.step_change],
+                'complete', 'map elements complete');
+            v_moves := v_moves || v_done || tasker._enqueue_steps(tasker._children_of(v_done));
+            CONTINUE;
+        END IF;
+        v_problem := CASE
+            WHEN jsonb_typeof(m.input) IS DISTINCT FROM 'array' THEN
+                format('map step "%s" maps over %s%s, which is %s, not an array', m.name, m.source,
+                       CASE WHEN m.map_over IS NULL THEN '' ELSE ' at ' || array_to_string(m.map_over, '.') END,
+                       coalesce(jsonb_typeof(m.input), 'missing'))
+            WHEN jsonb_array_length(m.input) > lim THEN
+                format('map step "%s" has %s elements, more than the limit of %s (limits.max_map_elements)',
+                       m.name, jsonb_array_length(m.input), lim)
+            END;
+        -- (expanding is the map step's attempt)
+        UPDATE tasker.workflow_steps s
+        SET attempts = s.attempts + 1,
+            map_size = CASE WHEN v_problem IS NULL THEN jsonb_array_length(m.input) END
+        WHERE s.step_uuid = m.step_uuid;
+        IF v_problem IS NOT NULL THEN
+            v_moves := v_moves || tasker._move_steps(ARRAY[ROW(m.step_uuid,
+                jsonb_build_object('message', v_problem, 'error_code', 'invalid_map_input'), NULL, v_problem,
+                NULL)::tasker.step_change], 'error', 'map input invalid');
+            CONTINUE;
+        ELSIF jsonb_array_length(m.input) = 0 THEN
+            v_done := tasker._move_steps(ARRAY[ROW(m.step_uuid, '[]'::jsonb, NULL, NULL,
+                jsonb_build_object('elements', 0))::tasker.step_change], 'complete', 'map over an empty array');
+            v_moves := v_moves || v_done || tasker._enqueue_steps(tasker._children_of(v_done));
+            CONTINUE;
+        END IF;
+        WITH ins AS (
+            INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, position, handler_callable,
+                                               handler_method, inputs, retryable, max_attempts, backoff,
+                                               backoff_base_ms, max_backoff_ms, jitter, timeout_seconds,
+                                               created_by, map_index, map_item)
+            SELECT tasker.uuid_generate_v7(), s.task_uuid, tasker._map_element_name(s.name, (x.i - 1)::integer),
+                   s.position, s.handler_callable, s.handler_method, s.inputs, s.retryable, s.max_attempts,
+                   s.backoff, s.backoff_base_ms, s.max_backoff_ms, s.jitter, s.timeout_seconds, s.step_uuid,
+                   (x.i - 1)::integer, x.item
+            FROM tasker.workflow_steps s, jsonb_array_elements(m.input) WITH ORDINALITY AS x(item, i)
+            WHERE s.step_uuid = m.step_uuid
+            ORDER BY x.i
+            RETURNING step_uuid
+        ), edges AS (
+            -- (the map step waits for its elements; a gate: it is never sent)
+            INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid, gate)
+            SELECT ins.step_uuid, m.step_uuid, true FROM ins
+        ), audit AS (
+            INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+            SELECT ins.step_uuid, 1, NULL, 'pending', format('created by map step "%s"', m.name),
+                   jsonb_build_object('created_by', m.step_uuid)
+            FROM ins
+        )
+        SELECT array_agg(ins.step_uuid) INTO v_new FROM ins;
+        UPDATE tasker.workflow_steps s
+        SET total_parents = s.total_parents + cardinality(v_new),
+            pending_parents = s.pending_parents + cardinality(v_new)
+        WHERE s.step_uuid = m.step_uuid;
+        UPDATE tasker.tasks t
+        SET steps_total = t.steps_total + cardinality(v_new), steps_pending = t.steps_pending + cardinality(v_new)
+        WHERE t.task_uuid = m.task_uuid;
+        v_moves := v_moves || tasker._enqueue_steps(ARRAY(SELECT ROW(u, 0)::tasker.step_release FROM unnest(v_new) u),
+                                                    'map element');
+    END LOOP;
+    RETURN v_moves;
+END
+$$;
+
+-- Batch failure strategies, for batch workers that have just failed for
+-- good (p_failed: their moves to error): fail_fast cancels the siblings
+-- that have not finished; isolate cuts the failed worker out of what
+-- waits for it (its edges go, so the convergence step runs with the
+-- others). continue_on_failure does nothing: the convergence step waits.
+-- The caller holds the task locks. Returns the moves.
+CREATE FUNCTION tasker._batch_failures(p_failed tasker.step_move[]) RETURNS tasker.step_move[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cancel tasker.step_change[];
+    v_queue text;
+    v_msgs bigint[];
+    v_isolated tasker.step_release[];
+    v_moves tasker.step_move[] := '{}';
+BEGIN
+    SELECT array_agg(DISTINCT ROW(sib.step_uuid, NULL, NULL,
+                                  format('fail_fast: batch worker "%s" failed', f.name), NULL)::tasker.step_change),
+           min(n.queue_name),
+           array_agg(DISTINCT sib.queue_msg_id) FILTER (WHERE tasker.step_state_class(sib.state) = 'out')
+    INTO v_cancel, v_queue, v_msgs
+    FROM unnest(p_failed) d
+    JOIN tasker.workflow_steps f ON f.step_uuid = d.step_uuid
+    JOIN tasker.workflow_steps sib ON sib.created_by = f.created_by AND sib.step_uuid <> f.step_uuid
+                                   AND sib.step_type = 'batch_worker'
+    JOIN tasker.tasks t ON t.task_uuid = f.task_uuid
+    JOIN tasker.namespaces n ON n.name = t.namespace_name
+    WHERE f.step_type = 'batch_worker' AND f.inputs -> 'batch_metadata' ->> 'failure_strategy' = 'fail_fast'
+      AND tasker.step_state_class(sib.state) IN ('pending', 'out', 'waiting');
+    IF v_cancel IS NOT NULL THEN
+        -- (their messages are withdrawn, as cancel_task does; one task, one queue)
+        IF v_msgs IS NOT NULL THEN
+            PERFORM tasker._pgmq_archive(v_queue, v_msgs);
+        END IF;
+        v_moves := tasker._move_steps(v_cancel, 'cancelled', 'batch failed fast');
+    END IF;
+    WITH cut AS (
+        DELETE FROM tasker.step_edges e
+        USING unnest(p_failed) d, tasker.workflow_steps f
+        WHERE f.step_uuid = d.step_uuid AND e.from_step_uuid = f.step_uuid
+          AND f.step_type = 'batch_worker' AND f.inputs -> 'batch_metadata' ->> 'failure_strategy' = 'isolate'
+        RETURNING e.to_step_uuid
+    ), upd AS (
+        UPDATE tasker.workflow_steps s
+        SET total_parents = s.total_parents - k.n, pending_parents = s.pending_parents - k.n
+        FROM (SELECT cut.to_step_uuid, count(*) AS n FROM cut GROUP BY cut.to_step_uuid) k
+        WHERE s.step_uuid = k.to_step_uuid
+        RETURNING s.step_uuid
+    )
+    SELECT array_agg(ROW(upd.step_uuid, 0)::tasker.step_release) INTO v_isolated FROM upd;
+    IF v_isolated IS NOT NULL THEN
+        v_moves := v_moves || tasker._enqueue_steps(v_isolated, 'batch worker isolated');
+    END IF;
+    RETURN v_moves;
+END
+$$;
+
+-- tasker.checkpoint(step_uuid, checkpoint, attempt) RETURNS boolean: a
+-- worker saves the progress of its current attempt (a batch worker's
+-- cursor, say); the step's next delivery (the same message redelivered
+-- after a crash or an expired lease, or a new attempt) carries it as
+-- `checkpoint`. False (nothing saved) when the step is not out with a
+-- worker or attempt is not its current one. 54000 above
+-- limits.max_result_bytes.
+CREATE FUNCTION tasker.checkpoint(step_uuid uuid, checkpoint jsonb, attempt integer DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    s record;
+BEGIN
+    IF checkpoint.step_uuid IS NULL OR checkpoint.checkpoint IS NULL THEN
+        RAISE EXCEPTION 'step_uuid and checkpoint must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM tasker._require_steps(ARRAY[checkpoint.step_uuid], 'worker');
+    PERFORM tasker._check_payload_size(checkpoint.checkpoint, 'limits.max_result_bytes', 'the checkpoint');
+    -- lock order: the task, then the step
+    PERFORM 1 FROM tasker.tasks t
+    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = checkpoint.step_uuid)
+    FOR NO KEY UPDATE;
+    SELECT ws.state, ws.attempts, ws.queue_msg_id, n.queue_name INTO s
+    FROM tasker.workflow_steps ws
+    JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
+    JOIN tasker.namespaces n ON n.name = t.namespace_name
+    WHERE ws.step_uuid = checkpoint.step_uuid;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'step % does not exist', checkpoint.step_uuid USING ERRCODE = 'P0002';
+    END IF;
+    IF tasker.step_state_class(s.state) <> 'out' OR s.attempts <> coalesce(checkpoint.attempt, s.attempts) THEN
+        RETURN false;
+    END IF;
+    UPDATE tasker.workflow_steps ws
+    SET checkpoint = checkpoint.checkpoint, checkpointed_at = now()
+    WHERE ws.step_uuid = checkpoint.step_uuid;
+    -- the message as it will be redelivered
+    PERFORM tasker._pgmq_merge_message(s.queue_name, s.queue_msg_id,
+                                       jsonb_build_object('checkpoint', checkpoint.checkpoint));
+    RETURN true;
+END
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:143
+-- requires:
+--   dynamic
 
 -- How the operations are planned: their one home.
 --
@@ -4213,7 +4810,8 @@ $$;
 CREATE FUNCTION tasker._operations() RETURNS text[]
 LANGUAGE sql IMMUTABLE
 RETURN ARRAY[
-    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease', 'worker_idle',
+    'create_task', 'submit_result', 'submit_results', 'exchange', 'read_steps', 'extend_lease', 'checkpoint',
+    'worker_idle',
     'cancel_task', 'resolve_task_manually', 'retry_step', 'resolve_step_manually',
     '_run_cycle', 'run_orchestration_cycle', 'claim_ready_tasks', 'release_task_claim', 'extend_task_claim',
     '_recover_attempts', '_detect_stale', '_ingest_requests', 'dlq_requeue', 'dlq_resolve'];
@@ -4239,7 +4837,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:138
+-- src/lib.rs:148
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --
@@ -4333,6 +4931,7 @@ GRANT EXECUTE ON FUNCTION tasker.cancel_task(uuid, text) TO tasker_namespace_app
 GRANT EXECUTE ON FUNCTION tasker.submit_result(uuid, text, jsonb, jsonb, jsonb),
                           tasker.read_steps(text, text, integer, integer),
                           tasker.extend_lease(uuid, integer, integer),
+                          tasker.checkpoint(uuid, jsonb, integer),
                           tasker.submit_results(jsonb),
                           tasker.exchange(text[], text, jsonb, integer, integer),
                           tasker.wake_channel(text),
