@@ -106,7 +106,9 @@ BEGIN
                 'handler', jsonb_build_object('callable', e.handler_callable,
                                               'method', e.handler_method,
                                               'initialization', e.inputs),
-                'task_context', e.context,
+                -- (a map element carries its item instead: the context once
+                -- per element would make a wide map's messages quadratic)
+                'task_context', CASE WHEN e.map_index IS NULL THEN e.context END,
                 -- (gate edges carry no result)
                 'dependency_results', (
                     SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')

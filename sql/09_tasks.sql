@@ -28,6 +28,7 @@ DECLARE
     v_env text;
     v_task uuid;
     v_ids uuid[];
+    v_initial boolean[];
     v_created uuid;
 BEGIN
     IF v_ns IS NULL THEN
@@ -105,6 +106,12 @@ BEGIN
     -- array subscript, so nothing joins on an unindexed intermediate result.
     v_task := tasker.uuid_generate_v7();
     v_ids := ARRAY(SELECT tasker.uuid_generate_v7() FROM generate_series(1, tt.step_count));
+    -- which positions create_task creates (NULL: all of them)
+    IF tt.initial_steps < tt.step_count THEN
+        v_initial := ARRAY(SELECT ts.initial FROM tasker.template_steps ts
+                           WHERE ts.template_uuid = tt.template_uuid AND ts.environment = ''
+                           ORDER BY ts.position);
+    END IF;
     WITH task AS (
         INSERT INTO tasker.tasks AS t (task_uuid, template_uuid, namespace_name, task_name, task_version,
                                        context, priority, initiator, source_system, reason, tags,
@@ -134,9 +141,7 @@ BEGIN
         INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
         SELECT v_ids[te.from_position + 1], v_ids[te.to_position + 1]
         FROM task, tasker.template_edges te
-        JOIN tasker.template_steps ts ON ts.template_uuid = te.template_uuid AND ts.environment = ''
-                                     AND ts.position = te.to_position
-        WHERE te.template_uuid = tt.template_uuid AND ts.initial
+        WHERE te.template_uuid = tt.template_uuid AND (v_initial IS NULL OR v_initial[te.to_position + 1])
     ), step_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason)
         SELECT steps.step_uuid, 1, NULL, 'pending', 'task created' FROM steps

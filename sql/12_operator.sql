@@ -54,7 +54,10 @@ BEGIN
     INTO v_steps, v_msgs
     FROM tasker.workflow_steps s
     WHERE s.task_uuid = p_task
-      AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to);
+      AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to)
+      -- (error: only attempts out with workers fail; pending -> error is a
+      -- map step's invalid input)
+      AND (p_to <> 'error' OR tasker.step_state_class(s.state) = 'out');
     IF v_steps IS NULL THEN
         RETURN '{}';
     END IF;

@@ -551,6 +551,7 @@ mod tests {
                     format!("square[{}]", m["map_index"]).as_str()
                 );
                 assert_eq!(m["dependency_results"], json!({}));
+                assert_eq!(m["task_context"], Value::Null, "an element carries its item instead");
             }
             square_worker(m)
         });

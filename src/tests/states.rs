@@ -164,11 +164,18 @@ mod tests {
         ));
         let task = create("st_moves", "flow", json!({}));
         let b = step_field(task, "b", "step_uuid");
-        // pending -> complete is not a legal move (a step completes from out)
+        // pending -> waiting_for_retry is not a legal move (only an attempt fails)
+        assert_fails(
+            &format!("SELECT tasker._move_steps(ARRAY[ROW('{b}', NULL, now(), NULL, NULL)::tasker.step_change], 'waiting_for_retry', 'x')"),
+            "XX000",
+            "could not move to waiting_for_retry",
+        );
+        // pending -> complete is legal for map steps only (expanded: one
+        // attempt); a step never attempted cannot complete (the row check)
         assert_fails(
             &format!("SELECT tasker._move_steps(ARRAY[ROW('{b}', NULL, NULL, NULL, NULL)::tasker.step_change], 'complete', 'x')"),
-            "XX000",
-            "could not move to complete",
+            "23514",
+            "never attempted",
         );
         assert_fails(
             &format!("SELECT tasker._move_task('{task}', 'pending', 'x')"),

@@ -35,6 +35,15 @@ pub struct StepMessage {
     #[serde(default)]
     pub traceparent: Option<String>,
     pub enqueued_at: String,
+    /// Map elements: the element's index and item.
+    #[serde(default)]
+    pub map_index: Option<u64>,
+    #[serde(default)]
+    pub map_item: Option<Value>,
+    /// The latest checkpoint saved for this step ([`StepContext::checkpoint`]),
+    /// when it is being resumed.
+    #[serde(default)]
+    pub checkpoint: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,9 +65,51 @@ pub struct StepContext {
     /// The span this attempt runs in, when the task carries a trace
     /// context; `trace.traceparent()` is the header for calls it makes.
     pub trace: Option<crate::trace::TraceContext>,
+    /// Saves checkpoints of this attempt (the runtime's connection).
+    pub checkpoints: Checkpoints,
+}
+
+type CheckpointFn =
+    dyn Fn(Value) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send>> + Send + Sync;
+
+/// How a handler saves its progress: `tasker.checkpoint` for the current
+/// attempt, on a connection of the runtime's.
+#[derive(Clone, Default)]
+pub struct Checkpoints(Option<Arc<CheckpointFn>>);
+
+impl Checkpoints {
+    pub(crate) fn new(f: Arc<CheckpointFn>) -> Self {
+        Checkpoints(Some(f))
+    }
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Checkpoints"
+        } else {
+            "Checkpoints(none)"
+        })
+    }
 }
 
 impl StepContext {
+    /// Saves the progress of this attempt: the step's next delivery (after
+    /// a crash or an expired lease, or a retry) carries it as
+    /// `message.checkpoint`. Ok(false): not saved (the attempt is no
+    /// longer the current one).
+    pub async fn checkpoint(&self, checkpoint: Value) -> Result<bool, String> {
+        match &self.checkpoints.0 {
+            Some(f) => f(checkpoint).await,
+            None => Err("this step context cannot save checkpoints".into()),
+        }
+    }
+
+    /// Map elements: the item this attempt works on.
+    pub fn map_item(&self) -> Option<&Value> {
+        self.message.map_item.as_ref()
+    }
+
     /// The result of a dependency, by step name.
     pub fn dependency(&self, step: &str) -> Option<&Value> {
         self.message.dependency_results.get(step)
@@ -122,6 +173,34 @@ impl Outcome {
         }
     }
 
+    /// A decision step's success that creates the named steps of its
+    /// segment (`decision_point_outcome` `create_steps`).
+    pub fn decision<S: AsRef<str>>(steps: &[S]) -> Self {
+        let names: Vec<&str> = steps.iter().map(AsRef::as_ref).collect();
+        Outcome::success(
+            json!({"decision_point_outcome": {"type": "create_steps", "step_names": names}}),
+        )
+    }
+
+    /// A decision step's success that creates nothing.
+    pub fn no_branches() -> Self {
+        Outcome::success(json!({"decision_point_outcome": {"type": "no_branches"}}))
+    }
+
+    /// A batchable step's success that splits `total` items among
+    /// `workers` workers of `worker_template` ([`create_batches`]).
+    pub fn batches(worker_template: &str, total: u64, workers: u64) -> Self {
+        if total == 0 || workers == 0 {
+            return Self::no_batches();
+        }
+        Outcome::success(create_batches(worker_template, total, workers))
+    }
+
+    /// A batchable step's success with nothing to do (one no-op worker).
+    pub fn no_batches() -> Self {
+        Outcome::success(json!({"batch_processing_outcome": {"type": "no_batches"}}))
+    }
+
     /// `(status, result, error)` for `tasker.submit_result`.
     pub fn to_submission(&self) -> (&'static str, Option<Value>, Option<Value>) {
         match self {
@@ -148,6 +227,22 @@ impl Outcome {
             ),
         }
     }
+}
+
+/// A batchable step's `batch_processing_outcome` for `total` items in
+/// `workers` batches, with tasker-core's cursor split (ceiling division,
+/// 0-indexed, end exclusive, batch ids `001`, `002`, ...).
+pub fn create_batches(worker_template: &str, total: u64, workers: u64) -> Value {
+    let cursors: Vec<Value> = pg_tasker_core::dynamic::split_cursors(total, workers)
+        .into_iter()
+        .map(|(batch_id, start, end)| {
+            json!({"batch_id": batch_id, "start_cursor": start, "end_cursor": end,
+                   "batch_size": end - start})
+        })
+        .collect();
+    json!({"batch_processing_outcome": {
+        "type": "create_batches", "worker_template_name": worker_template,
+        "worker_count": cursors.len(), "cursor_configs": cursors, "total_items": total}})
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;

@@ -35,7 +35,7 @@ pub mod web;
 
 pub use events::wait_for_task;
 pub use handler::{
-    Handler, HandlerFuture, Outcome, Registry, StepContext, StepHandler, StepMessage, Tx,
-    TxStepHandler,
+    create_batches, Checkpoints, Handler, HandlerFuture, Outcome, Registry, StepContext,
+    StepHandler, StepMessage, Tx, TxStepHandler,
 };
 pub use runtime::{run, Stats, WorkerOptions};

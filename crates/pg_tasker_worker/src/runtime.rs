@@ -518,12 +518,34 @@ async fn exchange(
             .traceparent
             .as_deref()
             .and_then(crate::trace::TraceContext::child_of);
+        let checkpoints = {
+            let (shared, step, attempt) = (
+                shared.clone(),
+                message.step_uuid.clone(),
+                message.attempt as i32,
+            );
+            crate::handler::Checkpoints::new(Arc::new(move |checkpoint: Value| {
+                let (shared, step) = (shared.clone(), step.clone());
+                Box::pin(async move {
+                    let (client, _) = shared.leases.get().await;
+                    client
+                        .query_one(
+                            "SELECT tasker.checkpoint($1::text::uuid, $2::text::jsonb, $3::integer)",
+                            &[&step, &checkpoint.to_string(), &attempt],
+                        )
+                        .await
+                        .map(|row| row.get::<_, bool>(0))
+                        .map_err(|e| explain(&e))
+                })
+            }))
+        };
         let ctx = StepContext {
             message,
             msg_id,
             read_ct,
             worker_id: o.worker_id.clone(),
             trace,
+            checkpoints,
         };
         let key = (queue, msg_id);
         let s = shared.clone();

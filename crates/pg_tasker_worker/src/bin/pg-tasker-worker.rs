@@ -32,7 +32,7 @@ struct Args {
 
     /// Which example handlers to run
     #[arg(long, env = "PG_TASKER_HANDLERS", default_value = "all",
-          value_parser = ["all", "ecommerce", "pipeline", "microservices", "teams"])]
+          value_parser = ["all", "ecommerce", "pipeline", "microservices", "teams", "dynamic"])]
     handlers: String,
 
     /// Database URL or libpq key=value string; default: the configuration's

@@ -1,6 +1,7 @@
 //! Handlers of the blog workloads (examples/templates/*.yaml), with inline
 //! simulation of the outside world: no external services.
 
+pub mod dynamic;
 pub mod ecommerce;
 pub mod microservices;
 pub mod pipeline;
@@ -14,7 +15,8 @@ pub fn all() -> Registry {
     r.merge(ecommerce::registry())
         .merge(pipeline::registry())
         .merge(microservices::registry())
-        .merge(teams::registry());
+        .merge(teams::registry())
+        .merge(dynamic::registry());
     r
 }
 
@@ -26,6 +28,7 @@ pub fn by_name(name: &str) -> Option<Registry> {
         "pipeline" => pipeline::registry(),
         "microservices" => microservices::registry(),
         "teams" => teams::registry(),
+        "dynamic" => dynamic::registry(),
         _ => return None,
     })
 }
