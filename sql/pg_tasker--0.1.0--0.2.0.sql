@@ -2034,7 +2034,9 @@ BEGIN
                 'handler', jsonb_build_object('callable', e.handler_callable,
                                               'method', e.handler_method,
                                               'initialization', e.inputs),
-                'task_context', e.context,
+                -- (a map element carries its item instead: the context once
+                -- per element would make a wide map's messages quadratic)
+                'task_context', CASE WHEN e.map_index IS NULL THEN e.context END,
                 -- (gate edges carry no result)
                 'dependency_results', (
                     SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
@@ -2315,6 +2317,7 @@ DECLARE
     v_env text;
     v_task uuid;
     v_ids uuid[];
+    v_initial boolean[];
     v_created uuid;
 BEGIN
     IF v_ns IS NULL THEN
@@ -2392,6 +2395,12 @@ BEGIN
     -- array subscript, so nothing joins on an unindexed intermediate result.
     v_task := tasker.uuid_generate_v7();
     v_ids := ARRAY(SELECT tasker.uuid_generate_v7() FROM generate_series(1, tt.step_count));
+    -- which positions create_task creates (NULL: all of them)
+    IF tt.initial_steps < tt.step_count THEN
+        v_initial := ARRAY(SELECT ts.initial FROM tasker.template_steps ts
+                           WHERE ts.template_uuid = tt.template_uuid AND ts.environment = ''
+                           ORDER BY ts.position);
+    END IF;
     WITH task AS (
         INSERT INTO tasker.tasks AS t (task_uuid, template_uuid, namespace_name, task_name, task_version,
                                        context, priority, initiator, source_system, reason, tags,
@@ -2421,9 +2430,7 @@ BEGIN
         INSERT INTO tasker.step_edges (from_step_uuid, to_step_uuid)
         SELECT v_ids[te.from_position + 1], v_ids[te.to_position + 1]
         FROM task, tasker.template_edges te
-        JOIN tasker.template_steps ts ON ts.template_uuid = te.template_uuid AND ts.environment = ''
-                                     AND ts.position = te.to_position
-        WHERE te.template_uuid = tt.template_uuid AND ts.initial
+        WHERE te.template_uuid = tt.template_uuid AND (v_initial IS NULL OR v_initial[te.to_position + 1])
     ), step_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason)
         SELECT steps.step_uuid, 1, NULL, 'pending', 'task created' FROM steps
@@ -3198,7 +3205,10 @@ BEGIN
     INTO v_steps, v_msgs
     FROM tasker.workflow_steps s
     WHERE s.task_uuid = p_task
-      AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to);
+      AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to)
+      -- (error: only attempts out with workers fail; pending -> error is a
+      -- map step's invalid input)
+      AND (p_to <> 'error' OR tasker.step_state_class(s.state) = 'out');
     IF v_steps IS NULL THEN
         RETURN '{}';
     END IF;
