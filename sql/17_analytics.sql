@@ -1,7 +1,9 @@
 -- Observability (blog post 05): throughput, failures, slowest steps, and a
 -- Mermaid picture of a task's DAG. They read the transition history of the
 -- given window; run them on purpose, not in a hot loop. Each counts the
--- namespaces the caller holds a privilege in.
+-- namespaces the caller holds a privilege in. Steps are counted under their
+-- template step's name: a map step's elements and a batch's workers
+-- together.
 
 CREATE FUNCTION tasker.analytics_throughput(since interval DEFAULT '1 hour',
                                             bucket interval DEFAULT '1 minute')
@@ -34,7 +36,7 @@ CREATE FUNCTION tasker.analytics_failures(since interval DEFAULT '1 day')
 RETURNS TABLE (namespace text, task_name text, step_name text, error_code text, failures bigint,
                permanent bigint, last_message text, last_seen timestamptz)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-    SELECT t.namespace_name, t.task_name, s.name,
+    SELECT t.namespace_name, t.task_name, ts.name,
            st.metadata -> 'error' ->> 'error_code',
            count(*),
            count(*) FILTER (WHERE st.to_state = 'error'),
@@ -43,6 +45,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
     FROM tasker.step_transitions st
     JOIN tasker.workflow_steps s USING (step_uuid)
     JOIN tasker.tasks t USING (task_uuid)
+    JOIN tasker.template_steps ts ON ts.template_uuid = t.template_uuid AND ts.environment = ''
+                                 AND ts.position = s.position
     WHERE st.to_state IN ('waiting_for_retry', 'error')
       AND st.created_at >= now() - since
       AND t.namespace_name IN (SELECT tasker._seen_namespaces())
@@ -55,7 +59,7 @@ RETURNS TABLE (namespace text, task_name text, step_name text, executions bigint
                avg_execution_ms numeric, p95_execution_ms numeric, max_execution_ms numeric,
                avg_queue_to_done_ms numeric)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-    SELECT t.namespace_name, t.task_name, s.name, count(*),
+    SELECT t.namespace_name, t.task_name, ts.name, count(*),
            round(avg((st.metadata ->> 'execution_time_ms')::numeric), 2),
            round((percentile_cont(0.95) WITHIN GROUP (ORDER BY (st.metadata ->> 'execution_time_ms')::double precision))::numeric, 2),
            round(max((st.metadata ->> 'execution_time_ms')::numeric), 2),
@@ -63,6 +67,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_te
     FROM tasker.step_transitions st
     JOIN tasker.workflow_steps s USING (step_uuid)
     JOIN tasker.tasks t USING (task_uuid)
+    JOIN tasker.template_steps ts ON ts.template_uuid = t.template_uuid AND ts.environment = ''
+                                 AND ts.position = s.position
     WHERE st.to_state = 'complete' AND st.created_at >= now() - since
       AND t.namespace_name IN (SELECT tasker._seen_namespaces())
     GROUP BY 1, 2, 3

@@ -551,7 +551,11 @@ mod tests {
                     format!("square[{}]", m["map_index"]).as_str()
                 );
                 assert_eq!(m["dependency_results"], json!({}));
-                assert_eq!(m["task_context"], Value::Null, "an element carries its item instead");
+                assert_eq!(
+                    m["task_context"],
+                    Value::Null,
+                    "an element carries its item instead"
+                );
             }
             square_worker(m)
         });
@@ -562,6 +566,12 @@ mod tests {
             json!({"sum": 52, "squares": [9, 1, 16, 1, 25]})
         );
         assert_eq!(step_field(t, "square[2]", "attempts"), "2");
+        // analytics count the elements under the map step's name
+        assert_eq!(
+            text("SELECT string_agg(DISTINCT f.step_name, ',') FROM tasker.analytics_failures('1 day') f
+                  WHERE f.namespace = 'dy_map'"),
+            "square"
+        );
         assert_eq!(
             text(&format!(
                 "SELECT origin FROM tasker.step_status WHERE task_uuid = '{t}' AND step_name = 'square[4]'"

@@ -357,3 +357,28 @@ impl Registry {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_outcomes_speak_tasker_cores_format() {
+        let Outcome::Success { result, .. } = Outcome::decision(&["a", "b"]) else {
+            panic!()
+        };
+        assert_eq!(
+            result,
+            json!({"decision_point_outcome": {"type": "create_steps", "step_names": ["a", "b"]}})
+        );
+        let b = create_batches("w", 250, 3);
+        let o = &b["batch_processing_outcome"];
+        assert_eq!(o["worker_count"], 3);
+        assert_eq!(
+            o["cursor_configs"][2],
+            json!({"batch_id": "003", "start_cursor": 168, "end_cursor": 250, "batch_size": 82})
+        );
+        assert_eq!(Outcome::batches("w", 0, 3), Outcome::no_batches());
+        assert!(matches!(Outcome::no_branches(), Outcome::Success { .. }));
+    }
+}

@@ -221,7 +221,10 @@ fn a_map_squares_each_element_retries_a_flaky_one_and_ten_thousand_complete() {
         .unwrap()
         .get(0);
     let graph_took = t.elapsed();
-    assert!(graph.contains("square#91;9999#93;"), "escaped like every label");
+    assert!(
+        graph.contains("square#91;9999#93;"),
+        "escaped like every label"
+    );
     eprintln!(
         "10,000-element map: {took:?} end to end ({:.0} steps/s); step_status {view:?}, task_graph {graph_took:?}",
         (n + 3) as f64 / took.as_secs_f64()
