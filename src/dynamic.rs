@@ -7,12 +7,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pg_tasker_core::dynamic::{self, Graph, Limits, Outcome, Row};
-use pg_tasker_core::TaskTemplate;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::json;
 
-use crate::errors::{from_core, internal, invalid, ApiResult};
+use crate::errors::{internal, invalid, ApiResult};
 
 thread_local! {
     /// Template graphs by (template_uuid, updated_at).
@@ -23,13 +22,7 @@ fn graph(template_uuid: pgrx::Uuid, updated_at: i64) -> ApiResult<Rc<Graph>> {
     if let Some(g) = GRAPHS.with(|c| c.borrow().get(&(template_uuid, updated_at)).cloned()) {
         return Ok(g);
     }
-    let definition = Spi::get_one_with_args::<JsonB>(
-        "SELECT definition FROM tasker.task_templates WHERE template_uuid = $1",
-        &[template_uuid.into()],
-    )
-    .map_err(internal)?
-    .ok_or_else(|| internal(format!("template {template_uuid} does not exist")))?;
-    let t = TaskTemplate::from_definition(definition.0).map_err(from_core)?;
+    let t = crate::templates::load(template_uuid)?;
     let g = Rc::new(Graph::new(&t.steps));
     GRAPHS.with(|c| {
         let mut c = c.borrow_mut();

@@ -134,18 +134,23 @@ fn _version_key(version: &str) -> ApiResult<Vec<u8>> {
     ))
 }
 
-/// `tasker._materialise_template(template_uuid)`: (re)builds a stored
-/// template's rows in template_steps / template_edges from its definition
-/// (used by the upgrade from 0.1.0).
-#[pg_extern]
-fn _materialise_template(template_uuid: pgrx::Uuid) -> ApiResult<()> {
+/// A stored template, read back from its canonical definition.
+pub(crate) fn load(template_uuid: pgrx::Uuid) -> ApiResult<TaskTemplate> {
     let definition = Spi::get_one_with_args::<JsonB>(
         "SELECT definition FROM tasker.task_templates WHERE template_uuid = $1",
         &[template_uuid.into()],
     )
     .map_err(internal)?
     .ok_or_else(|| internal(format!("template {template_uuid} does not exist")))?;
-    let t = TaskTemplate::from_definition(definition.0).map_err(from_core)?;
+    TaskTemplate::from_definition(definition.0).map_err(from_core)
+}
+
+/// `tasker._materialise_template(template_uuid)`: (re)builds a stored
+/// template's rows in template_steps / template_edges from its definition
+/// (used by the upgrade from 0.1.0).
+#[pg_extern]
+fn _materialise_template(template_uuid: pgrx::Uuid) -> ApiResult<()> {
+    let t = load(template_uuid)?;
     let (steps, edges, environments) = materialised(&t)?;
     Spi::run_with_args(
         "SELECT tasker._replace_template_rows($1, $2, $3, $4)",
