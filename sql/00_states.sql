@@ -112,6 +112,7 @@ INSERT INTO tasker.step_state_transitions (from_state, to_state, via) VALUES
     ('in_progress',       'waiting_for_retry', 'submit_result failure; recovery (lost attempt, timeout)'),
     ('enqueued',          'error',             'submit_result failure; recovery; staleness'),
     ('in_progress',       'error',             'submit_result failure; recovery; staleness'),
+    ('waiting_for_retry', 'error',             'fail_fast: a sibling batch worker failed'),
     ('error',             'pending',           'retry_step, dlq_requeue (a new retry budget)'),
     ('pending',           'resolved_manually', 'resolve_step_manually'),
     ('enqueued',          'resolved_manually', 'resolve_step_manually'),

@@ -121,6 +121,9 @@ CREATE TABLE tasker.tasks (
     -- the W3C trace context create_task was given (tasker._traceparent
     -- checked it); every step message carries it
     traceparent      text,
+    -- the environment whose step overrides the task runs with (a set of
+    -- template_steps; '' = none): steps created later are copied from it
+    environment      text NOT NULL DEFAULT '',
     -- step counters by class (tasker.step_state_class), kept by tasker._settle_tasks
     steps_total      integer NOT NULL,
     steps_pending    integer NOT NULL,

@@ -115,10 +115,11 @@ BEGIN
     WITH task AS (
         INSERT INTO tasker.tasks AS t (task_uuid, template_uuid, namespace_name, task_name, task_version,
                                        context, priority, initiator, source_system, reason, tags,
-                                       idempotency_key, traceparent, steps_total, steps_pending)
+                                       idempotency_key, traceparent, environment, steps_total,
+                                       steps_pending)
         VALUES (v_task, tt.template_uuid, v_ns, v_name, tt.version, v_context, v_priority,
                 create_task.initiator, create_task.source_system, create_task.reason, v_tags, v_key,
-                v_trace, tt.initial_steps, tt.initial_steps)
+                v_trace, v_env, tt.initial_steps, tt.initial_steps)
         ON CONFLICT (namespace_name, task_name, idempotency_key) WHERE idempotency_key IS NOT NULL
         DO NOTHING
         RETURNING t.task_uuid

@@ -110,7 +110,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_plan jsonb := tasker._dynamic_plan(p_step, p_result);
     g record;
-    v_env text := tasker._environment();
     v_new uuid[];
 BEGIN
     IF v_plan ? 'problem' THEN
@@ -120,14 +119,11 @@ BEGIN
     IF jsonb_array_length(v_plan -> 'steps') = 0 AND jsonb_array_length(v_plan -> 'edges') = 0 THEN
         RETURN '{}';
     END IF;
-    SELECT ws.task_uuid, ws.name, ws.step_type, t.template_uuid, tt.environments INTO g
+    -- (the steps are copied from the template as the task's environment has them)
+    SELECT ws.task_uuid, ws.name, ws.step_type, t.template_uuid, t.environment AS env INTO g
     FROM tasker.workflow_steps ws
     JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
-    JOIN tasker.task_templates tt ON tt.template_uuid = t.template_uuid
     WHERE ws.step_uuid = p_step;
-    IF NOT v_env = ANY (g.environments) THEN
-        v_env := '';
-    END IF;
     WITH n AS (
         SELECT x.name, x.position, x.batch, x.no_op, x.i, tasker.uuid_generate_v7() AS step_uuid
         FROM ROWS FROM (jsonb_to_recordset(v_plan -> 'steps')
@@ -153,7 +149,7 @@ BEGIN
                ts.retryable, ts.max_attempts, ts.backoff, ts.backoff_base_ms, ts.max_backoff_ms, ts.jitter,
                ts.timeout_seconds, 0, 0, ts.step_type, p_step, ts.map_over
         FROM n
-        JOIN tasker.template_steps ts ON ts.template_uuid = g.template_uuid AND ts.environment = v_env
+        JOIN tasker.template_steps ts ON ts.template_uuid = g.template_uuid AND ts.environment = g.env
                                      AND ts.position = n.position
         ORDER BY n.i
         RETURNING step_uuid
@@ -240,6 +236,17 @@ BEGIN
                  WHERE e.to_step_uuid = s.step_uuid AND NOT e.gate LIMIT 1) p ON s.map_size IS NULL
              WHERE s.step_type = 'map' AND s.state = 'pending' AND s.pending_parents = 0
              ORDER BY s.step_uuid LOOP
+        IF m.map_size IS NULL AND m.source = 'the task context' AND EXISTS (
+               SELECT 1 FROM tasker.workflow_steps s
+               JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+               JOIN tasker.template_steps ts ON ts.template_uuid = t.template_uuid AND ts.environment = ''
+                                            AND ts.position = s.position
+               WHERE s.step_uuid = m.step_uuid AND ts.parents > 0) THEN
+            -- its dependency was never created (a decision took the map
+            -- step without it): never another source than the declared one
+            m.input := NULL;
+            m.source := 'the result of its dependency, which was never created,';
+        END IF;
         IF m.map_size IS NOT NULL THEN
             -- every element is done
             v_done := tasker._move_steps(ARRAY[ROW(m.step_uuid,
@@ -315,25 +322,30 @@ END
 $$;
 
 -- Batch failure strategies, for batch workers that have just failed for
--- good (p_failed: their moves to error): fail_fast cancels the siblings
--- that have not finished; isolate cuts the failed worker out of what
--- waits for it (its edges go, so the convergence step runs with the
--- others). continue_on_failure does nothing: the convergence step waits.
--- The caller holds the task locks. Returns the moves.
+-- good (p_failed: their moves to error): fail_fast stops the siblings that
+-- have not finished (error, error_code batch_failed_fast, messages
+-- withdrawn: an operator retries them with retry_step or dlq_requeue once
+-- the cause is fixed); isolate cuts the failed worker out of what waits for
+-- it (its edges go, so the convergence step runs with the others).
+-- continue_on_failure does nothing: the convergence step waits. The caller
+-- holds the task locks. Returns the moves.
 CREATE FUNCTION tasker._batch_failures(p_failed tasker.step_move[]) RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_cancel tasker.step_change[];
+    v_stop tasker.step_change[];
     v_queue text;
     v_msgs bigint[];
     v_isolated tasker.step_release[];
     v_moves tasker.step_move[] := '{}';
 BEGIN
-    SELECT array_agg(DISTINCT ROW(sib.step_uuid, NULL, NULL,
-                                  format('fail_fast: batch worker "%s" failed', f.name), NULL)::tasker.step_change),
+    -- (every sibling was enqueued when the batch was created: each has an attempt)
+    SELECT array_agg(DISTINCT ROW(sib.step_uuid,
+                                  jsonb_build_object('message', format('stopped: batch worker "%s" failed (fail_fast)', f.name),
+                                                     'error_code', 'batch_failed_fast'),
+                                  NULL, format('fail_fast: batch worker "%s" failed', f.name), NULL)::tasker.step_change),
            min(n.queue_name),
            array_agg(DISTINCT sib.queue_msg_id) FILTER (WHERE tasker.step_state_class(sib.state) = 'out')
-    INTO v_cancel, v_queue, v_msgs
+    INTO v_stop, v_queue, v_msgs
     FROM unnest(p_failed) d
     JOIN tasker.workflow_steps f ON f.step_uuid = d.step_uuid
     JOIN tasker.workflow_steps sib ON sib.created_by = f.created_by AND sib.step_uuid <> f.step_uuid
@@ -341,13 +353,13 @@ BEGIN
     JOIN tasker.tasks t ON t.task_uuid = f.task_uuid
     JOIN tasker.namespaces n ON n.name = t.namespace_name
     WHERE f.step_type = 'batch_worker' AND f.inputs -> 'batch_metadata' ->> 'failure_strategy' = 'fail_fast'
-      AND tasker.step_state_class(sib.state) IN ('pending', 'out', 'waiting');
-    IF v_cancel IS NOT NULL THEN
+      AND tasker.step_state_class(sib.state) IN ('out', 'waiting');
+    IF v_stop IS NOT NULL THEN
         -- (their messages are withdrawn, as cancel_task does; one task, one queue)
         IF v_msgs IS NOT NULL THEN
             PERFORM tasker._pgmq_archive(v_queue, v_msgs);
         END IF;
-        v_moves := tasker._move_steps(v_cancel, 'cancelled', 'batch failed fast');
+        v_moves := tasker._move_steps(v_stop, 'error', 'batch failed fast');
     END IF;
     WITH cut AS (
         DELETE FROM tasker.step_edges e

@@ -471,13 +471,84 @@ mod tests {
         );
         assert_eq!(
             states(t),
-            json!({"analyze": "complete", "process_001": "error", "process_002": "cancelled",
-                   "process_003": "cancelled", "aggregate": "pending", "report": "pending"})
+            json!({"analyze": "complete", "process_001": "error", "process_002": "error",
+                   "process_003": "error", "aggregate": "pending", "report": "pending"})
+        );
+        assert_eq!(
+            step_field(t, "process_002", "last_error ->> 'error_code'"),
+            "batch_failed_fast"
         );
         // their messages are withdrawn
         assert_eq!(count("SELECT count(*) FROM pgmq.q_tasker_dy_ff_queue"), 0);
         assert_eq!(task_state(t), "blocked_by_failures");
         assert_task_consistent(t);
+        // the operator fixes the cause and retries the stopped batch: it completes
+        Spi::run(&format!(
+            "SELECT tasker.retry_step(step_uuid, 'fixed') FROM tasker.workflow_steps
+             WHERE task_uuid = '{t}' AND state = 'error'"
+        ))
+        .unwrap();
+        work("dy_ff", csv_worker);
+        assert_eq!(task_state(t), "complete");
+        assert_eq!(result_of(t, "report"), json!({"total": 250, "batches": 3}));
+        assert_task_consistent(t);
+    }
+
+    #[pg_test]
+    fn a_map_created_without_its_dependency_fails_rather_than_reading_the_context() {
+        let mut m = typed("m", "map", &["a"]);
+        m["map_over"] = json!("items");
+        register(&template(
+            "dy_nodep",
+            "t",
+            "1.0.0",
+            json!([
+                step("r", &[]),
+                typed("d", "decision", &["r"]),
+                step("a", &["d"]),
+                m
+            ]),
+        ));
+        let t = create("dy_nodep", "t", json!({"items": ["from", "context"]}));
+        work("dy_nodep", |m| {
+            Ok(if m["step_name"] == "d" {
+                json!({"decision_point_outcome": {"type": "create_steps", "step_names": ["m"]}})
+            } else {
+                json!({})
+            })
+        });
+        assert_eq!(step_field(t, "m", "state"), "error");
+        assert!(step_field(t, "m", "last_error ->> 'message'").contains("never created"));
+        assert_task_consistent(t);
+    }
+
+    #[pg_test]
+    fn created_steps_take_the_environment_of_their_task() {
+        let mut t = template(
+            "dy_env",
+            "t",
+            "1.0.0",
+            json!([
+                step("r", &[]),
+                typed("d", "decision", &["r"]),
+                step("a", &["d"])
+            ]),
+        );
+        t["environments"] = json!({"test": {"steps": [{"name": "ALL", "retry": {"max_attempts": 1},
+                                                        "handler": {"initialization": {"env": "test"}}}]}});
+        register(&t);
+        Spi::run("SET LOCAL pg_tasker.environment = 'test'").unwrap();
+        let task = create("dy_env", "t", json!({}));
+        Spi::run("RESET pg_tasker.environment").unwrap();
+        work("dy_env", |m| {
+            Ok(if m["step_name"] == "d" {
+                json!({"decision_point_outcome": {"type": "create_steps", "step_names": ["a"]}})
+            } else {
+                json!({})
+            })
+        });
+        assert_eq!(step_field(task, "a", "max_attempts"), "1");
+        assert_eq!(step_field(task, "a", "inputs ->> 'env'"), "test");
     }
 
     #[pg_test]

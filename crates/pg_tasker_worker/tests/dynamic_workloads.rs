@@ -129,7 +129,7 @@ fn a_batch_aggregates_its_workers_and_a_killed_worker_resumes_from_its_checkpoin
         assert_eq!(w["cursor_field"], "row_number");
     }
 
-    // fail_fast: batch 002 is corrupt; the others are cancelled
+    // fail_fast: batch 002 is corrupt; the others are stopped (error, to retry)
     let task = create(
         &mut env.db,
         "csv_processing",
@@ -145,8 +145,8 @@ fn a_batch_aggregates_its_workers_and_a_killed_worker_resumes_from_its_checkpoin
     );
     assert_eq!(
         states,
-        json!({"analyze_csv": "complete", "process_csv_batch_001": "cancelled",
-               "process_csv_batch_002": "error", "process_csv_batch_003": "cancelled",
+        json!({"analyze_csv": "complete", "process_csv_batch_001": "error",
+               "process_csv_batch_002": "error", "process_csv_batch_003": "error",
                "aggregate_csv_results": "pending"})
     );
 }

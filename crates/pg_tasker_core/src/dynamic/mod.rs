@@ -59,6 +59,15 @@ pub fn validate_types(steps: &[StepTemplate]) -> Result<()> {
                     s.dependencies.len()
                 )))
             }
+            StepType::Map
+                if s.dependencies.len() == 1
+                    && types[s.dependencies[0].as_str()] == StepType::BatchWorker =>
+            {
+                return Err(Error::invalid(format!(
+                    "{ctx}: a map step cannot map over a batch_worker (its workers' results are many arrays)"
+                ))
+                .with_hint("map over the result of the step that converges on the workers"))
+            }
             StepType::Map if s.dependencies.is_empty() && s.map_over.is_none() => {
                 return Err(Error::invalid(format!(
                     "{ctx}: a map step without dependencies maps over the task context and needs map_over"
@@ -95,6 +104,19 @@ fn is_element_name(name: &str, map: &str) -> bool {
         .and_then(|r| r.strip_prefix('['))
         .and_then(|r| r.strip_suffix(']'))
         .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The longest batch_id (worker names stay short enough to index).
+pub const MAX_BATCH_ID_LEN: usize = 64;
+
+/// A batch_id: 1 to 64 of `A-Za-z0-9_-.` (so a worker's name is no map
+/// element's, has no spaces and stays indexable).
+pub fn is_batch_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_BATCH_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// The name of the worker for `batch_id`: `{worker_template}_{batch_id}`.
@@ -359,7 +381,22 @@ pub fn plan(
                 // applied before: nothing more
                 return Ok(Plan::default());
             }
-            let template_names: HashSet<&str> = g.names.iter().map(String::as_str).collect();
+            // names must be new in the task and in the template
+            let taken: HashSet<&str> = g
+                .names
+                .iter()
+                .map(String::as_str)
+                .chain(rows.iter().map(|r| r.name.as_str()))
+                .collect();
+            let check = |name: &str| -> std::result::Result<(), String> {
+                if taken.contains(name) {
+                    Err(format!(
+                        "batchable step \"{gname}\": worker \"{name}\" would take the name of a step of the template or the task"
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
             match outcome {
                 Outcome::CreateBatches { batch_ids, .. } => {
                     if batch_ids.is_empty() {
@@ -376,17 +413,18 @@ pub fn plan(
                     }
                     let mut seen = HashSet::new();
                     for (i, id) in batch_ids.iter().enumerate() {
+                        if !is_batch_id(id) {
+                            return Err(format!(
+                                "batchable step \"{gname}\": batch_id {id:?} is not 1 to {MAX_BATCH_ID_LEN} letters, digits, '_', '-' or '.'"
+                            ));
+                        }
                         let name = worker_name(&g.names[w], id);
                         if !seen.insert(name.clone()) {
                             return Err(format!(
                                 "batchable step \"{gname}\": batch_id \"{id}\" appears more than once"
                             ));
                         }
-                        if template_names.contains(name.as_str()) {
-                            return Err(format!(
-                                "batchable step \"{gname}\": worker \"{name}\" would take the name of a template step"
-                            ));
-                        }
+                        check(&name)?;
                         new.push(NewStep {
                             name,
                             position: w,
@@ -395,12 +433,16 @@ pub fn plan(
                         });
                     }
                 }
-                _ => new.push(NewStep {
-                    name: worker_name(&g.names[w], "000"),
-                    position: w,
-                    batch: None,
-                    no_op: true,
-                }),
+                _ => {
+                    let name = worker_name(&g.names[w], "000");
+                    check(&name)?;
+                    new.push(NewStep {
+                        name,
+                        position: w,
+                        batch: None,
+                        no_op: true,
+                    })
+                }
             }
             // the closure starts after the workers
             for &c in &g.children[w] {

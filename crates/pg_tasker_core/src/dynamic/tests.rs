@@ -381,3 +381,62 @@ fn step_types_are_checked() {
     );
     assert!(crate::template::parse_path("a..b").is_none());
 }
+
+#[test]
+fn worker_names_must_be_new_and_plain() {
+    let g = graph(vec![
+        step("analyze", "batchable", &[]),
+        step("work", "batch_worker", &["analyze"]),
+        step("work_000", "standard", &[]),
+        step("work_x", "standard", &[]),
+    ]);
+    let r: Vec<Row> = ["analyze", "work_000", "work_x"]
+        .iter()
+        .map(|n| Row {
+            name: n.to_string(),
+            position: g.position(n).unwrap(),
+            pending: false,
+            unfinished: false,
+        })
+        .collect();
+    let batch = |ids: &[&str]| Outcome::CreateBatches {
+        worker_template: Some("work".into()),
+        batch_ids: ids.iter().map(|s| s.to_string()).collect(),
+    };
+    for (ids, needle) in [
+        (vec!["x"], "would take the name"),
+        (vec!["a[0]"], "is not 1 to 64"),
+        (vec![" "], "is not 1 to 64"),
+        (vec![""], "is not 1 to 64"),
+        (vec!["1", "1"], "more than once"),
+    ] {
+        let e = plan(&g, &r, "analyze", &batch(&ids), LIMITS).unwrap_err();
+        assert!(e.contains(needle), "{ids:?}: {e}");
+    }
+    let long = "9".repeat(65);
+    assert!(plan(&g, &r, "analyze", &batch(&[long.as_str()]), LIMITS).is_err());
+    let e = plan(
+        &g,
+        &r,
+        "analyze",
+        &Outcome::NoBatches {
+            worker_template: None,
+        },
+        LIMITS,
+    )
+    .unwrap_err();
+    assert!(e.contains("work_000"), "{e}");
+    // a map cannot map over a batch worker's many results
+    let mut m = step("m", "map", &["work"]);
+    m["map_over"] = json!("items");
+    let e = parse_value(
+        json!({"name": "t", "namespace_name": "ns", "version": "1.0.0", "steps": [
+        step("analyze", "batchable", &[]), step("work", "batch_worker", &["analyze"]), m]}),
+    )
+    .unwrap_err();
+    assert!(
+        e.message.contains("cannot map over a batch_worker"),
+        "{}",
+        e.message
+    );
+}
