@@ -24,6 +24,11 @@ CREATE TYPE tasker.backoff AS ENUM ('none', 'linear', 'exponential', 'fibonacci'
 CREATE TYPE tasker.step_type AS ENUM ('standard', 'decision', 'deferred_convergence', 'batchable',
                                       'batch_worker', 'map');
 
+-- Whether a step's result creates steps (StepType::is_generator mirrors it).
+CREATE FUNCTION tasker.step_type_creates_steps(t tasker.step_type) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN t IN ('decision', 'batchable');
+
 CREATE TABLE tasker.namespaces (
     namespace_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
     name           text NOT NULL UNIQUE
@@ -51,8 +56,6 @@ CREATE TABLE tasker.task_templates (
     -- the steps create_task creates (the others are created by decisions
     -- and batches: template_steps.initial); set by _replace_template_rows
     initial_steps  integer NOT NULL DEFAULT 1,
-    -- whether any step is not standard (results may create steps)
-    dynamic        boolean NOT NULL DEFAULT false,
     -- environments whose overrides change steps (rows in template_steps)
     environments   text[] NOT NULL DEFAULT '{}',
     has_input_schema boolean NOT NULL,

@@ -73,9 +73,7 @@ BEGIN
     UPDATE tasker.task_templates tt
     SET environments = p_environments,
         initial_steps = (SELECT count(*) FROM tasker.template_steps ts
-                         WHERE ts.template_uuid = p_template AND ts.environment = '' AND ts.initial),
-        dynamic = EXISTS (SELECT 1 FROM tasker.template_steps ts
-                          WHERE ts.template_uuid = p_template AND ts.step_type <> 'standard')
+                         WHERE ts.template_uuid = p_template AND ts.environment = '' AND ts.initial)
     WHERE tt.template_uuid = p_template;
     INSERT INTO tasker.template_edges
     SELECT p_template, e.from_position, e.to_position

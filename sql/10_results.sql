@@ -136,7 +136,7 @@ BEGIN
                          v.requested_delay_ms, v.audit)::tasker.step_result)
                FILTER (WHERE v.outcome = 'applied' AND NOT v.success),
            array_agg(v.step_uuid) FILTER (WHERE v.outcome = 'applied' AND v.success
-                                            AND v.step_type IN ('decision', 'batchable'))
+                                            AND tasker.step_type_creates_steps(v.step_type))
     INTO v_outcomes, v_notes, v_tasks, v_queues, v_msgs, v_success, v_failed, v_generators
     FROM v;
 

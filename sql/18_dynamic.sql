@@ -196,7 +196,7 @@ DECLARE
 BEGIN
     FOR r IN SELECT s.step_uuid, s.results FROM unnest(p_done) d
              JOIN tasker.workflow_steps s ON s.step_uuid = d.step_uuid
-             WHERE s.step_type IN ('decision', 'batchable')
+             WHERE tasker.step_type_creates_steps(s.step_type)
              ORDER BY s.step_uuid LOOP
         v := v || tasker._create_steps(r.step_uuid, r.results);
     END LOOP;
@@ -222,31 +222,26 @@ DECLARE
     lim bigint := tasker._setting('limits.max_map_elements');
     v_problem text;
 BEGIN
+    -- (a map step with a dependency in its template maps over that
+    -- dependency's result, never anything else: when the dependency was
+    -- not created, there is no input)
     FOR m IN SELECT s.step_uuid, s.task_uuid, s.name, s.map_size, s.map_over,
-                    CASE WHEN p.step_uuid IS NOT NULL THEN p.results ELSE t.context END
+                    CASE WHEN ts.parents = 0 THEN t.context ELSE p.results END
                         #> coalesce(s.map_over, '{}') AS input,
-                    CASE WHEN p.step_uuid IS NOT NULL THEN format('the result of "%s"', p.name)
-                         ELSE 'the task context' END AS source
+                    CASE WHEN ts.parents = 0 THEN 'the task context'
+                         WHEN p.step_uuid IS NULL THEN 'the result of its dependency, which was never created,'
+                         ELSE format('the result of "%s"', p.name) END AS source
              FROM unnest(p_maps) u
              JOIN tasker.workflow_steps s ON s.step_uuid = u
              JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+             JOIN tasker.template_steps ts ON ts.template_uuid = t.template_uuid AND ts.environment = ''
+                                          AND ts.position = s.position
              LEFT JOIN LATERAL (
                  SELECT ps.step_uuid, ps.name, ps.results FROM tasker.step_edges e
                  JOIN tasker.workflow_steps ps ON ps.step_uuid = e.from_step_uuid
                  WHERE e.to_step_uuid = s.step_uuid AND NOT e.gate LIMIT 1) p ON s.map_size IS NULL
              WHERE s.step_type = 'map' AND s.state = 'pending' AND s.pending_parents = 0
              ORDER BY s.step_uuid LOOP
-        IF m.map_size IS NULL AND m.source = 'the task context' AND EXISTS (
-               SELECT 1 FROM tasker.workflow_steps s
-               JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-               JOIN tasker.template_steps ts ON ts.template_uuid = t.template_uuid AND ts.environment = ''
-                                            AND ts.position = s.position
-               WHERE s.step_uuid = m.step_uuid AND ts.parents > 0) THEN
-            -- its dependency was never created (a decision took the map
-            -- step without it): never another source than the declared one
-            m.input := NULL;
-            m.source := 'the result of its dependency, which was never created,';
-        END IF;
         IF m.map_size IS NOT NULL THEN
             -- every element is done
             v_done := tasker._move_steps(ARRAY[ROW(m.step_uuid,

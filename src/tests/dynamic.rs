@@ -804,6 +804,17 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(",")
         );
+        // and agree on which types create steps
+        assert_eq!(
+            text("SELECT string_agg(t::text, ',' ORDER BY t) FROM unnest(enum_range(NULL::tasker.step_type)) t
+                  WHERE tasker.step_type_creates_steps(t)"),
+            pg_tasker_core::template::StepType::ALL
+                .iter()
+                .filter(|t| t.is_generator())
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         // a limit from the configuration
         let mut steps = vec![step("s", &[]), typed("d", "decision", &["s"])];
         for i in 0..60 {

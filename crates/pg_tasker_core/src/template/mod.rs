@@ -139,7 +139,8 @@ impl StepType {
         Self::ALL.iter().copied().find(|t| t.as_str() == s)
     }
 
-    /// Whether its result creates steps (decision, batchable).
+    /// Whether its result creates steps (decision, batchable); mirrored by
+    /// `tasker.step_type_creates_steps`.
     pub fn is_generator(self) -> bool {
         matches!(self, StepType::Decision | StepType::Batchable)
     }
