@@ -64,97 +64,11 @@ CREATE TYPE tasker.submission AS (
     requested_delay_ms bigint
 );
 
--- The fields of a submission and its first problem, as one SELECT: an SQL
--- function that the planner inlines, into the one statement that reads a
--- whole batch (tasker.submit_results) as into tasker._read_submission.
-CREATE FUNCTION tasker._submission_fields(p_status text, p_error jsonb, p_metadata jsonb)
-RETURNS SETOF tasker.submission
--- (STABLE, not IMMUTABLE: format() is stable, and an IMMUTABLE function
--- with a stable body is not inlined)
-LANGUAGE sql STABLE ROWS 1 AS $$
-    SELECT y.problem,
-           CASE WHEN y.problem IS NULL THEN p_status = 'success' END,
-           CASE WHEN y.problem IS NULL THEN (p_metadata ->> 'attempt')::numeric::integer END,
-           CASE WHEN y.problem IS NULL THEN p_metadata ->> 'worker_id' END,
-           CASE WHEN y.problem IS NULL THEN (p_metadata ->> 'execution_time_ms')::numeric END,
-           CASE WHEN y.problem IS NULL AND p_status = 'failure' THEN y.message END,
-           CASE WHEN y.problem IS NULL AND p_status = 'failure' THEN p_error ->> 'error_code' END,
-           CASE WHEN y.problem IS NULL AND p_status = 'failure'
-                THEN coalesce((p_error ->> 'retryable')::boolean, true) END,
-           -- error.retry_after_seconds, else the retry-after header, else the
-           -- backoff hint (least() would turn a NULL into the bound)
-           CASE WHEN y.problem IS NULL AND p_status = 'failure'
-                     AND coalesce((p_error ->> 'retry_after_seconds')::numeric, y.header_seconds,
-                                  (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) IS NOT NULL
-                THEN least(round(coalesce((p_error ->> 'retry_after_seconds')::numeric, y.header_seconds,
-                                          (p_metadata -> 'backoff_hint' ->> 'seconds')::numeric) * 1000),
-                           9000000000000000)::bigint END
-    FROM (
-    SELECT
-        CASE
-            WHEN p_status IS DISTINCT FROM 'success' AND p_status IS DISTINCT FROM 'failure' THEN
-                format('invalid status "%s"', p_status)
-            WHEN p_status = 'success' AND coalesce(a.et, 'null') <> 'null' THEN
-                'a successful result carries no error (status is ''success'')'
-            WHEN p_status = 'failure' AND coalesce(a.et, 'null') = 'null' THEN
-                'a failure needs an error object'
-            WHEN p_status = 'failure' AND a.et NOT IN ('string', 'object') THEN
-                format('error must be an object, got %s', p_error)
-            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'message'), 'null') NOT IN ('string', 'null') THEN
-                format('error.message must be a string, got %s', p_error -> 'message')
-            WHEN p_status = 'failure' AND coalesce(a.message, '') = '' THEN
-                'error.message is required'
-            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'error_code'), 'null') NOT IN ('string', 'null') THEN
-                format('error.error_code must be a string, got %s', p_error -> 'error_code')
-            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'retryable'), 'null') NOT IN ('boolean', 'null') THEN
-                format('error.retryable must be a boolean, got %s', p_error -> 'retryable')
-            WHEN a.et = 'object' AND coalesce(jsonb_typeof(p_error -> 'retry_after_seconds'), 'null') <> 'null'
-                 AND NOT (CASE WHEN jsonb_typeof(p_error -> 'retry_after_seconds') = 'number' THEN (p_error -> 'retry_after_seconds')::numeric >= 0 ELSE false END) THEN
-                format('error.retry_after_seconds must be a non-negative number, got %s', p_error -> 'retry_after_seconds')
-            WHEN coalesce(a.mt, 'null') NOT IN ('object', 'null') THEN
-                format('metadata must be an object, got %s', p_metadata)
-            WHEN coalesce(jsonb_typeof(p_metadata -> 'execution_time_ms'), 'null') <> 'null'
-                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'execution_time_ms') = 'number' THEN (p_metadata -> 'execution_time_ms')::numeric >= 0 ELSE false END) THEN
-                format('metadata.execution_time_ms must be a non-negative number, got %s', p_metadata -> 'execution_time_ms')
-            WHEN coalesce(jsonb_typeof(p_metadata -> 'worker_id'), 'null') NOT IN ('string', 'null') THEN
-                format('metadata.worker_id must be a string, got %s', p_metadata -> 'worker_id')
-            WHEN coalesce(jsonb_typeof(p_metadata -> 'attempt'), 'null') <> 'null'
-                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'attempt') = 'number'
-                               THEN (p_metadata -> 'attempt')::numeric BETWEEN 1 AND 2147483647
-                                    AND (p_metadata -> 'attempt')::numeric = trunc((p_metadata -> 'attempt')::numeric)
-                               ELSE false END) THEN
-                format('metadata.attempt must be a positive integer, got %s', p_metadata -> 'attempt')
-            WHEN coalesce(jsonb_typeof(p_metadata -> 'headers'), 'null') NOT IN ('object', 'null') THEN
-                format('metadata.headers must be an object, got %s', p_metadata -> 'headers')
-            WHEN h.value IS NOT NULL AND h.seconds IS NULL THEN
-                format('metadata.headers.retry-after must be a number of seconds, got %s', h.value)
-            WHEN coalesce(jsonb_typeof(p_metadata -> 'backoff_hint'), 'null') NOT IN ('object', 'null') THEN
-                format('metadata.backoff_hint must be an object, got %s', p_metadata -> 'backoff_hint')
-            WHEN coalesce(jsonb_typeof(p_metadata -> 'backoff_hint' -> 'seconds'), 'null') <> 'null'
-                 AND NOT (CASE WHEN jsonb_typeof(p_metadata -> 'backoff_hint' -> 'seconds') = 'number' THEN (p_metadata -> 'backoff_hint' -> 'seconds')::numeric >= 0 ELSE false END) THEN
-                format('metadata.backoff_hint.seconds must be a non-negative number, got %s',
-                       p_metadata -> 'backoff_hint' -> 'seconds')
-        END AS problem,
-        a.message,
-        h.seconds AS header_seconds
-    FROM (SELECT jsonb_typeof(p_error) AS et, jsonb_typeof(p_metadata) AS mt,
-                 CASE jsonb_typeof(p_error) WHEN 'string' THEN p_error #>> '{}'
-                                            WHEN 'object' THEN p_error ->> 'message' END AS message) a
-    LEFT JOIN LATERAL (
-        -- the retry-after header (any case), and its seconds when valid
-        SELECT e.value,
-               CASE WHEN jsonb_typeof(e.value) = 'number'
-                    THEN CASE WHEN e.value::numeric >= 0 THEN e.value::numeric END
-                    WHEN jsonb_typeof(e.value) = 'string'
-                    THEN CASE WHEN btrim(e.value #>> '{}') ~ '^[0-9]+(\.[0-9]+)?$'
-                              THEN btrim(e.value #>> '{}')::numeric END END AS seconds
-        FROM jsonb_each(CASE WHEN jsonb_typeof(p_metadata -> 'headers') = 'object'
-                             THEN p_metadata -> 'headers' ELSE '{}' END) e
-        WHERE lower(e.key) = 'retry-after'
-        ORDER BY e.key LIMIT 1) h ON true
-    -- (OFFSET 0: computed once, not copied into every column that uses it)
-    OFFSET 0) y
-$$;
+-- The fields of a submission and its first problem:
+-- tasker._submission_fields(status, error::text, metadata::text), in Rust
+-- (pg_tasker_core::submission; src/decisions.rs), for one result
+-- (tasker._read_submission) and each element of a batch
+-- (tasker._submit_results).
 
 -- One submission, checked: 22023 naming its first problem.
 CREATE FUNCTION tasker._read_submission(p_status text, p_error jsonb, p_metadata jsonb)
@@ -163,7 +77,7 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r tasker.submission;
 BEGIN
-    SELECT * INTO r FROM tasker._submission_fields(p_status, p_error, p_metadata);
+    r := tasker._submission_fields(p_status, p_error::text, p_metadata::text);
     IF r.problem IS NOT NULL THEN
         RAISE EXCEPTION '%', r.problem USING ERRCODE = '22023', HINT = tasker._submission_hint(r.problem);
     END IF;

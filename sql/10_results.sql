@@ -85,6 +85,8 @@ DECLARE
     v_moves tasker.step_move[] := '{}';
     v_settled tasker.task_state[];
     v_archived bigint;
+    v_move tasker.step_move;
+    v_state tasker.step_state;
     q record;
 BEGIN
     -- lock order: the tasks, in uuid order, then their steps
@@ -204,6 +206,19 @@ BEGIN
         v_settled := tasker._settle_tasks(v_moves, p_reason, v_tasks);
     END IF;
 
+    -- each result's state afterwards: for one applied result (submit_result,
+    -- the hot path) its step's last move here, without a query; otherwise
+    -- as the rows are now
+    IF cardinality(p_results) = 1 AND v_outcomes[1] = 'applied' THEN
+        FOREACH v_move IN ARRAY v_moves LOOP
+            IF v_move.step_uuid = p_results[1].step_uuid THEN
+                v_state := v_move.to_state;
+            END IF;
+        END LOOP;
+        IF v_state IS NOT NULL THEN
+            RETURN ARRAY[ROW(p_results[1].step_uuid, v_state, 'applied', NULL)::tasker.result_outcome];
+        END IF;
+    END IF;
     RETURN ARRAY(
         SELECT ROW(r.step_uuid, ws.state, o.outcome, o.note)::tasker.result_outcome
         FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
@@ -305,7 +320,7 @@ BEGIN
     CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(e.item) = 'object'
                                     THEN tasker._uuid_or_null(e.item ->> 'step_uuid') END AS step_uuid) u
     LEFT JOIN LATERAL tasker._submission_fields(
-        e.item ->> 'status', nullif(e.item -> 'error', 'null'), nullif(e.item -> 'metadata', 'null')) f
+        e.item ->> 'status', (e.item -> 'error')::text, (e.item -> 'metadata')::text) f
         ON jsonb_typeof(e.item) = 'object'
     CROSS JOIN LATERAL (SELECT CASE
         WHEN jsonb_typeof(e.item) IS DISTINCT FROM 'object' THEN format('result %s is not a JSON object', e.i)

@@ -289,3 +289,49 @@ fn _task_row_check(
     };
     row_check("tasks", row.problem())
 }
+
+/// `tasker._submission_fields(status, error, metadata) RETURNS
+/// tasker.submission`: a worker's submission checked, and the fields read
+/// from it (pg_tasker_core::submission). `error` and `metadata` are the text
+/// of their jsonb (`p_error::text`); with a problem, the other fields are
+/// NULL. (pgrx resolves a composite return type only outside a Result, so
+/// errors are raised here.)
+#[pg_extern(immutable, parallel_safe, requires = ["payloads"])]
+fn _submission_fields(
+    status: Option<&str>,
+    error: Option<&str>,
+    metadata: Option<&str>,
+) -> pgrx::composite_type!('static, "submission") {
+    submission_row(status, error, metadata).unwrap_or_else(|e| {
+        e.report(PgLogLevel::ERROR);
+        unreachable!("an ERROR does not return")
+    })
+}
+
+fn submission_row(
+    status: Option<&str>,
+    error: Option<&str>,
+    metadata: Option<&str>,
+) -> ApiResult<PgHeapTuple<'static, pgrx::AllocatedByRust>> {
+    let s = pg_tasker_core::submission::check(status, error, metadata).map_err(internal)?;
+    let mut row = PgHeapTuple::new_composite_type("tasker.submission").map_err(internal)?;
+    let numeric = |t: Option<String>| -> ApiResult<Option<AnyNumeric>> {
+        t.map(|t| t.parse::<AnyNumeric>().map_err(internal))
+            .transpose()
+    };
+    row.set_by_name("problem", s.problem).map_err(internal)?;
+    row.set_by_name("success", s.success).map_err(internal)?;
+    row.set_by_name("attempt", s.attempt).map_err(internal)?;
+    row.set_by_name("worker_id", s.worker_id)
+        .map_err(internal)?;
+    row.set_by_name("execution_time_ms", numeric(s.execution_time_ms)?)
+        .map_err(internal)?;
+    row.set_by_name("message", s.message).map_err(internal)?;
+    row.set_by_name("error_code", s.error_code)
+        .map_err(internal)?;
+    row.set_by_name("retryable", s.retryable)
+        .map_err(internal)?;
+    row.set_by_name("requested_delay_ms", s.requested_delay_ms)
+        .map_err(internal)?;
+    Ok(row)
+}

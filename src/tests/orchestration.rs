@@ -309,6 +309,59 @@ mod tests {
         );
     }
 
+    /// A submission's error and metadata are read for their top-level
+    /// fields only (pg_tasker_core::submission): deep and huge values
+    /// beside them are skipped, kept byte-exact, and change nothing; the
+    /// one result and the batch read them alike.
+    #[pg_test]
+    fn submissions_are_read_without_parsing_their_payloads() {
+        let mut s = step("a", &[]);
+        s["retry"] = json!({"max_attempts": 5, "backoff_base_ms": 100, "max_backoff_ms": 30000});
+        register(&template("o_deep", "flow", "1.0.0", json!([s])));
+        let deep = format!("{}1e400{}", "[".repeat(600), "]".repeat(600));
+        let error = format!(r#"{{"message": "x", "retry_after_seconds": 1.5, "deep": {deep}}}"#);
+        let metadata =
+            format!(r#"{{"attempt": 1.0, "noise": {deep}, "headers": {{"RETRY-AFTER": "9"}}}}"#);
+        let delay = |a: &str| {
+            count(&format!("SELECT (extract(epoch FROM next_retry_at - now()) * 1000)::bigint FROM tasker.workflow_steps WHERE step_uuid = '{a}'"))
+        };
+        let task = create("o_deep", "flow", json!({}));
+        let a = step_field(task, "a", "step_uuid");
+        let state = Spi::get_one::<String>(&format!(
+            "SELECT tasker.submit_result('{a}', 'failure', NULL, '{error}', '{metadata}')"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!((state.as_str(), delay(&a)), ("waiting_for_retry", 1500));
+        assert!(
+            Spi::get_one::<bool>(&format!(
+                "SELECT last_error = '{error}'::jsonb FROM tasker.workflow_steps WHERE step_uuid = '{a}'"
+            ))
+            .unwrap()
+            .unwrap(),
+            "the error is stored as sent"
+        );
+        let task = create("o_deep", "flow", json!({}));
+        let b = step_field(task, "a", "step_uuid");
+        let outcome = Spi::get_one::<String>(&format!(
+            r#"SELECT outcome FROM tasker.submit_results('[{{"step_uuid": "{b}", "status": "failure", "error": {error}, "metadata": {metadata}}}]')"#
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!((outcome.as_str(), delay(&b)), ("applied", 1500));
+        // without error.retry_after_seconds the header (any case) decides
+        let task = create("o_deep", "flow", json!({}));
+        let c = step_field(task, "a", "step_uuid");
+        submit(
+            &c,
+            "failure",
+            Value::Null,
+            json!({"message": "x"}),
+            json!({"headers": {"RETRY-AFTER": " 9 "}}),
+        );
+        assert_eq!(delay(&c), 9000);
+    }
+
     #[pg_test]
     fn permanent_and_exhausted_failures() {
         let mut s = step("a", &[]);

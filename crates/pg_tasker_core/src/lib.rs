@@ -13,6 +13,7 @@ pub mod privilege;
 pub mod retry;
 pub mod state;
 pub mod status;
+pub mod submission;
 pub mod template;
 pub mod version;
 
