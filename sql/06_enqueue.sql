@@ -42,6 +42,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_moves tasker.step_move[];
     v_maps uuid[];
+    v_sent text[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
@@ -130,18 +131,21 @@ BEGIN
                 ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name
-    ), woken AS (
-        -- wake idle workers (delivered at commit, once per transaction)
-        SELECT pg_catalog.pg_notify(tasker.wake_channel_of_queue(w.queue_name), '')
-        FROM sent w
-        WHERE tasker._has_waiters(w.queue_name)
     )
     SELECT (SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
                                           e.queue_msg_id)::tasker.step_move), '{}')
             FROM enq e),
-           (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready)
-    INTO v_moves, v_maps
-    FROM (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
+           (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready),
+           (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
+    INTO v_moves, v_maps, v_sent;
+    -- wake idle workers of those queues (delivered at commit, once per
+    -- transaction); nobody waits most of the time under load, and then
+    -- there is nothing to look at
+    IF v_sent IS NOT NULL AND tasker._anyone_waits() THEN
+        PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q), '')
+        FROM unnest(v_sent) q
+        WHERE tasker._has_waiters(q);
+    END IF;
     IF v_maps IS NOT NULL THEN
         v_moves := v_moves || tasker._run_maps(v_maps);
     END IF;

@@ -190,11 +190,17 @@ BEGIN
     WHERE (w.worker_id = worker_idle.worker_id AND w.queue_name = ANY (v_queues))
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
     IF worker_idle.idle THEN
+        -- (counted before the rows exist: an enqueue that does not see the
+        -- count cannot see the rows either)
+        PERFORM tasker._set_waiting(true);
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
         SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
         FROM unnest(v_queues) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
+    ELSE
+        PERFORM tasker._set_waiting(EXISTS (SELECT 1 FROM tasker.worker_waits w
+                                            WHERE w.backend_pid = pg_catalog.pg_backend_pid()));
     END IF;
 END
 $$;

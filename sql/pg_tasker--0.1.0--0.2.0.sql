@@ -439,6 +439,15 @@ SELECT tasker._pgmq_check_version();
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/decisions.rs:215
+-- pg_tasker::decisions::_anyone_waits
+CREATE  FUNCTION "_anyone_waits"() RETURNS bool /* bool */
+STRICT PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_anyone_waits_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/caller.rs:45
 -- pg_tasker::caller::_caller
 CREATE  FUNCTION "_caller"() RETURNS oid /* ApiResult < pg_sys :: Oid > */
@@ -623,6 +632,17 @@ AS 'MODULE_PATHNAME', '_retry_decision_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/decisions.rs:206
+-- pg_tasker::decisions::_set_waiting
+CREATE  FUNCTION "_set_waiting"(
+	"waiting" bool /* bool */
+) RETURNS bool /* bool */
+STRICT PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_set_waiting_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/decisions.rs:164
 -- pg_tasker::decisions::_setting
 CREATE  FUNCTION "_setting"(
@@ -634,7 +654,7 @@ AS 'MODULE_PATHNAME', '_setting_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:218
+-- src/decisions.rs:235
 -- pg_tasker::decisions::_step_row_check
 CREATE  FUNCTION "_step_row_check"(
 	"state" TEXT, /* & str */
@@ -655,7 +675,7 @@ AS 'MODULE_PATHNAME', '_step_row_check_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:253
+-- src/decisions.rs:270
 -- pg_tasker::decisions::_task_row_check
 CREATE  FUNCTION "_task_row_check"(
 	"state" TEXT, /* & str */
@@ -1891,6 +1911,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_moves tasker.step_move[];
     v_maps uuid[];
+    v_sent text[];
 BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
@@ -1979,18 +2000,21 @@ BEGIN
                 ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name
-    ), woken AS (
-        -- wake idle workers (delivered at commit, once per transaction)
-        SELECT pg_catalog.pg_notify(tasker.wake_channel_of_queue(w.queue_name), '')
-        FROM sent w
-        WHERE tasker._has_waiters(w.queue_name)
     )
     SELECT (SELECT coalesce(array_agg(ROW(e.step_uuid, e.task_uuid, e.previous_state, 'enqueued', e.attempts,
                                           e.queue_msg_id)::tasker.step_move), '{}')
             FROM enq e),
-           (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready)
-    INTO v_moves, v_maps
-    FROM (SELECT count(*) FROM sent) s, (SELECT count(*) FROM woken) w;
+           (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready),
+           (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
+    INTO v_moves, v_maps, v_sent;
+    -- wake idle workers of those queues (delivered at commit, once per
+    -- transaction); nobody waits most of the time under load, and then
+    -- there is nothing to look at
+    IF v_sent IS NOT NULL AND tasker._anyone_waits() THEN
+        PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q), '')
+        FROM unnest(v_sent) q
+        WHERE tasker._has_waiters(q);
+    END IF;
     IF v_maps IS NOT NULL THEN
         v_moves := v_moves || tasker._run_maps(v_maps);
     END IF;
@@ -2962,11 +2986,17 @@ BEGIN
     WHERE (w.worker_id = worker_idle.worker_id AND w.queue_name = ANY (v_queues))
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.backend_pid);
     IF worker_idle.idle THEN
+        -- (counted before the rows exist: an enqueue that does not see the
+        -- count cannot see the rows either)
+        PERFORM tasker._set_waiting(true);
         INSERT INTO tasker.worker_waits (queue_name, worker_id, backend_pid)
         SELECT q, worker_idle.worker_id, pg_catalog.pg_backend_pid()
         FROM unnest(v_queues) q
         ON CONFLICT (queue_name, worker_id) DO UPDATE
         SET backend_pid = EXCLUDED.backend_pid, since = now();
+    ELSE
+        PERFORM tasker._set_waiting(EXISTS (SELECT 1 FROM tasker.worker_waits w
+                                            WHERE w.backend_pid = pg_catalog.pg_backend_pid()));
     END IF;
 END
 $$;
@@ -4795,7 +4825,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:299
+-- src/decisions.rs:316
 -- pg_tasker::decisions::_submission_fields
 -- requires:
 --   payloads

@@ -200,6 +200,23 @@ fn _wake_orchestrator() {
     crate::worker_state::wake_on_commit();
 }
 
+/// `tasker._set_waiting(waiting) RETURNS boolean`: whether this backend
+/// may have workers registered as waiting (tasker.worker_idle); returns
+/// `waiting`. See worker_state::set_waiting.
+#[pg_extern(parallel_unsafe)]
+fn _set_waiting(waiting: bool) -> bool {
+    crate::worker_state::set_waiting(waiting);
+    waiting
+}
+
+/// `tasker._anyone_waits() RETURNS boolean`: false when no backend has
+/// workers registered as waiting, so an enqueue need not look in
+/// tasker.worker_waits (true without shared_preload_libraries).
+#[pg_extern(parallel_unsafe)]
+fn _anyone_waits() -> bool {
+    crate::worker_state::anyone_waits()
+}
+
 fn row_check(what: &str, problem: Option<String>) -> ApiResult<bool> {
     match problem {
         None => Ok(true),

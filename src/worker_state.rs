@@ -2,7 +2,7 @@
 //! is and how it is doing (for `tasker.health()`), and the latch wake-up that
 //! backends send when they commit work the worker must act on.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
@@ -27,6 +27,13 @@ pub static LAST_TICK_US: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"pg_tasker_worker_last_tick_us") };
 /// State changes committed since the server started (tasker.metrics()).
 pub static MOVES: PgLwLock<Moves> = unsafe { PgLwLock::new(c"pg_tasker_moves") };
+/// Backends that may have workers registered as waiting
+/// (tasker.worker_idle): each counts itself once, from before its first
+/// registration until it has none left (at commit) or exits. Zero: nobody
+/// waits anywhere, and an enqueue does not look for waiters
+/// (tasker._anyone_waits).
+pub static WAITING_BACKENDS: PgAtomic<AtomicU32> =
+    unsafe { PgAtomic::new(c"pg_tasker_waiting_backends") };
 
 /// Counts of committed moves into each state, by the states' SQL order
 /// (pg_tasker_core::state::StepState::ALL / TaskState::ALL).
@@ -103,6 +110,7 @@ pub fn init_shmem() {
     pg_shmem_init!(LAST_ERROR_MS);
     pg_shmem_init!(LAST_TICK_US);
     pg_shmem_init!(MOVES);
+    pg_shmem_init!(WAITING_BACKENDS);
     PRELOADED.store(true, Ordering::SeqCst);
 }
 
@@ -151,6 +159,61 @@ pub fn wake_now() {
             pg_sys::SetLatch(&mut (*proc_).procLatch);
         }
     }
+}
+
+/// Whether this backend counts itself in WAITING_BACKENDS.
+static COUNTED_WAITING: AtomicBool = AtomicBool::new(false);
+static EXIT_HOOK: AtomicBool = AtomicBool::new(false);
+/// This transaction asked to uncount this backend when it commits.
+static CLEAR_PENDING: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C-unwind" fn stop_waiting_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    if COUNTED_WAITING.swap(false, Ordering::SeqCst) {
+        WAITING_BACKENDS.get().fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// This backend may have waiting workers registered (`true`: counted at
+/// once, before its registration is visible to anyone) or has none left
+/// (`false`: uncounted when the transaction commits, so a rollback that
+/// keeps the registrations keeps the count). Conservative: a count that is
+/// too high only makes enqueues look in tasker.worker_waits.
+pub fn set_waiting(waiting: bool) {
+    if !preloaded() {
+        return;
+    }
+    if waiting {
+        // (cancels an uncount this transaction asked for earlier)
+        CLEAR_PENDING.store(false, Ordering::SeqCst);
+        if !COUNTED_WAITING.swap(true, Ordering::SeqCst) {
+            WAITING_BACKENDS.get().fetch_add(1, Ordering::SeqCst);
+        }
+        if !EXIT_HOOK.swap(true, Ordering::SeqCst) {
+            // SAFETY: registers a plain function to run at backend exit,
+            // as extensions do; it only touches atomics.
+            unsafe {
+                pg_sys::before_shmem_exit(Some(stop_waiting_at_exit), pg_sys::Datum::from(0))
+            };
+        }
+    } else if COUNTED_WAITING.load(Ordering::SeqCst) && !CLEAR_PENDING.swap(true, Ordering::SeqCst)
+    {
+        pgrx::register_xact_callback(PgXactCallbackEvent::Commit, || {
+            if CLEAR_PENDING.swap(false, Ordering::SeqCst)
+                && COUNTED_WAITING.swap(false, Ordering::SeqCst)
+            {
+                WAITING_BACKENDS.get().fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+        pgrx::register_xact_callback(PgXactCallbackEvent::Abort, || {
+            CLEAR_PENDING.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Whether any backend may have waiting workers; always true without
+/// shared memory (then tasker.worker_waits is the only record).
+pub fn anyone_waits() -> bool {
+    !preloaded() || WAITING_BACKENDS.get().load(Ordering::SeqCst) > 0
 }
 
 static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
