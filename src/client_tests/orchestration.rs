@@ -667,9 +667,7 @@ fn enqueues_notify_a_queue_channel_only_while_a_worker_waits_on_it() {
     // going busy in a transaction that rolls back leaves the worker idle:
     // still notified (the shared count of waiting backends follows commits)
     listener
-        .batch_execute(
-            "BEGIN; SELECT tasker.worker_idle(ARRAY['co_wake'], 'w1', false); ROLLBACK",
-        )
+        .batch_execute("BEGIN; SELECT tasker.worker_idle(ARRAY['co_wake'], 'w1', false); ROLLBACK")
         .unwrap();
     create(&mut c, "co_wake", "flow");
     assert_eq!(wait(&mut listener), 1);
