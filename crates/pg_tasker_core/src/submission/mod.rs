@@ -208,19 +208,28 @@ pub fn check(
         }
         (false, None) => {}
         (true, None) => return problem("a failure needs an error object".into()),
-        (true, Some(e)) => match kind(e) {
-            Kind::String => message = Some(string(e)?),
-            Kind::Object => {
-                let o = object(e)?;
-                if let Some(m) = field(&o, "message") {
-                    if kind(m) != Kind::String {
-                        return problem(format!("error.message must be a string, got {m}"));
+        (true, Some(e)) => {
+            let o = match kind(e) {
+                Kind::String => {
+                    message = Some(string(e)?);
+                    None
+                }
+                Kind::Object => {
+                    let o = object(e)?;
+                    if let Some(m) = field(&o, "message") {
+                        if kind(m) != Kind::String {
+                            return problem(format!("error.message must be a string, got {m}"));
+                        }
+                        message = Some(string(m)?);
                     }
-                    message = Some(string(m)?);
+                    Some(o)
                 }
-                if message.as_deref().unwrap_or("").is_empty() {
-                    return problem("error.message is required".into());
-                }
+                _ => return problem(format!("error must be an object, got {e}")),
+            };
+            if message.as_deref().unwrap_or("").is_empty() {
+                return problem("error.message is required".into());
+            }
+            if let Some(o) = o {
                 if let Some(c) = field(&o, "error_code") {
                     if kind(c) != Kind::String {
                         return problem(format!("error.error_code must be a string, got {c}"));
@@ -244,11 +253,7 @@ pub fn check(
                     }
                 }
             }
-            _ => return problem(format!("error must be an object, got {e}")),
-        },
-    }
-    if failure && message.as_deref().unwrap_or("").is_empty() {
-        return problem("error.message is required".into());
+        }
     }
 
     let mut out = Submission {
