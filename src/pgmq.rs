@@ -5,8 +5,9 @@
 //! from `tasker._pgmq_table` (sql/01_pgmq.sql, pgmq's own naming helper).
 //! Messages pass through as the jsonb datums they are: never parsed here.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -19,6 +20,43 @@ struct QueuePlans {
     send: OwnedPreparedStatement,
     archive: OwnedPreparedStatement,
     read: OwnedPreparedStatement,
+    /// the read from a msg_id on (`msg_id >= $3`): see [`ReadFloor`]
+    read_from: OwnedPreparedStatement,
+    floor: Cell<ReadFloor>,
+}
+
+/// Where this session's next read of a queue starts.
+///
+/// A queue table's primary-key index holds, below its live messages, the
+/// entries of messages archived (deleted) and read (updated: `vt` is
+/// indexed, so no HOT update) while some transaction's snapshot could still
+/// see them; until that snapshot ends they cannot be marked dead, and a read
+/// in msg_id order from the start visits every one (one heap fetch each).
+/// Under a backlog with a long transaction beside the workers (a batch of
+/// create_task calls), that prefix grows to thousands of entries per read,
+/// the reads' CPU slows the long transaction further, and throughput
+/// collapses (docs/benchmarks.md, "Sustained"). So a read starts at the
+/// lowest msg_id this session's previous read returned, and reads the whole
+/// queue only when that finds nothing, when it has no floor yet, and at
+/// least every [`FULL_READ_EVERY`]: a message below the floor that becomes
+/// visible (a commit that took its msg_id earlier; a lease that ran out)
+/// waits that long at most, never forever.
+#[derive(Clone, Copy, Default)]
+struct ReadFloor {
+    msg_id: Option<i64>,
+    full_read_at: Option<Instant>,
+}
+
+const FULL_READ_EVERY: Duration = Duration::from_millis(200);
+
+impl ReadFloor {
+    /// The msg_id to read from, or None: read the whole queue.
+    fn start(&self, now: Instant) -> Option<i64> {
+        match self.full_read_at {
+            Some(t) if now.duration_since(t) < FULL_READ_EVERY => self.msg_id,
+            _ => None,
+        }
+    }
 }
 
 thread_local! {
@@ -60,12 +98,14 @@ fn with_plans<R>(queue: &str, f: impl FnOnce(&QueuePlans) -> ApiResult<R>) -> Ap
                 ),
                 &[PgBuiltInOids::INT8ARRAYOID],
             )?;
-            // pgmq.read's statement (without its conditional filter)
-            let read = prepare(
-                &format!(
+            // pgmq.read's statement (without its conditional filter), from
+            // the start of the queue or from a msg_id on; it also returns
+            // the lowest msg_id read (the next read's floor)
+            let read_statement = |from: &str| {
+                format!(
                     "WITH cte AS (
                         SELECT msg_id FROM {q}
-                        WHERE vt <= clock_timestamp()
+                        WHERE vt <= clock_timestamp(){from}
                         ORDER BY msg_id ASC
                         LIMIT $1
                         FOR UPDATE SKIP LOCKED
@@ -78,12 +118,23 @@ fn with_plans<R>(queue: &str, f: impl FnOnce(&QueuePlans) -> ApiResult<R>) -> Ap
                      WHERE m.msg_id = cte.msg_id
                      RETURNING m.msg_id, m.read_ct, m.message)
                      SELECT array_agg(jsonb_build_object('msg_id', r.msg_id, 'read_ct', r.read_ct,
-                                                         'message', r.message) ORDER BY r.msg_id)
+                                                         'message', r.message) ORDER BY r.msg_id),
+                            min(r.msg_id)
                      FROM r"
-                ),
+                )
+            };
+            let read = prepare(
+                &read_statement(""),
                 &[PgBuiltInOids::INT4OID, PgBuiltInOids::INT4OID],
             )?;
-            plans.insert(queue.to_string(), QueuePlans { send, archive, read });
+            let read_from = prepare(
+                &read_statement(" AND msg_id >= $3"),
+                &[PgBuiltInOids::INT4OID, PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID],
+            )?;
+            plans.insert(
+                queue.to_string(),
+                QueuePlans { send, archive, read, read_from, floor: Cell::default() },
+            );
         }
         f(plans.get(queue).expect("just prepared"))
     })
@@ -136,30 +187,57 @@ fn _pgmq_read(queue: &str, vt: i32, qty: i32) -> ApiResult<Option<AnyArray>> {
     // the caller's memory context: the array is copied there, out of SPI's
     let outer = unsafe { pg_sys::CurrentMemoryContext };
     with_plans(queue, |p| {
-        Spi::connect_mut(|c| {
-            let table = c.update(&p.read, None, &[qty.into(), vt.into()])?;
-            let Some(row) = table.into_iter().next() else {
-                return Ok::<_, pgrx::spi::Error>(None);
-            };
-            let Some(array) = row.get_datum_by_ordinal(1)?.value::<AnyArray>()? else {
-                return Ok(None);
-            };
-            let datum = array.datum();
-            // SAFETY: a jsonb[] (varlena) datum of the row just read, copied
-            // into the caller's context, which outlives this call
-            unsafe {
-                let copy = pgrx::PgMemoryContexts::For(outer).switch_to(|_| {
-                    pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(
-                        datum.cast_mut_ptr::<pg_sys::varlena>(),
-                    ))
-                });
-                Ok(AnyArray::from_polymorphic_datum(
-                    copy,
-                    false,
-                    pg_sys::JSONBARRAYOID,
-                ))
-            }
-        })
-        .map_err(internal)
+        let now = Instant::now();
+        let mut floor = p.floor.get();
+        let mut read = match floor.start(now) {
+            Some(from) => read_with(&p.read_from, &[qty.into(), vt.into(), from.into()], outer)?,
+            None => None,
+        };
+        if read.is_none() {
+            // no floor, a floor above every visible message, or time for
+            // a read of the whole queue
+            read = read_with(&p.read, &[qty.into(), vt.into()], outer)?;
+            floor.full_read_at = Some(now);
+        }
+        floor.msg_id = read.as_ref().map(|(_, lowest)| *lowest);
+        p.floor.set(floor);
+        Ok(read.map(|(messages, _)| messages))
     })
+}
+
+/// Runs one of the read plans: the messages read (a jsonb[] copied into
+/// `outer`) and the lowest msg_id among them; None when none was visible.
+fn read_with(
+    plan: &OwnedPreparedStatement,
+    args: &[DatumWithOid],
+    outer: pg_sys::MemoryContext,
+) -> ApiResult<Option<(AnyArray, i64)>> {
+    Spi::connect_mut(|c| {
+        let table = c.update(plan, None, args)?;
+        let Some(row) = table.into_iter().next() else {
+            return Ok::<_, pgrx::spi::Error>(None);
+        };
+        let (Some(array), Some(lowest)) = (
+            row.get_datum_by_ordinal(1)?.value::<AnyArray>()?,
+            row.get_datum_by_ordinal(2)?.value::<i64>()?,
+        ) else {
+            return Ok(None);
+        };
+        let datum = array.datum();
+        // SAFETY: a jsonb[] (varlena) datum of the row just read, copied
+        // into the caller's context, which outlives this call
+        unsafe {
+            let copy = pgrx::PgMemoryContexts::For(outer).switch_to(|_| {
+                pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(
+                    datum.cast_mut_ptr::<pg_sys::varlena>(),
+                ))
+            });
+            Ok(Some((
+                AnyArray::from_polymorphic_datum(copy, false, pg_sys::JSONBARRAYOID)
+                    .ok_or(pgrx::spi::Error::InvalidPosition)?,
+                lowest,
+            )))
+        }
+    })
+    .map_err(internal)
 }

@@ -202,4 +202,57 @@ mod tests {
             );
         }
     }
+
+    /// The msg_id one read of one message returns (0: none).
+    fn read_one(queue: &str) -> i64 {
+        sql_value::<i64>(&format!(
+            "SELECT coalesce((SELECT (r ->> 'msg_id')::bigint
+                              FROM unnest(tasker._pgmq_read('{queue}', 30, 1)) r), 0)"
+        ))
+        .unwrap_or(0)
+    }
+
+    /// A read starts at the lowest msg_id the session's previous read
+    /// returned (src/pgmq.rs, ReadFloor): a message below it that becomes
+    /// visible is still read — at once when nothing above the floor is
+    /// visible, and after 200 ms at the latest otherwise. No message is
+    /// left behind.
+    #[pg_test]
+    fn reads_from_a_floor_never_leave_a_message_behind() {
+        let q = "floor_q";
+        count(&format!("SELECT count(*) FROM pgmq.create('{q}')"));
+        let send = || count(&format!("SELECT pgmq.send('{q}', '{{}}')"));
+        let ids: Vec<i64> = (0..3).map(|_| send()).collect();
+        assert_eq!(read_one(q), ids[0]);
+        assert_eq!(read_one(q), ids[1]);
+        // the first message's lease runs out: it is below the floor now
+        count(&format!(
+            "SELECT count(*) FROM pgmq.set_vt('{q}', {}, 0)",
+            ids[0]
+        ));
+        let third = read_one(q);
+        assert!(third == ids[2] || third == ids[0], "read {third}");
+        let next = read_one(q);
+        assert!(
+            [third, next].contains(&ids[0]),
+            "with nothing visible above the floor, the read looks below it at once (read {third}, {next})"
+        );
+        assert_eq!(read_one(q), 0, "nothing is visible");
+        // a message below the floor while others above it stay visible
+        let more: Vec<i64> = (0..4).map(|_| send()).collect();
+        assert_eq!(read_one(q), more[0]);
+        count(&format!(
+            "SELECT count(*) FROM pgmq.set_vt('{q}', {}, 0)",
+            ids[1]
+        ));
+        count("SELECT count(*) FROM pg_sleep(0.25)");
+        assert_eq!(
+            read_one(q),
+            ids[1],
+            "200 ms after the last read of the whole queue, a read starts at its beginning"
+        );
+        let rest: Vec<i64> = (0..3).map(|_| read_one(q)).collect();
+        assert_eq!(rest, more[1..].to_vec());
+        assert_eq!(read_one(q), 0);
+    }
 }
