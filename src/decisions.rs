@@ -331,24 +331,71 @@ fn submission_row(
     metadata: Option<&str>,
 ) -> ApiResult<PgHeapTuple<'static, pgrx::AllocatedByRust>> {
     let s = pg_tasker_core::submission::check(status, error, metadata).map_err(internal)?;
-    let mut row = PgHeapTuple::new_composite_type("tasker.submission").map_err(internal)?;
-    let numeric = |t: Option<String>| -> ApiResult<Option<AnyNumeric>> {
-        t.map(|t| t.parse::<AnyNumeric>().map_err(internal))
-            .transpose()
+    let execution_time_ms = s
+        .execution_time_ms
+        .map(|t| t.parse::<AnyNumeric>().map_err(internal))
+        .transpose()?;
+    tasker_row(
+        "submission",
+        [
+            ("problem", s.problem.into_datum(), pg_sys::TEXTOID),
+            ("success", s.success.into_datum(), pg_sys::BOOLOID),
+            ("attempt", s.attempt.into_datum(), pg_sys::INT4OID),
+            ("worker_id", s.worker_id.into_datum(), pg_sys::TEXTOID),
+            (
+                "execution_time_ms",
+                execution_time_ms.into_datum(),
+                pg_sys::NUMERICOID,
+            ),
+            ("message", s.message.into_datum(), pg_sys::TEXTOID),
+            ("error_code", s.error_code.into_datum(), pg_sys::TEXTOID),
+            ("retryable", s.retryable.into_datum(), pg_sys::BOOLOID),
+            (
+                "requested_delay_ms",
+                s.requested_delay_ms.into_datum(),
+                pg_sys::INT8OID,
+            ),
+        ],
+    )
+}
+
+/// A value of the composite type `tasker.<type_name>` from its fields, in
+/// the type's order, each named with its type (checked against the type:
+/// a mismatch is an internal error, never a wrong datum). The type is found
+/// through the catalog caches (`PgHeapTuple::new_composite_type` parses
+/// its name with the SQL parser, and `set_by_name` forms the tuple again
+/// for every field: ≈ 10 µs per row, measured).
+fn tasker_row<const N: usize>(
+    type_name: &str,
+    fields: [(&str, Option<pg_sys::Datum>, pg_sys::Oid); N],
+) -> ApiResult<PgHeapTuple<'static, pgrx::AllocatedByRust>> {
+    let name = std::ffi::CString::new(type_name).map_err(internal)?;
+    // SAFETY: catalog cache lookups by name; both return InvalidOid when
+    // there is no such object (missing_ok)
+    let typoid = unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"tasker".as_ptr(), true);
+        pg_sys::GetSysCacheOid(
+            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+            pg_sys::Anum_pg_type_oid as i16,
+            pg_sys::Datum::from(name.as_ptr()),
+            pg_sys::Datum::from(nsp),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
     };
-    row.set_by_name("problem", s.problem).map_err(internal)?;
-    row.set_by_name("success", s.success).map_err(internal)?;
-    row.set_by_name("attempt", s.attempt).map_err(internal)?;
-    row.set_by_name("worker_id", s.worker_id)
-        .map_err(internal)?;
-    row.set_by_name("execution_time_ms", numeric(s.execution_time_ms)?)
-        .map_err(internal)?;
-    row.set_by_name("message", s.message).map_err(internal)?;
-    row.set_by_name("error_code", s.error_code)
-        .map_err(internal)?;
-    row.set_by_name("retryable", s.retryable)
-        .map_err(internal)?;
-    row.set_by_name("requested_delay_ms", s.requested_delay_ms)
-        .map_err(internal)?;
-    Ok(row)
+    let tupdesc = pgrx::PgTupleDesc::for_composite_type_by_oid(typoid)
+        .ok_or_else(|| internal(format!("no composite type tasker.{type_name}")))?;
+    let matches = tupdesc.len() == N
+        && tupdesc
+            .iter()
+            .zip(fields.iter())
+            .all(|(att, (field, _, oid))| att.name() == *field && att.type_oid().value() == *oid);
+    if !matches {
+        return Err(internal(format!(
+            "tasker.{type_name} does not have the fields {:?}",
+            fields.map(|f| f.0)
+        )));
+    }
+    // SAFETY: each datum is of its attribute's type (checked above)
+    unsafe { PgHeapTuple::from_datums(tupdesc, fields.map(|f| f.1)) }.map_err(internal)
 }
