@@ -4,7 +4,7 @@
 -- crates/pg_tasker_core/src/state.rs mirrors them in Rust and
 -- src/tests/states.rs compares the two, value by value and class by class.
 -- The legal moves between states are rows of the two transition tables at
--- the end; tasker._move_steps, tasker._enqueue_steps and tasker._move_task
+-- the end; tasker._move_steps, tasker._enqueue_steps and tasker._settle_tasks
 -- (04_transitions.sql, 06_enqueue.sql) refuse any other move.
 
 CREATE TYPE tasker.task_state AS ENUM (
@@ -42,7 +42,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 
 -- A task arriving in these states is an event (NOTIFY on
--- tasker.events_channel(), by tasker._move_task): it finished, or it is
+-- tasker.events_channel(), by tasker._settle_tasks): it finished, or it is
 -- blocked by failures and needs someone.
 CREATE FUNCTION tasker.task_state_is_event(state tasker.task_state) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -132,7 +132,7 @@ CREATE TABLE tasker.task_state_transitions (
     CHECK (from_state IS DISTINCT FROM to_state)
 );
 COMMENT ON TABLE tasker.task_state_transitions IS
-    'The legal task state changes; tasker._move_task refuses any other.';
+    'The legal task state changes; tasker._settle_tasks refuses any other.';
 INSERT INTO tasker.task_state_transitions (from_state, to_state, via)
 SELECT NULL, 'pending', 'create_task'
 UNION ALL
@@ -152,3 +152,38 @@ SELECT f, 'error', 'staleness' FROM unnest(enum_range(NULL::tasker.task_state)) 
 WHERE NOT tasker.task_state_is_terminal(f)
 UNION ALL
 SELECT 'error', 'steps_in_process', 'dlq_requeue';
+
+-- The legal moves as predicates, for the statements that make them (one
+-- per machine):
+--   tasker.step_move_is_legal(from_state, to_state)
+--   tasker.task_move_is_legal(from_state, to_state)
+-- tasker._write_move_predicates() writes them from the two tables above,
+-- which stay the one home of the moves: each is a constant SQL expression
+-- (a CASE over from_state), inlined into the UPDATE that moves rows, so a
+-- move is checked without reading a table (no lock, nothing to plan).
+-- Whatever changes a transition table (an upgrade script) calls it again;
+-- src/tests/states.rs compares predicates and tables pair by pair.
+CREATE FUNCTION tasker._write_move_predicates() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    v_cases text;
+BEGIN
+    FOR m IN SELECT * FROM (VALUES ('step', 'tasker.step_state_transitions'::regclass),
+                                   ('task', 'tasker.task_state_transitions'::regclass)) x(machine, tab) LOOP
+        EXECUTE format('SELECT string_agg(format(''WHEN %%L THEN to_state = ANY (%%L::tasker.%s_state[])'', '
+                       'from_state, moves), '' '' ORDER BY from_state) '
+                       'FROM (SELECT from_state, array_agg(to_state ORDER BY to_state) AS moves FROM %s '
+                       'WHERE from_state IS NOT NULL GROUP BY from_state) g', m.machine, m.tab)
+        INTO v_cases;
+        EXECUTE format('CREATE OR REPLACE FUNCTION tasker.%1$s_move_is_legal('
+                       'from_state tasker.%1$s_state, to_state tasker.%1$s_state) RETURNS boolean '
+                       'LANGUAGE sql IMMUTABLE PARALLEL SAFE '
+                       'RETURN coalesce(CASE from_state %2$s END, false)', m.machine, v_cases);
+        EXECUTE format('COMMENT ON FUNCTION tasker.%1$s_move_is_legal(tasker.%1$s_state, tasker.%1$s_state) IS %2$L',
+                       m.machine, format('Whether %s lists the move; written from it by tasker._write_move_predicates().',
+                                         m.tab));
+    END LOOP;
+END
+$$;
+SELECT tasker._write_move_predicates();

@@ -6,9 +6,10 @@
 --   tasker._move_steps     steps to any state but enqueued
 --   tasker._enqueue_steps  steps to enqueued (06_enqueue.sql: readiness,
 --                          messages)
---   tasker._move_task      a task to any state
 -- and every operation ends with tasker._settle_tasks over the moves it
--- made: the step counters of the tasks, and their state.
+-- made: the step counters of the tasks and their state (decided from the
+-- counters, or given: cancel, resolve, staleness, DLQ requeue), the one
+-- writer of a task's state.
 --
 -- Lock order (docs/schema.md): the task rows first (FOR NO KEY UPDATE, in
 -- task_uuid order when there are several), then their steps, then queue
@@ -48,7 +49,8 @@ CREATE TYPE tasker.step_move AS (
 
 -- Moves steps to p_to (not 'enqueued': tasker._enqueue_steps): the columns
 -- p_to implies and one audit row per step, in one statement. Refuses (XX000:
--- a bug in the caller) a move that step_state_transitions does not list.
+-- a bug in the caller) a move that step_state_transitions does not list
+-- (tasker.step_move_is_legal).
 -- Returns the moves, which the caller settles (tasker._settle_tasks).
 -- (The primitives take and return arrays: a PL/pgSQL caller evaluates
 -- `v := tasker._move_steps(...)` as a plain expression, without a query.)
@@ -82,8 +84,7 @@ BEGIN
             completed_at   = CASE WHEN to_class = 'done' THEN now() END
         FROM unnest(p_changes) c
         WHERE s.step_uuid = c.step_uuid
-          AND EXISTS (SELECT 1 FROM tasker.step_state_transitions l
-                      WHERE l.from_state = s.state AND l.to_state = p_to)
+          AND tasker.step_move_is_legal(s.state, p_to)
         RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.queue_msg_id, s.transitions,
                   c.reason, c.metadata
     ), audit AS (
@@ -106,76 +107,36 @@ BEGIN
 END
 $$;
 
--- Moves a task to p_to with its audit row, in one statement; a terminal
--- state also ends the task (completed_at, nothing due, no claim).
--- p_next_action_at is when the orchestrator must look at it again. The
--- caller holds the task row lock. Refuses (XX000) a move that
--- task_state_transitions does not list.
-CREATE FUNCTION tasker._move_task(p_task uuid, p_to tasker.task_state, p_reason text,
-                                  p_metadata jsonb DEFAULT '{}', p_next_action_at timestamptz DEFAULT NULL)
-RETURNS tasker.task_state
-LANGUAGE plpgsql AS $$
-DECLARE
-    previous tasker.task_state;
-    terminal boolean := tasker.task_state_is_terminal(p_to);
-BEGIN
-    WITH v AS (
-        SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = p_task
-    ), m AS (
-        UPDATE tasker.tasks t
-        SET state            = p_to,
-            transitions      = t.transitions + 1,
-            updated_at       = now(),
-            completed_at     = CASE WHEN terminal THEN now() END,
-            next_action_at   = CASE WHEN terminal THEN NULL ELSE p_next_action_at END,
-            claimed_by       = CASE WHEN terminal THEN NULL ELSE t.claimed_by END,
-            claim_expires_at = CASE WHEN terminal THEN NULL ELSE t.claim_expires_at END
-        FROM v
-        JOIN tasker.task_state_transitions l ON l.from_state = v.state AND l.to_state = p_to
-        WHERE t.task_uuid = p_task
-        RETURNING v.state AS from_state, t.transitions
-    )
-    INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata)
-    SELECT p_task, m.transitions, m.from_state, p_to, p_reason, coalesce(p_metadata, '{}')
-    FROM m
-    RETURNING from_state INTO previous;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_tasker internal error: task % cannot move to %', p_task, p_to
-            USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
-    END IF;
-    PERFORM tasker._count_moves('task', p_to::text, 1);
-    IF tasker.task_state_is_event(p_to) THEN
-        PERFORM pg_catalog.pg_notify(tasker.events_channel(), json_build_object(
-            'task_uuid', p_task, 'namespace', (SELECT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = p_task),
-            'state', p_to, 'from_state', previous)::text);
-    END IF;
-    RETURN previous;
-END
-$$;
-
--- The end of every operation that moved steps: for each task the moves
--- touched (and each of p_tasks, moved or not), the step counters take the
--- moves (by class, tasker.step_state_class), the task's state is decided
--- from the counters (tasker._task_status, i.e. pg_tasker_core::status) and
--- changed when it differs, and next_action_at becomes the earliest retry
--- (NULL when nothing is due). One UPDATE per task; a second one
--- (tasker._move_task) only when the state changes. The caller holds the
--- task row locks. A finished task only takes its counters. Returns each
--- task's state.
-CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL)
+-- The end of every operation that moved steps, and the one writer of a
+-- task's state: for each task the moves touched (and each of p_tasks, moved
+-- or not), the step counters take the moves (by class,
+-- tasker.step_state_class), the task's state is decided from the counters
+-- (tasker._task_status, i.e. pg_tasker_core::status) -- or is p_to, for the
+-- operations that move a task themselves (cancel, resolve, staleness, DLQ
+-- requeue) -- and next_action_at becomes the earliest retry (NULL when
+-- nothing is due). One UPDATE of each task row with the audit row of its
+-- move, in one statement; a terminal state also ends the task
+-- (completed_at, nothing due, no claim). A finished task only takes its
+-- counters (unless p_to moves it: error -> steps_in_process). The caller
+-- holds the task row locks. Refuses (XX000) a move that
+-- task_state_transitions does not list (tasker.task_move_is_legal). Returns
+-- each task's state, in task_uuid order.
+CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL,
+                                     p_to tasker.task_state DEFAULT NULL, p_metadata jsonb DEFAULT NULL)
 RETURNS tasker.task_state[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_tasks uuid[];
-    v_from tasker.task_state[];
     v_to tasker.task_state[];
-    v_status text[];
-    v_next timestamptz[];
-    i integer;
+    v_wanted integer;
+    v_moved tasker.task_state[];
+    v_due boolean;
+    v_events text[];
+    v_refused text;
 BEGIN
-    -- (the decided state comes back from the UPDATE: counters after the
-    -- moves, tasker._task_status over them; every ready step was enqueued
-    -- by the operation, so ready = 0)
+    -- (the task rows are read before the UPDATE: the caller's locks keep
+    -- them as they are, and the UPDATE writes counters and state at once;
+    -- every ready step was enqueued by the operation, so ready = 0)
     WITH x AS (
         SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
                tasker.step_state_class(m.to_state) AS to_class
@@ -184,53 +145,90 @@ BEGIN
         SELECT u, NULL, NULL FROM unnest(p_tasks) u
     ), d AS (
         SELECT x.task_uuid,
-               count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
-               count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
-               count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
-               count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
-               count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
-               count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
+               (count(*) FILTER (WHERE x.to_class = 'pending')
+                - count(*) FILTER (WHERE x.from_class = 'pending'))::integer AS pending,
+               (count(*) FILTER (WHERE x.to_class = 'out')
+                - count(*) FILTER (WHERE x.from_class = 'out'))::integer AS out,
+               (count(*) FILTER (WHERE x.to_class = 'waiting')
+                - count(*) FILTER (WHERE x.from_class = 'waiting'))::integer AS waiting,
+               (count(*) FILTER (WHERE x.to_class = 'done')
+                - count(*) FILTER (WHERE x.from_class = 'done'))::integer AS done,
+               (count(*) FILTER (WHERE x.to_class = 'error')
+                - count(*) FILTER (WHERE x.from_class = 'error'))::integer AS error,
+               (count(*) FILTER (WHERE x.to_class = 'cancelled')
+                - count(*) FILTER (WHERE x.from_class = 'cancelled'))::integer AS cancelled
         FROM x GROUP BY x.task_uuid
+    ), n AS (
+        SELECT d.*, k.state AS from_state, s.execution_status,
+               coalesce(p_to, CASE WHEN tasker.task_state_is_terminal(k.state) THEN k.state
+                                   ELSE s.task_state::tasker.task_state END) AS to_state
+        FROM d
+        JOIN tasker.tasks k ON k.task_uuid = d.task_uuid
+        CROSS JOIN LATERAL tasker._task_status(
+            k.steps_total, k.steps_pending + d.pending, k.steps_out + d.out, k.steps_waiting + d.waiting,
+            k.steps_done + d.done, k.steps_error + d.error, k.steps_cancelled + d.cancelled, 0) s
     ), u AS (
         UPDATE tasker.tasks k
-        SET steps_pending   = k.steps_pending + d.pending,
-            steps_out       = k.steps_out + d.out,
-            steps_waiting   = k.steps_waiting + d.waiting,
-            steps_done      = k.steps_done + d.done,
-            steps_error     = k.steps_error + d.error,
-            steps_cancelled = k.steps_cancelled + d.cancelled,
-            updated_at      = now(),
+        SET steps_pending    = k.steps_pending + n.pending,
+            steps_out        = k.steps_out + n.out,
+            steps_waiting    = k.steps_waiting + n.waiting,
+            steps_done       = k.steps_done + n.done,
+            steps_error      = k.steps_error + n.error,
+            steps_cancelled  = k.steps_cancelled + n.cancelled,
+            state            = n.to_state,
+            transitions      = k.transitions + (n.to_state <> n.from_state)::integer,
+            updated_at       = now(),
+            completed_at     = CASE WHEN n.to_state = n.from_state THEN k.completed_at
+                                    WHEN tasker.task_state_is_terminal(n.to_state) THEN now() END,
             -- (the retries as this transaction left them: workflow_steps_retry_idx)
-            next_action_at  = CASE WHEN tasker.task_state_is_terminal(k.state) THEN NULL
-                                   WHEN k.steps_waiting + d.waiting = 0 THEN NULL
-                                   ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
-                                         WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END
-        FROM d
-        WHERE k.task_uuid = d.task_uuid
-        RETURNING k.task_uuid, k.state, k.next_action_at, k.steps_total, k.steps_pending, k.steps_out,
-                  k.steps_waiting, k.steps_done, k.steps_error, k.steps_cancelled
+            next_action_at   = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL
+                                    WHEN k.steps_waiting + n.waiting = 0 THEN NULL
+                                    ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
+                                          WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END,
+            claimed_by       = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL ELSE k.claimed_by END,
+            claim_expires_at = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL
+                                    ELSE k.claim_expires_at END
+        FROM n
+        WHERE k.task_uuid = n.task_uuid
+          AND (n.to_state = n.from_state OR tasker.task_move_is_legal(n.from_state, n.to_state))
+        RETURNING k.task_uuid, k.namespace_name, n.from_state, k.state AS to_state, k.transitions,
+                  n.execution_status, k.next_action_at
+    ), audit AS (
+        INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT u.task_uuid, u.transitions, u.from_state, u.to_state, p_reason,
+               coalesce(p_metadata, CASE WHEN p_to IS NULL
+                                         THEN jsonb_build_object('execution_status', u.execution_status)
+                                         ELSE '{}' END)
+        FROM u
+        WHERE u.to_state <> u.from_state
     )
-    SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.state ORDER BY u.task_uuid),
-           array_agg(CASE WHEN tasker.task_state_is_terminal(u.state) THEN u.state
-                          ELSE s.task_state::tasker.task_state END ORDER BY u.task_uuid),
-           array_agg(s.execution_status ORDER BY u.task_uuid), array_agg(u.next_action_at ORDER BY u.task_uuid)
-    INTO v_tasks, v_from, v_to, v_status, v_next
-    FROM u
-    CROSS JOIN LATERAL tasker._task_status(u.steps_total, u.steps_pending, u.steps_out, u.steps_waiting,
-                                           u.steps_done, u.steps_error, u.steps_cancelled, 0) s;
+    SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.to_state ORDER BY u.task_uuid),
+           (SELECT count(*) FROM n), array_agg(u.to_state) FILTER (WHERE u.to_state <> u.from_state),
+           bool_or(u.next_action_at IS NOT NULL),
+           array_agg(json_build_object('task_uuid', u.task_uuid, 'namespace', u.namespace_name,
+                                       'state', u.to_state, 'from_state', u.from_state)::text)
+               FILTER (WHERE u.to_state <> u.from_state AND tasker.task_state_is_event(u.to_state)),
+           (SELECT string_agg(format('task %s cannot move from %s to %s', n.task_uuid, n.from_state, n.to_state), '; ')
+            FROM n WHERE n.to_state <> n.from_state AND NOT tasker.task_move_is_legal(n.from_state, n.to_state))
+    INTO v_tasks, v_to, v_wanted, v_moved, v_due, v_events, v_refused
+    FROM u;
+    IF coalesce(cardinality(v_tasks), 0) <> v_wanted THEN
+        RAISE EXCEPTION 'pg_tasker internal error: %', coalesce(v_refused, 'a task to settle does not exist')
+            USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
+    END IF;
     -- (counted for tasker.metrics() when the transaction commits)
     PERFORM tasker._count_moves('step', m.to_state::text, count(*))
     FROM unnest(p_moves) m GROUP BY m.to_state;
-    FOR i IN 1 .. coalesce(cardinality(v_tasks), 0) LOOP
-        IF v_to[i] <> v_from[i] THEN
-            PERFORM tasker._move_task(v_tasks[i], v_to[i], p_reason,
-                                      jsonb_build_object('execution_status', v_status[i]), v_next[i]);
-        END IF;
-        IF v_next[i] IS NOT NULL THEN
-            -- the orchestrator recomputes its sleep when this commits
-            PERFORM tasker._wake_orchestrator();
-        END IF;
-    END LOOP;
+    IF v_moved IS NOT NULL THEN
+        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
+    END IF;
+    IF v_events IS NOT NULL THEN
+        PERFORM pg_catalog.pg_notify(tasker.events_channel(), e) FROM unnest(v_events) e;
+    END IF;
+    IF v_due THEN
+        -- the orchestrator recomputes its sleep when this commits
+        PERFORM tasker._wake_orchestrator();
+    END IF;
     RETURN v_to;
 END
 $$;

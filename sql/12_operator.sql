@@ -54,7 +54,7 @@ BEGIN
     INTO v_steps, v_msgs
     FROM tasker.workflow_steps s
     WHERE s.task_uuid = p_task
-      AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to)
+      AND tasker.step_move_is_legal(s.state, p_to)
       -- (error: only attempts out with workers fail; pending -> error is a
       -- map step's invalid input)
       AND (p_to <> 'error' OR tasker.step_state_class(s.state) = 'out');
@@ -86,11 +86,9 @@ BEGIN
         RAISE EXCEPTION 'task % is already % and cannot be %', t.task_uuid, t.state,
             CASE p_to WHEN 'cancelled' THEN 'cancelled' ELSE 'resolved' END USING ERRCODE = '55000';
     END IF;
-    -- the task first: finished, it only takes the counters when settled
-    PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
     PERFORM tasker._settle_tasks(
         tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason),
-        p_reason, ARRAY[t.task_uuid]);
+        p_reason, ARRAY[t.task_uuid], p_to);
 END
 $$;
 
@@ -169,8 +167,7 @@ BEGIN
     PERFORM tasker._require_steps(ARRAY[resolve_step_manually.step_uuid], 'admin');
     t := tasker._lock_task_of_step(resolve_step_manually.step_uuid);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = resolve_step_manually.step_uuid;
-    IF NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions l
-                   WHERE l.from_state = s.state AND l.to_state = 'resolved_manually') THEN
+    IF NOT tasker.step_move_is_legal(s.state, 'resolved_manually') THEN
         RAISE EXCEPTION 'step "%" is already % and cannot be resolved manually', s.name, s.state
             USING ERRCODE = '55000';
     ELSIF tasker.task_state_is_terminal(t.state) THEN

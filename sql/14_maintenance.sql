@@ -176,10 +176,9 @@ BEGIN
             END IF;
             IF p_to_error THEN
                 -- attempts out with workers end in error (a DLQ requeue retries them)
-                PERFORM tasker._move_task(c.task_uuid, 'error', v_error ->> 'message', v_error);
                 PERFORM tasker._settle_tasks(
                     tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error),
-                    'task stale', ARRAY[c.task_uuid]);
+                    v_error ->> 'message', ARRAY[c.task_uuid], 'error', v_error);
             END IF;
             v_handled := v_handled || jsonb_build_object(
                 'task_uuid', c.task_uuid, 'state', c.state,
@@ -366,7 +365,7 @@ BEGIN
     SELECT array_agg(s.step_uuid ORDER BY s.step_uuid) INTO v_failed
     FROM tasker.workflow_steps s WHERE s.task_uuid = t.task_uuid AND s.state = 'error';
     IF t.state = 'error' THEN
-        PERFORM tasker._move_task(t.task_uuid, 'steps_in_process', v_note);
+        PERFORM tasker._settle_tasks('{}', v_note, ARRAY[t.task_uuid], 'steps_in_process');
     END IF;
     IF v_failed IS NOT NULL THEN
         v_moves := tasker._move_steps(

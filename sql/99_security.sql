@@ -64,6 +64,8 @@ GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
                           tasker.step_is_runnable(tasker.step_state, integer),
                           tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz),
                           tasker.task_state_is_event(tasker.task_state),
+                          tasker.step_move_is_legal(tasker.step_state, tasker.step_state),
+                          tasker.task_move_is_legal(tasker.task_state, tasker.task_state),
                           tasker.events_channel()
     TO tasker_namespace_app, tasker_namespace_worker;
 

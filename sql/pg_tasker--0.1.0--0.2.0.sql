@@ -65,7 +65,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 -- crates/pg_tasker_core/src/state.rs mirrors them in Rust and
 -- src/tests/states.rs compares the two, value by value and class by class.
 -- The legal moves between states are rows of the two transition tables at
--- the end; tasker._move_steps, tasker._enqueue_steps and tasker._move_task
+-- the end; tasker._move_steps, tasker._enqueue_steps and tasker._settle_tasks
 -- (04_transitions.sql, 06_enqueue.sql) refuse any other move.
 
 CREATE TYPE tasker.task_state AS ENUM (
@@ -103,7 +103,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN state IN ('complete', 'error', 'cancelled', 'resolved_manually');
 
 -- A task arriving in these states is an event (NOTIFY on
--- tasker.events_channel(), by tasker._move_task): it finished, or it is
+-- tasker.events_channel(), by tasker._settle_tasks): it finished, or it is
 -- blocked by failures and needs someone.
 CREATE FUNCTION tasker.task_state_is_event(state tasker.task_state) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -193,7 +193,7 @@ CREATE TABLE tasker.task_state_transitions (
     CHECK (from_state IS DISTINCT FROM to_state)
 );
 COMMENT ON TABLE tasker.task_state_transitions IS
-    'The legal task state changes; tasker._move_task refuses any other.';
+    'The legal task state changes; tasker._settle_tasks refuses any other.';
 INSERT INTO tasker.task_state_transitions (from_state, to_state, via)
 SELECT NULL, 'pending', 'create_task'
 UNION ALL
@@ -213,6 +213,41 @@ SELECT f, 'error', 'staleness' FROM unnest(enum_range(NULL::tasker.task_state)) 
 WHERE NOT tasker.task_state_is_terminal(f)
 UNION ALL
 SELECT 'error', 'steps_in_process', 'dlq_requeue';
+
+-- The legal moves as predicates, for the statements that make them (one
+-- per machine):
+--   tasker.step_move_is_legal(from_state, to_state)
+--   tasker.task_move_is_legal(from_state, to_state)
+-- tasker._write_move_predicates() writes them from the two tables above,
+-- which stay the one home of the moves: each is a constant SQL expression
+-- (a CASE over from_state), inlined into the UPDATE that moves rows, so a
+-- move is checked without reading a table (no lock, nothing to plan).
+-- Whatever changes a transition table (an upgrade script) calls it again;
+-- src/tests/states.rs compares predicates and tables pair by pair.
+CREATE FUNCTION tasker._write_move_predicates() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    m record;
+    v_cases text;
+BEGIN
+    FOR m IN SELECT * FROM (VALUES ('step', 'tasker.step_state_transitions'::regclass),
+                                   ('task', 'tasker.task_state_transitions'::regclass)) x(machine, tab) LOOP
+        EXECUTE format('SELECT string_agg(format(''WHEN %%L THEN to_state = ANY (%%L::tasker.%s_state[])'', '
+                       'from_state, moves), '' '' ORDER BY from_state) '
+                       'FROM (SELECT from_state, array_agg(to_state ORDER BY to_state) AS moves FROM %s '
+                       'WHERE from_state IS NOT NULL GROUP BY from_state) g', m.machine, m.tab)
+        INTO v_cases;
+        EXECUTE format('CREATE OR REPLACE FUNCTION tasker.%1$s_move_is_legal('
+                       'from_state tasker.%1$s_state, to_state tasker.%1$s_state) RETURNS boolean '
+                       'LANGUAGE sql IMMUTABLE PARALLEL SAFE '
+                       'RETURN coalesce(CASE from_state %2$s END, false)', m.machine, v_cases);
+        EXECUTE format('COMMENT ON FUNCTION tasker.%1$s_move_is_legal(tasker.%1$s_state, tasker.%1$s_state) IS %2$L',
+                       m.machine, format('Whether %s lists the move; written from it by tasker._write_move_predicates().',
+                                         m.tab));
+    END LOOP;
+END
+$$;
+SELECT tasker._write_move_predicates();
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -524,7 +559,7 @@ AS 'MODULE_PATHNAME', '_materialise_template_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:115
+-- src/pgmq.rs:166
 -- pg_tasker::pgmq::_pgmq_archive
 CREATE  FUNCTION "_pgmq_archive"(
 	"queue" TEXT, /* & str */
@@ -536,7 +571,7 @@ AS 'MODULE_PATHNAME', '_pgmq_archive_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:131
+-- src/pgmq.rs:182
 -- pg_tasker::pgmq::_pgmq_read
 
 CREATE FUNCTION tasker."_pgmq_read"(queue text, vt integer, qty integer) RETURNS jsonb[]
@@ -544,7 +579,7 @@ STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '_pgmq_read_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:95
+-- src/pgmq.rs:146
 -- pg_tasker::pgmq::_pgmq_send
 CREATE  FUNCTION "_pgmq_send"(
 	"queue" TEXT, /* & str */
@@ -1442,9 +1477,10 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 --   tasker._move_steps     steps to any state but enqueued
 --   tasker._enqueue_steps  steps to enqueued (06_enqueue.sql: readiness,
 --                          messages)
---   tasker._move_task      a task to any state
 -- and every operation ends with tasker._settle_tasks over the moves it
--- made: the step counters of the tasks, and their state.
+-- made: the step counters of the tasks and their state (decided from the
+-- counters, or given: cancel, resolve, staleness, DLQ requeue), the one
+-- writer of a task's state.
 --
 -- Lock order (docs/schema.md): the task rows first (FOR NO KEY UPDATE, in
 -- task_uuid order when there are several), then their steps, then queue
@@ -1484,7 +1520,8 @@ CREATE TYPE tasker.step_move AS (
 
 -- Moves steps to p_to (not 'enqueued': tasker._enqueue_steps): the columns
 -- p_to implies and one audit row per step, in one statement. Refuses (XX000:
--- a bug in the caller) a move that step_state_transitions does not list.
+-- a bug in the caller) a move that step_state_transitions does not list
+-- (tasker.step_move_is_legal).
 -- Returns the moves, which the caller settles (tasker._settle_tasks).
 -- (The primitives take and return arrays: a PL/pgSQL caller evaluates
 -- `v := tasker._move_steps(...)` as a plain expression, without a query.)
@@ -1518,8 +1555,7 @@ BEGIN
             completed_at   = CASE WHEN to_class = 'done' THEN now() END
         FROM unnest(p_changes) c
         WHERE s.step_uuid = c.step_uuid
-          AND EXISTS (SELECT 1 FROM tasker.step_state_transitions l
-                      WHERE l.from_state = s.state AND l.to_state = p_to)
+          AND tasker.step_move_is_legal(s.state, p_to)
         RETURNING s.step_uuid, s.task_uuid, s.previous_state, s.attempts, s.queue_msg_id, s.transitions,
                   c.reason, c.metadata
     ), audit AS (
@@ -1542,76 +1578,36 @@ BEGIN
 END
 $$;
 
--- Moves a task to p_to with its audit row, in one statement; a terminal
--- state also ends the task (completed_at, nothing due, no claim).
--- p_next_action_at is when the orchestrator must look at it again. The
--- caller holds the task row lock. Refuses (XX000) a move that
--- task_state_transitions does not list.
-CREATE FUNCTION tasker._move_task(p_task uuid, p_to tasker.task_state, p_reason text,
-                                  p_metadata jsonb DEFAULT '{}', p_next_action_at timestamptz DEFAULT NULL)
-RETURNS tasker.task_state
-LANGUAGE plpgsql AS $$
-DECLARE
-    previous tasker.task_state;
-    terminal boolean := tasker.task_state_is_terminal(p_to);
-BEGIN
-    WITH v AS (
-        SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = p_task
-    ), m AS (
-        UPDATE tasker.tasks t
-        SET state            = p_to,
-            transitions      = t.transitions + 1,
-            updated_at       = now(),
-            completed_at     = CASE WHEN terminal THEN now() END,
-            next_action_at   = CASE WHEN terminal THEN NULL ELSE p_next_action_at END,
-            claimed_by       = CASE WHEN terminal THEN NULL ELSE t.claimed_by END,
-            claim_expires_at = CASE WHEN terminal THEN NULL ELSE t.claim_expires_at END
-        FROM v
-        JOIN tasker.task_state_transitions l ON l.from_state = v.state AND l.to_state = p_to
-        WHERE t.task_uuid = p_task
-        RETURNING v.state AS from_state, t.transitions
-    )
-    INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata)
-    SELECT p_task, m.transitions, m.from_state, p_to, p_reason, coalesce(p_metadata, '{}')
-    FROM m
-    RETURNING from_state INTO previous;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pg_tasker internal error: task % cannot move to %', p_task, p_to
-            USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
-    END IF;
-    PERFORM tasker._count_moves('task', p_to::text, 1);
-    IF tasker.task_state_is_event(p_to) THEN
-        PERFORM pg_catalog.pg_notify(tasker.events_channel(), json_build_object(
-            'task_uuid', p_task, 'namespace', (SELECT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = p_task),
-            'state', p_to, 'from_state', previous)::text);
-    END IF;
-    RETURN previous;
-END
-$$;
-
--- The end of every operation that moved steps: for each task the moves
--- touched (and each of p_tasks, moved or not), the step counters take the
--- moves (by class, tasker.step_state_class), the task's state is decided
--- from the counters (tasker._task_status, i.e. pg_tasker_core::status) and
--- changed when it differs, and next_action_at becomes the earliest retry
--- (NULL when nothing is due). One UPDATE per task; a second one
--- (tasker._move_task) only when the state changes. The caller holds the
--- task row locks. A finished task only takes its counters. Returns each
--- task's state.
-CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL)
+-- The end of every operation that moved steps, and the one writer of a
+-- task's state: for each task the moves touched (and each of p_tasks, moved
+-- or not), the step counters take the moves (by class,
+-- tasker.step_state_class), the task's state is decided from the counters
+-- (tasker._task_status, i.e. pg_tasker_core::status) -- or is p_to, for the
+-- operations that move a task themselves (cancel, resolve, staleness, DLQ
+-- requeue) -- and next_action_at becomes the earliest retry (NULL when
+-- nothing is due). One UPDATE of each task row with the audit row of its
+-- move, in one statement; a terminal state also ends the task
+-- (completed_at, nothing due, no claim). A finished task only takes its
+-- counters (unless p_to moves it: error -> steps_in_process). The caller
+-- holds the task row locks. Refuses (XX000) a move that
+-- task_state_transitions does not list (tasker.task_move_is_legal). Returns
+-- each task's state, in task_uuid order.
+CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL,
+                                     p_to tasker.task_state DEFAULT NULL, p_metadata jsonb DEFAULT NULL)
 RETURNS tasker.task_state[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_tasks uuid[];
-    v_from tasker.task_state[];
     v_to tasker.task_state[];
-    v_status text[];
-    v_next timestamptz[];
-    i integer;
+    v_wanted integer;
+    v_moved tasker.task_state[];
+    v_due boolean;
+    v_events text[];
+    v_refused text;
 BEGIN
-    -- (the decided state comes back from the UPDATE: counters after the
-    -- moves, tasker._task_status over them; every ready step was enqueued
-    -- by the operation, so ready = 0)
+    -- (the task rows are read before the UPDATE: the caller's locks keep
+    -- them as they are, and the UPDATE writes counters and state at once;
+    -- every ready step was enqueued by the operation, so ready = 0)
     WITH x AS (
         SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
                tasker.step_state_class(m.to_state) AS to_class
@@ -1620,53 +1616,90 @@ BEGIN
         SELECT u, NULL, NULL FROM unnest(p_tasks) u
     ), d AS (
         SELECT x.task_uuid,
-               count(*) FILTER (WHERE x.to_class = 'pending') - count(*) FILTER (WHERE x.from_class = 'pending') AS pending,
-               count(*) FILTER (WHERE x.to_class = 'out') - count(*) FILTER (WHERE x.from_class = 'out') AS out,
-               count(*) FILTER (WHERE x.to_class = 'waiting') - count(*) FILTER (WHERE x.from_class = 'waiting') AS waiting,
-               count(*) FILTER (WHERE x.to_class = 'done') - count(*) FILTER (WHERE x.from_class = 'done') AS done,
-               count(*) FILTER (WHERE x.to_class = 'error') - count(*) FILTER (WHERE x.from_class = 'error') AS error,
-               count(*) FILTER (WHERE x.to_class = 'cancelled') - count(*) FILTER (WHERE x.from_class = 'cancelled') AS cancelled
+               (count(*) FILTER (WHERE x.to_class = 'pending')
+                - count(*) FILTER (WHERE x.from_class = 'pending'))::integer AS pending,
+               (count(*) FILTER (WHERE x.to_class = 'out')
+                - count(*) FILTER (WHERE x.from_class = 'out'))::integer AS out,
+               (count(*) FILTER (WHERE x.to_class = 'waiting')
+                - count(*) FILTER (WHERE x.from_class = 'waiting'))::integer AS waiting,
+               (count(*) FILTER (WHERE x.to_class = 'done')
+                - count(*) FILTER (WHERE x.from_class = 'done'))::integer AS done,
+               (count(*) FILTER (WHERE x.to_class = 'error')
+                - count(*) FILTER (WHERE x.from_class = 'error'))::integer AS error,
+               (count(*) FILTER (WHERE x.to_class = 'cancelled')
+                - count(*) FILTER (WHERE x.from_class = 'cancelled'))::integer AS cancelled
         FROM x GROUP BY x.task_uuid
+    ), n AS (
+        SELECT d.*, k.state AS from_state, s.execution_status,
+               coalesce(p_to, CASE WHEN tasker.task_state_is_terminal(k.state) THEN k.state
+                                   ELSE s.task_state::tasker.task_state END) AS to_state
+        FROM d
+        JOIN tasker.tasks k ON k.task_uuid = d.task_uuid
+        CROSS JOIN LATERAL tasker._task_status(
+            k.steps_total, k.steps_pending + d.pending, k.steps_out + d.out, k.steps_waiting + d.waiting,
+            k.steps_done + d.done, k.steps_error + d.error, k.steps_cancelled + d.cancelled, 0) s
     ), u AS (
         UPDATE tasker.tasks k
-        SET steps_pending   = k.steps_pending + d.pending,
-            steps_out       = k.steps_out + d.out,
-            steps_waiting   = k.steps_waiting + d.waiting,
-            steps_done      = k.steps_done + d.done,
-            steps_error     = k.steps_error + d.error,
-            steps_cancelled = k.steps_cancelled + d.cancelled,
-            updated_at      = now(),
+        SET steps_pending    = k.steps_pending + n.pending,
+            steps_out        = k.steps_out + n.out,
+            steps_waiting    = k.steps_waiting + n.waiting,
+            steps_done       = k.steps_done + n.done,
+            steps_error      = k.steps_error + n.error,
+            steps_cancelled  = k.steps_cancelled + n.cancelled,
+            state            = n.to_state,
+            transitions      = k.transitions + (n.to_state <> n.from_state)::integer,
+            updated_at       = now(),
+            completed_at     = CASE WHEN n.to_state = n.from_state THEN k.completed_at
+                                    WHEN tasker.task_state_is_terminal(n.to_state) THEN now() END,
             -- (the retries as this transaction left them: workflow_steps_retry_idx)
-            next_action_at  = CASE WHEN tasker.task_state_is_terminal(k.state) THEN NULL
-                                   WHEN k.steps_waiting + d.waiting = 0 THEN NULL
-                                   ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
-                                         WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END
-        FROM d
-        WHERE k.task_uuid = d.task_uuid
-        RETURNING k.task_uuid, k.state, k.next_action_at, k.steps_total, k.steps_pending, k.steps_out,
-                  k.steps_waiting, k.steps_done, k.steps_error, k.steps_cancelled
+            next_action_at   = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL
+                                    WHEN k.steps_waiting + n.waiting = 0 THEN NULL
+                                    ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
+                                          WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END,
+            claimed_by       = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL ELSE k.claimed_by END,
+            claim_expires_at = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL
+                                    ELSE k.claim_expires_at END
+        FROM n
+        WHERE k.task_uuid = n.task_uuid
+          AND (n.to_state = n.from_state OR tasker.task_move_is_legal(n.from_state, n.to_state))
+        RETURNING k.task_uuid, k.namespace_name, n.from_state, k.state AS to_state, k.transitions,
+                  n.execution_status, k.next_action_at
+    ), audit AS (
+        INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT u.task_uuid, u.transitions, u.from_state, u.to_state, p_reason,
+               coalesce(p_metadata, CASE WHEN p_to IS NULL
+                                         THEN jsonb_build_object('execution_status', u.execution_status)
+                                         ELSE '{}' END)
+        FROM u
+        WHERE u.to_state <> u.from_state
     )
-    SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.state ORDER BY u.task_uuid),
-           array_agg(CASE WHEN tasker.task_state_is_terminal(u.state) THEN u.state
-                          ELSE s.task_state::tasker.task_state END ORDER BY u.task_uuid),
-           array_agg(s.execution_status ORDER BY u.task_uuid), array_agg(u.next_action_at ORDER BY u.task_uuid)
-    INTO v_tasks, v_from, v_to, v_status, v_next
-    FROM u
-    CROSS JOIN LATERAL tasker._task_status(u.steps_total, u.steps_pending, u.steps_out, u.steps_waiting,
-                                           u.steps_done, u.steps_error, u.steps_cancelled, 0) s;
+    SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.to_state ORDER BY u.task_uuid),
+           (SELECT count(*) FROM n), array_agg(u.to_state) FILTER (WHERE u.to_state <> u.from_state),
+           bool_or(u.next_action_at IS NOT NULL),
+           array_agg(json_build_object('task_uuid', u.task_uuid, 'namespace', u.namespace_name,
+                                       'state', u.to_state, 'from_state', u.from_state)::text)
+               FILTER (WHERE u.to_state <> u.from_state AND tasker.task_state_is_event(u.to_state)),
+           (SELECT string_agg(format('task %s cannot move from %s to %s', n.task_uuid, n.from_state, n.to_state), '; ')
+            FROM n WHERE n.to_state <> n.from_state AND NOT tasker.task_move_is_legal(n.from_state, n.to_state))
+    INTO v_tasks, v_to, v_wanted, v_moved, v_due, v_events, v_refused
+    FROM u;
+    IF coalesce(cardinality(v_tasks), 0) <> v_wanted THEN
+        RAISE EXCEPTION 'pg_tasker internal error: %', coalesce(v_refused, 'a task to settle does not exist')
+            USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
+    END IF;
     -- (counted for tasker.metrics() when the transaction commits)
     PERFORM tasker._count_moves('step', m.to_state::text, count(*))
     FROM unnest(p_moves) m GROUP BY m.to_state;
-    FOR i IN 1 .. coalesce(cardinality(v_tasks), 0) LOOP
-        IF v_to[i] <> v_from[i] THEN
-            PERFORM tasker._move_task(v_tasks[i], v_to[i], p_reason,
-                                      jsonb_build_object('execution_status', v_status[i]), v_next[i]);
-        END IF;
-        IF v_next[i] IS NOT NULL THEN
-            -- the orchestrator recomputes its sleep when this commits
-            PERFORM tasker._wake_orchestrator();
-        END IF;
-    END LOOP;
+    IF v_moved IS NOT NULL THEN
+        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
+    END IF;
+    IF v_events IS NOT NULL THEN
+        PERFORM pg_catalog.pg_notify(tasker.events_channel(), e) FROM unnest(v_events) e;
+    END IF;
+    IF v_due THEN
+        -- the orchestrator recomputes its sleep when this commits
+        PERFORM tasker._wake_orchestrator();
+    END IF;
     RETURN v_to;
 END
 $$;
@@ -2645,9 +2678,11 @@ END
 $$;
 
 -- The audit metadata of a submission: worker, execution time, the caller's
--- metadata.
+-- metadata. (STABLE like jsonb_build_object: an SQL function declared more
+-- strictly than its body is not inlined, and a call per result then costs
+-- ~20 µs; tests::orchestration checks that the hot paths inline them all.)
 CREATE FUNCTION tasker._submission_audit(p_worker_id text, p_execution_time_ms numeric, p_metadata jsonb)
-RETURNS jsonb LANGUAGE sql IMMUTABLE
+RETURNS jsonb LANGUAGE sql STABLE
 RETURN jsonb_strip_nulls(jsonb_build_object(
     'worker_id', p_worker_id, 'execution_time_ms', p_execution_time_ms, 'metadata', p_metadata));
 
@@ -3170,7 +3205,7 @@ BEGIN
     INTO v_steps, v_msgs
     FROM tasker.workflow_steps s
     WHERE s.task_uuid = p_task
-      AND s.state IN (SELECT l.from_state FROM tasker.step_state_transitions l WHERE l.to_state = p_to)
+      AND tasker.step_move_is_legal(s.state, p_to)
       -- (error: only attempts out with workers fail; pending -> error is a
       -- map step's invalid input)
       AND (p_to <> 'error' OR tasker.step_state_class(s.state) = 'out');
@@ -3202,11 +3237,9 @@ BEGIN
         RAISE EXCEPTION 'task % is already % and cannot be %', t.task_uuid, t.state,
             CASE p_to WHEN 'cancelled' THEN 'cancelled' ELSE 'resolved' END USING ERRCODE = '55000';
     END IF;
-    -- the task first: finished, it only takes the counters when settled
-    PERFORM tasker._move_task(t.task_uuid, p_to, p_reason);
     PERFORM tasker._settle_tasks(
         tasker._stop_steps(t.task_uuid, t.queue_name, 'cancelled', p_reason),
-        p_reason, ARRAY[t.task_uuid]);
+        p_reason, ARRAY[t.task_uuid], p_to);
 END
 $$;
 
@@ -3285,8 +3318,7 @@ BEGIN
     PERFORM tasker._require_steps(ARRAY[resolve_step_manually.step_uuid], 'admin');
     t := tasker._lock_task_of_step(resolve_step_manually.step_uuid);
     SELECT * INTO s FROM tasker.workflow_steps ws WHERE ws.step_uuid = resolve_step_manually.step_uuid;
-    IF NOT EXISTS (SELECT 1 FROM tasker.step_state_transitions l
-                   WHERE l.from_state = s.state AND l.to_state = 'resolved_manually') THEN
+    IF NOT tasker.step_move_is_legal(s.state, 'resolved_manually') THEN
         RAISE EXCEPTION 'step "%" is already % and cannot be resolved manually', s.name, s.state
             USING ERRCODE = '55000';
     ELSIF tasker.task_state_is_terminal(t.state) THEN
@@ -3683,10 +3715,9 @@ BEGIN
             END IF;
             IF p_to_error THEN
                 -- attempts out with workers end in error (a DLQ requeue retries them)
-                PERFORM tasker._move_task(c.task_uuid, 'error', v_error ->> 'message', v_error);
                 PERFORM tasker._settle_tasks(
                     tasker._stop_steps(c.task_uuid, t.queue_name, 'error', 'task stale', v_error),
-                    'task stale', ARRAY[c.task_uuid]);
+                    v_error ->> 'message', ARRAY[c.task_uuid], 'error', v_error);
             END IF;
             v_handled := v_handled || jsonb_build_object(
                 'task_uuid', c.task_uuid, 'state', c.state,
@@ -3873,7 +3904,7 @@ BEGIN
     SELECT array_agg(s.step_uuid ORDER BY s.step_uuid) INTO v_failed
     FROM tasker.workflow_steps s WHERE s.task_uuid = t.task_uuid AND s.state = 'error';
     IF t.state = 'error' THEN
-        PERFORM tasker._move_task(t.task_uuid, 'steps_in_process', v_note);
+        PERFORM tasker._settle_tasks('{}', v_note, ARRAY[t.task_uuid], 'steps_in_process');
     END IF;
     IF v_failed IS NOT NULL THEN
         v_moves := tasker._move_steps(
@@ -4909,6 +4940,8 @@ GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
                           tasker.step_is_runnable(tasker.step_state, integer),
                           tasker.step_is_ready(tasker.step_state, integer, timestamptz, timestamptz),
                           tasker.task_state_is_event(tasker.task_state),
+                          tasker.step_move_is_legal(tasker.step_state, tasker.step_state),
+                          tasker.task_move_is_legal(tasker.task_state, tasker.task_state),
                           tasker.events_channel()
     TO tasker_namespace_app, tasker_namespace_worker;
 

@@ -13,7 +13,7 @@ use crate::worker_state;
 
 /// `tasker._count_moves(kind, state, n)`: n moves of steps (kind 'step')
 /// or tasks ('task') into `state`, counted when the transaction commits
-/// (tasker._settle_tasks and tasker._move_task call it).
+/// (tasker._settle_tasks calls it).
 #[pg_extern(parallel_unsafe)]
 fn _count_moves(kind: &str, state: &str, n: i64) -> ApiResult<()> {
     let index = match kind {

@@ -1034,4 +1034,85 @@ mod tests {
         submit(&a, "success", json!(1), Value::Null, Value::Null);
         assert_eq!(secs(&a, 1, 30), None, "settled");
     }
+
+    #[pg_test]
+    fn hot_paths_inline_every_sql_function() {
+        // An SQL function declared more strictly than its body (IMMUTABLE
+        // over jsonb_build_object, which is STABLE) is not inlined: it then
+        // runs through the SQL-function executor for every row it is used
+        // on, ~20 µs each. track_functions counts exactly those calls (an
+        // inlined function is never called); a fold at planning time is one
+        // call per plan, so no function may be called once per result.
+        Spi::run("SET LOCAL track_functions = 'all'").unwrap();
+        register(&template(
+            "o_inline",
+            "lin",
+            "1.0.0",
+            json!([step("a", &[]), step("b", &["a"]), step("c", &["b"])]),
+        ));
+        let tasks = 12;
+        // (the calls so far: setting up a namespace and its queue; from here
+        // on: task creation, results one by one and in batches)
+        Spi::run(
+            "CREATE TEMP TABLE calls_before AS
+             SELECT funcid, calls FROM pg_catalog.pg_stat_xact_user_functions",
+        )
+        .unwrap();
+        for _ in 0..tasks {
+            create("o_inline", "lin", json!({"n": 1}));
+        }
+        let meta = |m: &Value| json!({"attempt": m["attempt"], "worker_id": "w", "execution_time_ms": 1.5});
+        let mut failed = false;
+        loop {
+            // the plain protocol for half of the messages, a batch for the rest
+            let msgs = read_all("o_inline");
+            if msgs.is_empty() {
+                break;
+            }
+            let (plain, batch) = msgs.split_at(msgs.len() / 2);
+            for m in plain {
+                let step = m["step_uuid"].as_str().unwrap();
+                if !failed {
+                    // one failure with a retry due at once
+                    failed = true;
+                    submit(
+                        step,
+                        "failure",
+                        Value::Null,
+                        json!({"message": "x", "retry_after_seconds": 0}),
+                        meta(m),
+                    );
+                } else {
+                    submit(step, "success", json!({"ok": true}), Value::Null, meta(m));
+                }
+            }
+            let results: Vec<Value> = batch
+                .iter()
+                .map(|m| json!({"step_uuid": m["step_uuid"], "status": "success", "result": {"ok": 1}, "metadata": meta(m)}))
+                .collect();
+            Spi::run(&format!(
+                "SELECT count(*) FROM tasker.exchange(ARRAY['o_inline'], 'w', {}, 0)",
+                quote(&Value::Array(results))
+            ))
+            .unwrap();
+        }
+        assert_eq!(
+            count("SELECT count(*) FROM tasker.tasks WHERE namespace_name = 'o_inline' AND state = 'complete'"),
+            tasks
+        );
+        assert_eq!(
+            sql_value::<String>(&format!(
+                "SELECT string_agg(f.funcname || ' (' || f.calls - coalesce(b.calls, 0) || ' calls)', ', '
+                                   ORDER BY f.funcname)
+                 FROM pg_catalog.pg_stat_xact_user_functions f
+                 JOIN pg_catalog.pg_proc p ON p.oid = f.funcid
+                 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+                 LEFT JOIN calls_before b ON b.funcid = f.funcid
+                 WHERE f.schemaname = 'tasker' AND l.lanname = 'sql'
+                   AND f.calls - coalesce(b.calls, 0) >= {tasks}"
+            )),
+            None,
+            "SQL functions called per row instead of inlined"
+        );
+    }
 }

@@ -118,6 +118,48 @@ mod tests {
             ),
             0
         );
+        // the move predicates say what the tables list, pair by pair (a
+        // step or task being created is no move: NULL is never legal) ...
+        for machine in ["step", "task"] {
+            assert_eq!(
+                count(&format!(
+                    "SELECT count(*) FROM unnest(enum_range(NULL::tasker.{machine}_state)) f
+                     CROSS JOIN unnest(enum_range(NULL::tasker.{machine}_state)) t
+                     WHERE tasker.{machine}_move_is_legal(f, t)
+                           IS DISTINCT FROM EXISTS (SELECT 1 FROM tasker.{machine}_state_transitions l
+                                                    WHERE l.from_state = f AND l.to_state = t)"
+                )),
+                0,
+                "{machine}_move_is_legal disagrees with {machine}_state_transitions"
+            );
+            assert_eq!(
+                count(&format!(
+                    "SELECT count(*) FROM unnest(enum_range(NULL::tasker.{machine}_state)) t
+                     WHERE tasker.{machine}_move_is_legal(NULL, t) IS DISTINCT FROM false"
+                )),
+                0
+            );
+        }
+        // ... because they are written from them: a move added to a table
+        // is legal once the predicates are written again
+        Spi::run(
+            "INSERT INTO tasker.step_state_transitions VALUES ('complete', 'pending', 'test');
+             SELECT tasker._write_move_predicates()",
+        )
+        .unwrap();
+        assert_eq!(
+            sql_value::<bool>("SELECT tasker.step_move_is_legal('complete', 'pending')"),
+            Some(true)
+        );
+        Spi::run(
+            "DELETE FROM tasker.step_state_transitions WHERE via = 'test';
+             SELECT tasker._write_move_predicates()",
+        )
+        .unwrap();
+        assert_eq!(
+            sql_value::<bool>("SELECT tasker.step_move_is_legal('complete', 'pending')"),
+            Some(false)
+        );
         // and _move_steps leaves enqueueing to it
         assert_fails(
             "SELECT tasker._move_steps('{}', 'enqueued', 'x')",
@@ -178,9 +220,9 @@ mod tests {
             "never attempted",
         );
         assert_fails(
-            &format!("SELECT tasker._move_task('{task}', 'pending', 'x')"),
+            &format!("SELECT tasker._settle_tasks('{{}}', 'x', ARRAY['{task}'::uuid], 'pending')"),
             "XX000",
-            "cannot move to pending",
+            "to pending",
         );
         assert_eq!(step_field(task, "b", "state"), "pending");
         assert_task_consistent(task);
