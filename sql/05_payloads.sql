@@ -37,11 +37,8 @@ BEGIN
 END
 $$;
 
--- The text of a uuid, as a uuid; NULL when it is not one.
-CREATE FUNCTION tasker._uuid_or_null(p_text text) RETURNS uuid
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN p_text ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$'
-            THEN p_text::uuid END;
+-- (tasker._uuid_or_null(text), the text of a uuid as a uuid or NULL, is in
+-- src/ids.rs.)
 
 -- What a worker submits for an attempt (tasker.submit_result, one element
 -- of tasker.submit_results), checked.

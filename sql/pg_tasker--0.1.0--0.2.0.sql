@@ -757,6 +757,17 @@ AS 'MODULE_PATHNAME', '_task_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/ids.rs:21
+-- pg_tasker::ids::_uuid_or_null
+CREATE  FUNCTION "_uuid_or_null"(
+	"text" TEXT /* & str */
+) RETURNS uuid /* Option < pgrx :: Uuid > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_uuid_or_null_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/decisions.rs:129
 -- pg_tasker::decisions::_validate_context
 CREATE  FUNCTION "_validate_context"(
@@ -1749,11 +1760,8 @@ BEGIN
 END
 $$;
 
--- The text of a uuid, as a uuid; NULL when it is not one.
-CREATE FUNCTION tasker._uuid_or_null(p_text text) RETURNS uuid
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN p_text ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$'
-            THEN p_text::uuid END;
+-- (tasker._uuid_or_null(text), the text of a uuid as a uuid or NULL, is in
+-- src/ids.rs.)
 
 -- What a worker submits for an attempt (tasker.submit_result, one element
 -- of tasker.submit_results), checked.
@@ -2828,6 +2836,7 @@ $$;
 -- src/lib.rs:99
 -- requires:
 --   results
+--   ids::_uuid_or_null
 
 -- The worker side besides submit_result: reading step messages (marking the
 -- steps in_progress) and extending a lease.

@@ -99,7 +99,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/11_workers.sql",
     name = "workers",
-    requires = ["results"]
+    requires = ["results", ids::_uuid_or_null]
 );
 extension_sql_file!(
     "../sql/12_operator.sql",

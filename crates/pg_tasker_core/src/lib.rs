@@ -7,6 +7,7 @@
 pub mod config;
 pub mod dynamic;
 pub mod error;
+pub mod ids;
 pub mod metrics;
 pub mod naming;
 pub mod privilege;
