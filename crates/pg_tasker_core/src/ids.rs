@@ -21,7 +21,7 @@ pub fn uuid_from_text(text: &str) -> Option<[u8; 16]> {
         if digits == 32 {
             return None;
         }
-        bytes[digits / 2] |= if digits % 2 == 0 { v << 4 } else { v };
+        bytes[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
         digits += 1;
         last_was_hyphen = false;
     }
