@@ -97,7 +97,7 @@ def run(conninfo, tasks, batch=False):
             break
         a.append(x)
         b.append(y)
-    for f in calls:
+    for c, f in zip(cs, calls):
         while f() is not None:
             pass
         unfinished = c.execute("SELECT count(*) FROM tasker.tasks WHERE state <> 'complete'").fetchone()[0]

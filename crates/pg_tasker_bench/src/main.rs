@@ -110,8 +110,6 @@ enum Protocol {
     Batched(i32),
 }
 
-/// One no-op worker on its own connection: takes step messages and reports
-/// each as a success; until `total` steps are done across workers.
 /// How long a no-op worker waits after a read that found nothing.
 struct Idle(Duration);
 
@@ -132,6 +130,8 @@ impl Idle {
     }
 }
 
+/// One no-op worker on its own connection: takes step messages and reports
+/// each as a success; until `total` steps are done across workers.
 fn noop_worker(
     url: String,
     ns: String,
