@@ -223,7 +223,7 @@ BEGIN
         PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
     END IF;
     IF v_events IS NOT NULL THEN
-        PERFORM pg_catalog.pg_notify(tasker.events_channel(), e) FROM unnest(v_events) e;
+        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(v_events) e;
     END IF;
     IF v_due THEN
         -- the orchestrator recomputes its sleep when this commits

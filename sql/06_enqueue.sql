@@ -22,11 +22,6 @@ BEGIN
 END
 $$;
 
--- Whether a worker waits on the queue (tasker.worker_idle).
-CREATE FUNCTION tasker._has_waiters(p_queue text) RETURNS boolean
-LANGUAGE sql STABLE
-RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue);
-
 -- Releases and enqueues, in one statement: each candidate's
 -- pending_parents counts down by `released`; those that are then ready
 -- (tasker.step_is_ready) move to enqueued (a new attempt, a new msg_id from
@@ -142,9 +137,15 @@ BEGIN
     -- transaction); nobody waits most of the time under load, and then
     -- there is nothing to look at
     IF v_sent IS NOT NULL AND tasker._anyone_waits() THEN
+        -- sent directly, not through the orchestrator's relay
+        -- (tasker._notify): a worker waits only when the queue is idle, so
+        -- NOTIFY's commit lock costs nothing then, and the relay's hop
+        -- would add milliseconds to the wakeup
         PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q), '')
         FROM unnest(v_sent) q
-        WHERE tasker._has_waiters(q);
+        -- (a worker waits on the queue: tasker.worker_idle; written here,
+        -- as an SQL function with a subquery is not inlined)
+        WHERE EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q);
     END IF;
     IF v_maps IS NOT NULL THEN
         v_moves := v_moves || tasker._run_maps(v_maps);

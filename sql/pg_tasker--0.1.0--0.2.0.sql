@@ -58,7 +58,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:34
+-- src/lib.rs:35
 -- States of tasks and steps: their one definition.
 --
 -- Every table, view and function uses these types and the functions below;
@@ -251,7 +251,7 @@ SELECT tasker._write_move_predicates();
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:35
+-- src/lib.rs:36
 -- requires:
 --   states
 
@@ -474,7 +474,7 @@ SELECT tasker._pgmq_check_version();
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:215
+-- src/decisions.rs:223
 -- pg_tasker::decisions::_anyone_waits
 CREATE  FUNCTION "_anyone_waits"() RETURNS bool /* bool */
 STRICT PARALLEL UNSAFE
@@ -556,6 +556,18 @@ CREATE  FUNCTION "_materialise_template"(
 STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_materialise_template_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/decisions.rs:206
+-- pg_tasker::decisions::_notify
+CREATE  FUNCTION "_notify"(
+	"channel" TEXT, /* & str */
+	"payload" TEXT /* & str */
+) RETURNS void
+STRICT PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_notify_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -667,7 +679,7 @@ AS 'MODULE_PATHNAME', '_retry_decision_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:206
+-- src/decisions.rs:214
 -- pg_tasker::decisions::_set_waiting
 CREATE  FUNCTION "_set_waiting"(
 	"waiting" bool /* bool */
@@ -689,7 +701,7 @@ AS 'MODULE_PATHNAME', '_setting_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:235
+-- src/decisions.rs:243
 -- pg_tasker::decisions::_step_row_check
 CREATE  FUNCTION "_step_row_check"(
 	"state" TEXT, /* & str */
@@ -710,7 +722,7 @@ AS 'MODULE_PATHNAME', '_step_row_check_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:270
+-- src/decisions.rs:278
 -- pg_tasker::decisions::_task_row_check
 CREATE  FUNCTION "_task_row_check"(
 	"state" TEXT, /* & str */
@@ -802,7 +814,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:92
+-- src/health.rs:93
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -812,7 +824,7 @@ AS 'MODULE_PATHNAME', 'config_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:71
+-- src/health.rs:72
 -- pg_tasker::health::health
 CREATE  FUNCTION "health"() RETURNS jsonb /* ApiResult < JsonB > */
 STRICT STABLE SECURITY DEFINER
@@ -864,7 +876,7 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:40
+-- src/lib.rs:41
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
@@ -1233,7 +1245,7 @@ COMMENT ON TABLE tasker.worker_waits IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:50
+-- src/lib.rs:51
 -- requires:
 --   tables
 --   caller::_caller
@@ -1476,7 +1488,7 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:60
+-- src/lib.rs:61
 -- requires:
 --   privileges
 
@@ -1705,7 +1717,7 @@ BEGIN
         PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
     END IF;
     IF v_events IS NOT NULL THEN
-        PERFORM pg_catalog.pg_notify(tasker.events_channel(), e) FROM unnest(v_events) e;
+        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(v_events) e;
     END IF;
     IF v_due THEN
         -- the orchestrator recomputes its sleep when this commits
@@ -1717,7 +1729,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:65
+-- src/lib.rs:66
 -- requires:
 --   transitions
 
@@ -1903,7 +1915,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:70
+-- src/lib.rs:71
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -1931,11 +1943,6 @@ BEGIN
                  GROUP BY e.to_step_uuid);
 END
 $$;
-
--- Whether a worker waits on the queue (tasker.worker_idle).
-CREATE FUNCTION tasker._has_waiters(p_queue text) RETURNS boolean
-LANGUAGE sql STABLE
-RETURN EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = p_queue);
 
 -- Releases and enqueues, in one statement: each candidate's
 -- pending_parents counts down by `released`; those that are then ready
@@ -2052,9 +2059,15 @@ BEGIN
     -- transaction); nobody waits most of the time under load, and then
     -- there is nothing to look at
     IF v_sent IS NOT NULL AND tasker._anyone_waits() THEN
+        -- sent directly, not through the orchestrator's relay
+        -- (tasker._notify): a worker waits only when the queue is idle, so
+        -- NOTIFY's commit lock costs nothing then, and the relay's hop
+        -- would add milliseconds to the wakeup
         PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q), '')
         FROM unnest(v_sent) q
-        WHERE tasker._has_waiters(q);
+        -- (a worker waits on the queue: tasker.worker_idle; written here,
+        -- as an SQL function with a subquery is not inlined)
+        WHERE EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q);
     END IF;
     IF v_maps IS NOT NULL THEN
         v_moves := v_moves || tasker._run_maps(v_maps);
@@ -2065,7 +2078,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:75
+-- src/lib.rs:76
 -- requires:
 --   enqueue
 --   decisions::_task_status
@@ -2103,7 +2116,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:80
+-- src/lib.rs:81
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -2267,7 +2280,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:89
+-- src/lib.rs:90
 -- requires:
 --   templates
 
@@ -2450,7 +2463,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:94
+-- src/lib.rs:95
 -- requires:
 --   tasks
 
@@ -2833,7 +2846,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:99
+-- src/lib.rs:100
 -- requires:
 --   results
 --   ids::_uuid_or_null
@@ -3154,7 +3167,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:104
+-- src/lib.rs:105
 -- requires:
 --   workers
 
@@ -3348,7 +3361,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:109
+-- src/lib.rs:110
 -- requires:
 --   operator
 
@@ -3542,7 +3555,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:114
+-- src/lib.rs:115
 -- requires:
 --   cycle
 
@@ -3962,7 +3975,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:119
+-- src/lib.rs:120
 -- requires:
 --   maintenance
 
@@ -4181,7 +4194,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:124
+-- src/lib.rs:125
 -- requires:
 --   views
 --   health::health
@@ -4252,7 +4265,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:129
+-- src/lib.rs:130
 -- requires:
 --   health_views
 
@@ -4378,7 +4391,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:134
+-- src/lib.rs:135
 -- requires:
 --   analytics
 --   dynamic::_plan_steps
@@ -4810,7 +4823,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:143
+-- src/lib.rs:144
 -- requires:
 --   dynamic
 
@@ -4865,7 +4878,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/decisions.rs:316
+-- src/decisions.rs:324
 -- pg_tasker::decisions::_submission_fields
 -- requires:
 --   payloads
@@ -4881,7 +4894,7 @@ AS 'MODULE_PATHNAME', '_submission_fields_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:148
+-- src/lib.rs:149
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --

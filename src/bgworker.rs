@@ -19,7 +19,7 @@ use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 
 use crate::worker_state::{self, Status};
-use crate::{guc, settings};
+use crate::{guc, relay, settings};
 
 pub const ORCHESTRATOR_ID: &str = "pg_tasker-bgworker";
 
@@ -64,6 +64,28 @@ fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R
         }
     }
     result
+}
+
+/// Sends the notifications backends committed for the orchestrator to
+/// relay (crate::relay), in one transaction. Notifications are not
+/// durable, so its commit does not wait for the disk.
+fn relay_waiting() {
+    if !relay::waiting() {
+        return;
+    }
+    let sent = in_transaction(|| {
+        Spi::run("SET LOCAL synchronous_commit = off").map_err(|e| e.to_string())?;
+        Ok::<usize, String>(relay::send_waiting())
+    })
+    .and_then(|r| r);
+    match sent {
+        Ok(n) => relay::count_relayed(n),
+        Err(message) => {
+            let text = format!("pg_tasker: relaying notifications failed: {message}");
+            pgrx::warning!("{text}");
+            worker_state::record_error(&text);
+        }
+    }
 }
 
 enum Tick {
@@ -217,8 +239,12 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
             reported = Some(what);
         }
     };
+    relay::set_relaying(true);
+    let mut next_tick = std::time::Instant::now();
     loop {
+        let mut due = false;
         if BackgroundWorker::sighup_received() {
+            due = true;
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             match settings::reload() {
                 None => log!("pg_tasker: configuration reloaded"),
@@ -229,6 +255,19 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
                     worker_state::record_error(&text);
                 }
             }
+        }
+        relay_waiting();
+        due |= worker_state::TICK_WANTED
+            .get()
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if !due && std::time::Instant::now() < next_tick {
+            // woken only to relay notifications
+            if !BackgroundWorker::wait_latch(Some(
+                next_tick.saturating_duration_since(std::time::Instant::now()),
+            )) {
+                break;
+            }
+            continue;
         }
         let cfg = settings::current();
         let interval = Duration::from_millis(cfg.orchestration.cycle_interval_ms);
@@ -289,10 +328,14 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
                 std::sync::atomic::Ordering::SeqCst,
             );
         }
+        relay_waiting();
+        next_tick = std::time::Instant::now() + sleep;
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
     }
+    relay::set_relaying(false);
+    relay_waiting();
     worker_state::set_status(Status::Stopped);
     worker_state::PID
         .get()

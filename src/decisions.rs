@@ -197,7 +197,15 @@ fn _environment() -> String {
 /// sleep when the current transaction commits.
 #[pg_extern]
 fn _wake_orchestrator() {
-    crate::worker_state::wake_on_commit();
+    crate::relay::tick_on_commit();
+}
+
+/// `tasker._notify(channel, payload)`: pg_notify, sent at commit by the
+/// orchestrator when it runs in this database, so that a committing
+/// transaction does not wait for the cluster-wide NOTIFY lock (crate::relay).
+#[pg_extern(parallel_unsafe)]
+fn _notify(channel: &str, payload: &str) {
+    crate::relay::notify(channel, payload);
 }
 
 /// `tasker._set_waiting(waiting) RETURNS boolean`: whether this backend

@@ -55,6 +55,7 @@ fn metrics() -> ApiResult<String> {
         running: o["running"].as_bool().unwrap_or(false),
         ticks: o["ticks"].as_u64().unwrap_or(0),
         errors: o["errors"].as_u64().unwrap_or(0),
+        relayed_notifications: o["relayed_notifications"].as_u64().unwrap_or(0),
         last_tick_age_seconds: age(&o["last_tick_at"]),
         last_tick_duration_seconds: o["last_tick_duration_us"].as_u64().unwrap_or(0) as f64 / 1e6,
         last_error_age_seconds: age(&o["last_error_at"]),

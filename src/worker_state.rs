@@ -111,6 +111,8 @@ pub fn init_shmem() {
     pg_shmem_init!(LAST_TICK_US);
     pg_shmem_init!(MOVES);
     pg_shmem_init!(WAITING_BACKENDS);
+    pg_shmem_init!(TICK_WANTED);
+    crate::relay::init_shmem();
     PRELOADED.store(true, Ordering::SeqCst);
 }
 
@@ -216,22 +218,10 @@ pub fn anyone_waits() -> bool {
     !preloaded() || WAITING_BACKENDS.get().load(Ordering::SeqCst) > 0
 }
 
-static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
-
-/// Wakes the worker when the current transaction commits (not before: it
-/// must see the work). At most once per transaction.
-pub fn wake_on_commit() {
-    if !preloaded() || WAKE_PENDING.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    pgrx::register_xact_callback(PgXactCallbackEvent::Commit, || {
-        WAKE_PENDING.store(false, Ordering::SeqCst);
-        wake_now();
-    });
-    pgrx::register_xact_callback(PgXactCallbackEvent::Abort, || {
-        WAKE_PENDING.store(false, Ordering::SeqCst);
-    });
-}
+/// A committed transaction asked the worker for a tick
+/// (crate::relay::tick_on_commit); a wake-up without it only relays
+/// notifications.
+pub static TICK_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_tasker_tick_wanted") };
 
 thread_local! {
     /// This transaction's moves, added to MOVES when it commits.

@@ -84,6 +84,76 @@ fn task_events_are_notified_at_commit() {
     assert_eq!(state(&cancelled), ["cancelled"], "{got:?}");
 }
 
+/// Notifications the orchestrator relayed (tasker.health()).
+fn relayed(c: &mut Client) -> i64 {
+    query_json(
+        c,
+        "tasker.health() -> 'orchestrator' -> 'relayed_notifications'",
+    )
+    .as_i64()
+    .unwrap()
+}
+
+/// Events go through the orchestrator (crate::relay), so a committing
+/// transaction does not take the NOTIFY lock; they keep NOTIFY's meaning:
+/// a rolled-back savepoint or transaction tells nothing, a released one
+/// tells at commit, and a transaction with more events than the relay
+/// holds sends them itself, none lost.
+#[test]
+fn task_events_keep_transaction_semantics_through_the_relay() {
+    let mut c = connect();
+    let mut listener = other_connection(&mut c);
+    listener.batch_execute("LISTEN tasker_events").unwrap();
+    register_linear(&mut c, "obs_relay", "flow", 1);
+    let [undone, kept, rolled_back] =
+        [(); 3].map(|_| create(&mut c, "obs_relay", "flow").to_string());
+    let before = relayed(&mut c);
+
+    c.batch_execute("BEGIN; SAVEPOINT a").unwrap();
+    let m = the_message(&mut c, &undone);
+    submit(&mut c, &m, &Reply::Success(json!({})));
+    c.batch_execute("ROLLBACK TO SAVEPOINT a; SAVEPOINT b")
+        .unwrap();
+    let m = the_message(&mut c, &kept);
+    submit(&mut c, &m, &Reply::Success(json!({})));
+    c.batch_execute("RELEASE SAVEPOINT b; COMMIT").unwrap();
+    c.batch_execute("BEGIN").unwrap();
+    let m = the_message(&mut c, &rolled_back);
+    submit(&mut c, &m, &Reply::Success(json!({})));
+    c.batch_execute("ROLLBACK").unwrap();
+    let got = events(&mut listener, Duration::from_millis(500));
+    assert_eq!(of_task(&got, &kept).len(), 1, "{got:?}");
+    assert!(of_task(&got, &undone).is_empty(), "{got:?}");
+    assert!(of_task(&got, &rolled_back).is_empty(), "{got:?}");
+    assert!(relayed(&mut c) > before, "sent by the orchestrator");
+
+    // the step rolled back to its savepoint finishes later: told once
+    let m = the_message(&mut c, &undone);
+    submit(&mut c, &m, &Reply::Success(json!({})));
+    let got = events(&mut listener, Duration::from_millis(500));
+    assert_eq!(of_task(&got, &undone).len(), 1, "{got:?}");
+
+    // more events in one transaction than the relay's 512 slots
+    let tasks: Vec<String> = c
+        .query(
+            "SELECT tasker.create_task('obs_relay', 'flow')::text FROM generate_series(1, 600)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.execute(
+        "SELECT count(tasker.cancel_task(t::uuid)) FROM unnest($1::text[]) t",
+        &[&tasks],
+    )
+    .unwrap();
+    let got = events(&mut listener, Duration::from_millis(1500));
+    for t in &tasks {
+        assert_eq!(of_task(&got, t).len(), 1, "task {t}: {} events", got.len());
+    }
+}
+
 #[test]
 fn wait_for_task_returns_when_the_task_finishes() {
     let mut c = connect();

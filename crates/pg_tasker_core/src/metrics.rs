@@ -28,6 +28,8 @@ pub struct Orchestrator {
     pub running: bool,
     pub ticks: u64,
     pub errors: u64,
+    /// Notifications it sent for backends (tasker._notify).
+    pub relayed_notifications: u64,
     pub last_tick_age_seconds: Option<f64>,
     pub last_tick_duration_seconds: f64,
     pub last_error_age_seconds: Option<f64>,
@@ -157,6 +159,12 @@ pub fn exposition(s: &Snapshot) -> String {
             "Failed ticks and configuration errors",
             o.errors,
         );
+        counter(
+            &mut reg,
+            "orchestrator_relayed_notifications",
+            "Notifications the orchestrator sent for committed transactions (task events, worker wake-ups)",
+            o.relayed_notifications,
+        );
         seconds(
             &mut reg,
             "orchestrator_last_tick_duration_seconds",
@@ -226,6 +234,7 @@ mod tests {
                 running: true,
                 ticks: 10,
                 errors: 1,
+                relayed_notifications: 3,
                 last_tick_age_seconds: Some(0.5),
                 last_tick_duration_seconds: 0.002,
                 last_error_age_seconds: None,
@@ -249,6 +258,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("pg_tasker_orchestrator_up 1"), "{text}");
+        assert!(
+            text.contains("pg_tasker_orchestrator_relayed_notifications_total 3"),
+            "{text}"
+        );
         assert!(
             text.contains("pg_tasker_orchestrator_ticks_total 10"),
             "{text}"
