@@ -51,19 +51,21 @@ fn in_transaction<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let result = PgTryBuilder::new(move || Ok(f()))
-        .catch_others(|cause| Err(message_of(&cause)))
-        .execute();
-    unsafe {
-        match &result {
-            Ok(_) => {
-                pg_sys::PopActiveSnapshot();
-                pg_sys::CommitTransactionCommand();
-            }
-            Err(_) => pg_sys::AbortCurrentTransaction(),
+    // (the commit inside the try: what fails at commit, e.g. a full
+    // NOTIFY queue for the relay, is an error of this transaction too)
+    PgTryBuilder::new(move || {
+        let r = f();
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
         }
-    }
-    result
+        Ok(r)
+    })
+    .catch_others(|cause| {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        Err(message_of(&cause))
+    })
+    .execute()
 }
 
 /// Sends the notifications backends committed for the orchestrator to

@@ -53,6 +53,7 @@ pub(crate) fn orchestrator() -> Value {
         "cycle_interval_ms": worker_state::CYCLE_INTERVAL_MS.get().load(Ordering::SeqCst),
         "last_tick_at": if last_tick_ms > 0 { Some(last_tick_ms) } else { None },
         "errors": worker_state::ERRORS.get().load(Ordering::SeqCst),
+        "relays_notifications": alive && crate::relay::relays_this_database(),
         "relayed_notifications": crate::relay::relayed(),
         "last_tick_duration_us": worker_state::LAST_TICK_US.get().load(Ordering::SeqCst),
         "last_error_at": Some(worker_state::LAST_ERROR_MS.get().load(Ordering::SeqCst)).filter(|&ms| ms > 0),

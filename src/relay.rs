@@ -40,12 +40,15 @@ const SCAN: usize = 64;
 
 #[derive(Clone, Copy)]
 pub struct Slot {
+    /// The database of the transaction that made it.
+    db: u32,
     channel_len: u16,
     payload_len: u16,
     bytes: [u8; SLOT_BYTES],
 }
 
 const EMPTY: Slot = Slot {
+    db: 0,
     channel_len: 0,
     payload_len: 0,
     bytes: [0; SLOT_BYTES],
@@ -119,10 +122,15 @@ fn notify_here(channel: &str, payload: &str) {
     }
 }
 
-/// Whether the orchestrator relays this backend's notifications.
-fn relaying() -> bool {
+/// Whether the orchestrator relays this database's notifications.
+pub fn relays_this_database() -> bool {
     worker_state::preloaded()
         && RELAY_DB.get().load(Ordering::SeqCst) == unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// Whether the orchestrator relays this backend's notifications.
+fn relaying() -> bool {
+    relays_this_database()
         && worker_state::PID.get().load(Ordering::SeqCst) != unsafe { pg_sys::MyProcPid }
 }
 
@@ -246,6 +254,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                 return;
             }
             let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
             {
                 let mut ring = RING.exclusive();
                 ring.reserved -= n;
@@ -255,6 +264,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                     let (c, p) = (e.channel.as_bytes(), e.payload.as_bytes());
                     slot.bytes[..c.len()].copy_from_slice(c);
                     slot.bytes[c.len()..c.len() + p.len()].copy_from_slice(p);
+                    slot.db = db;
                     slot.channel_len = c.len() as u16;
                     slot.payload_len = p.len() as u16;
                     ring.len += 1;
@@ -306,12 +316,19 @@ pub fn set_relaying(on: bool) {
     RELAY_DB.get().store(db, Ordering::SeqCst);
 }
 
-/// Takes the committed notifications out of the ring.
+/// Takes the committed notifications out of the ring: those of this
+/// database (a notification is seen in its own database only; others are
+/// left from a transaction that committed as the orchestrator moved to
+/// another database: it is dropped, as LISTEN there could not hear it).
 fn take() -> Vec<(String, String)> {
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let mut ring = RING.exclusive();
     let mut out = Vec::with_capacity(ring.len);
     for k in 0..ring.len {
         let slot = &ring.slots[(ring.head + k) % SLOTS];
+        if slot.db != db {
+            continue;
+        }
         let (c, p) = (slot.channel_len as usize, slot.payload_len as usize);
         out.push((
             String::from_utf8_lossy(&slot.bytes[..c]).into_owned(),

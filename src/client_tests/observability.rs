@@ -84,6 +84,23 @@ fn task_events_are_notified_at_commit() {
     assert_eq!(state(&cancelled), ["cancelled"], "{got:?}");
 }
 
+/// Waits until the orchestrator relays this database's notifications (it
+/// starts with the cluster and connects a moment later).
+fn until_relaying(c: &mut Client) {
+    let started = Instant::now();
+    while query_json(
+        c,
+        "tasker.health() -> 'orchestrator' -> 'relays_notifications'",
+    ) != json!(true)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the orchestrator never relayed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Notifications the orchestrator relayed (tasker.health()).
 fn relayed(c: &mut Client) -> i64 {
     query_json(
@@ -105,6 +122,7 @@ fn task_events_keep_transaction_semantics_through_the_relay() {
     let mut listener = other_connection(&mut c);
     listener.batch_execute("LISTEN tasker_events").unwrap();
     register_linear(&mut c, "obs_relay", "flow", 1);
+    until_relaying(&mut c);
     let [undone, kept, rolled_back] =
         [(); 3].map(|_| create(&mut c, "obs_relay", "flow").to_string());
     let before = relayed(&mut c);
@@ -151,6 +169,66 @@ fn task_events_keep_transaction_semantics_through_the_relay() {
     let got = events(&mut listener, Duration::from_millis(1500));
     for t in &tasks {
         assert_eq!(of_task(&got, t).len(), 1, "task {t}: {} events", got.len());
+    }
+}
+
+/// Four connections finish tasks at once through the relay, a third of
+/// them after a rolled-back attempt and some two to a transaction with one
+/// of them rolled back to a savepoint: every committed finish is told
+/// exactly once, nothing rolled back is told.
+#[test]
+fn concurrent_finishes_are_each_told_once_through_the_relay() {
+    let mut c = connect();
+    let mut listener = other_connection(&mut c);
+    listener.batch_execute("LISTEN tasker_events").unwrap();
+    register_linear(&mut c, "obs_relay_many", "flow", 1);
+    until_relaying(&mut c);
+    let per = 90;
+    let tasks: Vec<Vec<String>> = (0..4)
+        .map(|_| {
+            (0..per)
+                .map(|_| create(&mut c, "obs_relay_many", "flow").to_string())
+                .collect()
+        })
+        .collect();
+    let threads: Vec<_> = tasks
+        .iter()
+        .cloned()
+        .map(|mine| {
+            let mut w = other_connection(&mut c);
+            std::thread::spawn(move || {
+                for pair in mine.chunks(2) {
+                    let (a, b) = (&pair[0], &pair[1]);
+                    // a rolled-back attempt at both
+                    w.batch_execute("BEGIN").unwrap();
+                    for t in pair {
+                        let m = the_message(&mut w, t);
+                        submit(&mut w, &m, &Reply::Success(json!({})));
+                    }
+                    w.batch_execute("ROLLBACK").unwrap();
+                    // both in one transaction, b's first try undone
+                    w.batch_execute("BEGIN").unwrap();
+                    let m = the_message(&mut w, a);
+                    submit(&mut w, &m, &Reply::Success(json!({})));
+                    w.batch_execute("SAVEPOINT s").unwrap();
+                    let m = the_message(&mut w, b);
+                    submit(&mut w, &m, &Reply::Success(json!({})));
+                    w.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+                    let m = the_message(&mut w, b);
+                    submit(&mut w, &m, &Reply::Success(json!({})));
+                    w.batch_execute("COMMIT").unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let got = events(&mut listener, Duration::from_millis(1500));
+    for t in tasks.iter().flatten() {
+        let mine = of_task(&got, t);
+        assert_eq!(mine.len(), 1, "task {t}: {mine:?}");
+        assert_eq!(mine[0]["state"], "complete");
     }
 }
 
