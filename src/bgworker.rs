@@ -241,7 +241,7 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
             reported = Some(what);
         }
     };
-    relay::set_relaying(true);
+    relay::start_relaying();
     let mut next_tick = std::time::Instant::now();
     loop {
         let mut due = false;
@@ -336,7 +336,7 @@ pub extern "C-unwind" fn pg_tasker_worker_main(_arg: pg_sys::Datum) {
             break;
         }
     }
-    relay::set_relaying(false);
+    relay::stop_relaying();
     relay_waiting();
     worker_state::set_status(Status::Stopped);
     worker_state::PID

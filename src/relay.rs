@@ -217,9 +217,11 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             if n == 0 {
                 return;
             }
-            let reserved = relaying() && orchestrator_alive() && {
+            // (relaying() under the ring's lock: once stop_relaying() has
+            // taken it, nobody reserves any more)
+            let reserved = orchestrator_alive() && {
                 let mut ring = RING.exclusive();
-                if ring.len + ring.reserved + n <= SLOTS {
+                if relaying() && ring.len + ring.reserved + n <= SLOTS {
                     ring.reserved += n;
                     true
                 } else {
@@ -305,15 +307,28 @@ unsafe extern "C-unwind" fn on_subxact(
     });
 }
 
-/// The orchestrator relays this database's notifications from now on
-/// (`true`) or no longer (`false`: backends NOTIFY themselves again).
-pub fn set_relaying(on: bool) {
-    let db = if on {
-        unsafe { pg_sys::MyDatabaseId }.to_u32()
-    } else {
-        0
-    };
-    RELAY_DB.get().store(db, Ordering::SeqCst);
+/// The orchestrator relays this database's notifications from now on.
+pub fn start_relaying() {
+    let _ring = RING.exclusive();
+    RELAY_DB
+        .get()
+        .store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::SeqCst);
+}
+
+/// The orchestrator relays no longer (backends NOTIFY themselves again);
+/// returns when the transactions that reserved room before have written
+/// their notifications into the ring (their commit records are being
+/// flushed; at most 5 s, for a commit that waits on a synchronous standby),
+/// so that the orchestrator's last relay sends them.
+pub fn stop_relaying() {
+    {
+        let _ring = RING.exclusive();
+        RELAY_DB.get().store(0, Ordering::SeqCst);
+    }
+    let started = std::time::Instant::now();
+    while RING.share().reserved > 0 && started.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Takes the committed notifications out of the ring: those of this
