@@ -13,6 +13,8 @@ pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Turns the background worker's work off and on without a restart.
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Whether task events go through the orchestrator (crate::relay).
+pub static RELAY_NOTIFICATIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Directory laid out like config/tasker; unset: the compiled-in files.
 pub static CONFIG_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -37,6 +39,14 @@ pub fn init(preloading: bool) {
         c"When off, the worker keeps running but performs no orchestration.",
         &ENABLED,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tasker.relay_notifications",
+        c"Whether task events are sent by the background worker after commit.",
+        c"When off, a transaction NOTIFYs its task events itself (strict commit order, a cluster-wide lock at commit).",
+        &RELAY_NOTIFICATIONS,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(

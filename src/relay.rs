@@ -163,6 +163,7 @@ pub fn notify(channel: &str, payload: &str) {
     if channel.is_empty()
         || channel.len() >= pg_sys::NAMEDATALEN as usize
         || channel.len() + payload.len() > SLOT_BYTES
+        || !crate::guc::RELAY_NOTIFICATIONS.get()
         || !relaying()
     {
         return notify_here(channel, payload);

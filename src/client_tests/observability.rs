@@ -151,6 +151,18 @@ fn task_events_keep_transaction_semantics_through_the_relay() {
     let got = events(&mut listener, Duration::from_millis(500));
     assert_eq!(of_task(&got, &undone).len(), 1, "{got:?}");
 
+    // pg_tasker.relay_notifications = off: the transaction NOTIFYs itself
+    // (told the same; which path it took is not visible to a listener,
+    // nor countable here, where other tests' events are relayed meanwhile)
+    let direct = create(&mut c, "obs_relay", "flow").to_string();
+    c.batch_execute("BEGIN; SET LOCAL pg_tasker.relay_notifications = off")
+        .unwrap();
+    let m = the_message(&mut c, &direct);
+    submit(&mut c, &m, &Reply::Success(json!({})));
+    c.batch_execute("COMMIT").unwrap();
+    let got = events(&mut listener, Duration::from_millis(500));
+    assert_eq!(of_task(&got, &direct).len(), 1, "{got:?}");
+
     // more events in one transaction than the relay's 512 slots
     let tasks: Vec<String> = c
         .query(

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p pg_tasker_bench -- [--quick] [--json FILE]
-//!     [--scenarios idle,p1,pgbench,p2,p3,sdk,p5,sustained,p4,commit]
+//!     [--scenarios idle,p1,pgbench,p2,p3,sdk,p5,sustained,p4,commit,relay]
 //! ```
 //! Starts its own throwaway cluster with pg_tasker preloaded (the installed
 //! extension: run `cargo pgrx install --release` first), runs the scenarios,
@@ -382,6 +382,67 @@ fn p1(b: &mut Bench) {
     }
     b.results
         .insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
+}
+
+/// The relay of task events (docs/operations.md, Task events) against
+/// each transaction's own NOTIFY: P1's linear tasks at N = 8 (or
+/// BENCH_P1_N), plain and batched, with pg_tasker.relay_notifications off
+/// and on in turn, three rounds, in the same run.
+fn relay(b: &mut Bench) {
+    let tasks = if b.quick { 300 } else { 1000 };
+    let n: usize = std::env::var("BENCH_P1_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let mut db = connect(&b.cluster);
+    println!("
+Relay of task events, N = {n}, {tasks} linear tasks of 5 steps a run, steps/s (off: each transaction NOTIFYs itself)");
+    println!(
+        "{:>6} {:>6} {:>10} {:>10}",
+        "round", "relay", "plain", "batched"
+    );
+    let mut rows = Vec::new();
+    for round in 1..=3 {
+        for on in [false, true] {
+            db.batch_execute(&format!(
+                "ALTER SYSTEM SET pg_tasker.relay_notifications = {on}"
+            ))
+            .unwrap();
+            db.batch_execute("SELECT pg_reload_conf()").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let mut rate = |kind: &str, protocol: Protocol| {
+                let ns = format!("relay_{kind}_{round}_{on}");
+                let mut t = linear("x", 5);
+                t["namespace_name"] = json!(ns);
+                register(&mut db, &t);
+                drain(b, &ns, "linear", tasks, 5, n, protocol)
+            };
+            let relayed = |db: &mut Client| -> i64 {
+                db.query_one(
+                    "SELECT (tasker.health() -> 'orchestrator' ->> 'relayed_notifications')::bigint",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+            };
+            let mut probe = connect(&b.cluster);
+            let before = relayed(&mut probe);
+            let pl = rate("pl", Protocol::Plain);
+            let bl = rate("bl", Protocol::Batched(10));
+            let sent = relayed(&mut probe) - before;
+            let mode = if on { "on" } else { "off" };
+            println!("{round:>6} {mode:>6} {pl:>10.0} {bl:>10.0} {sent:>10}");
+            rows.push(json!({"round": round, "relay": on, "plain_steps_per_s": pl, "batched_steps_per_s": bl,
+                             "events_relayed": sent}));
+        }
+    }
+    db.batch_execute("ALTER SYSTEM RESET pg_tasker.relay_notifications")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    b.results.insert(
+        "relay".into(),
+        json!({"n": n, "tasks": tasks, "rows": rows}),
+    );
 }
 
 /// The pgbench method (one message per read): pgbench clients run the bare
@@ -1214,6 +1275,7 @@ fn main() {
                 "sustained",
                 "p4",
                 "commit",
+                "relay",
             ]
             .iter()
             .map(|s| s.to_string())
@@ -1251,6 +1313,7 @@ fn main() {
             "commit" => commit_modes(&mut b),
             "sustained" => sustained(&mut b),
             "sdk" => sdk(&mut b),
+            "relay" => relay(&mut b),
             other => eprintln!("unknown scenario {other}"),
         }
     }
