@@ -6,9 +6,9 @@
 //! it through its commit record's flush (PostgreSQL keeps the queue in commit
 //! order that way): every notifying commit waits for the one before it, and
 //! group commit among them is lost. A finished task NOTIFYs
-//! `tasker_events`, so under load one result in five waited there
-//! (`Lock:object`; without it the plain protocol ran 1.6 times faster at 8
-//! workers).
+//! `tasker_events`, so a cluster could finish at most about one task per
+//! commit flush (pgbench here: 3,300-4,300 notifying commits/s against
+//! 13,000-15,000 without; docs/benchmarks.md).
 //!
 //! So a backend of the orchestrator's database does not NOTIFY itself: its
 //! notifications wait in backend memory (a rolled-back subtransaction drops

@@ -10,6 +10,13 @@ use serde_json::{json, Value};
 
 use super::*;
 
+/// A second connection to the test database, listening for task events.
+fn events_listener(c: &mut Client) -> Client {
+    let mut listener = other_connection(c);
+    listener.batch_execute("LISTEN tasker_events").unwrap();
+    listener
+}
+
 /// The events a LISTENing connection has received within `wait`.
 fn events(listener: &mut Client, wait: Duration) -> Vec<Value> {
     let mut out = Vec::new();
@@ -40,8 +47,7 @@ fn the_message(c: &mut Client, task: &str) -> Value {
 #[test]
 fn task_events_are_notified_at_commit() {
     let mut c = connect();
-    let mut listener = other_connection(&mut c);
-    listener.batch_execute("LISTEN tasker_events").unwrap();
+    let mut listener = events_listener(&mut c);
     register(
         &mut c,
         &json!({"name": "flow", "namespace_name": "obs_ev", "version": "1",
@@ -101,6 +107,16 @@ fn until_relaying(c: &mut Client) {
     }
 }
 
+/// A connection, a listener for task events and a one-step template in
+/// `namespace`, once the orchestrator relays.
+fn relay_setup(namespace: &str) -> (Client, Client) {
+    let mut c = connect();
+    let listener = events_listener(&mut c);
+    register_linear(&mut c, namespace, "flow", 1);
+    until_relaying(&mut c);
+    (c, listener)
+}
+
 /// Notifications the orchestrator relayed (tasker.health()).
 fn relayed(c: &mut Client) -> i64 {
     query_json(
@@ -118,11 +134,7 @@ fn relayed(c: &mut Client) -> i64 {
 /// holds sends them itself, none lost.
 #[test]
 fn task_events_keep_transaction_semantics_through_the_relay() {
-    let mut c = connect();
-    let mut listener = other_connection(&mut c);
-    listener.batch_execute("LISTEN tasker_events").unwrap();
-    register_linear(&mut c, "obs_relay", "flow", 1);
-    until_relaying(&mut c);
+    let (mut c, mut listener) = relay_setup("obs_relay");
     let [undone, kept, rolled_back] =
         [(); 3].map(|_| create(&mut c, "obs_relay", "flow").to_string());
     let before = relayed(&mut c);
@@ -190,11 +202,7 @@ fn task_events_keep_transaction_semantics_through_the_relay() {
 /// exactly once, nothing rolled back is told.
 #[test]
 fn concurrent_finishes_are_each_told_once_through_the_relay() {
-    let mut c = connect();
-    let mut listener = other_connection(&mut c);
-    listener.batch_execute("LISTEN tasker_events").unwrap();
-    register_linear(&mut c, "obs_relay_many", "flow", 1);
-    until_relaying(&mut c);
+    let (mut c, mut listener) = relay_setup("obs_relay_many");
     let per = 90;
     let tasks: Vec<Vec<String>> = (0..4)
         .map(|_| {

@@ -401,6 +401,16 @@ Relay of task events, N = {n}, {tasks} linear tasks of 5 steps a run, steps/s (o
         "{:>6} {:>6} {:>10} {:>10}",
         "round", "relay", "plain", "batched"
     );
+    // (the proof of the path: what the orchestrator sent meanwhile)
+    let mut probe = connect(&b.cluster);
+    let relayed = |db: &mut Client| -> i64 {
+        db.query_one(
+            "SELECT (tasker.health() -> 'orchestrator' ->> 'relayed_notifications')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
     let mut rows = Vec::new();
     for round in 1..=3 {
         for on in [false, true] {
@@ -417,15 +427,6 @@ Relay of task events, N = {n}, {tasks} linear tasks of 5 steps a run, steps/s (o
                 register(&mut db, &t);
                 drain(b, &ns, "linear", tasks, 5, n, protocol)
             };
-            let relayed = |db: &mut Client| -> i64 {
-                db.query_one(
-                    "SELECT (tasker.health() -> 'orchestrator' ->> 'relayed_notifications')::bigint",
-                    &[],
-                )
-                .unwrap()
-                .get(0)
-            };
-            let mut probe = connect(&b.cluster);
             let before = relayed(&mut probe);
             let pl = rate("pl", Protocol::Plain);
             let bl = rate("bl", Protocol::Batched(10));

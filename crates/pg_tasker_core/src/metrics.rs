@@ -162,7 +162,7 @@ pub fn exposition(s: &Snapshot) -> String {
         counter(
             &mut reg,
             "orchestrator_relayed_notifications",
-            "Notifications the orchestrator sent for committed transactions (task events, worker wake-ups)",
+            "Notifications the orchestrator sent for committed transactions (task events)",
             o.relayed_notifications,
         );
         seconds(
