@@ -11,17 +11,66 @@
 -- counters, or given: cancel, resolve, staleness, DLQ requeue), the one
 -- writer of a task's state.
 --
--- Lock order (docs/schema.md): the task rows first (FOR NO KEY UPDATE, in
--- task_uuid order when there are several), then their steps, then queue
--- messages. Every caller of the primitives holds the row locks of the
--- tasks whose steps move, except tasker.read_steps, whose move enqueued ->
--- in_progress changes no counter and so touches no task row; it locks the
--- steps with SKIP LOCKED and never waits. Holding the task lock, nobody
--- else waits for its steps, so steps need no order among themselves.
+-- Lock order (docs/schema.md). Every operation that changes a task or its
+-- steps first takes the task lock (tasker._lock_tasks: in task_uuid order
+-- when there are several), shared or exclusive:
+--   shared     results that only complete steps (successes of steps that
+--              create none): the results of one task apply side by side;
+--   exclusive  everything else (failures and retries, decisions, operator
+--              actions, recovery, staleness, the orchestration cycle).
+-- Then rows, each kind in uuid order: the steps whose results apply
+-- (tasker._apply_results), the children they release (tasker._enqueue_steps),
+-- the task rows (tasker._settle_tasks, FOR NO KEY UPDATE, counters read
+-- only after), queue messages. Each primitive locks the rows it reads
+-- before it decides on them, so two shared holders that release the same
+-- child or settle the same task take turns on that row and each sees the
+-- other's committed change. tasker.read_steps takes no task lock: its move
+-- enqueued -> in_progress changes no counter; it locks the steps with SKIP
+-- LOCKED and never waits.
 --
 -- Each primitive is one UPDATE of the rows (with their audit rows in the
 -- same statement): a row changes once per operation, so its other indexes
 -- and foreign keys are not visited again.
+
+-- The key of a task's lock: a transaction-level advisory lock (pg_locks,
+-- locktype advisory), which PostgreSQL queues in arrival order, so an
+-- operator's exclusive lock is not starved by a stream of shared ones (row
+-- locks would be: a FOR KEY SHARE never waits behind a waiting FOR UPDATE).
+-- (A 64-bit hash of the uuid, seeded: an application's own bigint advisory
+-- locks would have to pick the same 64-bit value to collide, and then they
+-- would only wait for each other.)
+CREATE FUNCTION tasker._task_lock_key(p_task uuid) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN pg_catalog.uuid_hash_extended(p_task, 7306086865510360178);
+
+-- Takes the task lock of each of p_tasks, in task_uuid order (two batches
+-- never deadlock), shared or exclusive (the lock order above); held until
+-- the transaction ends. One lock-table entry per task (a batch of results
+-- spanning 1,000 tasks takes 1,000: max_locks_per_transaction).
+CREATE FUNCTION tasker._lock_tasks(p_tasks uuid[], p_shared boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(tasker._task_lock_key(x.u))
+        FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
+    ELSE
+        PERFORM pg_catalog.pg_advisory_xact_lock(tasker._task_lock_key(x.u))
+        FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
+    END IF;
+END
+$$;
+
+-- Whether a result shares its task's lock (the lock order above): a
+-- success of a step that creates no steps (a step's type never changes).
+CREATE FUNCTION tasker._result_shares_task(p_success boolean, p_type tasker.step_type) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN coalesce(p_success, false) AND NOT tasker.step_type_creates_steps(p_type);
+
+-- The exclusive task lock of one task if it can be had at once (the
+-- orchestration cycle passes over a task whose results are being applied).
+CREATE FUNCTION tasker._try_lock_task(p_task uuid) RETURNS boolean
+LANGUAGE sql
+RETURN pg_catalog.pg_try_advisory_xact_lock(tasker._task_lock_key(p_task));
 
 -- One change of one step, as tasker._move_steps applies it.
 CREATE TYPE tasker.step_change AS (
@@ -118,7 +167,8 @@ $$;
 -- move, in one statement; a terminal state also ends the task
 -- (completed_at, nothing due, no claim). A finished task only takes its
 -- counters (unless p_to moves it: error -> steps_in_process). The caller
--- holds the task row locks. Refuses (XX000) a move that
+-- holds the task locks (tasker._lock_tasks); the rows are locked here, in
+-- task_uuid order, before their counters are read. Refuses (XX000) a move that
 -- task_state_transitions does not list (tasker.task_move_is_legal). Returns
 -- each task's state, in task_uuid order.
 CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL,
@@ -134,9 +184,15 @@ DECLARE
     v_events text[];
     v_refused text;
 BEGIN
-    -- (the task rows are read before the UPDATE: the caller's locks keep
-    -- them as they are, and the UPDATE writes counters and state at once;
-    -- every ready step was enqueued by the operation, so ready = 0)
+    -- the rows first, then a statement that reads them: it sees what
+    -- another holder of a shared task lock committed before we got the row
+    PERFORM 1 FROM tasker.tasks k
+    WHERE k.task_uuid IN (SELECT m.task_uuid FROM unnest(p_moves) m UNION SELECT u FROM unnest(p_tasks) u)
+    ORDER BY k.task_uuid
+    FOR NO KEY UPDATE;
+    -- (the task rows are read before the UPDATE: the locks keep them as
+    -- they are, and the UPDATE writes counters and state at once; every
+    -- ready step was enqueued by the operation, so ready = 0)
     WITH x AS (
         SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
                tasker.step_state_class(m.to_state) AS to_class

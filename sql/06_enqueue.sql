@@ -29,8 +29,11 @@ $$;
 -- and sent, one insert per queue (a batch of results can span namespaces;
 -- each queue is its own table); idle workers of those queues are notified.
 -- Map steps that are ready are not sent: they expand or complete in the
--- database (tasker._run_maps). The caller holds the task row locks and
--- settles the returned moves (tasker._settle_tasks).
+-- database (tasker._run_maps). The candidates' rows are locked first, in
+-- step_uuid order (two holders of a shared task lock may release the same
+-- child), and read after, in a statement of their own: it sees the results
+-- of parents whose transactions committed while we waited. The caller holds
+-- the task locks and settles the returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
@@ -42,7 +45,11 @@ BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
     END IF;
-    -- Readiness is decided once per candidate, on its row as the task lock
+    PERFORM 1 FROM tasker.workflow_steps s
+    WHERE s.step_uuid IN (SELECT r.step_uuid FROM unnest(p_candidates) r)
+    ORDER BY s.step_uuid
+    FOR NO KEY UPDATE;
+    -- Readiness is decided once per candidate, on its row as the lock
     -- holds it (only holders of the task lock change a pending or waiting
     -- step); every row changes once. The moves pending -> enqueued and
     -- waiting_for_retry -> enqueued are the ones step_state_transitions

@@ -50,8 +50,9 @@ BEGIN
 END
 $$;
 
--- Applies results, in one transaction: locks their tasks (in uuid order),
--- decides what each result meets, archives the messages of the accepted
+-- Applies results, in one transaction: takes their tasks' locks (shared
+-- when all are successes of steps that create none: 04_transitions.sql),
+-- decides what each result meets on its locked step row, archives the messages of the accepted
 -- ones, completes or fails their attempts (the retry policy:
 -- pg_tasker_core::retry through tasker._retry_decision), releases and
 -- enqueues what became ready (a retry due at once included), and settles
@@ -72,6 +73,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_outcomes text[];
     v_notes text[];
+    v_locked uuid[];
+    v_shared boolean;
     v_tasks uuid[];
     v_queues text[];
     v_msgs bigint[];
@@ -89,15 +92,23 @@ DECLARE
     v_state tasker.step_state;
     q record;
 BEGIN
-    -- lock order: the tasks, in uuid order, then their steps
-    PERFORM 1 FROM tasker.tasks t
-    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM unnest(p_results) r
-                          JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid)
-    ORDER BY t.task_uuid
-    FOR NO KEY UPDATE;
+    -- the task locks (tasker._lock_tasks): shared when every result shares
+    -- (tasker._result_shares_task: the results of one task then apply side
+    -- by side, each on its own steps), exclusive otherwise
+    SELECT array_agg(DISTINCT ws.task_uuid), coalesce(bool_and(tasker._result_shares_task(r.success, ws.step_type)), true)
+    INTO v_locked, v_shared
+    FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid;
+    PERFORM tasker._lock_tasks(v_locked, v_shared);
 
-    -- what each result meets, now that its task is locked
-    WITH r AS (
+    -- what each result meets, on its step's row locked (uuid order): a
+    -- concurrent result for the same step has committed or waits
+    WITH locked AS (
+        SELECT ws.step_uuid, ws.task_uuid, ws.name, ws.state, ws.attempts, ws.queue_msg_id, ws.step_type
+        FROM tasker.workflow_steps ws
+        WHERE ws.step_uuid IN (SELECT x.step_uuid FROM unnest(p_results) x)
+        ORDER BY ws.step_uuid
+        FOR NO KEY UPDATE
+    ), r AS (
         SELECT x.* FROM unnest(p_results) WITH ORDINALITY
             AS x(step_uuid, success, payload, attempt, message, retryable, requested_delay_ms, audit, i)
     ), v AS (
@@ -111,7 +122,7 @@ BEGIN
                     WHEN r.attempt IS NOT NULL AND r.attempt <> ws.attempts THEN 'stale_attempt'
                     ELSE 'applied' END AS outcome
         FROM r
-        LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+        LEFT JOIN locked ws ON ws.step_uuid = r.step_uuid
         LEFT JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
         LEFT JOIN tasker.namespaces n ON n.name = t.namespace_name
     )

@@ -205,13 +205,42 @@ BEGIN
 END
 $$;
 
+-- Reads up to p_qty messages from queues (p_queues, of p_namespaces, in
+-- the order given, sharing p_qty among them) and marks their steps
+-- in_progress (tasker._read_steps): each message as jsonb
+-- ({msg_id, read_ct, message}), with its namespace.
+CREATE FUNCTION tasker._read_queues(p_namespaces text[], p_queues text[], p_worker_id text, p_qty integer,
+                                    p_vt integer, OUT namespaces text[], OUT msgs jsonb[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_read jsonb[];
+    v_left integer := p_qty;
+    n integer := cardinality(p_queues);
+BEGIN
+    namespaces := '{}';
+    msgs := '{}';
+    FOR i IN 1 .. cardinality(p_queues) LOOP
+        EXIT WHEN v_left <= 0;
+        v_read := tasker._read_steps(p_namespaces[i], p_queues[i], p_worker_id,
+                                     ceil(v_left::numeric / n)::integer, p_vt);
+        n := n - 1;
+        IF v_read IS NOT NULL THEN
+            msgs := msgs || v_read;
+            namespaces := namespaces || array_fill(p_namespaces[i], ARRAY[cardinality(v_read)]);
+            v_left := v_left - cardinality(v_read);
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- tasker.exchange(namespaces, worker_id, results, qty, visibility_timeout_seconds):
 -- the batched worker protocol, one round trip and one commit per batch:
 -- applies a batch of results (as tasker.submit_results; results that are
--- rejected or ignored are reported as NOTICEs, and never stop the others),
--- then reads up to qty messages from the namespaces' queues (sharing qty
--- among them, in the order given) and marks their steps in_progress (as
--- tasker.read_steps). results may be NULL or [] (only read); qty may be 0
+-- rejected or ignored are reported as NOTICEs, and never stop the others)
+-- and reads up to qty messages from the namespaces' queues (sharing qty
+-- among them, in the order given), marking their steps in_progress (as
+-- tasker.read_steps): first what is there, then, with room left, what the
+-- results made ready. results may be NULL or [] (only read); qty may be 0
 -- (only submit).
 CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb DEFAULT NULL,
                                 qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
@@ -224,12 +253,13 @@ DECLARE
                                        exchange.visibility_timeout_seconds);
     v_queues text[];
     v_outcomes tasker.result_outcome[];
-    v_read jsonb[];
+    v_steps uuid[];
+    v_tasks uuid[];
+    v_shared boolean;
+    v_first record;
+    v_then record;
     v_ns text[] := '{}';
     v_msgs jsonb[] := '{}';
-    v_left integer := exchange.qty;
-    v_share integer;
-    n integer;
 BEGIN
     IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
         RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
@@ -237,6 +267,28 @@ BEGIN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
     v_queues := tasker._worker_queues(exchange.namespaces);
+    IF jsonb_typeof(exchange.results) = 'array' AND exchange.qty > 0
+       AND jsonb_array_length(exchange.results) BETWEEN 1 AND 1000 THEN
+        -- The results' task locks first, as tasker._apply_results takes
+        -- them (a status other than 'success' counts as a failure: never
+        -- weaker than what it takes), then a read, then the results: what
+        -- the results of one task share (a join's row, the task's row) is
+        -- held from their release to the commit, and the read is not in
+        -- that stretch. (Privileges first: nobody holds the locks of tasks
+        -- they may not touch.)
+        SELECT array_agg(ws.step_uuid), array_agg(DISTINCT ws.task_uuid),
+               coalesce(bool_and(tasker._result_shares_task(e.item ->> 'status' = 'success', ws.step_type)), true)
+        INTO v_steps, v_tasks, v_shared
+        FROM jsonb_array_elements(exchange.results) e(item)
+        JOIN tasker.workflow_steps ws
+          ON ws.step_uuid = tasker._uuid_or_null(CASE WHEN jsonb_typeof(e.item) = 'object'
+                                                      THEN e.item ->> 'step_uuid' END);
+        PERFORM tasker._require_steps(v_steps, 'worker');
+        PERFORM tasker._lock_tasks(v_tasks, v_shared);
+        v_first := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt);
+        v_ns := v_first.namespaces;
+        v_msgs := v_first.msgs;
+    END IF;
     IF exchange.results IS NOT NULL THEN
         v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
@@ -245,18 +297,14 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    n := cardinality(v_queues);
-    FOR i IN 1 .. cardinality(v_queues) LOOP
-        EXIT WHEN v_left <= 0;
-        v_share := ceil(v_left::numeric / n)::integer;
-        n := n - 1;
-        v_read := tasker._read_steps(exchange.namespaces[i], v_queues[i], exchange.worker_id, v_share, v_vt);
-        IF v_read IS NOT NULL THEN
-            v_msgs := v_msgs || v_read;
-            v_ns := v_ns || array_fill(exchange.namespaces[i], ARRAY[cardinality(v_read)]);
-            v_left := v_left - cardinality(v_read);
-        END IF;
-    END LOOP;
+    -- the read, or what room it left (the results' children, enqueued by
+    -- this transaction, are readable now)
+    IF cardinality(v_msgs) < exchange.qty THEN
+        v_then := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
+                                      exchange.qty - cardinality(v_msgs), v_vt);
+        v_ns := v_ns || v_then.namespaces;
+        v_msgs := v_msgs || v_then.msgs;
+    END IF;
     IF cardinality(v_msgs) > 0 THEN
         RETURN QUERY
         SELECT x.ns, (x.r ->> 'msg_id')::bigint, (x.r ->> 'read_ct')::integer,

@@ -1,13 +1,15 @@
 -- Locking, stopping steps, and the operator actions: cancel a task, resolve
 -- a task, retry a failed step, resolve a step.
 
--- Locks a task row (the first lock of every operation that changes a task
--- or its steps); P0002 when it does not exist. Also returns the task's
--- queue and the queue's msg_id sequence.
+-- Takes a task's exclusive lock and its row (the first locks of every
+-- operation but results that only complete steps: 04_transitions.sql);
+-- P0002 when it does not exist. Also returns the task's queue and the
+-- queue's msg_id sequence.
 CREATE FUNCTION tasker._lock_task(p_task uuid, OUT task_uuid uuid, OUT state tasker.task_state,
                                   OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM tasker._lock_tasks(ARRAY[p_task], false);
     SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
     INTO _lock_task.task_uuid, _lock_task.state, _lock_task.queue_name, _lock_task.queue_seq
     FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
@@ -19,21 +21,20 @@ BEGIN
 END
 $$;
 
--- Locks the task of a step (its row first: the lock order); P0002 when the
--- step does not exist.
+-- Locks the task of a step (tasker._lock_task: the lock order); P0002 when
+-- the step does not exist.
 CREATE FUNCTION tasker._lock_task_of_step(p_step uuid, OUT task_uuid uuid, OUT state tasker.task_state,
                                           OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_task uuid := (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step);
 BEGIN
-    SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
-    INTO _lock_task_of_step.task_uuid, _lock_task_of_step.state, _lock_task_of_step.queue_name,
-         _lock_task_of_step.queue_seq
-    FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
-    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step)
-    FOR NO KEY UPDATE OF t;
-    IF NOT FOUND THEN
+    IF v_task IS NULL THEN
         RAISE EXCEPTION 'step % does not exist', p_step USING ERRCODE = 'P0002';
     END IF;
+    SELECT * INTO _lock_task_of_step.task_uuid, _lock_task_of_step.state, _lock_task_of_step.queue_name,
+                  _lock_task_of_step.queue_seq
+    FROM tasker._lock_task(v_task);
 END
 $$;
 

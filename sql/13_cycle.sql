@@ -38,6 +38,9 @@ BEGIN
         LIMIT p_max_tasks
         FOR NO KEY UPDATE OF t SKIP LOCKED
     LOOP
+        -- (a task whose results are being applied is passed over, as a
+        -- locked row is: the next cycle takes it)
+        CONTINUE WHEN NOT tasker._try_lock_task(v_task);
         v_claimed := v_claimed + 1;
         BEGIN
             SELECT t.steps_out INTO v_out_before FROM tasker.tasks t WHERE t.task_uuid = v_task;

@@ -398,9 +398,7 @@ BEGIN
     PERFORM tasker._require_steps(ARRAY[checkpoint.step_uuid], 'worker');
     PERFORM tasker._check_payload_size(checkpoint.checkpoint, 'limits.max_result_bytes', 'the checkpoint');
     -- lock order: the task, then the step
-    PERFORM 1 FROM tasker.tasks t
-    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = checkpoint.step_uuid)
-    FOR NO KEY UPDATE;
+    PERFORM tasker._lock_task_of_step(checkpoint.step_uuid);
     SELECT ws.state, ws.attempts, ws.queue_msg_id, n.queue_name INTO s
     FROM tasker.workflow_steps ws
     JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid

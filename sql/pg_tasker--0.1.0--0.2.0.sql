@@ -814,7 +814,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:93
+-- src/health.rs:94
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -824,7 +824,7 @@ AS 'MODULE_PATHNAME', 'config_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:72
+-- src/health.rs:73
 -- pg_tasker::health::health
 CREATE  FUNCTION "health"() RETURNS jsonb /* ApiResult < JsonB > */
 STRICT STABLE SECURITY DEFINER
@@ -1505,17 +1505,66 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 -- counters, or given: cancel, resolve, staleness, DLQ requeue), the one
 -- writer of a task's state.
 --
--- Lock order (docs/schema.md): the task rows first (FOR NO KEY UPDATE, in
--- task_uuid order when there are several), then their steps, then queue
--- messages. Every caller of the primitives holds the row locks of the
--- tasks whose steps move, except tasker.read_steps, whose move enqueued ->
--- in_progress changes no counter and so touches no task row; it locks the
--- steps with SKIP LOCKED and never waits. Holding the task lock, nobody
--- else waits for its steps, so steps need no order among themselves.
+-- Lock order (docs/schema.md). Every operation that changes a task or its
+-- steps first takes the task lock (tasker._lock_tasks: in task_uuid order
+-- when there are several), shared or exclusive:
+--   shared     results that only complete steps (successes of steps that
+--              create none): the results of one task apply side by side;
+--   exclusive  everything else (failures and retries, decisions, operator
+--              actions, recovery, staleness, the orchestration cycle).
+-- Then rows, each kind in uuid order: the steps whose results apply
+-- (tasker._apply_results), the children they release (tasker._enqueue_steps),
+-- the task rows (tasker._settle_tasks, FOR NO KEY UPDATE, counters read
+-- only after), queue messages. Each primitive locks the rows it reads
+-- before it decides on them, so two shared holders that release the same
+-- child or settle the same task take turns on that row and each sees the
+-- other's committed change. tasker.read_steps takes no task lock: its move
+-- enqueued -> in_progress changes no counter; it locks the steps with SKIP
+-- LOCKED and never waits.
 --
 -- Each primitive is one UPDATE of the rows (with their audit rows in the
 -- same statement): a row changes once per operation, so its other indexes
 -- and foreign keys are not visited again.
+
+-- The key of a task's lock: a transaction-level advisory lock (pg_locks,
+-- locktype advisory), which PostgreSQL queues in arrival order, so an
+-- operator's exclusive lock is not starved by a stream of shared ones (row
+-- locks would be: a FOR KEY SHARE never waits behind a waiting FOR UPDATE).
+-- (A 64-bit hash of the uuid, seeded: an application's own bigint advisory
+-- locks would have to pick the same 64-bit value to collide, and then they
+-- would only wait for each other.)
+CREATE FUNCTION tasker._task_lock_key(p_task uuid) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN pg_catalog.uuid_hash_extended(p_task, 7306086865510360178);
+
+-- Takes the task lock of each of p_tasks, in task_uuid order (two batches
+-- never deadlock), shared or exclusive (the lock order above); held until
+-- the transaction ends. One lock-table entry per task (a batch of results
+-- spanning 1,000 tasks takes 1,000: max_locks_per_transaction).
+CREATE FUNCTION tasker._lock_tasks(p_tasks uuid[], p_shared boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock_shared(tasker._task_lock_key(x.u))
+        FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
+    ELSE
+        PERFORM pg_catalog.pg_advisory_xact_lock(tasker._task_lock_key(x.u))
+        FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
+    END IF;
+END
+$$;
+
+-- Whether a result shares its task's lock (the lock order above): a
+-- success of a step that creates no steps (a step's type never changes).
+CREATE FUNCTION tasker._result_shares_task(p_success boolean, p_type tasker.step_type) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN coalesce(p_success, false) AND NOT tasker.step_type_creates_steps(p_type);
+
+-- The exclusive task lock of one task if it can be had at once (the
+-- orchestration cycle passes over a task whose results are being applied).
+CREATE FUNCTION tasker._try_lock_task(p_task uuid) RETURNS boolean
+LANGUAGE sql
+RETURN pg_catalog.pg_try_advisory_xact_lock(tasker._task_lock_key(p_task));
 
 -- One change of one step, as tasker._move_steps applies it.
 CREATE TYPE tasker.step_change AS (
@@ -1612,7 +1661,8 @@ $$;
 -- move, in one statement; a terminal state also ends the task
 -- (completed_at, nothing due, no claim). A finished task only takes its
 -- counters (unless p_to moves it: error -> steps_in_process). The caller
--- holds the task row locks. Refuses (XX000) a move that
+-- holds the task locks (tasker._lock_tasks); the rows are locked here, in
+-- task_uuid order, before their counters are read. Refuses (XX000) a move that
 -- task_state_transitions does not list (tasker.task_move_is_legal). Returns
 -- each task's state, in task_uuid order.
 CREATE FUNCTION tasker._settle_tasks(p_moves tasker.step_move[], p_reason text, p_tasks uuid[] DEFAULT NULL,
@@ -1628,9 +1678,15 @@ DECLARE
     v_events text[];
     v_refused text;
 BEGIN
-    -- (the task rows are read before the UPDATE: the caller's locks keep
-    -- them as they are, and the UPDATE writes counters and state at once;
-    -- every ready step was enqueued by the operation, so ready = 0)
+    -- the rows first, then a statement that reads them: it sees what
+    -- another holder of a shared task lock committed before we got the row
+    PERFORM 1 FROM tasker.tasks k
+    WHERE k.task_uuid IN (SELECT m.task_uuid FROM unnest(p_moves) m UNION SELECT u FROM unnest(p_tasks) u)
+    ORDER BY k.task_uuid
+    FOR NO KEY UPDATE;
+    -- (the task rows are read before the UPDATE: the locks keep them as
+    -- they are, and the UPDATE writes counters and state at once; every
+    -- ready step was enqueued by the operation, so ready = 0)
     WITH x AS (
         SELECT m.task_uuid, tasker.step_state_class(m.from_state) AS from_class,
                tasker.step_state_class(m.to_state) AS to_class
@@ -1951,8 +2007,11 @@ $$;
 -- and sent, one insert per queue (a batch of results can span namespaces;
 -- each queue is its own table); idle workers of those queues are notified.
 -- Map steps that are ready are not sent: they expand or complete in the
--- database (tasker._run_maps). The caller holds the task row locks and
--- settles the returned moves (tasker._settle_tasks).
+-- database (tasker._run_maps). The candidates' rows are locked first, in
+-- step_uuid order (two holders of a shared task lock may release the same
+-- child), and read after, in a statement of their own: it sees the results
+-- of parents whose transactions committed while we waited. The caller holds
+-- the task locks and settles the returned moves (tasker._settle_tasks).
 CREATE FUNCTION tasker._enqueue_steps(p_candidates tasker.step_release[], p_reason text DEFAULT 'ready')
 RETURNS tasker.step_move[]
 LANGUAGE plpgsql AS $$
@@ -1964,7 +2023,11 @@ BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
     END IF;
-    -- Readiness is decided once per candidate, on its row as the task lock
+    PERFORM 1 FROM tasker.workflow_steps s
+    WHERE s.step_uuid IN (SELECT r.step_uuid FROM unnest(p_candidates) r)
+    ORDER BY s.step_uuid
+    FOR NO KEY UPDATE;
+    -- Readiness is decided once per candidate, on its row as the lock
     -- holds it (only holders of the task lock change a pending or waiting
     -- step); every row changes once. The moves pending -> enqueued and
     -- waiting_for_retry -> enqueued are the ones step_state_transitions
@@ -2519,8 +2582,9 @@ BEGIN
 END
 $$;
 
--- Applies results, in one transaction: locks their tasks (in uuid order),
--- decides what each result meets, archives the messages of the accepted
+-- Applies results, in one transaction: takes their tasks' locks (shared
+-- when all are successes of steps that create none: 04_transitions.sql),
+-- decides what each result meets on its locked step row, archives the messages of the accepted
 -- ones, completes or fails their attempts (the retry policy:
 -- pg_tasker_core::retry through tasker._retry_decision), releases and
 -- enqueues what became ready (a retry due at once included), and settles
@@ -2541,6 +2605,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_outcomes text[];
     v_notes text[];
+    v_locked uuid[];
+    v_shared boolean;
     v_tasks uuid[];
     v_queues text[];
     v_msgs bigint[];
@@ -2558,15 +2624,23 @@ DECLARE
     v_state tasker.step_state;
     q record;
 BEGIN
-    -- lock order: the tasks, in uuid order, then their steps
-    PERFORM 1 FROM tasker.tasks t
-    WHERE t.task_uuid IN (SELECT ws.task_uuid FROM unnest(p_results) r
-                          JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid)
-    ORDER BY t.task_uuid
-    FOR NO KEY UPDATE;
+    -- the task locks (tasker._lock_tasks): shared when every result shares
+    -- (tasker._result_shares_task: the results of one task then apply side
+    -- by side, each on its own steps), exclusive otherwise
+    SELECT array_agg(DISTINCT ws.task_uuid), coalesce(bool_and(tasker._result_shares_task(r.success, ws.step_type)), true)
+    INTO v_locked, v_shared
+    FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid;
+    PERFORM tasker._lock_tasks(v_locked, v_shared);
 
-    -- what each result meets, now that its task is locked
-    WITH r AS (
+    -- what each result meets, on its step's row locked (uuid order): a
+    -- concurrent result for the same step has committed or waits
+    WITH locked AS (
+        SELECT ws.step_uuid, ws.task_uuid, ws.name, ws.state, ws.attempts, ws.queue_msg_id, ws.step_type
+        FROM tasker.workflow_steps ws
+        WHERE ws.step_uuid IN (SELECT x.step_uuid FROM unnest(p_results) x)
+        ORDER BY ws.step_uuid
+        FOR NO KEY UPDATE
+    ), r AS (
         SELECT x.* FROM unnest(p_results) WITH ORDINALITY
             AS x(step_uuid, success, payload, attempt, message, retryable, requested_delay_ms, audit, i)
     ), v AS (
@@ -2580,7 +2654,7 @@ BEGIN
                     WHEN r.attempt IS NOT NULL AND r.attempt <> ws.attempts THEN 'stale_attempt'
                     ELSE 'applied' END AS outcome
         FROM r
-        LEFT JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+        LEFT JOIN locked ws ON ws.step_uuid = r.step_uuid
         LEFT JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
         LEFT JOIN tasker.namespaces n ON n.name = t.namespace_name
     )
@@ -3058,13 +3132,42 @@ BEGIN
 END
 $$;
 
+-- Reads up to p_qty messages from queues (p_queues, of p_namespaces, in
+-- the order given, sharing p_qty among them) and marks their steps
+-- in_progress (tasker._read_steps): each message as jsonb
+-- ({msg_id, read_ct, message}), with its namespace.
+CREATE FUNCTION tasker._read_queues(p_namespaces text[], p_queues text[], p_worker_id text, p_qty integer,
+                                    p_vt integer, OUT namespaces text[], OUT msgs jsonb[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_read jsonb[];
+    v_left integer := p_qty;
+    n integer := cardinality(p_queues);
+BEGIN
+    namespaces := '{}';
+    msgs := '{}';
+    FOR i IN 1 .. cardinality(p_queues) LOOP
+        EXIT WHEN v_left <= 0;
+        v_read := tasker._read_steps(p_namespaces[i], p_queues[i], p_worker_id,
+                                     ceil(v_left::numeric / n)::integer, p_vt);
+        n := n - 1;
+        IF v_read IS NOT NULL THEN
+            msgs := msgs || v_read;
+            namespaces := namespaces || array_fill(p_namespaces[i], ARRAY[cardinality(v_read)]);
+            v_left := v_left - cardinality(v_read);
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- tasker.exchange(namespaces, worker_id, results, qty, visibility_timeout_seconds):
 -- the batched worker protocol, one round trip and one commit per batch:
 -- applies a batch of results (as tasker.submit_results; results that are
--- rejected or ignored are reported as NOTICEs, and never stop the others),
--- then reads up to qty messages from the namespaces' queues (sharing qty
--- among them, in the order given) and marks their steps in_progress (as
--- tasker.read_steps). results may be NULL or [] (only read); qty may be 0
+-- rejected or ignored are reported as NOTICEs, and never stop the others)
+-- and reads up to qty messages from the namespaces' queues (sharing qty
+-- among them, in the order given), marking their steps in_progress (as
+-- tasker.read_steps): first what is there, then, with room left, what the
+-- results made ready. results may be NULL or [] (only read); qty may be 0
 -- (only submit).
 CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb DEFAULT NULL,
                                 qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
@@ -3077,12 +3180,13 @@ DECLARE
                                        exchange.visibility_timeout_seconds);
     v_queues text[];
     v_outcomes tasker.result_outcome[];
-    v_read jsonb[];
+    v_steps uuid[];
+    v_tasks uuid[];
+    v_shared boolean;
+    v_first record;
+    v_then record;
     v_ns text[] := '{}';
     v_msgs jsonb[] := '{}';
-    v_left integer := exchange.qty;
-    v_share integer;
-    n integer;
 BEGIN
     IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
         RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
@@ -3090,6 +3194,28 @@ BEGIN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
     v_queues := tasker._worker_queues(exchange.namespaces);
+    IF jsonb_typeof(exchange.results) = 'array' AND exchange.qty > 0
+       AND jsonb_array_length(exchange.results) BETWEEN 1 AND 1000 THEN
+        -- The results' task locks first, as tasker._apply_results takes
+        -- them (a status other than 'success' counts as a failure: never
+        -- weaker than what it takes), then a read, then the results: what
+        -- the results of one task share (a join's row, the task's row) is
+        -- held from their release to the commit, and the read is not in
+        -- that stretch. (Privileges first: nobody holds the locks of tasks
+        -- they may not touch.)
+        SELECT array_agg(ws.step_uuid), array_agg(DISTINCT ws.task_uuid),
+               coalesce(bool_and(tasker._result_shares_task(e.item ->> 'status' = 'success', ws.step_type)), true)
+        INTO v_steps, v_tasks, v_shared
+        FROM jsonb_array_elements(exchange.results) e(item)
+        JOIN tasker.workflow_steps ws
+          ON ws.step_uuid = tasker._uuid_or_null(CASE WHEN jsonb_typeof(e.item) = 'object'
+                                                      THEN e.item ->> 'step_uuid' END);
+        PERFORM tasker._require_steps(v_steps, 'worker');
+        PERFORM tasker._lock_tasks(v_tasks, v_shared);
+        v_first := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt);
+        v_ns := v_first.namespaces;
+        v_msgs := v_first.msgs;
+    END IF;
     IF exchange.results IS NOT NULL THEN
         v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
@@ -3098,18 +3224,14 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    n := cardinality(v_queues);
-    FOR i IN 1 .. cardinality(v_queues) LOOP
-        EXIT WHEN v_left <= 0;
-        v_share := ceil(v_left::numeric / n)::integer;
-        n := n - 1;
-        v_read := tasker._read_steps(exchange.namespaces[i], v_queues[i], exchange.worker_id, v_share, v_vt);
-        IF v_read IS NOT NULL THEN
-            v_msgs := v_msgs || v_read;
-            v_ns := v_ns || array_fill(exchange.namespaces[i], ARRAY[cardinality(v_read)]);
-            v_left := v_left - cardinality(v_read);
-        END IF;
-    END LOOP;
+    -- the read, or what room it left (the results' children, enqueued by
+    -- this transaction, are readable now)
+    IF cardinality(v_msgs) < exchange.qty THEN
+        v_then := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
+                                      exchange.qty - cardinality(v_msgs), v_vt);
+        v_ns := v_ns || v_then.namespaces;
+        v_msgs := v_msgs || v_then.msgs;
+    END IF;
     IF cardinality(v_msgs) > 0 THEN
         RETURN QUERY
         SELECT x.ns, (x.r ->> 'msg_id')::bigint, (x.r ->> 'read_ct')::integer,
@@ -3174,13 +3296,15 @@ $$;
 -- Locking, stopping steps, and the operator actions: cancel a task, resolve
 -- a task, retry a failed step, resolve a step.
 
--- Locks a task row (the first lock of every operation that changes a task
--- or its steps); P0002 when it does not exist. Also returns the task's
--- queue and the queue's msg_id sequence.
+-- Takes a task's exclusive lock and its row (the first locks of every
+-- operation but results that only complete steps: 04_transitions.sql);
+-- P0002 when it does not exist. Also returns the task's queue and the
+-- queue's msg_id sequence.
 CREATE FUNCTION tasker._lock_task(p_task uuid, OUT task_uuid uuid, OUT state tasker.task_state,
                                   OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM tasker._lock_tasks(ARRAY[p_task], false);
     SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
     INTO _lock_task.task_uuid, _lock_task.state, _lock_task.queue_name, _lock_task.queue_seq
     FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
@@ -3192,21 +3316,20 @@ BEGIN
 END
 $$;
 
--- Locks the task of a step (its row first: the lock order); P0002 when the
--- step does not exist.
+-- Locks the task of a step (tasker._lock_task: the lock order); P0002 when
+-- the step does not exist.
 CREATE FUNCTION tasker._lock_task_of_step(p_step uuid, OUT task_uuid uuid, OUT state tasker.task_state,
                                           OUT queue_name text, OUT queue_seq regclass)
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_task uuid := (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step);
 BEGIN
-    SELECT t.task_uuid, t.state, n.queue_name, n.queue_seq
-    INTO _lock_task_of_step.task_uuid, _lock_task_of_step.state, _lock_task_of_step.queue_name,
-         _lock_task_of_step.queue_seq
-    FROM tasker.tasks t JOIN tasker.namespaces n ON n.name = t.namespace_name
-    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = p_step)
-    FOR NO KEY UPDATE OF t;
-    IF NOT FOUND THEN
+    IF v_task IS NULL THEN
         RAISE EXCEPTION 'step % does not exist', p_step USING ERRCODE = 'P0002';
     END IF;
+    SELECT * INTO _lock_task_of_step.task_uuid, _lock_task_of_step.state, _lock_task_of_step.queue_name,
+                  _lock_task_of_step.queue_seq
+    FROM tasker._lock_task(v_task);
 END
 $$;
 
@@ -3405,6 +3528,9 @@ BEGIN
         LIMIT p_max_tasks
         FOR NO KEY UPDATE OF t SKIP LOCKED
     LOOP
+        -- (a task whose results are being applied is passed over, as a
+        -- locked row is: the next cycle takes it)
+        CONTINUE WHEN NOT tasker._try_lock_task(v_task);
         v_claimed := v_claimed + 1;
         BEGIN
             SELECT t.steps_out INTO v_out_before FROM tasker.tasks t WHERE t.task_uuid = v_task;
@@ -4797,9 +4923,7 @@ BEGIN
     PERFORM tasker._require_steps(ARRAY[checkpoint.step_uuid], 'worker');
     PERFORM tasker._check_payload_size(checkpoint.checkpoint, 'limits.max_result_bytes', 'the checkpoint');
     -- lock order: the task, then the step
-    PERFORM 1 FROM tasker.tasks t
-    WHERE t.task_uuid = (SELECT ws.task_uuid FROM tasker.workflow_steps ws WHERE ws.step_uuid = checkpoint.step_uuid)
-    FOR NO KEY UPDATE;
+    PERFORM tasker._lock_task_of_step(checkpoint.step_uuid);
     SELECT ws.state, ws.attempts, ws.queue_msg_id, n.queue_name INTO s
     FROM tasker.workflow_steps ws
     JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid

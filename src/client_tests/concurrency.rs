@@ -25,8 +25,8 @@ fn read(c: &mut Client, queue: &str, vt: i32, qty: i32) -> Vec<Value> {
 }
 
 /// cancel_task and submit_result on the same task, started at the same
-/// instant from two connections, 30 rounds: never a deadlock (both lock the
-/// task row first), and the outcome is one of the two orders.
+/// instant from two connections, 30 rounds: never a deadlock (both take the
+/// task lock first), and the outcome is one of the two orders.
 #[test]
 fn cancel_and_results_in_lockstep_never_deadlock() {
     let mut c = connect();
@@ -99,6 +99,188 @@ fn cancel_and_results_in_lockstep_never_deadlock() {
             "round {round}"
         );
     }
+}
+
+/// Waits until the backend `pid` waits for a lock (wait_event_type Lock,
+/// and wait_event `event` when given); panics after 10 s.
+fn until_waiting(c: &mut Client, pid: i32, event: Option<&str>) {
+    let t0 = Instant::now();
+    loop {
+        let waiting: bool = c
+            .query_one(
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock' AND ($2::text IS NULL OR wait_event = $2)), false)
+                   FROM pg_stat_activity WHERE pid = $1",
+                &[&pid, &event],
+            )
+            .unwrap()
+            .get(0);
+        if waiting {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "backend {pid} never waited for a lock"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn backend_pid(c: &mut Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0)
+}
+
+fn submit(
+    c: &mut impl postgres::GenericClient,
+    step: &Value,
+    result: &Value,
+) -> Result<String, postgres::Error> {
+    c.query_one(
+        "SELECT tasker.submit_result($1::text::uuid, 'success', $2::text::jsonb)",
+        &[&step["step_uuid"].as_str().unwrap(), &result.to_string()],
+    )
+    .map(|r| r.get(0))
+}
+
+/// The results of two siblings apply side by side (a shared task lock) and
+/// release their join in turn on its row: with the first held open, the
+/// second waits on the join, and once the first commits, the second enqueues
+/// the join once, its message carrying both results.
+#[test]
+fn sibling_results_release_their_join_once_with_both_results() {
+    let mut c = connect();
+    register(
+        &mut c,
+        &template(
+            "cc_join",
+            "flow",
+            vec![step("a", &[]), step("b", &[]), step("j", &["a", "b"])],
+        ),
+    );
+    let mut first = other_connection(&mut c);
+    let mut second = other_connection(&mut c);
+    let second_pid = backend_pid(&mut second);
+    for round in 0..5 {
+        let task = create(&mut c, "cc_join", "flow");
+        let mut msgs = read(&mut c, "tasker_cc_join_queue", 60, 10);
+        msgs.sort_by_key(|m| m["step_name"].as_str().unwrap().to_string());
+        assert_eq!(msgs.len(), 2, "round {round}");
+        let (ma, mb) = (msgs[0].clone(), msgs[1].clone());
+        let mut tx = first.transaction().unwrap();
+        assert_eq!(
+            submit(&mut tx, &ma, &json!({"from": "a", "round": round})).unwrap(),
+            "complete"
+        );
+        let state = std::thread::scope(|s| {
+            let h = s.spawn(|| submit(&mut second, &mb, &json!({"from": "b", "round": round})));
+            until_waiting(&mut c, second_pid, None);
+            tx.commit().unwrap();
+            h.join().unwrap()
+        });
+        assert_eq!(state.unwrap(), "complete", "round {round}");
+        let joins = read(&mut c, "tasker_cc_join_queue", 60, 10);
+        assert_eq!(joins.len(), 1, "round {round}: {joins:?}");
+        assert_eq!(joins[0]["step_name"], "j");
+        assert_eq!(
+            joins[0]["dependency_results"],
+            json!({"a": {"from": "a", "round": round}, "b": {"from": "b", "round": round}}),
+            "round {round}"
+        );
+        assert_eq!(
+            task_problems(&mut c, task),
+            Vec::<String>::new(),
+            "round {round}"
+        );
+    }
+}
+
+/// Two results for one step (a redelivered message) from two connections
+/// at once: the second waits on the step's row and is then told the attempt
+/// is settled; nothing fails, the step completes once.
+#[test]
+fn duplicate_results_in_lockstep_settle_once() {
+    let mut c = connect();
+    register(
+        &mut c,
+        &template("cc_dup", "flow", vec![step("a", &[]), step("b", &[])]),
+    );
+    let mut first = other_connection(&mut c);
+    let mut second = other_connection(&mut c);
+    let second_pid = backend_pid(&mut second);
+    let task = create(&mut c, "cc_dup", "flow");
+    let msgs = read(&mut c, "tasker_cc_dup_queue", 60, 1);
+    let mut tx = first.transaction().unwrap();
+    assert_eq!(submit(&mut tx, &msgs[0], &json!(1)).unwrap(), "complete");
+    let again = std::thread::scope(|s| {
+        let h = s.spawn(|| submit(&mut second, &msgs[0], &json!(2)));
+        until_waiting(&mut c, second_pid, None);
+        tx.commit().unwrap();
+        h.join().unwrap()
+    });
+    assert_eq!(again.unwrap(), "complete");
+    let step = msgs[0]["step_name"].as_str().unwrap();
+    assert_eq!(
+        count(&mut c, &format!(
+            "SELECT count(*) FROM tasker.step_transitions st JOIN tasker.workflow_steps s USING (step_uuid)
+              WHERE s.task_uuid = '{task}' AND s.name = '{step}' AND st.to_state = 'complete'")),
+        1
+    );
+    assert_eq!(
+        query_json(&mut c, &format!(
+            "SELECT results FROM tasker.workflow_steps WHERE task_uuid = '{task}' AND name = '{step}'")),
+        json!(1)
+    );
+    assert_eq!(task_problems(&mut c, task), Vec::<String>::new());
+}
+
+/// The task lock is fair: a cancel waits for the result already applying,
+/// and a result that arrives while the cancel waits waits behind it (it
+/// does not overtake: a stream of results cannot starve an operator). The
+/// late result then finds its step cancelled and changes nothing.
+#[test]
+fn a_waiting_cancel_is_not_overtaken_by_later_results() {
+    let mut c = connect();
+    register(
+        &mut c,
+        &template(
+            "cc_fair",
+            "flow",
+            vec![step("a", &[]), step("b", &[]), step("c", &[])],
+        ),
+    );
+    let mut first = other_connection(&mut c);
+    let mut operator = other_connection(&mut c);
+    let mut late = other_connection(&mut c);
+    let (operator_pid, late_pid) = (backend_pid(&mut operator), backend_pid(&mut late));
+    let task = create(&mut c, "cc_fair", "flow");
+    let mut msgs = read(&mut c, "tasker_cc_fair_queue", 60, 10);
+    msgs.sort_by_key(|m| m["step_name"].as_str().unwrap().to_string());
+    let mut tx = first.transaction().unwrap();
+    assert_eq!(submit(&mut tx, &msgs[0], &json!("a")).unwrap(), "complete");
+    let (cancelled, late_state) = std::thread::scope(|s| {
+        let op = s.spawn(|| {
+            operator
+                .query_one(
+                    "SELECT tasker.cancel_task($1::text::uuid, 'fairness')",
+                    &[&task.to_string()],
+                )
+                .map(|r| r.get::<_, String>(0))
+        });
+        until_waiting(&mut c, operator_pid, Some("advisory"));
+        let l = s.spawn(|| submit(&mut late, &msgs[1], &json!("b")));
+        until_waiting(&mut c, late_pid, Some("advisory"));
+        tx.commit().unwrap();
+        (op.join().unwrap(), l.join().unwrap())
+    });
+    assert_eq!(cancelled.unwrap(), "cancelled");
+    assert_eq!(
+        late_state.unwrap(),
+        "cancelled",
+        "the late result came after the cancel"
+    );
+    assert_eq!(task_state(&mut c, task), "cancelled");
+    assert_eq!(step_state(&mut c, task, "a"), "complete");
+    assert_eq!(step_state(&mut c, task, "b"), "cancelled");
+    assert_eq!(task_problems(&mut c, task), Vec::<String>::new());
 }
 
 /// Two namespaces, each queue's first message has msg_id 1. One step is
@@ -220,9 +402,9 @@ fn re_registration_and_create_task_serialize() {
 }
 
 /// Random operations from several connections at once — results (success,
-/// retryable and permanent failures), cancellations, operator retries and
-/// resolutions, orchestration cycles, recovery — on a set of diamond and
-/// fan-in tasks. Afterwards: no deadlock, no internal error, and every task
+/// retryable and permanent failures; alone, in batches, in exchanges),
+/// cancellations, operator retries and resolutions, orchestration cycles,
+/// recovery — on a set of diamond and fan-in tasks. Afterwards: no deadlock, no internal error, and every task
 /// satisfies every invariant (tests.task_problems).
 #[test]
 fn a_randomized_stress_run_keeps_every_invariant() {
@@ -272,16 +454,21 @@ fn a_randomized_stress_run_keeps_every_invariant() {
                     seed ^= seed << 17;
                     seed % n
                 };
+                let mut kept: Vec<Value> = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
                     let task = tasks[rand(tasks.len() as u64) as usize].to_string();
                     let r = match rand(10) {
                         0..=2 => {
-                            // the batched protocol: read through exchange,
-                            // answer the batch in one call (in a random order)
+                            // the batched protocol: read through exchange
+                            // (with the previous batch's results, when
+                            // kept), answer the batch in one call (in a
+                            // random order) or keep it for the next exchange
+                            let previous = (!kept.is_empty())
+                                .then(|| Value::from(std::mem::take(&mut kept)).to_string());
                             let msgs = conn
                                 .query(
-                                    "SELECT message::text FROM tasker.exchange(ARRAY['cc_stress'], 'stress', NULL, 4, 5)",
-                                    &[],
+                                    "SELECT message::text FROM tasker.exchange(ARRAY['cc_stress'], 'stress', $1::text::jsonb, 4, 5)",
+                                    &[&previous],
                                 )
                                 .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>());
                             match msgs {
@@ -302,11 +489,16 @@ fn a_randomized_stress_run_keeps_every_invariant() {
                                     if results.len() > 1 && rand(2) == 0 {
                                         results.reverse();
                                     }
-                                    conn.query(
-                                        "SELECT * FROM tasker.submit_results($1::text::jsonb)",
-                                        &[&Value::from(results).to_string()],
-                                    )
-                                    .map(|_| ())
+                                    if rand(2) == 0 {
+                                        kept = results;
+                                        Ok(())
+                                    } else {
+                                        conn.query(
+                                            "SELECT * FROM tasker.submit_results($1::text::jsonb)",
+                                            &[&Value::from(results).to_string()],
+                                        )
+                                        .map(|_| ())
+                                    }
                                 }
                             }
                         }
@@ -371,6 +563,14 @@ fn a_randomized_stress_run_keeps_every_invariant() {
                         if e.code() != Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) {
                             failures.lock().unwrap().push(e.to_string());
                         }
+                    }
+                }
+                if !kept.is_empty() {
+                    if let Err(e) = conn.query(
+                        "SELECT * FROM tasker.submit_results($1::text::jsonb)",
+                        &[&Value::from(kept).to_string()],
+                    ) {
+                        failures.lock().unwrap().push(e.to_string());
                     }
                 }
             })

@@ -831,7 +831,12 @@ fn p5(b: &mut Bench) {
         &mut db,
         &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}),
     );
-    let rate = drain(b, "p5", "wide", 1, width + 2, 4, Protocol::Batched(10));
+    // (BENCH_P5_N: the number of workers, 4 unless set)
+    let n: usize = std::env::var("BENCH_P5_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let rate = drain(b, "p5", "wide", 1, width + 2, n, Protocol::Batched(10));
     register(&mut db, &linear("p5_lin", 5));
     let lin = drain(
         b,
@@ -839,7 +844,7 @@ fn p5(b: &mut Bench) {
         "linear",
         (width + 2) / 5,
         5,
-        4,
+        n,
         Protocol::Batched(10),
     );
     let join: (i32, i64) = {
@@ -852,9 +857,9 @@ fn p5(b: &mut Bench) {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    println!("\nP5 wide fan-out/fan-in: 1 task, {width} parallel steps → join, 4 batched workers: {rate:.0} steps/s \
+    println!("\nP5 wide fan-out/fan-in: 1 task, {width} parallel steps → join, {n} batched workers: {rate:.0} steps/s \
               = {:.2} × linear ({lin:.0} steps/s, same N); join enqueued {} time(s), attempts {}", rate / lin, join.1, join.0);
-    b.results.insert("p5".into(), json!({"width": width, "steps_per_s": rate, "linear_steps_per_s": lin,
+    b.results.insert("p5".into(), json!({"width": width, "workers": n, "steps_per_s": rate, "linear_steps_per_s": lin,
                                          "ratio_to_linear": rate / lin, "join_enqueued": join.1, "join_attempts": join.0}));
 }
 
