@@ -73,8 +73,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_outcomes text[];
     v_notes text[];
-    v_locked uuid[];
-    v_shared boolean;
     v_tasks uuid[];
     v_queues text[];
     v_msgs bigint[];
@@ -95,10 +93,12 @@ BEGIN
     -- the task locks (tasker._lock_tasks): shared when every result shares
     -- (tasker._result_shares_task: the results of one task then apply side
     -- by side, each on its own steps), exclusive otherwise
-    SELECT array_agg(DISTINCT ws.task_uuid), coalesce(bool_and(tasker._result_shares_task(r.success, ws.step_type)), true)
-    INTO v_locked, v_shared
-    FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid;
-    PERFORM tasker._lock_tasks(v_locked, v_shared);
+    -- (in task_uuid order, in one statement: tasker._lock_tasks)
+    PERFORM tasker._take_task_lock(x.task_uuid, x.shared)
+    FROM (SELECT DISTINCT ws.task_uuid,
+                 bool_and(tasker._result_shares_task(r.success, ws.step_type)) OVER () AS shared
+          FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+          ORDER BY ws.task_uuid) x;
 
     -- what each result meets, on its step's row locked (uuid order): a
     -- concurrent result for the same step has committed or waits

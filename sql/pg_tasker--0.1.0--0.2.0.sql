@@ -1537,20 +1537,23 @@ CREATE FUNCTION tasker._task_lock_key(p_task uuid) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN pg_catalog.uuid_hash_extended(p_task, 7306086865510360178);
 
--- Takes the task lock of each of p_tasks, in task_uuid order (two batches
--- never deadlock), shared or exclusive (the lock order above); held until
--- the transaction ends. One lock-table entry per task (a batch of results
--- spanning 1,000 tasks takes 1,000: max_locks_per_transaction).
+-- Takes one task's lock, shared or exclusive, until the transaction ends
+-- (callers take several in task_uuid order: two operations never
+-- deadlock). One lock-table entry per task (a batch of results spanning
+-- 1,000 tasks takes 1,000: max_locks_per_transaction). (An expression, so
+-- that a caller's statement takes its locks without a function call.)
+CREATE FUNCTION tasker._take_task_lock(p_task uuid, p_shared boolean) RETURNS void
+LANGUAGE sql
+RETURN CASE WHEN p_shared THEN pg_catalog.pg_advisory_xact_lock_shared(tasker._task_lock_key(p_task))
+            ELSE pg_catalog.pg_advisory_xact_lock(tasker._task_lock_key(p_task)) END;
+
+-- Takes the task lock of each of p_tasks, in task_uuid order, shared or
+-- exclusive (the lock order above).
 CREATE FUNCTION tasker._lock_tasks(p_tasks uuid[], p_shared boolean) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_shared THEN
-        PERFORM pg_catalog.pg_advisory_xact_lock_shared(tasker._task_lock_key(x.u))
-        FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
-    ELSE
-        PERFORM pg_catalog.pg_advisory_xact_lock(tasker._task_lock_key(x.u))
-        FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
-    END IF;
+    PERFORM tasker._take_task_lock(x.u, p_shared)
+    FROM (SELECT DISTINCT u FROM unnest(p_tasks) u WHERE u IS NOT NULL ORDER BY u) x;
 END
 $$;
 
@@ -2605,8 +2608,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_outcomes text[];
     v_notes text[];
-    v_locked uuid[];
-    v_shared boolean;
     v_tasks uuid[];
     v_queues text[];
     v_msgs bigint[];
@@ -2627,10 +2628,12 @@ BEGIN
     -- the task locks (tasker._lock_tasks): shared when every result shares
     -- (tasker._result_shares_task: the results of one task then apply side
     -- by side, each on its own steps), exclusive otherwise
-    SELECT array_agg(DISTINCT ws.task_uuid), coalesce(bool_and(tasker._result_shares_task(r.success, ws.step_type)), true)
-    INTO v_locked, v_shared
-    FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid;
-    PERFORM tasker._lock_tasks(v_locked, v_shared);
+    -- (in task_uuid order, in one statement: tasker._lock_tasks)
+    PERFORM tasker._take_task_lock(x.task_uuid, x.shared)
+    FROM (SELECT DISTINCT ws.task_uuid,
+                 bool_and(tasker._result_shares_task(r.success, ws.step_type)) OVER () AS shared
+          FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+          ORDER BY ws.task_uuid) x;
 
     -- what each result meets, on its step's row locked (uuid order): a
     -- concurrent result for the same step has committed or waits

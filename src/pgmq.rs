@@ -100,7 +100,11 @@ fn with_plans<R>(queue: &str, f: impl FnOnce(&QueuePlans) -> ApiResult<R>) -> Ap
             )?;
             // pgmq.read's statement (without its conditional filter), from
             // the start of the queue or from a msg_id on; it also returns
-            // the lowest msg_id read (the next read's floor)
+            // the lowest msg_id read (the next read's floor). The messages
+            // read are updated by key (`= ANY`), not joined: the plan is
+            // kept for the session, and one made while the queue's
+            // statistics said it was empty joined the read rows against a
+            // walk of the whole queue, on every read thereafter.
             let read_statement = |from: &str| {
                 format!(
                     "WITH cte AS (
@@ -114,8 +118,7 @@ fn with_plans<R>(queue: &str, f: impl FnOnce(&QueuePlans) -> ApiResult<R>) -> Ap
                      SET last_read_at = clock_timestamp(),
                          vt = clock_timestamp() + make_interval(secs => $2),
                          read_ct = read_ct + 1
-                     FROM cte
-                     WHERE m.msg_id = cte.msg_id
+                     WHERE m.msg_id = ANY (ARRAY(SELECT cte.msg_id FROM cte))
                      RETURNING m.msg_id, m.read_ct, m.message)
                      SELECT array_agg(jsonb_build_object('msg_id', r.msg_id, 'read_ct', r.read_ct,
                                                          'message', r.message) ORDER BY r.msg_id),
