@@ -28,6 +28,29 @@ CREATE TYPE tasker.result_outcome AS (
     note      text
 );
 
+-- A read to make in the middle of applying results (tasker.exchange): what
+-- to read (tasker._read_queues' arguments) and, once read, what was. Made
+-- after the results' messages are archived and before their children are
+-- released: what the results of one task take turns on (a join's row, the
+-- task's row) is then held only from the release to the commit, not
+-- through the read; and the read, which can leave locks on messages it
+-- does not return (a row another worker's read changed after our snapshot
+-- fails the recheck and stays locked), comes after this transaction's
+-- archive, the only place where it waits for queue rows. (Reading before
+-- the archive let two exchanges each wait for the other's archive:
+-- deadlocks within minutes of sustained load, docs/benchmarks.md.)
+CREATE TYPE tasker.read_request AS (
+    namespaces      text[],
+    queues          text[],
+    worker_id       text,
+    qty             integer,
+    vt              integer,
+    -- filled in by the read: each message read ({msg_id, read_ct,
+    -- message}) and its namespace
+    read_namespaces text[],
+    read_msgs       jsonb[]
+);
+
 -- Moves steps to a done state (complete, resolved_manually) with their
 -- results, releases their children, creates what generator steps among
 -- them ask for (with p_dynamic: some may be decision or batchable steps,
@@ -67,8 +90,9 @@ $$;
 --   stale_attempt   the result is for an attempt other than the current one
 --   duplicate       an earlier result in the same batch is for this step
 -- and, for every outcome but applied, a note saying why it was ignored.
-CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text)
-RETURNS tasker.result_outcome[]
+CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text,
+                                      INOUT p_read tasker.read_request DEFAULT NULL,
+                                      OUT outcomes tasker.result_outcome[])
 LANGUAGE plpgsql AS $$
 DECLARE
     v_outcomes text[];
@@ -182,6 +206,13 @@ BEGIN
                 PERFORM tasker._pgmq_archive(q.queue, q.msgs);
             END LOOP;
         END IF;
+    END IF;
+    IF p_read.qty IS NOT NULL THEN
+        -- (tasker.read_request: here, between the archive and the release)
+        SELECT r.namespaces, r.msgs INTO p_read.read_namespaces, p_read.read_msgs
+        FROM tasker._read_queues(p_read.namespaces, p_read.queues, p_read.worker_id, p_read.qty, p_read.vt) r;
+    END IF;
+    IF v_tasks IS NOT NULL THEN
         IF v_success IS NOT NULL THEN
             v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker', v_generators IS NOT NULL);
         END IF;
@@ -227,10 +258,11 @@ BEGIN
             END IF;
         END LOOP;
         IF v_state IS NOT NULL THEN
-            RETURN ARRAY[ROW(p_results[1].step_uuid, v_state, 'applied', NULL)::tasker.result_outcome];
+            outcomes := ARRAY[ROW(p_results[1].step_uuid, v_state, 'applied', NULL)::tasker.result_outcome];
+            RETURN;
         END IF;
     END IF;
-    RETURN ARRAY(
+    outcomes := ARRAY(
         SELECT ROW(r.step_uuid, ws.state, o.outcome, o.note)::tasker.result_outcome
         FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
         JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
@@ -276,12 +308,12 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    o := (tasker._apply_results(
+    o := ((tasker._apply_results(
         ARRAY[ROW(submit_result.step_uuid, sub.success,
                   CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
                   sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
                   tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
-        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END))[1];
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)).outcomes)[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN
@@ -300,8 +332,9 @@ $$;
 -- result: the note says why, nothing of it is applied). 22023 when results
 -- is not an array; 54000 beyond 1,000 elements; 42501 (nothing applied)
 -- when a step belongs to a namespace the caller is no worker in.
-CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
-RETURNS tasker.result_outcome[]
+CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text,
+                                       INOUT p_read tasker.read_request DEFAULT NULL,
+                                       OUT outcomes tasker.result_outcome[])
 LANGUAGE plpgsql AS $$
 DECLARE
     lim bigint := tasker._setting('limits.max_result_bytes');
@@ -309,6 +342,7 @@ DECLARE
     v_problems text[];
     v_results tasker.step_result[];
     v_applied tasker.result_outcome[];
+    v_applied_read record;
     k integer := 0;
     v_out tasker.result_outcome[] := '{}';
 BEGIN
@@ -320,7 +354,8 @@ BEGIN
         RAISE EXCEPTION 'a batch holds at most 1000 results, got %', jsonb_array_length(p_results)
             USING ERRCODE = '54000';
     ELSIF jsonb_array_length(p_results) = 0 THEN
-        RETURN v_out;
+        outcomes := v_out;
+        RETURN;
     END IF;
     SELECT array_agg(u.step_uuid ORDER BY e.i), array_agg(p.problem ORDER BY e.i),
            array_agg(ROW(u.step_uuid, f.success,
@@ -349,7 +384,9 @@ BEGIN
     -- a result for a step of a namespace the caller does not work in refuses the batch
     PERFORM tasker._require_steps(v_steps, 'worker');
     IF v_results IS NOT NULL THEN
-        v_applied := tasker._apply_results(v_results, p_reason);
+        v_applied_read := tasker._apply_results(v_results, p_reason, p_read);
+        p_read := v_applied_read.p_read;
+        v_applied := v_applied_read.outcomes;
     END IF;
     -- the applied ones in order, the rejected ones in their places
     FOR i IN 1 .. cardinality(v_problems) LOOP
@@ -360,7 +397,7 @@ BEGIN
             v_out := v_out || ROW(v_steps[i], NULL, 'rejected', v_problems[i])::tasker.result_outcome;
         END IF;
     END LOOP;
-    RETURN v_out;
+    outcomes := v_out;
 END
 $$;
 
@@ -382,6 +419,6 @@ BEGIN
     SELECT o.step_uuid, o.outcome,
            coalesce(o.state, (SELECT ws.state FROM tasker.workflow_steps ws WHERE ws.step_uuid = o.step_uuid))::text,
            o.note
-    FROM unnest(tasker._submit_results(submit_results.results, 'results submitted')) o;
+    FROM unnest((tasker._submit_results(submit_results.results, 'results submitted')).outcomes) o;
 END
 $$;

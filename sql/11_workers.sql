@@ -239,8 +239,9 @@ $$;
 -- rejected or ignored are reported as NOTICEs, and never stop the others)
 -- and reads up to qty messages from the namespaces' queues (sharing qty
 -- among them, in the order given), marking their steps in_progress (as
--- tasker.read_steps): first what is there, then, with room left, what the
--- results made ready. results may be NULL or [] (only read); qty may be 0
+-- tasker.read_steps): in the middle of applying the results
+-- (tasker.read_request), and with room left, once more after (what the
+-- results made ready). results may be NULL or [] (only read); qty may be 0
 -- (only submit).
 CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb DEFAULT NULL,
                                 qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
@@ -253,13 +254,10 @@ DECLARE
                                        exchange.visibility_timeout_seconds);
     v_queues text[];
     v_outcomes tasker.result_outcome[];
-    v_steps uuid[];
-    v_tasks uuid[];
-    v_shared boolean;
-    v_first record;
+    v_read tasker.read_request;
     v_then record;
-    v_ns text[] := '{}';
-    v_msgs jsonb[] := '{}';
+    v_ns text[];
+    v_msgs jsonb[];
 BEGIN
     IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
         RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
@@ -267,38 +265,19 @@ BEGIN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
     v_queues := tasker._worker_queues(exchange.namespaces);
-    IF jsonb_typeof(exchange.results) = 'array' AND exchange.qty > 0
-       AND jsonb_array_length(exchange.results) BETWEEN 1 AND 1000 THEN
-        -- The results' task locks first, as tasker._apply_results takes
-        -- them (a status other than 'success' counts as a failure: never
-        -- weaker than what it takes), then a read, then the results: what
-        -- the results of one task share (a join's row, the task's row) is
-        -- held from their release to the commit, and the read is not in
-        -- that stretch. (Privileges first: nobody holds the locks of tasks
-        -- they may not touch.)
-        SELECT array_agg(ws.step_uuid), array_agg(DISTINCT ws.task_uuid),
-               coalesce(bool_and(tasker._result_shares_task(e.item ->> 'status' = 'success', ws.step_type)), true)
-        INTO v_steps, v_tasks, v_shared
-        FROM jsonb_array_elements(exchange.results) e(item)
-        JOIN tasker.workflow_steps ws
-          ON ws.step_uuid = tasker._uuid_or_null(CASE WHEN jsonb_typeof(e.item) = 'object'
-                                                      THEN e.item ->> 'step_uuid' END);
-        PERFORM tasker._require_steps(v_steps, 'worker');
-        PERFORM tasker._lock_tasks(v_tasks, v_shared);
-        v_first := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt);
-        v_ns := v_first.namespaces;
-        v_msgs := v_first.msgs;
-    END IF;
+    v_read := ROW(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt, NULL, NULL);
     IF exchange.results IS NOT NULL THEN
-        v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
+        v_then := tasker._submit_results(exchange.results, 'results submitted', v_read);
+        v_read := v_then.p_read;
+        v_outcomes := v_then.outcomes;
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
             IF (v_outcomes[i]).outcome <> 'applied' THEN
                 RAISE NOTICE 'pg_tasker: %', (v_outcomes[i]).note;
             END IF;
         END LOOP;
     END IF;
-    -- the read, or what room it left (the results' children, enqueued by
-    -- this transaction, are readable now)
+    v_ns := coalesce(v_read.read_namespaces, '{}');
+    v_msgs := coalesce(v_read.read_msgs, '{}');
     IF cardinality(v_msgs) < exchange.qty THEN
         v_then := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
                                       exchange.qty - cardinality(v_msgs), v_vt);

@@ -61,10 +61,10 @@ BEGIN
                                               l.read_ct),
                             'error_code', 'LOST_ATTEMPT', 'retryable', true, 'deliveries', l.read_ct) END;
                     -- as a failure the worker would have reported (its message archived)
-                    v_state := (tasker._apply_results(
+                    v_state := (((tasker._apply_results(
                         ARRAY[ROW(s.step_uuid, false, v_error, s.attempts, v_error ->> 'message', true, NULL,
                                   jsonb_build_object('recovered_by', 'orchestrator'))::tasker.step_result],
-                        'attempt recovered'))[1].state;
+                        'attempt recovered')).outcomes)[1]).state;
                     v_recovered := v_recovered || jsonb_build_object(
                         'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct, 'state', v_state);
                 END IF;

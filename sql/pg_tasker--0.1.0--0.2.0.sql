@@ -571,7 +571,7 @@ AS 'MODULE_PATHNAME', '_notify_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:166
+-- src/pgmq.rs:169
 -- pg_tasker::pgmq::_pgmq_archive
 CREATE  FUNCTION "_pgmq_archive"(
 	"queue" TEXT, /* & str */
@@ -583,7 +583,7 @@ AS 'MODULE_PATHNAME', '_pgmq_archive_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:182
+-- src/pgmq.rs:185
 -- pg_tasker::pgmq::_pgmq_read
 
 CREATE FUNCTION tasker."_pgmq_read"(queue text, vt integer, qty integer) RETURNS jsonb[]
@@ -591,7 +591,7 @@ STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '_pgmq_read_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/pgmq.rs:146
+-- src/pgmq.rs:149
 -- pg_tasker::pgmq::_pgmq_send
 CREATE  FUNCTION "_pgmq_send"(
 	"queue" TEXT, /* & str */
@@ -2563,6 +2563,29 @@ CREATE TYPE tasker.result_outcome AS (
     note      text
 );
 
+-- A read to make in the middle of applying results (tasker.exchange): what
+-- to read (tasker._read_queues' arguments) and, once read, what was. Made
+-- after the results' messages are archived and before their children are
+-- released: what the results of one task take turns on (a join's row, the
+-- task's row) is then held only from the release to the commit, not
+-- through the read; and the read, which can leave locks on messages it
+-- does not return (a row another worker's read changed after our snapshot
+-- fails the recheck and stays locked), comes after this transaction's
+-- archive, the only place where it waits for queue rows. (Reading before
+-- the archive let two exchanges each wait for the other's archive:
+-- deadlocks within minutes of sustained load, docs/benchmarks.md.)
+CREATE TYPE tasker.read_request AS (
+    namespaces      text[],
+    queues          text[],
+    worker_id       text,
+    qty             integer,
+    vt              integer,
+    -- filled in by the read: each message read ({msg_id, read_ct,
+    -- message}) and its namespace
+    read_namespaces text[],
+    read_msgs       jsonb[]
+);
+
 -- Moves steps to a done state (complete, resolved_manually) with their
 -- results, releases their children, creates what generator steps among
 -- them ask for (with p_dynamic: some may be decision or batchable steps,
@@ -2602,8 +2625,9 @@ $$;
 --   stale_attempt   the result is for an attempt other than the current one
 --   duplicate       an earlier result in the same batch is for this step
 -- and, for every outcome but applied, a note saying why it was ignored.
-CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text)
-RETURNS tasker.result_outcome[]
+CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text,
+                                      INOUT p_read tasker.read_request DEFAULT NULL,
+                                      OUT outcomes tasker.result_outcome[])
 LANGUAGE plpgsql AS $$
 DECLARE
     v_outcomes text[];
@@ -2717,6 +2741,13 @@ BEGIN
                 PERFORM tasker._pgmq_archive(q.queue, q.msgs);
             END LOOP;
         END IF;
+    END IF;
+    IF p_read.qty IS NOT NULL THEN
+        -- (tasker.read_request: here, between the archive and the release)
+        SELECT r.namespaces, r.msgs INTO p_read.read_namespaces, p_read.read_msgs
+        FROM tasker._read_queues(p_read.namespaces, p_read.queues, p_read.worker_id, p_read.qty, p_read.vt) r;
+    END IF;
+    IF v_tasks IS NOT NULL THEN
         IF v_success IS NOT NULL THEN
             v_moves := tasker._finish_steps(v_success, 'complete', 'completed by worker', v_generators IS NOT NULL);
         END IF;
@@ -2762,10 +2793,11 @@ BEGIN
             END IF;
         END LOOP;
         IF v_state IS NOT NULL THEN
-            RETURN ARRAY[ROW(p_results[1].step_uuid, v_state, 'applied', NULL)::tasker.result_outcome];
+            outcomes := ARRAY[ROW(p_results[1].step_uuid, v_state, 'applied', NULL)::tasker.result_outcome];
+            RETURN;
         END IF;
     END IF;
-    RETURN ARRAY(
+    outcomes := ARRAY(
         SELECT ROW(r.step_uuid, ws.state, o.outcome, o.note)::tasker.result_outcome
         FROM unnest(v_outcomes, v_notes) WITH ORDINALITY AS o(outcome, note, i)
         JOIN unnest(p_results) WITH ORDINALITY AS r(step_uuid, success, payload, attempt, message, retryable,
@@ -2811,12 +2843,12 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    o := (tasker._apply_results(
+    o := ((tasker._apply_results(
         ARRAY[ROW(submit_result.step_uuid, sub.success,
                   CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
                   sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
                   tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
-        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END))[1];
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)).outcomes)[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN
@@ -2835,8 +2867,9 @@ $$;
 -- result: the note says why, nothing of it is applied). 22023 when results
 -- is not an array; 54000 beyond 1,000 elements; 42501 (nothing applied)
 -- when a step belongs to a namespace the caller is no worker in.
-CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text)
-RETURNS tasker.result_outcome[]
+CREATE FUNCTION tasker._submit_results(p_results jsonb, p_reason text,
+                                       INOUT p_read tasker.read_request DEFAULT NULL,
+                                       OUT outcomes tasker.result_outcome[])
 LANGUAGE plpgsql AS $$
 DECLARE
     lim bigint := tasker._setting('limits.max_result_bytes');
@@ -2844,6 +2877,7 @@ DECLARE
     v_problems text[];
     v_results tasker.step_result[];
     v_applied tasker.result_outcome[];
+    v_applied_read record;
     k integer := 0;
     v_out tasker.result_outcome[] := '{}';
 BEGIN
@@ -2855,7 +2889,8 @@ BEGIN
         RAISE EXCEPTION 'a batch holds at most 1000 results, got %', jsonb_array_length(p_results)
             USING ERRCODE = '54000';
     ELSIF jsonb_array_length(p_results) = 0 THEN
-        RETURN v_out;
+        outcomes := v_out;
+        RETURN;
     END IF;
     SELECT array_agg(u.step_uuid ORDER BY e.i), array_agg(p.problem ORDER BY e.i),
            array_agg(ROW(u.step_uuid, f.success,
@@ -2884,7 +2919,9 @@ BEGIN
     -- a result for a step of a namespace the caller does not work in refuses the batch
     PERFORM tasker._require_steps(v_steps, 'worker');
     IF v_results IS NOT NULL THEN
-        v_applied := tasker._apply_results(v_results, p_reason);
+        v_applied_read := tasker._apply_results(v_results, p_reason, p_read);
+        p_read := v_applied_read.p_read;
+        v_applied := v_applied_read.outcomes;
     END IF;
     -- the applied ones in order, the rejected ones in their places
     FOR i IN 1 .. cardinality(v_problems) LOOP
@@ -2895,7 +2932,7 @@ BEGIN
             v_out := v_out || ROW(v_steps[i], NULL, 'rejected', v_problems[i])::tasker.result_outcome;
         END IF;
     END LOOP;
-    RETURN v_out;
+    outcomes := v_out;
 END
 $$;
 
@@ -2917,7 +2954,7 @@ BEGIN
     SELECT o.step_uuid, o.outcome,
            coalesce(o.state, (SELECT ws.state FROM tasker.workflow_steps ws WHERE ws.step_uuid = o.step_uuid))::text,
            o.note
-    FROM unnest(tasker._submit_results(submit_results.results, 'results submitted')) o;
+    FROM unnest((tasker._submit_results(submit_results.results, 'results submitted')).outcomes) o;
 END
 $$;
 /* </end connected objects> */
@@ -3169,8 +3206,9 @@ $$;
 -- rejected or ignored are reported as NOTICEs, and never stop the others)
 -- and reads up to qty messages from the namespaces' queues (sharing qty
 -- among them, in the order given), marking their steps in_progress (as
--- tasker.read_steps): first what is there, then, with room left, what the
--- results made ready. results may be NULL or [] (only read); qty may be 0
+-- tasker.read_steps): in the middle of applying the results
+-- (tasker.read_request), and with room left, once more after (what the
+-- results made ready). results may be NULL or [] (only read); qty may be 0
 -- (only submit).
 CREATE FUNCTION tasker.exchange(namespaces text[], worker_id text, results jsonb DEFAULT NULL,
                                 qty integer DEFAULT 10, visibility_timeout_seconds integer DEFAULT NULL)
@@ -3183,13 +3221,10 @@ DECLARE
                                        exchange.visibility_timeout_seconds);
     v_queues text[];
     v_outcomes tasker.result_outcome[];
-    v_steps uuid[];
-    v_tasks uuid[];
-    v_shared boolean;
-    v_first record;
+    v_read tasker.read_request;
     v_then record;
-    v_ns text[] := '{}';
-    v_msgs jsonb[] := '{}';
+    v_ns text[];
+    v_msgs jsonb[];
 BEGIN
     IF exchange.namespaces IS NULL OR cardinality(exchange.namespaces) = 0 THEN
         RAISE EXCEPTION 'namespaces must name at least one namespace' USING ERRCODE = '22023';
@@ -3197,38 +3232,19 @@ BEGIN
         RAISE EXCEPTION 'qty must be between 0 and 1000, got %', exchange.qty USING ERRCODE = '22023';
     END IF;
     v_queues := tasker._worker_queues(exchange.namespaces);
-    IF jsonb_typeof(exchange.results) = 'array' AND exchange.qty > 0
-       AND jsonb_array_length(exchange.results) BETWEEN 1 AND 1000 THEN
-        -- The results' task locks first, as tasker._apply_results takes
-        -- them (a status other than 'success' counts as a failure: never
-        -- weaker than what it takes), then a read, then the results: what
-        -- the results of one task share (a join's row, the task's row) is
-        -- held from their release to the commit, and the read is not in
-        -- that stretch. (Privileges first: nobody holds the locks of tasks
-        -- they may not touch.)
-        SELECT array_agg(ws.step_uuid), array_agg(DISTINCT ws.task_uuid),
-               coalesce(bool_and(tasker._result_shares_task(e.item ->> 'status' = 'success', ws.step_type)), true)
-        INTO v_steps, v_tasks, v_shared
-        FROM jsonb_array_elements(exchange.results) e(item)
-        JOIN tasker.workflow_steps ws
-          ON ws.step_uuid = tasker._uuid_or_null(CASE WHEN jsonb_typeof(e.item) = 'object'
-                                                      THEN e.item ->> 'step_uuid' END);
-        PERFORM tasker._require_steps(v_steps, 'worker');
-        PERFORM tasker._lock_tasks(v_tasks, v_shared);
-        v_first := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt);
-        v_ns := v_first.namespaces;
-        v_msgs := v_first.msgs;
-    END IF;
+    v_read := ROW(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt, NULL, NULL);
     IF exchange.results IS NOT NULL THEN
-        v_outcomes := tasker._submit_results(exchange.results, 'results submitted');
+        v_then := tasker._submit_results(exchange.results, 'results submitted', v_read);
+        v_read := v_then.p_read;
+        v_outcomes := v_then.outcomes;
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
             IF (v_outcomes[i]).outcome <> 'applied' THEN
                 RAISE NOTICE 'pg_tasker: %', (v_outcomes[i]).note;
             END IF;
         END LOOP;
     END IF;
-    -- the read, or what room it left (the results' children, enqueued by
-    -- this transaction, are readable now)
+    v_ns := coalesce(v_read.read_namespaces, '{}');
+    v_msgs := coalesce(v_read.read_msgs, '{}');
     IF cardinality(v_msgs) < exchange.qty THEN
         v_then := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
                                       exchange.qty - cardinality(v_msgs), v_vt);
@@ -3751,10 +3767,10 @@ BEGIN
                                               l.read_ct),
                             'error_code', 'LOST_ATTEMPT', 'retryable', true, 'deliveries', l.read_ct) END;
                     -- as a failure the worker would have reported (its message archived)
-                    v_state := (tasker._apply_results(
+                    v_state := (((tasker._apply_results(
                         ARRAY[ROW(s.step_uuid, false, v_error, s.attempts, v_error ->> 'message', true, NULL,
                                   jsonb_build_object('recovered_by', 'orchestrator'))::tasker.step_result],
-                        'attempt recovered'))[1].state;
+                        'attempt recovered')).outcomes)[1]).state;
                     v_recovered := v_recovered || jsonb_build_object(
                         'step_uuid', c.step_uuid, 'kind', c.kind, 'deliveries', l.read_ct, 'state', v_state);
                 END IF;
