@@ -2026,10 +2026,16 @@ BEGIN
     IF coalesce(cardinality(p_candidates), 0) = 0 THEN
         RETURN '{}';
     END IF;
+    -- (a candidate all of whose parents this operation releases needs no
+    -- lock: nobody else can release it, and only exclusive task locks
+    -- change its parents; so a chain's child and a fan-out's branches are
+    -- not locked)
     PERFORM 1 FROM tasker.workflow_steps s
-    WHERE s.step_uuid IN (SELECT r.step_uuid FROM unnest(p_candidates) r)
+    JOIN (SELECT r.step_uuid, sum(r.released) AS released FROM unnest(p_candidates) r GROUP BY r.step_uuid) c
+      ON c.step_uuid = s.step_uuid
+    WHERE s.total_parents > c.released
     ORDER BY s.step_uuid
-    FOR NO KEY UPDATE;
+    FOR NO KEY UPDATE OF s;
     -- Readiness is decided once per candidate, on its row as the lock
     -- holds it (only holders of the task lock change a pending or waiting
     -- step); every row changes once. The moves pending -> enqueued and
