@@ -75,8 +75,9 @@ $$;
 
 -- Applies results, in one transaction: takes their tasks' locks (shared
 -- when all are successes of steps that create none: 04_transitions.sql),
--- decides what each result meets on its locked step row, archives the messages of the accepted
--- ones, completes or fails their attempts (the retry policy:
+-- decides what each result meets on its locked step row, archives the
+-- messages of the accepted ones, makes the read of p_read (if any),
+-- completes or fails their attempts (the retry policy:
 -- pg_tasker_core::retry through tasker._retry_decision), releases and
 -- enqueues what became ready (a retry due at once included), and settles
 -- the tasks. Per result, in the order given: its step's state afterwards
@@ -114,10 +115,10 @@ DECLARE
     v_state tasker.step_state;
     q record;
 BEGIN
-    -- the task locks (tasker._lock_tasks): shared when every result shares
+    -- the task locks, in task_uuid order: shared when every result shares
     -- (tasker._result_shares_task: the results of one task then apply side
-    -- by side, each on its own steps), exclusive otherwise
-    -- (in task_uuid order, in one statement: tasker._lock_tasks)
+    -- by side, each on its own steps), exclusive otherwise (tasker._lock_tasks'
+    -- statement with the mode decided in it: one statement on the hot path)
     PERFORM tasker._take_task_lock(x.task_uuid, x.shared)
     FROM (SELECT DISTINCT ws.task_uuid,
                  bool_and(tasker._result_shares_task(r.success, ws.step_type)) OVER () AS shared

@@ -255,7 +255,8 @@ DECLARE
     v_queues text[];
     v_outcomes tasker.result_outcome[];
     v_read tasker.read_request;
-    v_then record;
+    v_submitted record;
+    v_more record;
     v_ns text[];
     v_msgs jsonb[];
 BEGIN
@@ -267,9 +268,9 @@ BEGIN
     v_queues := tasker._worker_queues(exchange.namespaces);
     v_read := ROW(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt, NULL, NULL);
     IF exchange.results IS NOT NULL THEN
-        v_then := tasker._submit_results(exchange.results, 'results submitted', v_read);
-        v_read := v_then.p_read;
-        v_outcomes := v_then.outcomes;
+        v_submitted := tasker._submit_results(exchange.results, 'results submitted', v_read);
+        v_read := v_submitted.p_read;
+        v_outcomes := v_submitted.outcomes;
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
             IF (v_outcomes[i]).outcome <> 'applied' THEN
                 RAISE NOTICE 'pg_tasker: %', (v_outcomes[i]).note;
@@ -279,10 +280,10 @@ BEGIN
     v_ns := coalesce(v_read.read_namespaces, '{}');
     v_msgs := coalesce(v_read.read_msgs, '{}');
     IF cardinality(v_msgs) < exchange.qty THEN
-        v_then := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
+        v_more := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
                                       exchange.qty - cardinality(v_msgs), v_vt);
-        v_ns := v_ns || v_then.namespaces;
-        v_msgs := v_msgs || v_then.msgs;
+        v_ns := v_ns || v_more.namespaces;
+        v_msgs := v_msgs || v_more.msgs;
     END IF;
     IF cardinality(v_msgs) > 0 THEN
         RETURN QUERY

@@ -390,6 +390,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    t record;
     s record;
 BEGIN
     IF checkpoint.step_uuid IS NULL OR checkpoint.checkpoint IS NULL THEN
@@ -397,16 +398,10 @@ BEGIN
     END IF;
     PERFORM tasker._require_steps(ARRAY[checkpoint.step_uuid], 'worker');
     PERFORM tasker._check_payload_size(checkpoint.checkpoint, 'limits.max_result_bytes', 'the checkpoint');
-    -- lock order: the task, then the step
-    PERFORM tasker._lock_task_of_step(checkpoint.step_uuid);
-    SELECT ws.state, ws.attempts, ws.queue_msg_id, n.queue_name INTO s
-    FROM tasker.workflow_steps ws
-    JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
-    JOIN tasker.namespaces n ON n.name = t.namespace_name
-    WHERE ws.step_uuid = checkpoint.step_uuid;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'step % does not exist', checkpoint.step_uuid USING ERRCODE = 'P0002';
-    END IF;
+    -- lock order: the task, then the step (P0002 when there is no such step)
+    t := tasker._lock_task_of_step(checkpoint.step_uuid);
+    SELECT ws.state, ws.attempts, ws.queue_msg_id INTO s
+    FROM tasker.workflow_steps ws WHERE ws.step_uuid = checkpoint.step_uuid;
     IF tasker.step_state_class(s.state) <> 'out' OR s.attempts <> coalesce(checkpoint.attempt, s.attempts) THEN
         RETURN false;
     END IF;
@@ -414,7 +409,7 @@ BEGIN
     SET checkpoint = checkpoint.checkpoint, checkpointed_at = now()
     WHERE ws.step_uuid = checkpoint.step_uuid;
     -- the message as it will be redelivered
-    PERFORM tasker._pgmq_merge_message(s.queue_name, s.queue_msg_id,
+    PERFORM tasker._pgmq_merge_message(t.queue_name, s.queue_msg_id,
                                        jsonb_build_object('checkpoint', checkpoint.checkpoint));
     RETURN true;
 END

@@ -2616,8 +2616,9 @@ $$;
 
 -- Applies results, in one transaction: takes their tasks' locks (shared
 -- when all are successes of steps that create none: 04_transitions.sql),
--- decides what each result meets on its locked step row, archives the messages of the accepted
--- ones, completes or fails their attempts (the retry policy:
+-- decides what each result meets on its locked step row, archives the
+-- messages of the accepted ones, makes the read of p_read (if any),
+-- completes or fails their attempts (the retry policy:
 -- pg_tasker_core::retry through tasker._retry_decision), releases and
 -- enqueues what became ready (a retry due at once included), and settles
 -- the tasks. Per result, in the order given: its step's state afterwards
@@ -2655,10 +2656,10 @@ DECLARE
     v_state tasker.step_state;
     q record;
 BEGIN
-    -- the task locks (tasker._lock_tasks): shared when every result shares
+    -- the task locks, in task_uuid order: shared when every result shares
     -- (tasker._result_shares_task: the results of one task then apply side
-    -- by side, each on its own steps), exclusive otherwise
-    -- (in task_uuid order, in one statement: tasker._lock_tasks)
+    -- by side, each on its own steps), exclusive otherwise (tasker._lock_tasks'
+    -- statement with the mode decided in it: one statement on the hot path)
     PERFORM tasker._take_task_lock(x.task_uuid, x.shared)
     FROM (SELECT DISTINCT ws.task_uuid,
                  bool_and(tasker._result_shares_task(r.success, ws.step_type)) OVER () AS shared
@@ -3228,7 +3229,8 @@ DECLARE
     v_queues text[];
     v_outcomes tasker.result_outcome[];
     v_read tasker.read_request;
-    v_then record;
+    v_submitted record;
+    v_more record;
     v_ns text[];
     v_msgs jsonb[];
 BEGIN
@@ -3240,9 +3242,9 @@ BEGIN
     v_queues := tasker._worker_queues(exchange.namespaces);
     v_read := ROW(exchange.namespaces, v_queues, exchange.worker_id, exchange.qty, v_vt, NULL, NULL);
     IF exchange.results IS NOT NULL THEN
-        v_then := tasker._submit_results(exchange.results, 'results submitted', v_read);
-        v_read := v_then.p_read;
-        v_outcomes := v_then.outcomes;
+        v_submitted := tasker._submit_results(exchange.results, 'results submitted', v_read);
+        v_read := v_submitted.p_read;
+        v_outcomes := v_submitted.outcomes;
         FOR i IN 1 .. coalesce(cardinality(v_outcomes), 0) LOOP
             IF (v_outcomes[i]).outcome <> 'applied' THEN
                 RAISE NOTICE 'pg_tasker: %', (v_outcomes[i]).note;
@@ -3252,10 +3254,10 @@ BEGIN
     v_ns := coalesce(v_read.read_namespaces, '{}');
     v_msgs := coalesce(v_read.read_msgs, '{}');
     IF cardinality(v_msgs) < exchange.qty THEN
-        v_then := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
+        v_more := tasker._read_queues(exchange.namespaces, v_queues, exchange.worker_id,
                                       exchange.qty - cardinality(v_msgs), v_vt);
-        v_ns := v_ns || v_then.namespaces;
-        v_msgs := v_msgs || v_then.msgs;
+        v_ns := v_ns || v_more.namespaces;
+        v_msgs := v_msgs || v_more.msgs;
     END IF;
     IF cardinality(v_msgs) > 0 THEN
         RETURN QUERY
@@ -4940,6 +4942,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    t record;
     s record;
 BEGIN
     IF checkpoint.step_uuid IS NULL OR checkpoint.checkpoint IS NULL THEN
@@ -4947,16 +4950,10 @@ BEGIN
     END IF;
     PERFORM tasker._require_steps(ARRAY[checkpoint.step_uuid], 'worker');
     PERFORM tasker._check_payload_size(checkpoint.checkpoint, 'limits.max_result_bytes', 'the checkpoint');
-    -- lock order: the task, then the step
-    PERFORM tasker._lock_task_of_step(checkpoint.step_uuid);
-    SELECT ws.state, ws.attempts, ws.queue_msg_id, n.queue_name INTO s
-    FROM tasker.workflow_steps ws
-    JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
-    JOIN tasker.namespaces n ON n.name = t.namespace_name
-    WHERE ws.step_uuid = checkpoint.step_uuid;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'step % does not exist', checkpoint.step_uuid USING ERRCODE = 'P0002';
-    END IF;
+    -- lock order: the task, then the step (P0002 when there is no such step)
+    t := tasker._lock_task_of_step(checkpoint.step_uuid);
+    SELECT ws.state, ws.attempts, ws.queue_msg_id INTO s
+    FROM tasker.workflow_steps ws WHERE ws.step_uuid = checkpoint.step_uuid;
     IF tasker.step_state_class(s.state) <> 'out' OR s.attempts <> coalesce(checkpoint.attempt, s.attempts) THEN
         RETURN false;
     END IF;
@@ -4964,7 +4961,7 @@ BEGIN
     SET checkpoint = checkpoint.checkpoint, checkpointed_at = now()
     WHERE ws.step_uuid = checkpoint.step_uuid;
     -- the message as it will be redelivered
-    PERFORM tasker._pgmq_merge_message(s.queue_name, s.queue_msg_id,
+    PERFORM tasker._pgmq_merge_message(t.queue_name, s.queue_msg_id,
                                        jsonb_build_object('checkpoint', checkpoint.checkpoint));
     RETURN true;
 END
