@@ -159,6 +159,13 @@ BEGIN
 END
 $$;
 
+-- The payload of a task event (tasker.events_channel()).
+CREATE FUNCTION tasker._task_event(p_task uuid, p_namespace text, p_state tasker.task_state,
+                                   p_from tasker.task_state) RETURNS text
+LANGUAGE sql STABLE
+RETURN json_build_object('task_uuid', p_task, 'namespace', p_namespace, 'state', p_state,
+                         'from_state', p_from)::text;
+
 -- The end of every operation that moved steps, and the one writer of a
 -- task's state: for each task the moves touched (and each of p_tasks, moved
 -- or not), the step counters take the moves (by class,
@@ -264,8 +271,7 @@ BEGIN
     SELECT array_agg(u.task_uuid ORDER BY u.task_uuid), array_agg(u.to_state ORDER BY u.task_uuid),
            (SELECT count(*) FROM n), array_agg(u.to_state) FILTER (WHERE u.to_state <> u.from_state),
            bool_or(u.next_action_at IS NOT NULL),
-           array_agg(json_build_object('task_uuid', u.task_uuid, 'namespace', u.namespace_name,
-                                       'state', u.to_state, 'from_state', u.from_state)::text)
+           array_agg(tasker._task_event(u.task_uuid, u.namespace_name, u.to_state, u.from_state))
                FILTER (WHERE u.to_state <> u.from_state AND tasker.task_state_is_event(u.to_state)),
            (SELECT string_agg(format('task %s cannot move from %s to %s', n.task_uuid, n.from_state, n.to_state), '; ')
             FROM n WHERE n.to_state <> n.from_state AND NOT tasker.task_move_is_legal(n.from_state, n.to_state))

@@ -22,6 +22,61 @@ BEGIN
 END
 $$;
 
+-- The message of a step's attempt (docs/worker-protocol.md): everything a
+-- worker needs, from the step's row as its enqueue leaves it, its task's
+-- row and the results of its parents (dependency_results: {name: results}
+-- of the parents over edges that are not gates). (An SQL expression,
+-- inlined where the enqueue builds its messages.)
+CREATE FUNCTION tasker._step_message(p_task uuid, p_step uuid, p_namespace text, p_task_name text,
+                                     p_task_version text, p_step_name text, p_callable text, p_method text,
+                                     p_inputs jsonb, p_context jsonb, p_map_index integer, p_map_item jsonb,
+                                     p_checkpoint jsonb, p_attempt integer, p_budget_offset integer,
+                                     p_max_attempts integer, p_timeout_seconds integer, p_correlation_id uuid,
+                                     p_traceparent text, p_dependency_results jsonb)
+RETURNS jsonb LANGUAGE sql STABLE
+RETURN jsonb_build_object(
+    'message_version', 1,
+    'task_uuid', p_task,
+    'step_uuid', p_step,
+    'namespace', p_namespace,
+    'task_name', p_task_name,
+    'task_version', p_task_version,
+    'step_name', p_step_name,
+    'handler', jsonb_build_object('callable', p_callable, 'method', p_method, 'initialization', p_inputs),
+    -- (a map element carries its item instead: the context once per
+    -- element would make a wide map's messages quadratic)
+    'task_context', CASE WHEN p_map_index IS NULL THEN p_context END,
+    'dependency_results', p_dependency_results,
+    'attempt', p_attempt,
+    'budget_attempt', p_attempt - p_budget_offset,
+    'max_attempts', p_max_attempts,
+    'timeout_seconds', p_timeout_seconds,
+    'correlation_id', p_correlation_id,
+    'traceparent', p_traceparent,
+    'enqueued_at', now())
+    -- map elements: their index and item; resumed steps: their checkpoint
+    || CASE WHEN p_map_index IS NULL THEN '{}'
+            ELSE jsonb_build_object('map_index', p_map_index, 'map_item', p_map_item) END
+    || CASE WHEN p_checkpoint IS NULL THEN '{}' ELSE jsonb_build_object('checkpoint', p_checkpoint) END;
+
+-- Wakes the idle workers of queues that were just sent messages (delivered
+-- at commit, once per transaction): a NOTIFY on the wake channel of each
+-- queue a worker waits on (tasker.worker_idle). Sent directly, not through
+-- the orchestrator's relay (tasker._notify): a worker waits only when the
+-- queue is idle, so NOTIFY's commit lock costs nothing then, and the
+-- relay's hop would add milliseconds to the wakeup. Callers look first
+-- whether anyone waits at all (tasker._anyone_waits).
+CREATE FUNCTION tasker._wake_workers(p_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q), '')
+    FROM unnest(p_queues) q
+    -- (written here, not as tasker.worker_idle's SQL function: one with a
+    -- subquery is not inlined)
+    WHERE EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q);
+END
+$$;
+
 -- Releases and enqueues, in one statement: each candidate's
 -- pending_parents counts down by `released`; those that are then ready
 -- (tasker.step_is_ready) move to enqueued (a new attempt, a new msg_id from
@@ -104,38 +159,16 @@ BEGIN
     ), sent AS (
         SELECT e.queue_name,
                tasker._pgmq_send(e.queue_name, array_agg(e.queue_msg_id ORDER BY e.queue_msg_id),
-                                 array_agg(jsonb_build_object(
-                'message_version', 1,
-                'task_uuid', e.task_uuid,
-                'step_uuid', e.step_uuid,
-                'namespace', e.namespace_name,
-                'task_name', e.task_name,
-                'task_version', e.task_version,
-                'step_name', e.name,
-                'handler', jsonb_build_object('callable', e.handler_callable,
-                                              'method', e.handler_method,
-                                              'initialization', e.inputs),
-                -- (a map element carries its item instead: the context once
-                -- per element would make a wide map's messages quadratic)
-                'task_context', CASE WHEN e.map_index IS NULL THEN e.context END,
-                -- (gate edges carry no result)
-                'dependency_results', (
-                    SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
-                    FROM tasker.step_edges pe
-                    JOIN tasker.workflow_steps p ON p.step_uuid = pe.from_step_uuid
-                    WHERE pe.to_step_uuid = e.step_uuid AND NOT pe.gate),
-                'attempt', e.attempts,
-                'budget_attempt', e.attempts - e.budget_offset,
-                'max_attempts', e.max_attempts,
-                'timeout_seconds', e.timeout_seconds,
-                'correlation_id', e.correlation_id,
-                'traceparent', e.traceparent,
-                'enqueued_at', now())
-                -- map elements: their index and item; resumed steps: their checkpoint
-                || CASE WHEN e.map_index IS NULL THEN '{}'
-                        ELSE jsonb_build_object('map_index', e.map_index, 'map_item', e.map_item) END
-                || CASE WHEN e.checkpoint IS NULL THEN '{}'
-                        ELSE jsonb_build_object('checkpoint', e.checkpoint) END
+                                 array_agg(tasker._step_message(
+                    e.task_uuid, e.step_uuid, e.namespace_name, e.task_name, e.task_version, e.name,
+                    e.handler_callable, e.handler_method, e.inputs, e.context, e.map_index, e.map_item,
+                    e.checkpoint, e.attempts, e.budget_offset, e.max_attempts, e.timeout_seconds,
+                    e.correlation_id, e.traceparent,
+                    -- (gate edges carry no result)
+                    (SELECT coalesce(jsonb_object_agg(p.name, p.results), '{}')
+                     FROM tasker.step_edges pe
+                     JOIN tasker.workflow_steps p ON p.step_uuid = pe.from_step_uuid
+                     WHERE pe.to_step_uuid = e.step_uuid AND NOT pe.gate))
                 ORDER BY e.queue_msg_id)) AS n
             FROM enq e
             GROUP BY e.queue_name
@@ -146,19 +179,10 @@ BEGIN
            (SELECT array_agg(m.step_uuid ORDER BY m.step_uuid) FROM m WHERE m.map_ready),
            (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
     INTO v_moves, v_maps, v_sent;
-    -- wake idle workers of those queues (delivered at commit, once per
-    -- transaction); nobody waits most of the time under load, and then
-    -- there is nothing to look at
+    -- wake idle workers of those queues (nobody waits most of the time
+    -- under load: tasker._anyone_waits, then there is nothing to look at)
     IF v_sent IS NOT NULL AND tasker._anyone_waits() THEN
-        -- sent directly, not through the orchestrator's relay
-        -- (tasker._notify): a worker waits only when the queue is idle, so
-        -- NOTIFY's commit lock costs nothing then, and the relay's hop
-        -- would add milliseconds to the wakeup
-        PERFORM pg_catalog.pg_notify(tasker.wake_channel_of_queue(q), '')
-        FROM unnest(v_sent) q
-        -- (a worker waits on the queue: tasker.worker_idle; written here,
-        -- as an SQL function with a subquery is not inlined)
-        WHERE EXISTS (SELECT 1 FROM tasker.worker_waits w WHERE w.queue_name = q);
+        PERFORM tasker._wake_workers(v_sent);
     END IF;
     IF v_maps IS NOT NULL THEN
         v_moves := v_moves || tasker._run_maps(v_maps);

@@ -282,6 +282,210 @@ RETURNS jsonb LANGUAGE sql STABLE
 RETURN jsonb_strip_nulls(jsonb_build_object(
     'worker_id', p_worker_id, 'execution_time_ms', p_execution_time_ms, 'metadata', p_metadata));
 
+-- A worker's success for a step whose children have it as their only
+-- parent (a chain's next step, a fan-out's branches, none: the last step),
+-- the common case, in one statement: what tasker._apply_results does for it
+-- through tasker._move_steps, tasker._enqueue_steps and tasker._settle_tasks
+-- (the step completed with its audit row, its message archived, each child
+-- released and enqueued with its audit row and message, the task's counters,
+-- state and audit row), at a third of the cost (docs/benchmarks.md). The
+-- same rules: tests::results::alone_and_general_paths_leave_the_same_rows
+-- runs one workflow through both and compares every row and message. Locks
+-- as tasker._apply_results does (the task lock shared, then the step row,
+-- the children, the task row); the children need no lock of their own
+-- beyond their UPDATE (nobody else can release them), and their messages
+-- take the result from here (dependency_results: the parent's row is
+-- changed by this statement, which sees it as it was). Returns the step's
+-- state afterwards, or NULL when the result is not one for this path
+-- (a failure, a step that creates steps, a child with other parents or a
+-- map step, a result that is not for the current attempt of a step out
+-- with a worker of an unfinished task): then nothing is done and the
+-- caller applies it through tasker._apply_results (which says why).
+CREATE FUNCTION tasker._complete_alone(p_result tasker.step_result, p_reason text)
+RETURNS tasker.step_state
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done integer;
+    v_task uuid;
+    v_namespace text;
+    v_from tasker.task_state;
+    v_to tasker.task_state;
+    v_enqueued integer;
+    v_sent text[];
+    v_due boolean;
+BEGIN
+    -- (tasker._apply_results' lock statement, for one result)
+    PERFORM tasker._take_task_lock(ws.task_uuid, true)
+    FROM tasker.workflow_steps ws
+    WHERE ws.step_uuid = p_result.step_uuid AND tasker._result_shares_task(p_result.success, ws.step_type);
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- the step's task and queue (what the task lock keeps as it is: the
+    -- task cannot finish while the step is out; MATERIALIZED: a filter on
+    -- the task's state pushed down into it makes the plan walk the index
+    -- of active tasks, tasks_active_state_idx)
+    WITH st AS MATERIALIZED (
+        SELECT s.step_uuid, t.task_uuid, t.state AS task_state, t.namespace_name, t.task_name, t.task_version,
+               t.context, t.correlation_id, t.traceparent, n.queue_name, n.queue_seq
+        FROM tasker.workflow_steps s
+        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+        JOIN tasker.namespaces n ON n.name = t.namespace_name
+        WHERE s.step_uuid = p_result.step_uuid
+    ), done AS (
+        -- (tasker._move_steps to complete; the conditions are the outcome
+        -- applied of tasker._apply_results, rechecked on the locked row)
+        UPDATE tasker.workflow_steps s
+        SET previous_state = s.state,
+            state          = 'complete',
+            transitions    = s.transitions + 1,
+            updated_at     = now(),
+            results        = p_result.payload,
+            next_retry_at  = NULL,
+            completed_at   = now()
+        FROM st
+        WHERE s.step_uuid = st.step_uuid
+          AND tasker.step_state_class(s.state) = 'out'
+          AND (p_result.attempt IS NULL OR s.attempts = p_result.attempt)
+          AND NOT tasker.task_state_is_terminal(st.task_state)
+          AND tasker.step_move_is_legal(s.state, 'complete')
+          AND NOT EXISTS (SELECT 1 FROM tasker.step_edges e
+                          JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
+                          WHERE e.from_step_uuid = s.step_uuid AND (c.total_parents > 1 OR c.step_type = 'map'))
+        RETURNING s.step_uuid, s.name, s.previous_state, s.attempts, s.queue_msg_id, s.transitions, st.task_uuid,
+                  st.namespace_name, st.task_name, st.task_version, st.context, st.correlation_id, st.traceparent,
+                  st.queue_name, st.queue_seq
+    ), done_audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT d.step_uuid, d.transitions, d.previous_state, 'complete', 'completed by worker',
+               coalesce(p_result.audit, '{}') || jsonb_build_object('attempt', d.attempts)
+        FROM done d
+    ), archived AS (
+        SELECT tasker._pgmq_archive(d.queue_name, ARRAY[d.queue_msg_id]) AS n FROM done d
+    ), kids AS (
+        -- (tasker._enqueue_steps for candidates with released = 1 = total_parents)
+        UPDATE tasker.workflow_steps s
+        SET pending_parents = s.pending_parents - 1,
+            previous_state  = CASE WHEN r.ready THEN s.state ELSE s.previous_state END,
+            state           = CASE WHEN r.ready THEN 'enqueued' ELSE s.state END,
+            transitions     = s.transitions + r.ready::integer,
+            updated_at      = now(),
+            attempts        = s.attempts + r.ready::integer,
+            queue_msg_id    = CASE WHEN r.ready THEN nextval(d.queue_seq) ELSE s.queue_msg_id END,
+            enqueued_at     = CASE WHEN r.ready THEN now() ELSE s.enqueued_at END,
+            started_at      = CASE WHEN r.ready THEN NULL ELSE s.started_at END,
+            next_retry_at   = CASE WHEN r.ready THEN NULL ELSE s.next_retry_at END
+        FROM done d
+        JOIN tasker.step_edges e ON e.from_step_uuid = d.step_uuid
+        JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
+        CROSS JOIN LATERAL (SELECT tasker.step_is_ready(c.state, c.pending_parents - 1, c.next_retry_at, now())
+                                   AS ready) r
+        WHERE s.step_uuid = c.step_uuid
+        RETURNING s.step_uuid, s.previous_state, s.attempts, s.budget_offset, s.queue_msg_id, s.transitions,
+                  s.name, s.handler_callable, s.handler_method, s.inputs, s.max_attempts, s.timeout_seconds,
+                  s.map_index, s.map_item, s.checkpoint, r.ready, e.gate, d.name AS parent_name, d.task_uuid,
+                  d.namespace_name, d.task_name, d.task_version, d.context, d.correlation_id, d.traceparent,
+                  d.queue_name
+    ), kids_audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT k.step_uuid, k.transitions, k.previous_state, 'enqueued', 'ready', jsonb_build_object('attempt', k.attempts)
+        FROM kids k
+        WHERE k.ready
+    ), sent AS (
+        SELECT e.queue_name,
+               tasker._pgmq_send(e.queue_name, array_agg(e.queue_msg_id ORDER BY e.queue_msg_id),
+                                 array_agg(tasker._step_message(
+                    e.task_uuid, e.step_uuid, e.namespace_name, e.task_name, e.task_version, e.name,
+                    e.handler_callable, e.handler_method, e.inputs, e.context, e.map_index, e.map_item,
+                    e.checkpoint, e.attempts, e.budget_offset, e.max_attempts, e.timeout_seconds,
+                    e.correlation_id, e.traceparent,
+                    CASE WHEN e.gate THEN '{}' ELSE jsonb_build_object(e.parent_name, p_result.payload) END)
+                ORDER BY e.queue_msg_id)) AS n
+        FROM kids e
+        WHERE e.ready
+        GROUP BY e.queue_name
+    ), locked AS (
+        -- the task row, last (after the messages: sent is evaluated first),
+        -- as it is once locked
+        SELECT t.task_uuid, t.state, t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting, t.steps_done,
+               t.steps_error, t.steps_cancelled,
+               (SELECT count(*) FILTER (WHERE k.ready) FROM kids k)::integer AS enqueued
+        FROM tasker.tasks t
+        WHERE t.task_uuid = (SELECT d.task_uuid FROM done d)
+          AND (SELECT count(*) FROM sent) >= 0
+        FOR NO KEY UPDATE
+    ), n AS (
+        -- (tasker._settle_tasks: the counters take the moves, the state is
+        -- decided from them)
+        SELECT l.*, l.steps_pending - l.enqueued AS pending, l.steps_out - 1 + l.enqueued AS out,
+               l.steps_done + 1 AS done, s.execution_status,
+               s.task_state::tasker.task_state AS to_state
+        FROM locked l
+        CROSS JOIN LATERAL tasker._task_status(l.steps_total, l.steps_pending - l.enqueued,
+                                               l.steps_out - 1 + l.enqueued, l.steps_waiting, l.steps_done + 1,
+                                               l.steps_error, l.steps_cancelled, 0) s
+    ), settled AS (
+        UPDATE tasker.tasks k
+        SET steps_pending    = n.pending,
+            steps_out        = n.out,
+            steps_done       = n.done,
+            state            = n.to_state,
+            transitions      = k.transitions + (n.to_state <> n.state)::integer,
+            updated_at       = now(),
+            completed_at     = CASE WHEN n.to_state = n.state THEN k.completed_at
+                                    WHEN tasker.task_state_is_terminal(n.to_state) THEN now() END,
+            next_action_at   = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL
+                                    WHEN k.steps_waiting = 0 THEN NULL
+                                    ELSE (SELECT min(s.next_retry_at) FROM tasker.workflow_steps s
+                                          WHERE s.task_uuid = k.task_uuid AND s.next_retry_at IS NOT NULL) END,
+            claimed_by       = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL ELSE k.claimed_by END,
+            claim_expires_at = CASE WHEN tasker.task_state_is_terminal(n.to_state) THEN NULL
+                                    ELSE k.claim_expires_at END
+        FROM n
+        WHERE k.task_uuid = n.task_uuid
+          AND (n.to_state = n.state OR tasker.task_move_is_legal(n.state, n.to_state))
+        RETURNING k.task_uuid, k.namespace_name, n.state AS from_state, k.state AS to_state, k.transitions,
+                  n.execution_status, k.next_action_at, n.enqueued
+    ), settled_audit AS (
+        INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata)
+        SELECT u.task_uuid, u.transitions, u.from_state, u.to_state, p_reason,
+               jsonb_build_object('execution_status', u.execution_status)
+        FROM settled u
+        WHERE u.to_state <> u.from_state
+    )
+    SELECT (SELECT count(*) FROM done), u.task_uuid, u.namespace_name, u.from_state, u.to_state, u.enqueued,
+           u.next_action_at IS NOT NULL, (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
+    INTO v_done, v_task, v_namespace, v_from, v_to, v_enqueued, v_due, v_sent
+    FROM (SELECT count(*) FROM archived) a
+    LEFT JOIN settled u ON true;
+    IF v_done = 0 THEN
+        RETURN NULL;
+    ELSIF v_task IS NULL THEN
+        RAISE EXCEPTION 'pg_tasker internal error: task of step % cannot be settled', p_result.step_uuid
+            USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
+    END IF;
+    -- (what tasker._settle_tasks and tasker._enqueue_steps do after their
+    -- statements)
+    PERFORM tasker._count_moves('step', 'complete', 1);
+    IF v_enqueued > 0 THEN
+        PERFORM tasker._count_moves('step', 'enqueued', v_enqueued);
+        IF tasker._anyone_waits() THEN
+            PERFORM tasker._wake_workers(v_sent);
+        END IF;
+    END IF;
+    IF v_to <> v_from THEN
+        PERFORM tasker._count_moves('task', v_to::text, 1);
+        IF tasker.task_state_is_event(v_to) THEN
+            PERFORM tasker._notify(tasker.events_channel(), tasker._task_event(v_task, v_namespace, v_to, v_from));
+        END IF;
+    END IF;
+    IF v_due THEN
+        PERFORM tasker._wake_orchestrator();
+    END IF;
+    RETURN 'complete';
+END
+$$;
+
 -- tasker.submit_result(step_uuid, status, result, error, metadata) RETURNS text:
 -- a worker reports the outcome of an attempt. In one transaction: the
 -- message is archived, the attempt settled, children released and enqueued,
@@ -295,7 +499,9 @@ AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
+    r tasker.step_result;
     o tasker.result_outcome;
+    v_state tasker.step_state;
 BEGIN
     IF submit_result.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
@@ -309,12 +515,20 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    o := ((tasker._apply_results(
-        ARRAY[ROW(submit_result.step_uuid, sub.success,
-                  CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
-                  sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
-                  tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
-        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)).outcomes)[1];
+    r := ROW(submit_result.step_uuid, sub.success,
+             CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
+             sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
+             tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata));
+    -- the common case in one statement; everything else (and what it
+    -- leaves: the reason a result is ignored) through tasker._apply_results
+    IF sub.success THEN
+        v_state := tasker._complete_alone(r, 'step completed');
+        IF v_state IS NOT NULL THEN
+            RETURN v_state::text;
+        END IF;
+    END IF;
+    o := ((tasker._apply_results(ARRAY[r], CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)
+          ).outcomes)[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN

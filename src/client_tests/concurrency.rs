@@ -193,6 +193,63 @@ fn sibling_results_release_their_join_once_with_both_results() {
     }
 }
 
+/// Sibling results that each release only their own children (the
+/// one-statement path, tasker._complete_alone) apply side by side: the
+/// second waits for the task row only, then counts on the first's
+/// committed counters; in the second round the later of the last two
+/// results finishes the task, once.
+#[test]
+fn sibling_results_alone_share_their_task_row() {
+    let mut c = connect();
+    register(
+        &mut c,
+        &template(
+            "cc_alone",
+            "flow",
+            vec![
+                step("a", &[]),
+                step("b", &[]),
+                step("a2", &["a"]),
+                step("b2", &["b"]),
+            ],
+        ),
+    );
+    let mut first = other_connection(&mut c);
+    let mut second = other_connection(&mut c);
+    let second_pid = backend_pid(&mut second);
+    let task = create(&mut c, "cc_alone", "flow");
+    for round in ["roots", "leaves"] {
+        let mut msgs = read(&mut c, "tasker_cc_alone_queue", 60, 10);
+        msgs.sort_by_key(|m| m["step_name"].as_str().unwrap().to_string());
+        assert_eq!(msgs.len(), 2, "{round}: {msgs:?}");
+        let mut tx = first.transaction().unwrap();
+        assert_eq!(
+            submit(&mut tx, &msgs[0], &json!({"round": round})).unwrap(),
+            "complete"
+        );
+        let state = std::thread::scope(|s| {
+            let h = s.spawn(|| submit(&mut second, &msgs[1], &json!({"round": round})));
+            until_waiting(&mut c, second_pid, None);
+            tx.commit().unwrap();
+            h.join().unwrap()
+        });
+        assert_eq!(state.unwrap(), "complete", "{round}");
+        assert_eq!(task_problems(&mut c, task), Vec::<String>::new(), "{round}");
+    }
+    let (state, completions): (String, i64) = {
+        let r = c
+            .query_one(
+                "SELECT t.state::text, (SELECT count(*) FROM tasker.task_transitions a
+                                         WHERE a.task_uuid = t.task_uuid AND a.to_state = 'complete')
+                   FROM tasker.tasks t WHERE t.task_uuid = $1::text::uuid",
+                &[&task.to_string()],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((state.as_str(), completions), ("complete", 1));
+}
+
 /// Two results for one step (a redelivered message) from two connections
 /// at once: the second waits on the step's row and is then told the attempt
 /// is settled; nothing fails, the step completes once.

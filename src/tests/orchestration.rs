@@ -1036,6 +1036,119 @@ mod tests {
     }
 
     #[pg_test]
+    fn alone_and_general_paths_leave_the_same_rows() {
+        // submit_result applies a success whose children have no other
+        // parent in one statement (tasker._complete_alone); everything else
+        // goes through tasker._apply_results. The same workflow through
+        // both must leave the same rows, audit rows and messages: a fan-out
+        // (a -> b, c: alone), a join (b, c -> d: general), a chain (d -> e)
+        // and the last step (e, which completes the task).
+        Spi::run("SET LOCAL track_functions = 'pl'").unwrap();
+        register(&template(
+            "o_paths",
+            "flow",
+            "1.0.0",
+            json!([
+                step("a", &[]),
+                step("b", &["a"]),
+                step("c", &["a"]),
+                step("d", &["b", "c"]),
+                step("e", &["d"])
+            ]),
+        ));
+        let ctx = json!({"n": 12345678901234567890.5_f64});
+        let plain = create("o_paths", "flow", ctx.clone());
+        let batch = create("o_paths", "flow", ctx);
+        // results as workers send them, byte-exact: numbers beyond f64
+        let result = |name: &str| {
+            format!(r#"{{"from": "{name}", "big": 123456789012345678901234567890.10}}"#)
+        };
+        let calls = |f: &str| {
+            count(&format!(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_catalog.pg_stat_xact_user_functions
+                 WHERE schemaname = 'tasker' AND funcname = '{f}'"
+            ))
+        };
+        let (alone, general) = (calls("_complete_alone"), calls("_apply_results"));
+        loop {
+            let msgs = read_all("o_paths");
+            if msgs.is_empty() {
+                break;
+            }
+            for m in &msgs {
+                let step = m["step_uuid"].as_str().unwrap();
+                let meta =
+                    json!({"attempt": m["attempt"], "worker_id": "w", "execution_time_ms": 2});
+                let payload = result(m["step_name"].as_str().unwrap());
+                if m["task_uuid"] == plain.to_string() {
+                    Spi::run_with_args(
+                        "SELECT tasker.submit_result($1::uuid, 'success', $2::text::jsonb, NULL, $3)",
+                        &[step.into(), payload.as_str().into(), JsonB(meta).into()],
+                    )
+                    .unwrap();
+                } else {
+                    Spi::run_with_args(
+                        "SELECT count(*) FROM tasker.submit_results(jsonb_build_array(jsonb_build_object(
+                             'step_uuid', $1::text, 'status', 'success', 'result', $2::text::jsonb, 'metadata', $3)))",
+                        &[step.into(), payload.as_str().into(), JsonB(meta).into()],
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        // through submit_result every step but the two parents of the join
+        // went the one-statement way; through submit_results none did
+        assert_eq!(calls("_complete_alone") - alone, 5);
+        assert_eq!(calls("_apply_results") - general, 2 + 5);
+        // (what differs by nature: uuids, times, msg_ids; and the reason of
+        // the task's audit rows, which names the operation)
+        let rows = |task: pgrx::Uuid| {
+            json_of(&format!(
+                "SELECT jsonb_build_object(
+                    'task', (SELECT to_jsonb(t) - '{{task_uuid,correlation_id,created_at,updated_at,completed_at}}'::text[]
+                                 || jsonb_build_object('finished', t.completed_at IS NOT NULL)
+                             FROM tasker.tasks t WHERE t.task_uuid = '{task}'),
+                    'task_audit', (SELECT jsonb_agg(jsonb_build_array(a.sort_key, a.from_state, a.to_state,
+                                                                      a.metadata) ORDER BY a.sort_key)
+                                   FROM tasker.task_transitions a WHERE a.task_uuid = '{task}'),
+                    'steps', (SELECT jsonb_object_agg(s.name, to_jsonb(s)
+                                  - '{{step_uuid,task_uuid,queue_msg_id,enqueued_at,started_at,completed_at,created_at,updated_at}}'::text[]
+                                  || jsonb_build_object('results_text', s.results::text,
+                                                        'has_message', s.queue_msg_id IS NOT NULL,
+                                                        'times', jsonb_build_array(s.enqueued_at IS NOT NULL,
+                                                                                   s.started_at IS NOT NULL,
+                                                                                   s.completed_at IS NOT NULL)))
+                              FROM tasker.workflow_steps s WHERE s.task_uuid = '{task}'),
+                    'step_audit', (SELECT jsonb_agg(jsonb_build_array(s.name, a.sort_key, a.from_state, a.to_state,
+                                                                      a.reason, a.metadata)
+                                                    ORDER BY s.name, a.sort_key)
+                                   FROM tasker.step_transitions a JOIN tasker.workflow_steps s USING (step_uuid)
+                                   WHERE s.task_uuid = '{task}'),
+                    'messages', (SELECT jsonb_object_agg(q.message ->> 'step_name',
+                                     q.message - '{{task_uuid,step_uuid,correlation_id,enqueued_at}}'::text[]
+                                     || jsonb_build_object('dependency_results_text',
+                                                           (q.message -> 'dependency_results')::text))
+                                 FROM pgmq.a_tasker_o_paths_queue q WHERE q.message ->> 'task_uuid' = '{task}'))"
+            ))
+        };
+        let (a, b) = (rows(plain), rows(batch));
+        assert_eq!(a, b);
+        assert_eq!(a["task"]["state"], "complete");
+        assert_eq!(a["messages"].as_object().unwrap().len(), 5);
+        // (jsonb's own key order; the numbers as sent)
+        assert_eq!(
+            a["messages"]["e"]["dependency_results_text"],
+            r#"{"d": {"big": 123456789012345678901234567890.10, "from": "d"}}"#
+        );
+        assert_eq!(
+            a["messages"]["d"]["dependency_results_text"],
+            r#"{"b": {"big": 123456789012345678901234567890.10, "from": "b"}, "c": {"big": 123456789012345678901234567890.10, "from": "c"}}"#
+        );
+        assert_task_consistent(plain);
+        assert_task_consistent(batch);
+    }
+
+    #[pg_test]
     fn hot_paths_inline_every_sql_function() {
         // An SQL function declared more strictly than its body (IMMUTABLE
         // over jsonb_build_object, which is STABLE) is not inlined: it then
