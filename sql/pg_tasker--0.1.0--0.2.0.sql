@@ -3251,8 +3251,11 @@ BEGIN
         JOIN tasker.workflow_steps s
           ON s.step_uuid = tasker._uuid_or_null(m.r -> 'message' ->> 'step_uuid')
          AND s.queue_msg_id = (m.r ->> 'msg_id')::bigint
-        JOIN tasker.tasks t ON t.task_uuid = s.task_uuid AND t.namespace_name = p_namespace
         WHERE s.state = 'enqueued'
+          -- (the namespace per step, by a subquery: a join let a plan made
+          -- on empty tables walk every task of the namespace on each read,
+          -- client_tests::scale::plans_made_on_empty_tables_reach_rows_by_key)
+          AND (SELECT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid) = p_namespace
         FOR NO KEY UPDATE OF s SKIP LOCKED) x;
     IF v_start IS NOT NULL THEN
         -- (enqueued -> in_progress: both `out`, nothing to settle)

@@ -91,3 +91,147 @@ fn ten_thousand_steps_take_linear_time() {
         }
     }
 }
+
+/// Every operation on a worker's path reaches its rows by key, whatever the
+/// statistics said when its plans were made. The plans are made once per
+/// session (sql/98_plans.sql); a session that starts on empty tables (a new
+/// database, or one ANALYZE has not seen yet) must not keep a plan that
+/// walks every task of a namespace: one such plan made each read of 10
+/// messages visit all the namespace's tasks (2 ms at 300 tasks, growing
+/// without bound). So: plans made on a nearly empty database, then 600
+/// tasks more, then each operation once, counting the rows it fetched from
+/// tasks, workflow_steps and step_edges (pg_stat_xact_user_tables): at
+/// most ~20 per step it settles or reads, far from the 1,200 of a walk.
+#[test]
+fn plans_made_on_empty_tables_reach_rows_by_key() {
+    let mut admin = connect();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS tasker_plans")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE tasker_plans").unwrap();
+    {
+        let mut setup = connect_db(&mut admin, "tasker_plans");
+        setup
+            .batch_execute("CREATE EXTENSION pg_tasker CASCADE")
+            .unwrap();
+        register_linear(&mut setup, "plans", "lin", 3);
+        register(
+            &mut setup,
+            &template(
+                "plans",
+                "dia",
+                vec![
+                    step("a", &[]),
+                    step("b", &["a"]),
+                    step("c", &["a"]),
+                    step("d", &["b", "c"]),
+                ],
+            ),
+        );
+        let mut w = connect_db(&mut admin, "tasker_plans");
+        let exchange = |w: &mut Client, results: &Value, qty: i32| -> Vec<Value> {
+            w.query(
+                "SELECT message::text FROM tasker.exchange(ARRAY['plans'], 'w', $1::text::jsonb, $2, 30)",
+                &[&results.to_string(), &qty],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+            .collect()
+        };
+        let success = |m: &Value| json!({"step_uuid": m["step_uuid"], "status": "success", "result": {"ok": true}});
+        let plain = |w: &mut Client, m: &Value| {
+            w.query_one(
+                "SELECT tasker.submit_result($1::text::uuid, 'success', '{}', NULL, $2::text::jsonb)",
+                &[&m["step_uuid"].as_str().unwrap(), &json!({"attempt": m["attempt"]}).to_string()],
+            )
+            .unwrap();
+        };
+        let read_steps = |w: &mut Client, qty: i32| -> Vec<Value> {
+            w.query(
+                "SELECT message::text FROM tasker.read_steps('plans', 'w', $1, 30)",
+                &[&qty],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+            .collect()
+        };
+        // every operation once, on a database of two tasks: the plans
+        for name in ["lin", "dia"] {
+            w.query_one("SELECT tasker.create_task('plans', $1)", &[&name])
+                .unwrap();
+        }
+        let cycle = |w: &mut Client| {
+            w.query_one("SELECT tasker.run_orchestration_cycle('w', 10)", &[])
+                .unwrap();
+        };
+        cycle(&mut w);
+        let msgs = read_steps(&mut w, 10);
+        assert_eq!(msgs.len(), 2);
+        plain(&mut w, &msgs[0]);
+        let next = exchange(&mut w, &json!([success(&msgs[1])]), 10);
+        let more = exchange(
+            &mut w,
+            &Value::Array(next.iter().map(success).collect()),
+            10,
+        );
+        assert!(!more.is_empty());
+        w.query(
+            "SELECT * FROM tasker.submit_results($1::text::jsonb)",
+            &[&Value::Array(more.iter().map(success).collect()).to_string()],
+        )
+        .unwrap();
+
+        // then a namespace of 1,200 tasks more
+        setup
+            .batch_execute(
+                "SELECT tasker.create_task('plans', 'lin') FROM generate_series(1, 600);
+                 SELECT tasker.create_task('plans', 'dia') FROM generate_series(1, 600);",
+            )
+            .unwrap();
+        // rows an operation fetched from the tables of tasks and steps
+        let fetched = |w: &mut Client, what: &str, op: &mut dyn FnMut(&mut Client)| {
+            let rows = "SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0)::bigint
+                          FROM pg_stat_xact_user_tables
+                         WHERE schemaname = 'tasker' AND relname IN ('tasks', 'workflow_steps', 'step_edges')";
+            w.batch_execute("BEGIN").unwrap();
+            let before = count(w, rows);
+            op(w);
+            let n = count(w, rows) - before;
+            w.batch_execute("COMMIT").unwrap();
+            // (a step costs ~20 fetches by key: its row, its task, audit
+            // rows' key checks, edges, children; a walk of the namespace
+            // fetches 1,200 tasks at least)
+            println!("{what}: {n} rows of tasks and steps fetched");
+            assert!(n < 500, "{what} fetched {n} rows of tasks and steps");
+            n
+        };
+        let mut msgs = Vec::new();
+        fetched(&mut w, "read_steps", &mut |w| msgs = read_steps(w, 10));
+        assert_eq!(msgs.len(), 10);
+        let first = msgs.remove(0);
+        fetched(&mut w, "submit_result", &mut |w| plain(w, &first));
+        let results = Value::Array(msgs.iter().map(success).collect());
+        let mut read = Vec::new();
+        fetched(&mut w, "exchange", &mut |w| {
+            read = exchange(w, &results, 10)
+        });
+        assert_eq!(read.len(), 10);
+        let results = Value::Array(read.iter().map(success).collect());
+        fetched(&mut w, "submit_results", &mut |w| {
+            w.query(
+                "SELECT * FROM tasker.submit_results($1::text::jsonb)",
+                &[&results.to_string()],
+            )
+            .unwrap();
+        });
+        // (nothing is due: the cycle finds that by its index)
+        fetched(&mut w, "run_orchestration_cycle", &mut |w| cycle(w));
+        fetched(&mut w, "create_task", &mut |w| {
+            w.query_one("SELECT tasker.create_task('plans', 'dia')", &[])
+                .unwrap();
+        });
+    }
+    admin.batch_execute("DROP DATABASE tasker_plans").unwrap();
+}
