@@ -2664,6 +2664,7 @@ $$;
 -- and, for every outcome but applied, a note saying why it was ignored.
 CREATE FUNCTION tasker._apply_results(p_results tasker.step_result[], p_reason text,
                                       INOUT p_read tasker.read_request DEFAULT NULL,
+                                      p_alone boolean DEFAULT true,
                                       OUT outcomes tasker.result_outcome[])
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -2685,16 +2686,56 @@ DECLARE
     v_move tasker.step_move;
     v_state tasker.step_state;
     q record;
+    v_shared boolean;
+    v_alone uuid[];
+    v_rest tasker.step_result[];
+    v_general record;
+    k integer := 0;
+    v_result tasker.step_result;
 BEGIN
     -- the task locks, in task_uuid order: shared when every result shares
     -- (tasker._result_shares_task: the results of one task then apply side
     -- by side, each on its own steps), exclusive otherwise (tasker._lock_tasks'
     -- statement with the mode decided in it: one statement on the hot path)
-    PERFORM tasker._take_task_lock(x.task_uuid, x.shared)
+    -- (the lock taken in the outer query's filter, over the sorted rows: a
+    -- filter with a volatile function is not pushed down into the subquery)
+    SELECT bool_and(x.shared) INTO v_shared
     FROM (SELECT DISTINCT ws.task_uuid,
                  bool_and(tasker._result_shares_task(r.success, ws.step_type)) OVER () AS shared
           FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
-          ORDER BY ws.task_uuid) x;
+          ORDER BY ws.task_uuid) x
+    WHERE tasker._take_task_lock(x.task_uuid, x.shared) IS NOT NULL;
+
+    -- the common case in one statement (tasker._complete_alone), the
+    -- rest here, in the order given
+    IF v_shared AND p_alone AND coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean THEN
+        v_alone := tasker._complete_alone(p_results, p_reason);
+        IF cardinality(v_alone) > 0 THEN
+            v_rest := ARRAY(SELECT x FROM unnest(p_results) x WHERE x.step_uuid <> ALL (v_alone));
+            IF cardinality(v_rest) = 0 THEN
+                IF p_read.qty IS NOT NULL THEN
+                    SELECT r.namespaces, r.msgs INTO p_read.read_namespaces, p_read.read_msgs
+                    FROM tasker._read_queues(p_read.namespaces, p_read.queues, p_read.worker_id, p_read.qty,
+                                             p_read.vt) r;
+                END IF;
+                outcomes := ARRAY(SELECT ROW(x.step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome
+                                  FROM unnest(p_results) x);
+                RETURN;
+            END IF;
+            v_general := tasker._apply_results(v_rest, p_reason, p_read, false);
+            p_read := v_general.p_read;
+            outcomes := '{}';
+            FOREACH v_result IN ARRAY p_results LOOP
+                IF v_result.step_uuid = ANY (v_alone) THEN
+                    outcomes := outcomes || ROW(v_result.step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome;
+                ELSE
+                    k := k + 1;
+                    outcomes := outcomes || v_general.outcomes[k];
+                END IF;
+            END LOOP;
+            RETURN;
+        END IF;
+    END IF;
 
     -- what each result meets, on its step's row locked (uuid order): a
     -- concurrent result for the same step has committed or waits
@@ -2853,86 +2894,97 @@ RETURNS jsonb LANGUAGE sql STABLE
 RETURN jsonb_strip_nulls(jsonb_build_object(
     'worker_id', p_worker_id, 'execution_time_ms', p_execution_time_ms, 'metadata', p_metadata));
 
--- A worker's success for a step whose children have it as their only
--- parent (a chain's next step, a fan-out's branches, none: the last step),
--- the common case, in one statement: what tasker._apply_results does for it
+-- Successes whose steps' children have them as their only parent (a
+-- chain's next step, a fan-out's branches, none: the last step), the common
+-- case, applied in one statement: what tasker._apply_results does for them
 -- through tasker._move_steps, tasker._enqueue_steps and tasker._settle_tasks
--- (the step completed with its audit row, its message archived, each child
--- released and enqueued with its audit row and message, the task's counters,
--- state and audit row), at a third of the cost (docs/benchmarks.md). The
--- same rules: tests::results::alone_and_general_paths_leave_the_same_rows
--- runs one workflow through both and compares every row and message. Locks
--- as tasker._apply_results does (the task lock shared, then the step row,
--- the children, the task row); the children need no lock of their own
--- beyond their UPDATE (nobody else can release them), and their messages
--- take the result from here (dependency_results: the parent's row is
--- changed by this statement, which sees it as it was). Returns the step's
--- state afterwards, or NULL when the result is not one for this path
--- (a failure, a step that creates steps, a child with other parents or a
--- map step, a result that is not for the current attempt of a step out
--- with a worker of an unfinished task): then nothing is done and the
--- caller applies it through tasker._apply_results (which says why).
-CREATE FUNCTION tasker._complete_alone(p_result tasker.step_result, p_reason text)
-RETURNS tasker.step_state
+-- (each step completed with its audit row, its message archived, each child
+-- released and enqueued with its audit row and message, each task's
+-- counters, state and audit row), at about two thirds of the cost
+-- (docs/benchmarks.md). The same rules, written a second time in this one
+-- statement: tests::orchestration::alone_and_general_paths_leave_the_same_rows
+-- runs one workflow both ways (pg_tasker.one_statement_results off: the
+-- general path only) and compares every row and message. The caller holds
+-- the task locks, shared (tasker._apply_results). Rows are locked as the
+-- general path locks them: the steps first (a batch: in step_uuid order, in
+-- a statement of their own), then the children (nobody else can release
+-- them: no lock before their UPDATE), then the task rows (in task_uuid
+-- order, as they are once locked: a sibling's committed counters). The
+-- children's messages take the results from here (dependency_results: the
+-- parents' rows are changed by this statement, which sees them as they
+-- were). A result is left to the caller, untouched, when it is not one for
+-- this path: a failure, a step that creates steps, a child with other
+-- parents, a map child or one among the results, a step given twice, and a
+-- result the general path would not apply (not for the current attempt of
+-- a step out with a worker of an unfinished task: it says why). Returns the
+-- steps applied here.
+CREATE FUNCTION tasker._complete_alone(p_results tasker.step_result[], p_reason text)
+RETURNS uuid[]
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_done integer;
-    v_task uuid;
-    v_namespace text;
-    v_from tasker.task_state;
-    v_to tasker.task_state;
-    v_enqueued integer;
+    v_steps uuid[] := ARRAY(SELECT r.step_uuid FROM unnest(p_results) r);
+    v_done uuid[];
+    v_completed bigint;
+    v_enqueued bigint;
+    v_tasks integer;
+    v_settled integer;
+    v_moved tasker.task_state[];
+    v_events text[];
     v_sent text[];
     v_due boolean;
 BEGIN
-    -- (tasker._apply_results' lock statement, for one result)
-    PERFORM tasker._take_task_lock(ws.task_uuid, true)
-    FROM tasker.workflow_steps ws
-    WHERE ws.step_uuid = p_result.step_uuid AND tasker._result_shares_task(p_result.success, ws.step_type);
-    IF NOT FOUND THEN
-        RETURN NULL;
+    IF cardinality(p_results) > 1 THEN
+        -- (one step: its UPDATE locks it)
+        PERFORM 1 FROM tasker.workflow_steps ws WHERE ws.step_uuid = ANY (v_steps)
+        ORDER BY ws.step_uuid
+        FOR NO KEY UPDATE;
     END IF;
-    -- the step's task and queue (what the task lock keeps as it is: the
-    -- task cannot finish while the step is out; MATERIALIZED: a filter on
-    -- the task's state pushed down into it makes the plan walk the index
-    -- of active tasks, tasks_active_state_idx)
+    -- the results' tasks and queues (what the task locks keep as they are:
+    -- a task cannot finish while a step is out; MATERIALIZED: a filter on the
+    -- task's state pushed down into it makes a plan walk the index of active
+    -- tasks, tasks_active_state_idx)
     WITH st AS MATERIALIZED (
-        SELECT s.step_uuid, t.task_uuid, t.state AS task_state, t.namespace_name, t.task_name, t.task_version,
-               t.context, t.correlation_id, t.traceparent, n.queue_name, n.queue_seq
-        FROM tasker.workflow_steps s
+        SELECT r.step_uuid, r.payload, r.attempt, r.audit, t.task_uuid, t.state AS task_state, t.namespace_name,
+               t.task_name, t.task_version, t.context, t.correlation_id, t.traceparent, n.queue_name, n.queue_seq
+        FROM (SELECT x.*, count(*) OVER (PARTITION BY x.step_uuid) AS given FROM unnest(p_results) x) r
+        JOIN tasker.workflow_steps s ON s.step_uuid = r.step_uuid
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         JOIN tasker.namespaces n ON n.name = t.namespace_name
-        WHERE s.step_uuid = p_result.step_uuid
+        WHERE r.success AND r.given = 1
     ), done AS (
-        -- (tasker._move_steps to complete; the conditions are the outcome
-        -- applied of tasker._apply_results, rechecked on the locked row)
+        -- (tasker._move_steps to complete; the conditions of the outcome
+        -- applied of tasker._apply_results, on the locked rows)
         UPDATE tasker.workflow_steps s
         SET previous_state = s.state,
             state          = 'complete',
             transitions    = s.transitions + 1,
             updated_at     = now(),
-            results        = p_result.payload,
+            results        = st.payload,
             next_retry_at  = NULL,
             completed_at   = now()
         FROM st
         WHERE s.step_uuid = st.step_uuid
           AND tasker.step_state_class(s.state) = 'out'
-          AND (p_result.attempt IS NULL OR s.attempts = p_result.attempt)
+          AND (st.attempt IS NULL OR s.attempts = st.attempt)
           AND NOT tasker.task_state_is_terminal(st.task_state)
+          AND NOT tasker.step_type_creates_steps(s.step_type)
           AND tasker.step_move_is_legal(s.state, 'complete')
           AND NOT EXISTS (SELECT 1 FROM tasker.step_edges e
                           JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
-                          WHERE e.from_step_uuid = s.step_uuid AND (c.total_parents > 1 OR c.step_type = 'map'))
-        RETURNING s.step_uuid, s.name, s.previous_state, s.attempts, s.queue_msg_id, s.transitions, st.task_uuid,
-                  st.namespace_name, st.task_name, st.task_version, st.context, st.correlation_id, st.traceparent,
-                  st.queue_name, st.queue_seq
+                          WHERE e.from_step_uuid = s.step_uuid
+                            AND (c.total_parents > 1 OR c.step_type = 'map' OR c.step_uuid = ANY (v_steps)))
+        RETURNING s.step_uuid, s.name, s.previous_state, s.attempts, s.queue_msg_id, s.transitions, st.payload,
+                  st.audit, st.task_uuid, st.namespace_name, st.task_name, st.task_version, st.context,
+                  st.correlation_id, st.traceparent, st.queue_name, st.queue_seq
     ), done_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
         SELECT d.step_uuid, d.transitions, d.previous_state, 'complete', 'completed by worker',
-               coalesce(p_result.audit, '{}') || jsonb_build_object('attempt', d.attempts)
+               coalesce(d.audit, '{}') || jsonb_build_object('attempt', d.attempts)
         FROM done d
     ), archived AS (
-        SELECT tasker._pgmq_archive(d.queue_name, ARRAY[d.queue_msg_id]) AS n FROM done d
+        SELECT tasker._pgmq_archive(d.queue_name, array_agg(d.queue_msg_id ORDER BY d.queue_msg_id)) AS n
+        FROM done d
+        GROUP BY d.queue_name
     ), kids AS (
         -- (tasker._enqueue_steps for candidates with released = 1 = total_parents)
         UPDATE tasker.workflow_steps s
@@ -2954,9 +3006,9 @@ BEGIN
         WHERE s.step_uuid = c.step_uuid
         RETURNING s.step_uuid, s.previous_state, s.attempts, s.budget_offset, s.queue_msg_id, s.transitions,
                   s.name, s.handler_callable, s.handler_method, s.inputs, s.max_attempts, s.timeout_seconds,
-                  s.map_index, s.map_item, s.checkpoint, r.ready, e.gate, d.name AS parent_name, d.task_uuid,
-                  d.namespace_name, d.task_name, d.task_version, d.context, d.correlation_id, d.traceparent,
-                  d.queue_name
+                  s.map_index, s.map_item, s.checkpoint, r.ready, e.gate, d.name AS parent_name,
+                  d.payload AS parent_results, d.task_uuid, d.namespace_name, d.task_name, d.task_version,
+                  d.context, d.correlation_id, d.traceparent, d.queue_name
     ), kids_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, sort_key, from_state, to_state, reason, metadata)
         SELECT k.step_uuid, k.transitions, k.previous_state, 'enqueued', 'ready', jsonb_build_object('attempt', k.attempts)
@@ -2970,31 +3022,34 @@ BEGIN
                     e.handler_callable, e.handler_method, e.inputs, e.context, e.map_index, e.map_item,
                     e.checkpoint, e.attempts, e.budget_offset, e.max_attempts, e.timeout_seconds,
                     e.correlation_id, e.traceparent,
-                    CASE WHEN e.gate THEN '{}' ELSE jsonb_build_object(e.parent_name, p_result.payload) END)
+                    CASE WHEN e.gate THEN '{}' ELSE jsonb_build_object(e.parent_name, e.parent_results) END)
                 ORDER BY e.queue_msg_id)) AS n
         FROM kids e
         WHERE e.ready
         GROUP BY e.queue_name
     ), locked AS (
-        -- the task row, last (after the messages: sent is evaluated first),
-        -- as it is once locked
+        -- the task rows, last (after the messages: sent is evaluated
+        -- first), as they are once locked
         SELECT t.task_uuid, t.state, t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting, t.steps_done,
-               t.steps_error, t.steps_cancelled,
-               (SELECT count(*) FILTER (WHERE k.ready) FROM kids k)::integer AS enqueued
+               t.steps_error, t.steps_cancelled
         FROM tasker.tasks t
-        WHERE t.task_uuid = (SELECT d.task_uuid FROM done d)
+        WHERE t.task_uuid IN (SELECT d.task_uuid FROM done d)
           AND (SELECT count(*) FROM sent) >= 0
+        ORDER BY t.task_uuid
         FOR NO KEY UPDATE
     ), n AS (
         -- (tasker._settle_tasks: the counters take the moves, the state is
         -- decided from them)
-        SELECT l.*, l.steps_pending - l.enqueued AS pending, l.steps_out - 1 + l.enqueued AS out,
-               l.steps_done + 1 AS done, s.execution_status,
-               s.task_state::tasker.task_state AS to_state
+        SELECT l.*, c.completed, c.enqueued, l.steps_pending - c.enqueued AS pending,
+               l.steps_out - c.completed + c.enqueued AS out, l.steps_done + c.completed AS done,
+               s.execution_status, s.task_state::tasker.task_state AS to_state
         FROM locked l
-        CROSS JOIN LATERAL tasker._task_status(l.steps_total, l.steps_pending - l.enqueued,
-                                               l.steps_out - 1 + l.enqueued, l.steps_waiting, l.steps_done + 1,
-                                               l.steps_error, l.steps_cancelled, 0) s
+        CROSS JOIN LATERAL (
+            SELECT (SELECT count(*) FROM done d WHERE d.task_uuid = l.task_uuid)::integer AS completed,
+                   (SELECT count(*) FROM kids k WHERE k.task_uuid = l.task_uuid AND k.ready)::integer AS enqueued) c
+        CROSS JOIN LATERAL tasker._task_status(l.steps_total, l.steps_pending - c.enqueued,
+                                               l.steps_out - c.completed + c.enqueued, l.steps_waiting,
+                                               l.steps_done + c.completed, l.steps_error, l.steps_cancelled, 0) s
     ), settled AS (
         UPDATE tasker.tasks k
         SET steps_pending    = n.pending,
@@ -3016,7 +3071,7 @@ BEGIN
         WHERE k.task_uuid = n.task_uuid
           AND (n.to_state = n.state OR tasker.task_move_is_legal(n.state, n.to_state))
         RETURNING k.task_uuid, k.namespace_name, n.state AS from_state, k.state AS to_state, k.transitions,
-                  n.execution_status, k.next_action_at, n.enqueued
+                  n.execution_status, k.next_action_at
     ), settled_audit AS (
         INSERT INTO tasker.task_transitions (task_uuid, sort_key, from_state, to_state, reason, metadata)
         SELECT u.task_uuid, u.transitions, u.from_state, u.to_state, p_reason,
@@ -3024,36 +3079,42 @@ BEGIN
         FROM settled u
         WHERE u.to_state <> u.from_state
     )
-    SELECT (SELECT count(*) FROM done), u.task_uuid, u.namespace_name, u.from_state, u.to_state, u.enqueued,
-           u.next_action_at IS NOT NULL, (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
-    INTO v_done, v_task, v_namespace, v_from, v_to, v_enqueued, v_due, v_sent
+    SELECT (SELECT array_agg(d.step_uuid) FROM done d),
+           (SELECT count(*) FROM done d), (SELECT count(*) FILTER (WHERE k.ready) FROM kids k),
+           (SELECT count(DISTINCT d.task_uuid) FROM done d), count(u.task_uuid),
+           array_agg(u.to_state) FILTER (WHERE u.to_state <> u.from_state),
+           array_agg(tasker._task_event(u.task_uuid, u.namespace_name, u.to_state, u.from_state))
+               FILTER (WHERE u.to_state <> u.from_state AND tasker.task_state_is_event(u.to_state)),
+           bool_or(u.next_action_at IS NOT NULL),
+           (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
+    INTO v_done, v_completed, v_enqueued, v_tasks, v_settled, v_moved, v_events, v_due, v_sent
     FROM (SELECT count(*) FROM archived) a
     LEFT JOIN settled u ON true;
-    IF v_done = 0 THEN
-        RETURN NULL;
-    ELSIF v_task IS NULL THEN
-        RAISE EXCEPTION 'pg_tasker internal error: task of step % cannot be settled', p_result.step_uuid
+    IF v_done IS NULL THEN
+        RETURN '{}';
+    ELSIF v_settled <> v_tasks THEN
+        RAISE EXCEPTION 'pg_tasker internal error: % of % tasks could not be settled', v_tasks - v_settled, v_tasks
             USING ERRCODE = 'XX000', HINT = 'only moves listed in tasker.task_state_transitions are allowed';
     END IF;
     -- (what tasker._settle_tasks and tasker._enqueue_steps do after their
     -- statements)
-    PERFORM tasker._count_moves('step', 'complete', 1);
+    PERFORM tasker._count_moves('step', 'complete', v_completed);
     IF v_enqueued > 0 THEN
         PERFORM tasker._count_moves('step', 'enqueued', v_enqueued);
         IF tasker._anyone_waits() THEN
             PERFORM tasker._wake_workers(v_sent);
         END IF;
     END IF;
-    IF v_to <> v_from THEN
-        PERFORM tasker._count_moves('task', v_to::text, 1);
-        IF tasker.task_state_is_event(v_to) THEN
-            PERFORM tasker._notify(tasker.events_channel(), tasker._task_event(v_task, v_namespace, v_to, v_from));
-        END IF;
+    IF v_moved IS NOT NULL THEN
+        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
+    END IF;
+    IF v_events IS NOT NULL THEN
+        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(v_events) e;
     END IF;
     IF v_due THEN
         PERFORM tasker._wake_orchestrator();
     END IF;
-    RETURN 'complete';
+    RETURN v_done;
 END
 $$;
 
@@ -3070,9 +3131,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
-    r tasker.step_result;
     o tasker.result_outcome;
-    v_state tasker.step_state;
 BEGIN
     IF submit_result.step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid must not be NULL' USING ERRCODE = '22004';
@@ -3086,20 +3145,12 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    r := ROW(submit_result.step_uuid, sub.success,
-             CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
-             sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
-             tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata));
-    -- the common case in one statement; everything else (and what it
-    -- leaves: the reason a result is ignored) through tasker._apply_results
-    IF sub.success THEN
-        v_state := tasker._complete_alone(r, 'step completed');
-        IF v_state IS NOT NULL THEN
-            RETURN v_state::text;
-        END IF;
-    END IF;
-    o := ((tasker._apply_results(ARRAY[r], CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)
-          ).outcomes)[1];
+    o := ((tasker._apply_results(
+        ARRAY[ROW(submit_result.step_uuid, sub.success,
+                  CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
+                  sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
+                  tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
+        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)).outcomes)[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN

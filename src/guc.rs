@@ -15,6 +15,8 @@ pub static DATABASE: GucSetting<Option<CString>> =
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Whether task events go through the orchestrator (crate::relay).
 pub static RELAY_NOTIFICATIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Read by sql/10_results.sql (tasker._apply_results), not here.
+pub static ONE_STATEMENT_RESULTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Directory laid out like config/tasker; unset: the compiled-in files.
 pub static CONFIG_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -46,6 +48,14 @@ pub fn init(preloading: bool) {
         c"Whether task events are sent by the background worker after commit.",
         c"When off, a transaction NOTIFYs its task events itself (strict commit order, a cluster-wide lock at commit).",
         &RELAY_NOTIFICATIONS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tasker.one_statement_results",
+        c"Whether common successes are applied in one statement.",
+        c"A success whose step's children have no other parent is applied by tasker._complete_alone; off: every result goes the general way (the same rows, slower).",
+        &ONE_STATEMENT_RESULTS,
         GucContext::Userset,
         GucFlags::default(),
     );

@@ -117,6 +117,123 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_batch_mixes_one_statement_and_general_results_in_order() {
+        // successes whose children have no other parent apply in one
+        // statement (tasker._complete_alone), the others in the general
+        // way; each outcome stays in its place
+        register(&template(
+            "b_mix",
+            "flow",
+            "1.0.0",
+            json!([
+                step("a", &[]),
+                step("b", &["a"]),
+                step("c", &["a"]),
+                step("d", &["b", "c"])
+            ]),
+        ));
+        register(&template(
+            "b_mix",
+            "chain",
+            "1.0.0",
+            json!([step("x", &[]), step("y", &["x"])]),
+        ));
+        let t1 = create("b_mix", "flow", json!({}));
+        let t2 = create("b_mix", "chain", json!({}));
+        let t3 = create("b_mix", "chain", json!({}));
+        let by = |msgs: &[Value], task: pgrx::Uuid, name: &str| -> Value {
+            msgs.iter()
+                .find(|m| m["task_uuid"] == task.to_string() && m["step_name"] == name)
+                .unwrap_or_else(|| panic!("no message for {name} of {task}: {msgs:?}"))
+                .clone()
+        };
+        let outcomes = |rows: &[Value]| -> Vec<String> {
+            rows.iter()
+                .map(|r| r["outcome"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let alone = || {
+            count(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_catalog.pg_stat_xact_user_functions
+                 WHERE schemaname = 'tasker' AND funcname = '_move_steps'",
+            )
+        };
+        Spi::run("SET LOCAL track_functions = 'pl'").unwrap();
+        let msgs = read_all("b_mix");
+        let (a1, x2, x3) = (by(&msgs, t1, "a"), by(&msgs, t2, "x"), by(&msgs, t3, "x"));
+        let moves = alone();
+        let rows = submit_results(&json!([
+            result(&x2, "success"),
+            result(&a1, "success"),
+            result(&x3, "success"),
+            result(&x3, "success"),
+            {"step_uuid": "00000000-0000-0000-0000-000000000000", "status": "success"}
+        ]));
+        assert_eq!(
+            outcomes(&rows),
+            ["applied", "applied", "applied", "duplicate", "unknown_step"]
+        );
+        let states: Vec<&Value> = rows.iter().map(|r| &r["state"]).collect();
+        assert_eq!(
+            states,
+            [
+                &json!("complete"),
+                &json!("complete"),
+                &json!("complete"),
+                &json!("complete"),
+                &Value::Null
+            ]
+        );
+        // (x of t3, given twice, went the general way: one move to complete)
+        assert_eq!(alone() - moves, 1);
+
+        let msgs = read_all("b_mix");
+        assert_eq!(msgs.len(), 4, "{msgs:?}");
+        let (b1, c1, y2, y3) = (
+            by(&msgs, t1, "b"),
+            by(&msgs, t1, "c"),
+            by(&msgs, t2, "y"),
+            by(&msgs, t3, "y"),
+        );
+        let rows = submit_results(&json!([
+            result(&b1, "success"),
+            result(&y2, "success"),
+            result(&c1, "success"),
+            result(&a1, "success"),
+            result(&y3, "success")
+        ]));
+        assert_eq!(
+            outcomes(&rows),
+            ["applied", "applied", "applied", "settled", "applied"]
+        );
+        assert!(
+            rows[3]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("already settled"),
+            "{:?}",
+            rows[3]
+        );
+        assert_eq!(
+            (task_state(t2), task_state(t3)),
+            ("complete".into(), "complete".into())
+        );
+        // the join is enqueued once, with both results
+        let msgs = read_all("b_mix");
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert_eq!(
+            msgs[0]["dependency_results"],
+            json!({"b": {"from": "b"}, "c": {"from": "c"}})
+        );
+        let rows = submit_results(&json!([result(&msgs[0], "success")]));
+        assert_eq!(outcomes(&rows), ["applied"]);
+        assert_eq!(task_state(t1), "complete");
+        for t in [t1, t2, t3] {
+            assert_task_consistent(t);
+        }
+    }
+
+    #[pg_test]
     fn a_batch_is_refused_whole_only_when_it_is_not_a_batch() {
         assert_fails(
             "SELECT * FROM tasker.submit_results('{}')",

@@ -1037,12 +1037,14 @@ mod tests {
 
     #[pg_test]
     fn alone_and_general_paths_leave_the_same_rows() {
-        // submit_result applies a success whose children have no other
-        // parent in one statement (tasker._complete_alone); everything else
-        // goes through tasker._apply_results. The same workflow through
-        // both must leave the same rows, audit rows and messages: a fan-out
-        // (a -> b, c: alone), a join (b, c -> d: general), a chain (d -> e)
-        // and the last step (e, which completes the task).
+        // A success whose children have no other parent is applied in one
+        // statement (tasker._complete_alone); everything else, and every
+        // result with pg_tasker.one_statement_results off, the general
+        // way. One workflow both ways must leave the same rows, audit rows
+        // and messages: a fan-out (a -> b, c: one statement), a join (b, c
+        // -> d: general), a chain (d -> e) and the last step (e, which
+        // completes the task). One task through submit_result, the other
+        // through submit_results with the setting off.
         Spi::run("SET LOCAL track_functions = 'pl'").unwrap();
         register(&template(
             "o_paths",
@@ -1069,7 +1071,7 @@ mod tests {
                  WHERE schemaname = 'tasker' AND funcname = '{f}'"
             ))
         };
-        let (alone, general) = (calls("_complete_alone"), calls("_apply_results"));
+        let (alone, general) = (calls("_complete_alone"), calls("_move_steps"));
         loop {
             let msgs = read_all("o_paths");
             if msgs.is_empty() {
@@ -1081,12 +1083,16 @@ mod tests {
                     json!({"attempt": m["attempt"], "worker_id": "w", "execution_time_ms": 2});
                 let payload = result(m["step_name"].as_str().unwrap());
                 if m["task_uuid"] == plain.to_string() {
+                    Spi::run("SELECT set_config('pg_tasker.one_statement_results', 'on', true)")
+                        .unwrap();
                     Spi::run_with_args(
                         "SELECT tasker.submit_result($1::uuid, 'success', $2::text::jsonb, NULL, $3)",
                         &[step.into(), payload.as_str().into(), JsonB(meta).into()],
                     )
                     .unwrap();
                 } else {
+                    Spi::run("SELECT set_config('pg_tasker.one_statement_results', 'off', true)")
+                        .unwrap();
                     Spi::run_with_args(
                         "SELECT count(*) FROM tasker.submit_results(jsonb_build_array(jsonb_build_object(
                              'step_uuid', $1::text, 'status', 'success', 'result', $2::text::jsonb, 'metadata', $3)))",
@@ -1097,9 +1103,10 @@ mod tests {
             }
         }
         // through submit_result every step but the two parents of the join
-        // went the one-statement way; through submit_results none did
+        // went the one-statement way (the other two tried it); with the
+        // setting off none did
         assert_eq!(calls("_complete_alone") - alone, 5);
-        assert_eq!(calls("_apply_results") - general, 2 + 5);
+        assert_eq!(calls("_move_steps") - general, 2 + 5);
         // (what differs by nature: uuids, times, msg_ids; and the reason of
         // the task's audit rows, which names the operation)
         let rows = |task: pgrx::Uuid| {
