@@ -116,8 +116,8 @@ DECLARE
     v_state tasker.step_state;
     q record;
     v_shared boolean;
+    v_once boolean;
     v_alone uuid[];
-    v_rest tasker.step_result[];
     v_general record;
     k integer := 0;
     v_result tasker.step_result;
@@ -126,32 +126,39 @@ BEGIN
     -- (tasker._result_shares_task: the results of one task then apply side
     -- by side, each on its own steps), exclusive otherwise (tasker._lock_tasks'
     -- statement with the mode decided in it: one statement on the hot path)
-    -- (the lock taken in the outer query's filter, over the sorted rows: a
-    -- filter with a volatile function is not pushed down into the subquery)
-    SELECT bool_and(x.shared) INTO v_shared
-    FROM (SELECT DISTINCT ws.task_uuid,
-                 bool_and(tasker._result_shares_task(r.success, ws.step_type)) OVER () AS shared
+    -- (per task, in task_uuid order: shared when all its results share;
+    -- the lock is taken in the outer query's filter, over the sorted rows:
+    -- a filter with a volatile function is not pushed down into them)
+    SELECT bool_or(x.shared), bool_and(x.once) INTO v_shared, v_once
+    FROM (SELECT ws.task_uuid, bool_and(tasker._result_shares_task(r.success, ws.step_type)) AS shared,
+                 count(*) = count(DISTINCT r.step_uuid) AS once
           FROM unnest(p_results) r JOIN tasker.workflow_steps ws ON ws.step_uuid = r.step_uuid
+          GROUP BY ws.task_uuid
           ORDER BY ws.task_uuid) x
     WHERE tasker._take_task_lock(x.task_uuid, x.shared) IS NOT NULL;
 
-    -- the common case in one statement (tasker._complete_alone), the
-    -- rest here, in the order given
-    IF v_shared AND p_alone AND coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean THEN
+    -- the common case in one statement (tasker._complete_alone: successes
+    -- of steps none of whose children has another parent, in a batch that
+    -- gives no step twice), the rest here, in the order given
+    IF v_shared AND v_once AND p_alone
+       AND coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean THEN
         v_alone := tasker._complete_alone(p_results, p_reason);
-        IF cardinality(v_alone) > 0 THEN
-            v_rest := ARRAY(SELECT x FROM unnest(p_results) x WHERE x.step_uuid <> ALL (v_alone));
-            IF cardinality(v_rest) = 0 THEN
-                IF p_read.qty IS NOT NULL THEN
-                    SELECT r.namespaces, r.msgs INTO p_read.read_namespaces, p_read.read_msgs
-                    FROM tasker._read_queues(p_read.namespaces, p_read.queues, p_read.worker_id, p_read.qty,
-                                             p_read.vt) r;
-                END IF;
+        IF cardinality(v_alone) = cardinality(p_results) THEN
+            IF p_read.qty IS NOT NULL THEN
+                SELECT r.namespaces, r.msgs INTO p_read.read_namespaces, p_read.read_msgs
+                FROM tasker._read_queues(p_read.namespaces, p_read.queues, p_read.worker_id, p_read.qty,
+                                         p_read.vt) r;
+            END IF;
+            IF cardinality(p_results) = 1 THEN
+                outcomes := ARRAY[ROW(p_results[1].step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome];
+            ELSE
                 outcomes := ARRAY(SELECT ROW(x.step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome
                                   FROM unnest(p_results) x);
-                RETURN;
             END IF;
-            v_general := tasker._apply_results(v_rest, p_reason, p_read, false);
+            RETURN;
+        ELSIF cardinality(v_alone) > 0 THEN
+            v_general := tasker._apply_results(
+                ARRAY(SELECT x FROM unnest(p_results) x WHERE x.step_uuid <> ALL (v_alone)), p_reason, p_read, false);
             p_read := v_general.p_read;
             outcomes := '{}';
             FOREACH v_result IN ARRAY p_results LOOP
@@ -334,7 +341,8 @@ RETURN jsonb_strip_nulls(jsonb_build_object(
 -- statement: tests::orchestration::alone_and_general_paths_leave_the_same_rows
 -- runs one workflow both ways (pg_tasker.one_statement_results off: the
 -- general path only) and compares every row and message. The caller holds
--- the task locks, shared (tasker._apply_results). Rows are locked as the
+-- the task locks and gives no step twice (tasker._apply_results). Rows are
+-- locked as the
 -- general path locks them: the steps first (a batch: in step_uuid order, in
 -- a statement of their own), then the children (nobody else can release
 -- them: no lock before their UPDATE), then the task rows (in task_uuid
@@ -343,15 +351,14 @@ RETURN jsonb_strip_nulls(jsonb_build_object(
 -- parents' rows are changed by this statement, which sees them as they
 -- were). A result is left to the caller, untouched, when it is not one for
 -- this path: a failure, a step that creates steps, a child with other
--- parents, a map child or one among the results, a step given twice, and a
--- result the general path would not apply (not for the current attempt of
+-- parents, a map child or one among the results, and a result the general
+-- path would not apply (not for the current attempt of
 -- a step out with a worker of an unfinished task: it says why). Returns the
 -- steps applied here.
 CREATE FUNCTION tasker._complete_alone(p_results tasker.step_result[], p_reason text)
 RETURNS uuid[]
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_steps uuid[] := ARRAY(SELECT r.step_uuid FROM unnest(p_results) r);
     v_done uuid[];
     v_completed bigint;
     v_enqueued bigint;
@@ -364,7 +371,7 @@ DECLARE
 BEGIN
     IF cardinality(p_results) > 1 THEN
         -- (one step: its UPDATE locks it)
-        PERFORM 1 FROM tasker.workflow_steps ws WHERE ws.step_uuid = ANY (v_steps)
+        PERFORM 1 FROM tasker.workflow_steps ws WHERE ws.step_uuid IN (SELECT r.step_uuid FROM unnest(p_results) r)
         ORDER BY ws.step_uuid
         FOR NO KEY UPDATE;
     END IF;
@@ -375,11 +382,11 @@ BEGIN
     WITH st AS MATERIALIZED (
         SELECT r.step_uuid, r.payload, r.attempt, r.audit, t.task_uuid, t.state AS task_state, t.namespace_name,
                t.task_name, t.task_version, t.context, t.correlation_id, t.traceparent, n.queue_name, n.queue_seq
-        FROM (SELECT x.*, count(*) OVER (PARTITION BY x.step_uuid) AS given FROM unnest(p_results) x) r
+        FROM unnest(p_results) r
         JOIN tasker.workflow_steps s ON s.step_uuid = r.step_uuid
         JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
         JOIN tasker.namespaces n ON n.name = t.namespace_name
-        WHERE r.success AND r.given = 1
+        WHERE r.success
     ), done AS (
         -- (tasker._move_steps to complete; the conditions of the outcome
         -- applied of tasker._apply_results, on the locked rows)
@@ -401,7 +408,8 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM tasker.step_edges e
                           JOIN tasker.workflow_steps c ON c.step_uuid = e.to_step_uuid
                           WHERE e.from_step_uuid = s.step_uuid
-                            AND (c.total_parents > 1 OR c.step_type = 'map' OR c.step_uuid = ANY (v_steps)))
+                            AND (c.total_parents > 1 OR c.step_type = 'map'
+                                 OR c.step_uuid = ANY (ARRAY(SELECT y.step_uuid FROM unnest(p_results) y))))
         RETURNING s.step_uuid, s.name, s.previous_state, s.attempts, s.queue_msg_id, s.transitions, st.payload,
                   st.audit, st.task_uuid, st.namespace_name, st.task_name, st.task_version, st.context,
                   st.correlation_id, st.traceparent, st.queue_name, st.queue_seq
@@ -456,29 +464,31 @@ BEGIN
         FROM kids e
         WHERE e.ready
         GROUP BY e.queue_name
+    ), tally AS (
+        SELECT d.task_uuid, count(*)::integer AS completed,
+               (SELECT count(*) FROM kids k WHERE k.task_uuid = d.task_uuid AND k.ready)::integer AS enqueued
+        FROM done d
+        GROUP BY d.task_uuid
     ), locked AS (
         -- the task rows, last (after the messages: sent is evaluated
         -- first), as they are once locked
         SELECT t.task_uuid, t.state, t.steps_total, t.steps_pending, t.steps_out, t.steps_waiting, t.steps_done,
-               t.steps_error, t.steps_cancelled
-        FROM tasker.tasks t
-        WHERE t.task_uuid IN (SELECT d.task_uuid FROM done d)
-          AND (SELECT count(*) FROM sent) >= 0
+               t.steps_error, t.steps_cancelled, y.completed, y.enqueued
+        FROM tally y
+        JOIN tasker.tasks t ON t.task_uuid = y.task_uuid
+        WHERE (SELECT count(*) FROM sent) >= 0
         ORDER BY t.task_uuid
-        FOR NO KEY UPDATE
-    ), n AS (
+        FOR NO KEY UPDATE OF t
+    ), n AS MATERIALIZED (
         -- (tasker._settle_tasks: the counters take the moves, the state is
         -- decided from them)
-        SELECT l.*, c.completed, c.enqueued, l.steps_pending - c.enqueued AS pending,
-               l.steps_out - c.completed + c.enqueued AS out, l.steps_done + c.completed AS done,
+        SELECT l.task_uuid, l.state, l.steps_pending - l.enqueued AS pending,
+               l.steps_out - l.completed + l.enqueued AS out, l.steps_done + l.completed AS done,
                s.execution_status, s.task_state::tasker.task_state AS to_state
         FROM locked l
-        CROSS JOIN LATERAL (
-            SELECT (SELECT count(*) FROM done d WHERE d.task_uuid = l.task_uuid)::integer AS completed,
-                   (SELECT count(*) FROM kids k WHERE k.task_uuid = l.task_uuid AND k.ready)::integer AS enqueued) c
-        CROSS JOIN LATERAL tasker._task_status(l.steps_total, l.steps_pending - c.enqueued,
-                                               l.steps_out - c.completed + c.enqueued, l.steps_waiting,
-                                               l.steps_done + c.completed, l.steps_error, l.steps_cancelled, 0) s
+        CROSS JOIN LATERAL tasker._task_status(l.steps_total, l.steps_pending - l.enqueued,
+                                               l.steps_out - l.completed + l.enqueued, l.steps_waiting,
+                                               l.steps_done + l.completed, l.steps_error, l.steps_cancelled, 0) s
     ), settled AS (
         UPDATE tasker.tasks k
         SET steps_pending    = n.pending,
@@ -560,6 +570,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     sub tasker.submission;
+    r tasker.step_result;
     o tasker.result_outcome;
 BEGIN
     IF submit_result.step_uuid IS NULL THEN
@@ -574,12 +585,22 @@ BEGIN
     ELSE
         PERFORM tasker._check_payload_size(submit_result.error, 'limits.max_result_bytes', 'the error');
     END IF;
-    o := ((tasker._apply_results(
-        ARRAY[ROW(submit_result.step_uuid, sub.success,
-                  CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
-                  sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
-                  tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata))::tasker.step_result],
-        CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END)).outcomes)[1];
+    r := ROW(submit_result.step_uuid, sub.success,
+             CASE WHEN sub.success THEN coalesce(submit_result.result, 'null') ELSE submit_result.error END,
+             sub.attempt, sub.message, sub.retryable, sub.requested_delay_ms,
+             tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata));
+    -- the hot path: what tasker._apply_results does for one success (its
+    -- task's lock, shared; tasker._complete_alone), without its glue
+    IF sub.success AND coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean THEN
+        PERFORM tasker._take_task_lock(ws.task_uuid, true)
+        FROM tasker.workflow_steps ws
+        WHERE ws.step_uuid = submit_result.step_uuid AND tasker._result_shares_task(true, ws.step_type);
+        IF FOUND AND cardinality(tasker._complete_alone(ARRAY[r], 'step completed')) = 1 THEN
+            RETURN 'complete';
+        END IF;
+    END IF;
+    o := ((tasker._apply_results(ARRAY[r], CASE WHEN sub.success THEN 'step completed' ELSE 'step failed' END,
+                                 NULL, false)).outcomes)[1];
     IF o.outcome = 'unknown_step' THEN
         RAISE EXCEPTION '%', o.note USING ERRCODE = 'P0002';
     ELSIF o.outcome = 'never_enqueued' THEN
