@@ -73,8 +73,11 @@ BEGIN
 END
 $$;
 
--- Applies results, in one transaction: takes their tasks' locks (shared
--- when all are successes of steps that create none: 04_transitions.sql),
+-- Applies results, in one transaction: takes their tasks' locks (per task:
+-- shared when its results are all successes of steps that create none,
+-- 04_transitions.sql), applies the common case in one statement
+-- (tasker._complete_alone, unless p_alone is false or
+-- pg_tasker.one_statement_results is off) and the rest as follows:
 -- decides what each result meets on its locked step row, archives the
 -- messages of the accepted ones, makes the read of p_read (if any),
 -- completes or fails their attempts (the retry policy:
@@ -122,13 +125,13 @@ DECLARE
     k integer := 0;
     v_result tasker.step_result;
 BEGIN
-    -- the task locks, in task_uuid order: shared when every result shares
-    -- (tasker._result_shares_task: the results of one task then apply side
-    -- by side, each on its own steps), exclusive otherwise (tasker._lock_tasks'
-    -- statement with the mode decided in it: one statement on the hot path)
-    -- (per task, in task_uuid order: shared when all its results share;
-    -- the lock is taken in the outer query's filter, over the sorted rows:
-    -- a filter with a volatile function is not pushed down into them)
+    -- the task locks, in task_uuid order, per task: shared when all its
+    -- results share (tasker._result_shares_task: the results of one task
+    -- then apply side by side, each on its own steps), exclusive otherwise
+    -- (tasker._lock_tasks' statement with the mode decided in it: one
+    -- statement on the hot path; the lock is taken in the outer query's
+    -- filter, over the sorted rows: a filter with a volatile function is
+    -- not pushed down into them)
     SELECT bool_or(x.shared), bool_and(x.once) INTO v_shared, v_once
     FROM (SELECT ws.task_uuid, bool_and(tasker._result_shares_task(r.success, ws.step_type)) AS shared,
                  count(*) = count(DISTINCT r.step_uuid) AS once
