@@ -2,7 +2,7 @@
 # Reproduces docs/benchmarks.md: sets up, installs the release build of
 # pg_tasker, and runs the benchmark harness on a throwaway cluster of its own.
 # Arguments go to the harness: --quick,
-# --scenarios idle,p1,pgbench,p2,p3,sdk,p5,sustained,p4,commit,relay,
+# --scenarios idle,p1,pgbench,p2,p3,sdk,p5,sustained,p4,commit,relay,onestatement,
 # --json FILE (default docs/benchmarks/results.json).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -384,64 +384,99 @@ fn p1(b: &mut Bench) {
         .insert("p1".into(), json!({"tasks": tasks, "rows": rows}));
 }
 
-/// The relay of task events (docs/operations.md, Task events) against
-/// each transaction's own NOTIFY: P1's linear tasks at N = 8 (or
-/// BENCH_P1_N), plain and batched, with pg_tasker.relay_notifications off
-/// and on in turn, three rounds, in the same run.
-fn relay(b: &mut Bench) {
+/// P1's linear tasks of 5 steps at N = 8 (or BENCH_P1_N), plain and batched,
+/// with a boolean setting off and on in turn (ALTER SYSTEM), three rounds,
+/// in the same run: what the setting changes, measured beside itself.
+/// `probe` counts something per round (or returns None). Returns the rows.
+fn alternate(
+    b: &mut Bench,
+    setting: &str,
+    title: &str,
+    mut probe: impl FnMut() -> Option<i64>,
+) -> (usize, usize, Vec<Value>) {
     let tasks = if b.quick { 300 } else { 1000 };
     let n: usize = std::env::var("BENCH_P1_N")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
     let mut db = connect(&b.cluster);
-    println!("
-Relay of task events, N = {n}, {tasks} linear tasks of 5 steps a run, steps/s (off: each transaction NOTIFYs itself)");
+    println!("\n{title}, N = {n}, {tasks} linear tasks of 5 steps a run, steps/s");
     println!(
-        "{:>6} {:>6} {:>10} {:>10}",
-        "round", "relay", "plain", "batched"
+        "{:>6} {:>6} {:>10} {:>10} {:>10}",
+        "round", "setting", "plain", "batched", "probe"
     );
-    // (the proof of the path: what the orchestrator sent meanwhile)
-    let mut probe = connect(&b.cluster);
-    let relayed = |db: &mut Client| -> i64 {
-        db.query_one(
-            "SELECT (tasker.health() -> 'orchestrator' ->> 'relayed_notifications')::bigint",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    };
+    let tag = setting.trim_start_matches("pg_tasker.").replace('.', "_");
     let mut rows = Vec::new();
     for round in 1..=3 {
         for on in [false, true] {
-            db.batch_execute(&format!(
-                "ALTER SYSTEM SET pg_tasker.relay_notifications = {on}"
-            ))
-            .unwrap();
+            db.batch_execute(&format!("ALTER SYSTEM SET {setting} = {on}"))
+                .unwrap();
             db.batch_execute("SELECT pg_reload_conf()").unwrap();
             std::thread::sleep(Duration::from_millis(300));
             let mut rate = |kind: &str, protocol: Protocol| {
-                let ns = format!("relay_{kind}_{round}_{on}");
+                let ns = format!("{tag}_{kind}_{round}_{on}");
                 let mut t = linear("x", 5);
                 t["namespace_name"] = json!(ns);
                 register(&mut db, &t);
                 drain(b, &ns, "linear", tasks, 5, n, protocol)
             };
-            let before = relayed(&mut probe);
+            let before = probe();
             let pl = rate("pl", Protocol::Plain);
             let bl = rate("bl", Protocol::Batched(10));
-            let sent = relayed(&mut probe) - before;
+            let counted = probe().zip(before).map(|(a, b)| a - b);
             let mode = if on { "on" } else { "off" };
-            println!("{round:>6} {mode:>6} {pl:>10.0} {bl:>10.0} {sent:>10}");
-            rows.push(json!({"round": round, "relay": on, "plain_steps_per_s": pl, "batched_steps_per_s": bl,
-                             "events_relayed": sent}));
+            let shown = counted.map_or("-".to_string(), |c| c.to_string());
+            println!("{round:>6} {mode:>6} {pl:>10.0} {bl:>10.0} {shown:>10}");
+            rows.push(
+                json!({"round": round, "on": on, "plain_steps_per_s": pl, "batched_steps_per_s": bl,
+                             "probe": counted}),
+            );
         }
     }
-    db.batch_execute("ALTER SYSTEM RESET pg_tasker.relay_notifications")
+    db.batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
         .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    (n, tasks, rows)
+}
+
+/// The relay of task events (docs/operations.md, Task events) against
+/// each transaction's own NOTIFY (pg_tasker.relay_notifications off and on
+/// in turn); the probe: the events the orchestrator relayed meanwhile.
+fn relay(b: &mut Bench) {
+    let mut probe = connect(&b.cluster);
+    let (n, tasks, rows) = alternate(
+        b,
+        "pg_tasker.relay_notifications",
+        "Relay of task events (off: each transaction NOTIFYs itself; probe: events relayed)",
+        || {
+            Some(
+                probe
+                    .query_one(
+                        "SELECT (tasker.health() -> 'orchestrator' ->> 'relayed_notifications')::bigint",
+                        &[],
+                    )
+                    .unwrap()
+                    .get(0),
+            )
+        },
+    );
     b.results.insert(
         "relay".into(),
+        json!({"n": n, "tasks": tasks, "rows": rows}),
+    );
+}
+
+/// Results in one statement (tasker._complete_alone) against the general
+/// path (pg_tasker.one_statement_results off and on in turn).
+fn one_statement(b: &mut Bench) {
+    let (n, tasks, rows) = alternate(
+        b,
+        "pg_tasker.one_statement_results",
+        "Results in one statement (off: every result the general way)",
+        || None,
+    );
+    b.results.insert(
+        "one_statement".into(),
         json!({"n": n, "tasks": tasks, "rows": rows}),
     );
 }
@@ -1282,6 +1317,7 @@ fn main() {
                 "p4",
                 "commit",
                 "relay",
+                "onestatement",
             ]
             .iter()
             .map(|s| s.to_string())
@@ -1320,6 +1356,7 @@ fn main() {
             "sustained" => sustained(&mut b),
             "sdk" => sdk(&mut b),
             "relay" => relay(&mut b),
+            "onestatement" => one_statement(&mut b),
             other => eprintln!("unknown scenario {other}"),
         }
     }
