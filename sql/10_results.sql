@@ -339,24 +339,24 @@ RETURN jsonb_strip_nulls(jsonb_build_object(
 -- through tasker._move_steps, tasker._enqueue_steps and tasker._settle_tasks
 -- (each step completed with its audit row, its message archived, each child
 -- released and enqueued with its audit row and message, each task's
--- counters, state and audit row), at about two thirds of the cost
--- (docs/benchmarks.md). The same rules, written a second time in this one
--- statement: tests::orchestration::alone_and_general_paths_leave_the_same_rows
--- runs one workflow both ways (pg_tasker.one_statement_results off: the
--- general path only) and compares every row and message. The caller holds
--- the task locks and gives no step twice (tasker._apply_results). Rows are
--- locked as the
--- general path locks them: the steps first (a batch: in step_uuid order, in
--- a statement of their own), then the children (nobody else can release
--- them: no lock before their UPDATE), then the task rows (in task_uuid
--- order, as they are once locked: a sibling's committed counters). The
--- children's messages take the results from here (dependency_results: the
--- parents' rows are changed by this statement, which sees them as they
--- were). A result is left to the caller, untouched, when it is not one for
--- this path: a failure, a step that creates steps, a child with other
--- parents, a map child or one among the results, and a result the general
--- path would not apply (not for the current attempt of
--- a step out with a worker of an unfinished task: it says why). Returns the
+-- counters, state and audit row); a result costs about three quarters of
+-- its time the general way (docs/benchmarks.md). The same rules, written a
+-- second time in this one statement:
+-- tests::orchestration::alone_and_general_paths_leave_the_same_rows runs one
+-- workflow both ways (pg_tasker.one_statement_results off: the general path
+-- only) and compares every row and message. The caller holds the task locks
+-- and gives no step twice (tasker._apply_results, tasker.submit_result).
+-- Rows are locked as the general path locks them: the steps first (a batch:
+-- in step_uuid order, in a statement of their own), then the children
+-- (nobody else can release them: no lock before their UPDATE), then the
+-- task rows (in task_uuid order, as they are once locked: a sibling's
+-- committed counters). The children's messages take the results from here
+-- (dependency_results: the parents' rows are changed by this statement,
+-- which sees them as they were). A result is left to the caller, untouched,
+-- when it is not one for this path: a failure, a step that creates steps, a
+-- child with other parents, a map child or one among the results, and a
+-- result the general path would not apply (not for the current attempt of a
+-- step out with a worker of an unfinished task: it says why). Returns the
 -- steps applied here.
 CREATE FUNCTION tasker._complete_alone(p_results tasker.step_result[], p_reason text)
 RETURNS uuid[]

@@ -2644,8 +2644,11 @@ BEGIN
 END
 $$;
 
--- Applies results, in one transaction: takes their tasks' locks (shared
--- when all are successes of steps that create none: 04_transitions.sql),
+-- Applies results, in one transaction: takes their tasks' locks (per task:
+-- shared when its results are all successes of steps that create none,
+-- 04_transitions.sql), applies the common case in one statement
+-- (tasker._complete_alone, unless p_alone is false or
+-- pg_tasker.one_statement_results is off) and the rest as follows:
 -- decides what each result meets on its locked step row, archives the
 -- messages of the accepted ones, makes the read of p_read (if any),
 -- completes or fails their attempts (the retry policy:
@@ -2693,13 +2696,13 @@ DECLARE
     k integer := 0;
     v_result tasker.step_result;
 BEGIN
-    -- the task locks, in task_uuid order: shared when every result shares
-    -- (tasker._result_shares_task: the results of one task then apply side
-    -- by side, each on its own steps), exclusive otherwise (tasker._lock_tasks'
-    -- statement with the mode decided in it: one statement on the hot path)
-    -- (per task, in task_uuid order: shared when all its results share;
-    -- the lock is taken in the outer query's filter, over the sorted rows:
-    -- a filter with a volatile function is not pushed down into them)
+    -- the task locks, in task_uuid order, per task: shared when all its
+    -- results share (tasker._result_shares_task: the results of one task
+    -- then apply side by side, each on its own steps), exclusive otherwise
+    -- (tasker._lock_tasks' statement with the mode decided in it: one
+    -- statement on the hot path; the lock is taken in the outer query's
+    -- filter, over the sorted rows: a filter with a volatile function is
+    -- not pushed down into them)
     SELECT bool_or(x.shared), bool_and(x.once) INTO v_shared, v_once
     FROM (SELECT ws.task_uuid, bool_and(tasker._result_shares_task(r.success, ws.step_type)) AS shared,
                  count(*) = count(DISTINCT r.step_uuid) AS once
@@ -2907,24 +2910,24 @@ RETURN jsonb_strip_nulls(jsonb_build_object(
 -- through tasker._move_steps, tasker._enqueue_steps and tasker._settle_tasks
 -- (each step completed with its audit row, its message archived, each child
 -- released and enqueued with its audit row and message, each task's
--- counters, state and audit row), at about two thirds of the cost
--- (docs/benchmarks.md). The same rules, written a second time in this one
--- statement: tests::orchestration::alone_and_general_paths_leave_the_same_rows
--- runs one workflow both ways (pg_tasker.one_statement_results off: the
--- general path only) and compares every row and message. The caller holds
--- the task locks and gives no step twice (tasker._apply_results). Rows are
--- locked as the
--- general path locks them: the steps first (a batch: in step_uuid order, in
--- a statement of their own), then the children (nobody else can release
--- them: no lock before their UPDATE), then the task rows (in task_uuid
--- order, as they are once locked: a sibling's committed counters). The
--- children's messages take the results from here (dependency_results: the
--- parents' rows are changed by this statement, which sees them as they
--- were). A result is left to the caller, untouched, when it is not one for
--- this path: a failure, a step that creates steps, a child with other
--- parents, a map child or one among the results, and a result the general
--- path would not apply (not for the current attempt of
--- a step out with a worker of an unfinished task: it says why). Returns the
+-- counters, state and audit row); a result costs about three quarters of
+-- its time the general way (docs/benchmarks.md). The same rules, written a
+-- second time in this one statement:
+-- tests::orchestration::alone_and_general_paths_leave_the_same_rows runs one
+-- workflow both ways (pg_tasker.one_statement_results off: the general path
+-- only) and compares every row and message. The caller holds the task locks
+-- and gives no step twice (tasker._apply_results, tasker.submit_result).
+-- Rows are locked as the general path locks them: the steps first (a batch:
+-- in step_uuid order, in a statement of their own), then the children
+-- (nobody else can release them: no lock before their UPDATE), then the
+-- task rows (in task_uuid order, as they are once locked: a sibling's
+-- committed counters). The children's messages take the results from here
+-- (dependency_results: the parents' rows are changed by this statement,
+-- which sees them as they were). A result is left to the caller, untouched,
+-- when it is not one for this path: a failure, a step that creates steps, a
+-- child with other parents, a map child or one among the results, and a
+-- result the general path would not apply (not for the current attempt of a
+-- step out with a worker of an unfinished task: it says why). Returns the
 -- steps applied here.
 CREATE FUNCTION tasker._complete_alone(p_results tasker.step_result[], p_reason text)
 RETURNS uuid[]
