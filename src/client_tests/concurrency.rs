@@ -486,14 +486,26 @@ fn a_randomized_stress_run_keeps_every_invariant() {
     let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
     fan.push(step("join", &parent_refs));
     register(&mut c, &template("cc_stress", "fan", fan));
-    let tasks: Vec<uuid::Uuid> = (0..40)
-        .map(|i| {
-            create(
-                &mut c,
-                "cc_stress",
-                if i % 2 == 0 { "diamond" } else { "fan" },
-            )
-        })
+    // (every success of a tree's steps goes the one-statement way,
+    // tasker._complete_alone; the diamond's and the fan's joins do not)
+    let mut leaf = step("d", &["b"]);
+    leaf["retry"] = json!({"max_attempts": 2, "backoff": "none"});
+    register(
+        &mut c,
+        &template(
+            "cc_stress",
+            "tree",
+            vec![
+                step("a", &[]),
+                step("b", &["a"]),
+                step("c", &["a"]),
+                leaf,
+                step("e", &["c"]),
+            ],
+        ),
+    );
+    let tasks: Vec<uuid::Uuid> = (0..60)
+        .map(|i| create(&mut c, "cc_stress", ["diamond", "fan", "tree"][i % 3]))
         .collect();
     let tasks = Arc::new(tasks);
     let stop = Arc::new(AtomicBool::new(false));
