@@ -37,8 +37,11 @@ BEGIN
                 FROM tasker._pgmq_expired_leases(ns.queue_name) e
                 JOIN tasker.workflow_steps ws
                   ON ws.step_uuid = tasker._uuid_or_null(e.step_uuid) AND ws.queue_msg_id = e.msg_id
-                JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid AND t.namespace_name = ns.name
-                WHERE tasker.step_state_class(ws.state) = 'out') x
+                WHERE tasker.step_state_class(ws.state) = 'out'
+                  -- (the namespace per step, by a subquery: a join let the
+                  -- orchestrator's plan, made at its start on empty tables,
+                  -- walk every task of the namespace on each run)
+                  AND (SELECT t.namespace_name FROM tasker.tasks t WHERE t.task_uuid = ws.task_uuid) = ns.name) x
             WHERE x.kind IS NOT NULL
             ORDER BY x.msg_id
             LIMIT p_batch - n
