@@ -1043,8 +1043,9 @@ mod tests {
         // way. One workflow both ways must leave the same rows, audit rows
         // and messages: a fan-out (a -> b, c: one statement), a join (b, c
         // -> d: general), a chain (d -> e) and the last step (e, which
-        // completes the task). One task through submit_result, the other
-        // through submit_results with the setting off.
+        // fails once, is retried at once and then completes the task). One
+        // task through submit_result, the other through submit_results with
+        // the setting off.
         Spi::run("SET LOCAL track_functions = 'pl'").unwrap();
         register(&template(
             "o_paths",
@@ -1082,31 +1083,50 @@ mod tests {
                 let meta =
                     json!({"attempt": m["attempt"], "worker_id": "w", "execution_time_ms": 2});
                 let payload = result(m["step_name"].as_str().unwrap());
+                // (e's first attempt fails, a retry due at once)
+                let fails = m["step_name"] == "e" && m["attempt"] == 1;
+                let (status, result, error) = if fails {
+                    (
+                        "failure",
+                        "null".to_string(),
+                        r#"{"message": "once", "retry_after_seconds": 0}"#.to_string(),
+                    )
+                } else {
+                    ("success", payload, "null".to_string())
+                };
                 if m["task_uuid"] == plain.to_string() {
                     Spi::run("SELECT set_config('pg_tasker.one_statement_results', 'on', true)")
                         .unwrap();
                     Spi::run_with_args(
-                        "SELECT tasker.submit_result($1::uuid, 'success', $2::text::jsonb, NULL, $3)",
-                        &[step.into(), payload.as_str().into(), JsonB(meta).into()],
+                        "SELECT tasker.submit_result($1::uuid, $2, nullif($3::text::jsonb, 'null'),
+                                                     nullif($4::text::jsonb, 'null'), $5)",
+                        &[
+                            step.into(),
+                            status.into(),
+                            result.as_str().into(),
+                            error.as_str().into(),
+                            JsonB(meta).into(),
+                        ],
                     )
                     .unwrap();
                 } else {
                     Spi::run("SELECT set_config('pg_tasker.one_statement_results', 'off', true)")
                         .unwrap();
                     Spi::run_with_args(
-                        "SELECT count(*) FROM tasker.submit_results(jsonb_build_array(jsonb_build_object(
-                             'step_uuid', $1::text, 'status', 'success', 'result', $2::text::jsonb, 'metadata', $3)))",
-                        &[step.into(), payload.as_str().into(), JsonB(meta).into()],
+                        "SELECT count(*) FROM tasker.submit_results(jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+                             'step_uuid', $1::text, 'status', $2::text, 'result', nullif($3::text::jsonb, 'null'),
+                             'error', nullif($4::text::jsonb, 'null'), 'metadata', $5))))",
+                        &[step.into(), status.into(), result.as_str().into(), error.as_str().into(), JsonB(meta).into()],
                     )
                     .unwrap();
                 }
             }
         }
-        // through submit_result every step but the two parents of the join
-        // went the one-statement way (the other two tried it); with the
-        // setting off none did
+        // through submit_result every success but the two parents' of the
+        // join went the one-statement way (those two tried it; the failure
+        // went the general way); with the setting off none did
         assert_eq!(calls("_complete_alone") - alone, 5);
-        assert_eq!(calls("_move_steps") - general, 2 + 5);
+        assert_eq!(calls("_move_steps") - general, (2 + 1) + (5 + 1));
         // (what differs by nature: uuids, times, msg_ids; and the reason of
         // the task's audit rows, which names the operation)
         let rows = |task: pgrx::Uuid| {
@@ -1141,6 +1161,7 @@ mod tests {
         let (a, b) = (rows(plain), rows(batch));
         assert_eq!(a, b);
         assert_eq!(a["task"]["state"], "complete");
+        assert_eq!(a["steps"]["e"]["attempts"], 2);
         assert_eq!(a["messages"].as_object().unwrap().len(), 5);
         // (jsonb's own key order; the numbers as sent)
         assert_eq!(
