@@ -547,14 +547,8 @@ BEGIN
             PERFORM tasker._wake_workers(v_sent);
         END IF;
     END IF;
-    IF v_moved IS NOT NULL THEN
-        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
-    END IF;
-    IF v_events IS NOT NULL THEN
-        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(v_events) e;
-    END IF;
-    IF v_due THEN
-        PERFORM tasker._wake_orchestrator();
+    IF v_moved IS NOT NULL OR v_events IS NOT NULL OR v_due THEN
+        PERFORM tasker._after_settle(v_moved, v_events, v_due);
     END IF;
     RETURN v_done;
 END

@@ -1660,6 +1660,26 @@ LANGUAGE sql STABLE
 RETURN json_build_object('task_uuid', p_task, 'namespace', p_namespace, 'state', p_state,
                          'from_state', p_from)::text;
 
+-- What follows a settle that moved tasks or left a retry due (the end of
+-- tasker._settle_tasks and of tasker._complete_alone): the tasks' moves
+-- counted for tasker.metrics() (when the transaction commits), their
+-- events sent (tasker._notify), the orchestrator woken to recompute its
+-- sleep (when this commits).
+CREATE FUNCTION tasker._after_settle(p_moved tasker.task_state[], p_events text[], p_due boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_moved IS NOT NULL THEN
+        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(p_moved) t GROUP BY t;
+    END IF;
+    IF p_events IS NOT NULL THEN
+        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(p_events) e;
+    END IF;
+    IF p_due THEN
+        PERFORM tasker._wake_orchestrator();
+    END IF;
+END
+$$;
+
 -- The end of every operation that moved steps, and the one writer of a
 -- task's state: for each task the moves touched (and each of p_tasks, moved
 -- or not), the step counters take the moves (by class,
@@ -1778,15 +1798,8 @@ BEGIN
     -- (counted for tasker.metrics() when the transaction commits)
     PERFORM tasker._count_moves('step', m.to_state::text, count(*))
     FROM unnest(p_moves) m GROUP BY m.to_state;
-    IF v_moved IS NOT NULL THEN
-        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
-    END IF;
-    IF v_events IS NOT NULL THEN
-        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(v_events) e;
-    END IF;
-    IF v_due THEN
-        -- the orchestrator recomputes its sleep when this commits
-        PERFORM tasker._wake_orchestrator();
+    IF v_moved IS NOT NULL OR v_events IS NOT NULL OR v_due THEN
+        PERFORM tasker._after_settle(v_moved, v_events, v_due);
     END IF;
     RETURN v_to;
 END
@@ -3118,14 +3131,8 @@ BEGIN
             PERFORM tasker._wake_workers(v_sent);
         END IF;
     END IF;
-    IF v_moved IS NOT NULL THEN
-        PERFORM tasker._count_moves('task', t::text, count(*)) FROM unnest(v_moved) t GROUP BY t;
-    END IF;
-    IF v_events IS NOT NULL THEN
-        PERFORM tasker._notify(tasker.events_channel(), e) FROM unnest(v_events) e;
-    END IF;
-    IF v_due THEN
-        PERFORM tasker._wake_orchestrator();
+    IF v_moved IS NOT NULL OR v_events IS NOT NULL OR v_due THEN
+        PERFORM tasker._after_settle(v_moved, v_events, v_due);
     END IF;
     RETURN v_done;
 END
