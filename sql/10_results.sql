@@ -143,8 +143,7 @@ BEGIN
     -- the common case in one statement (tasker._complete_alone: successes
     -- of steps none of whose children has another parent, in a batch that
     -- gives no step twice), the rest here, in the order given
-    IF v_shared AND v_once AND p_alone
-       AND coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean THEN
+    IF v_shared AND v_once AND p_alone AND tasker._one_statement_results() THEN
         v_alone := tasker._complete_alone(p_results, p_reason);
         IF cardinality(v_alone) = cardinality(p_results) THEN
             IF p_read.qty IS NOT NULL THEN
@@ -152,12 +151,8 @@ BEGIN
                 FROM tasker._read_queues(p_read.namespaces, p_read.queues, p_read.worker_id, p_read.qty,
                                          p_read.vt) r;
             END IF;
-            IF cardinality(p_results) = 1 THEN
-                outcomes := ARRAY[ROW(p_results[1].step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome];
-            ELSE
-                outcomes := ARRAY(SELECT ROW(x.step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome
-                                  FROM unnest(p_results) x);
-            END IF;
+            outcomes := ARRAY(SELECT ROW(x.step_uuid, 'complete', 'applied', NULL)::tasker.result_outcome
+                              FROM unnest(p_results) x);
             RETURN;
         ELSIF cardinality(v_alone) > 0 THEN
             v_general := tasker._apply_results(
@@ -332,6 +327,14 @@ CREATE FUNCTION tasker._submission_audit(p_worker_id text, p_execution_time_ms n
 RETURNS jsonb LANGUAGE sql STABLE
 RETURN jsonb_strip_nulls(jsonb_build_object(
     'worker_id', p_worker_id, 'execution_time_ms', p_execution_time_ms, 'metadata', p_metadata));
+
+-- Whether results go the one-statement way when they can
+-- (tasker._complete_alone): the setting pg_tasker.one_statement_results,
+-- on unless set (a backend that has not loaded the library yet knows it
+-- only as set or not).
+CREATE FUNCTION tasker._one_statement_results() RETURNS boolean
+LANGUAGE sql STABLE
+RETURN coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean;
 
 -- Successes whose steps' children have them as their only parent (a
 -- chain's next step, a fan-out's branches, none: the last step), the common
@@ -588,7 +591,7 @@ BEGIN
              tasker._submission_audit(sub.worker_id, sub.execution_time_ms, submit_result.metadata));
     -- the hot path: what tasker._apply_results does for one success (its
     -- task's lock, shared; tasker._complete_alone), without its glue
-    IF sub.success AND coalesce(current_setting('pg_tasker.one_statement_results', true), 'on')::boolean THEN
+    IF sub.success AND tasker._one_statement_results() THEN
         PERFORM tasker._take_task_lock(ws.task_uuid, true)
         FROM tasker.workflow_steps ws
         WHERE ws.step_uuid = submit_result.step_uuid AND tasker._result_shares_task(true, ws.step_type);

@@ -15,7 +15,7 @@ pub static DATABASE: GucSetting<Option<CString>> =
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Whether task events go through the orchestrator (crate::relay).
 pub static RELAY_NOTIFICATIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
-/// Read by sql/10_results.sql (tasker._apply_results), not here.
+/// Read in SQL (tasker._one_statement_results), not here.
 pub static ONE_STATEMENT_RESULTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Directory laid out like config/tasker; unset: the compiled-in files.
 pub static CONFIG_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
