@@ -121,24 +121,15 @@ mod tests {
         // successes whose children have no other parent apply in one
         // statement (tasker._complete_alone), the others in the general
         // way; each outcome stays in its place
-        register(&template(
-            "b_mix",
-            "flow",
-            "1.0.0",
-            json!([
-                step("a", &[]),
-                step("b", &["a"]),
-                step("c", &["a"]),
-                step("d", &["b", "c"])
-            ]),
-        ));
+        // (start -> left, right -> end)
+        register(&diamond("b_mix"));
         register(&template(
             "b_mix",
             "chain",
             "1.0.0",
             json!([step("x", &[]), step("y", &["x"])]),
         ));
-        let t1 = create("b_mix", "flow", json!({}));
+        let t1 = create("b_mix", "diamond", json!({}));
         let t2 = create("b_mix", "chain", json!({}));
         let t3 = create("b_mix", "chain", json!({}));
         let by = |msgs: &[Value], task: pgrx::Uuid, name: &str| -> Value {
@@ -152,16 +143,14 @@ mod tests {
                 .map(|r| r["outcome"].as_str().unwrap().to_string())
                 .collect()
         };
-        let alone = || {
-            count(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_catalog.pg_stat_xact_user_functions
-                 WHERE schemaname = 'tasker' AND funcname = '_move_steps'",
-            )
-        };
         Spi::run("SET LOCAL track_functions = 'pl'").unwrap();
         let msgs = read_all("b_mix");
-        let (a1, x2, x3) = (by(&msgs, t1, "a"), by(&msgs, t2, "x"), by(&msgs, t3, "x"));
-        let moves = alone();
+        let (a1, x2, x3) = (
+            by(&msgs, t1, "start"),
+            by(&msgs, t2, "x"),
+            by(&msgs, t3, "x"),
+        );
+        let moves = function_calls("_move_steps");
         let rows = submit_results(&json!([
             result(&x2, "success"),
             result(&a1, "success"),
@@ -185,13 +174,13 @@ mod tests {
             ]
         );
         // (x of t3, given twice, went the general way: one move to complete)
-        assert_eq!(alone() - moves, 1);
+        assert_eq!(function_calls("_move_steps") - moves, 1);
 
         let msgs = read_all("b_mix");
         assert_eq!(msgs.len(), 4, "{msgs:?}");
         let (b1, c1, y2, y3) = (
-            by(&msgs, t1, "b"),
-            by(&msgs, t1, "c"),
+            by(&msgs, t1, "left"),
+            by(&msgs, t1, "right"),
             by(&msgs, t2, "y"),
             by(&msgs, t3, "y"),
         );
@@ -223,7 +212,7 @@ mod tests {
         assert_eq!(msgs.len(), 1, "{msgs:?}");
         assert_eq!(
             msgs[0]["dependency_results"],
-            json!({"b": {"from": "b"}, "c": {"from": "c"}})
+            json!({"left": {"from": "left"}, "right": {"from": "right"}})
         );
         let rows = submit_results(&json!([result(&msgs[0], "success")]));
         assert_eq!(outcomes(&rows), ["applied"]);

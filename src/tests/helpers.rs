@@ -56,6 +56,15 @@ pub fn json_of(q: &str) -> Value {
     sql_value::<JsonB>(q).map(|j| j.0).unwrap_or(Value::Null)
 }
 
+/// How often the current transaction has called a tasker function (with
+/// track_functions at 'pl' or 'all').
+pub fn function_calls(name: &str) -> i64 {
+    count(&format!(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_catalog.pg_stat_xact_user_functions
+         WHERE schemaname = 'tasker' AND funcname = '{name}'"
+    ))
+}
+
 /// The SQLSTATE and message a statement fails with.
 pub fn failure(stmt: &str) -> String {
     Spi::get_one_with_args::<String>("SELECT tests.sqlstate_of($1)", &[stmt.into()])

@@ -1066,13 +1066,10 @@ mod tests {
         let result = |name: &str| {
             format!(r#"{{"from": "{name}", "big": 123456789012345678901234567890.10}}"#)
         };
-        let calls = |f: &str| {
-            count(&format!(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_catalog.pg_stat_xact_user_functions
-                 WHERE schemaname = 'tasker' AND funcname = '{f}'"
-            ))
-        };
-        let (alone, general) = (calls("_complete_alone"), calls("_move_steps"));
+        let (alone, general) = (
+            function_calls("_complete_alone"),
+            function_calls("_move_steps"),
+        );
         loop {
             let msgs = read_all("o_paths");
             if msgs.is_empty() {
@@ -1125,8 +1122,8 @@ mod tests {
         // through submit_result every success but the two parents' of the
         // join went the one-statement way (those two tried it; the failure
         // went the general way); with the setting off none did
-        assert_eq!(calls("_complete_alone") - alone, 5);
-        assert_eq!(calls("_move_steps") - general, (2 + 1) + (5 + 1));
+        assert_eq!(function_calls("_complete_alone") - alone, 5);
+        assert_eq!(function_calls("_move_steps") - general, (2 + 1) + (5 + 1));
         // (what differs by nature: uuids, times, msg_ids; and the reason of
         // the task's audit rows, which names the operation)
         let rows = |task: pgrx::Uuid| {
