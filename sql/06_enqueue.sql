@@ -34,26 +34,28 @@ CREATE FUNCTION tasker._step_message(p_task uuid, p_step uuid, p_namespace text,
                                      p_max_attempts integer, p_timeout_seconds integer, p_correlation_id uuid,
                                      p_traceparent text, p_dependency_results jsonb)
 RETURNS jsonb LANGUAGE sql STABLE
+-- (the keys in jsonb's order, shorter first: the object's sort then finds
+-- them sorted and stops; the message is the same in any order)
 RETURN jsonb_build_object(
-    'message_version', 1,
-    'task_uuid', p_task,
-    'step_uuid', p_step,
+    'attempt', p_attempt,
+    'handler', jsonb_build_object('method', p_method, 'callable', p_callable, 'initialization', p_inputs),
     'namespace', p_namespace,
-    'task_name', p_task_name,
-    'task_version', p_task_version,
     'step_name', p_step_name,
-    'handler', jsonb_build_object('callable', p_callable, 'method', p_method, 'initialization', p_inputs),
+    'step_uuid', p_step,
+    'task_name', p_task_name,
+    'task_uuid', p_task,
+    'enqueued_at', now(),
+    'traceparent', p_traceparent,
+    'max_attempts', p_max_attempts,
     -- (a map element carries its item instead: the context once per
     -- element would make a wide map's messages quadratic)
     'task_context', CASE WHEN p_map_index IS NULL THEN p_context END,
-    'dependency_results', p_dependency_results,
-    'attempt', p_attempt,
+    'task_version', p_task_version,
     'budget_attempt', p_attempt - p_budget_offset,
-    'max_attempts', p_max_attempts,
-    'timeout_seconds', p_timeout_seconds,
     'correlation_id', p_correlation_id,
-    'traceparent', p_traceparent,
-    'enqueued_at', now())
+    'message_version', 1,
+    'timeout_seconds', p_timeout_seconds,
+    'dependency_results', p_dependency_results)
     -- map elements: their index and item; resumed steps: their checkpoint
     || CASE WHEN p_map_index IS NULL THEN '{}'
             ELSE jsonb_build_object('map_index', p_map_index, 'map_item', p_map_item) END

@@ -366,7 +366,6 @@ RETURNS uuid[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done uuid[];
-    v_completed bigint;
     v_enqueued bigint;
     v_tasks integer;
     v_settled integer;
@@ -524,15 +523,17 @@ BEGIN
         FROM settled u
         WHERE u.to_state <> u.from_state
     )
+    -- (each aggregate costs its start-up on every call: the steps completed
+    -- are counted from the array, their tasks are tally's rows)
     SELECT (SELECT array_agg(d.step_uuid) FROM done d),
-           (SELECT count(*) FROM done d), (SELECT count(*) FILTER (WHERE k.ready) FROM kids k),
-           (SELECT count(DISTINCT d.task_uuid) FROM done d), count(u.task_uuid),
+           (SELECT count(*) FILTER (WHERE k.ready) FROM kids k),
+           (SELECT count(*) FROM tally), count(u.task_uuid),
            array_agg(u.to_state) FILTER (WHERE u.to_state <> u.from_state),
            array_agg(tasker._task_event(u.task_uuid, u.namespace_name, u.to_state, u.from_state))
                FILTER (WHERE u.to_state <> u.from_state AND tasker.task_state_is_event(u.to_state)),
            bool_or(u.next_action_at IS NOT NULL),
            (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
-    INTO v_done, v_completed, v_enqueued, v_tasks, v_settled, v_moved, v_events, v_due, v_sent
+    INTO v_done, v_enqueued, v_tasks, v_settled, v_moved, v_events, v_due, v_sent
     FROM (SELECT count(*) FROM archived) a
     LEFT JOIN settled u ON true;
     IF v_done IS NULL THEN
@@ -543,7 +544,7 @@ BEGIN
     END IF;
     -- (what tasker._settle_tasks and tasker._enqueue_steps do after their
     -- statements)
-    PERFORM tasker._count_moves('step', 'complete', v_completed);
+    PERFORM tasker._count_moves('step', 'complete', cardinality(v_done));
     IF v_enqueued > 0 THEN
         PERFORM tasker._count_moves('step', 'enqueued', v_enqueued);
         IF tasker._anyone_waits() THEN

@@ -2034,26 +2034,28 @@ CREATE FUNCTION tasker._step_message(p_task uuid, p_step uuid, p_namespace text,
                                      p_max_attempts integer, p_timeout_seconds integer, p_correlation_id uuid,
                                      p_traceparent text, p_dependency_results jsonb)
 RETURNS jsonb LANGUAGE sql STABLE
+-- (the keys in jsonb's order, shorter first: the object's sort then finds
+-- them sorted and stops; the message is the same in any order)
 RETURN jsonb_build_object(
-    'message_version', 1,
-    'task_uuid', p_task,
-    'step_uuid', p_step,
+    'attempt', p_attempt,
+    'handler', jsonb_build_object('method', p_method, 'callable', p_callable, 'initialization', p_inputs),
     'namespace', p_namespace,
-    'task_name', p_task_name,
-    'task_version', p_task_version,
     'step_name', p_step_name,
-    'handler', jsonb_build_object('callable', p_callable, 'method', p_method, 'initialization', p_inputs),
+    'step_uuid', p_step,
+    'task_name', p_task_name,
+    'task_uuid', p_task,
+    'enqueued_at', now(),
+    'traceparent', p_traceparent,
+    'max_attempts', p_max_attempts,
     -- (a map element carries its item instead: the context once per
     -- element would make a wide map's messages quadratic)
     'task_context', CASE WHEN p_map_index IS NULL THEN p_context END,
-    'dependency_results', p_dependency_results,
-    'attempt', p_attempt,
+    'task_version', p_task_version,
     'budget_attempt', p_attempt - p_budget_offset,
-    'max_attempts', p_max_attempts,
-    'timeout_seconds', p_timeout_seconds,
     'correlation_id', p_correlation_id,
-    'traceparent', p_traceparent,
-    'enqueued_at', now())
+    'message_version', 1,
+    'timeout_seconds', p_timeout_seconds,
+    'dependency_results', p_dependency_results)
     -- map elements: their index and item; resumed steps: their checkpoint
     || CASE WHEN p_map_index IS NULL THEN '{}'
             ELSE jsonb_build_object('map_index', p_map_index, 'map_item', p_map_item) END
@@ -2950,7 +2952,6 @@ RETURNS uuid[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done uuid[];
-    v_completed bigint;
     v_enqueued bigint;
     v_tasks integer;
     v_settled integer;
@@ -3108,15 +3109,17 @@ BEGIN
         FROM settled u
         WHERE u.to_state <> u.from_state
     )
+    -- (each aggregate costs its start-up on every call: the steps completed
+    -- are counted from the array, their tasks are tally's rows)
     SELECT (SELECT array_agg(d.step_uuid) FROM done d),
-           (SELECT count(*) FROM done d), (SELECT count(*) FILTER (WHERE k.ready) FROM kids k),
-           (SELECT count(DISTINCT d.task_uuid) FROM done d), count(u.task_uuid),
+           (SELECT count(*) FILTER (WHERE k.ready) FROM kids k),
+           (SELECT count(*) FROM tally), count(u.task_uuid),
            array_agg(u.to_state) FILTER (WHERE u.to_state <> u.from_state),
            array_agg(tasker._task_event(u.task_uuid, u.namespace_name, u.to_state, u.from_state))
                FILTER (WHERE u.to_state <> u.from_state AND tasker.task_state_is_event(u.to_state)),
            bool_or(u.next_action_at IS NOT NULL),
            (SELECT array_agg(s.queue_name) FILTER (WHERE s.n > 0) FROM sent s)
-    INTO v_done, v_completed, v_enqueued, v_tasks, v_settled, v_moved, v_events, v_due, v_sent
+    INTO v_done, v_enqueued, v_tasks, v_settled, v_moved, v_events, v_due, v_sent
     FROM (SELECT count(*) FROM archived) a
     LEFT JOIN settled u ON true;
     IF v_done IS NULL THEN
@@ -3127,7 +3130,7 @@ BEGIN
     END IF;
     -- (what tasker._settle_tasks and tasker._enqueue_steps do after their
     -- statements)
-    PERFORM tasker._count_moves('step', 'complete', v_completed);
+    PERFORM tasker._count_moves('step', 'complete', cardinality(v_done));
     IF v_enqueued > 0 THEN
         PERFORM tasker._count_moves('step', 'enqueued', v_enqueued);
         IF tasker._anyone_waits() THEN
