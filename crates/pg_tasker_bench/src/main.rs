@@ -330,6 +330,11 @@ fn p1(b: &mut Bench) {
         .and_then(|v| v.parse().ok());
     // BENCH_P1_KINDS: a subset of pl,pd,bl,bd,bs (plain/batched linear/diamond, bare) to run
     let kinds: Option<String> = std::env::var("BENCH_P1_KINDS").ok();
+    let skipped = |kind: &str| {
+        kinds
+            .as_ref()
+            .is_some_and(|k| !k.split(',').any(|x| x == kind))
+    };
     println!("\nP1 throughput: {tasks} tasks of 5 steps, no-op workers, steps/s; baseline: pgmq send→read→archive of one message");
     println!("   plain: pgmq.read(1) + submit_result per step; batched: tasker.exchange, 10 per round trip; cpu: ms of machine CPU per step/message");
     println!(
@@ -353,10 +358,7 @@ fn p1(b: &mut Bench) {
         }
         let mut db = connect(&b.cluster);
         let mut rate = |kind: &str, template: &Value, name: &str, protocol: Protocol| {
-            if kinds
-                .as_ref()
-                .is_some_and(|k| !k.split(',').any(|x| x == kind))
-            {
+            if skipped(kind) {
                 return (f64::NAN, f64::NAN);
             }
             let ns = format!("p1_{kind}_{n}");
@@ -369,10 +371,7 @@ fn p1(b: &mut Bench) {
         let (pd, _) = rate("pd", &diamond("x"), "diamond", Protocol::Plain);
         let (bl, bl_cpu) = rate("bl", &linear("x", 5), "linear", Protocol::Batched(10));
         let (bd, _) = rate("bd", &diamond("x"), "diamond", Protocol::Batched(10));
-        let (base, base_cpu) = if kinds
-            .as_ref()
-            .is_some_and(|k| !k.split(',').any(|x| x == "bs"))
-        {
+        let (base, base_cpu) = if skipped("bs") {
             (f64::NAN, f64::NAN)
         } else {
             baseline_with_cpu(b, tasks * 5, n)
