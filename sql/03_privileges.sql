@@ -38,25 +38,39 @@ COMMENT ON TABLE tasker.namespace_grants IS
 -- role: every namespace; no query) and tasker._privileges_including(p)
 -- (the granted privileges that include it; admin includes worker and app).
 
--- The namespaces in which the caller holds privilege p, by name; NULL when
--- it holds p in every namespace (a cluster-wide role, or a superuser).
--- (SECURITY DEFINER, like _seen_namespaces: the views call them, and a
--- function in a view runs with the rights of the view's user.)
-CREATE FUNCTION tasker._caller_namespaces(p text) RETURNS text[]
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-BEGIN
-    IF tasker._caller_holds_all(p) THEN
-        RETURN NULL;
-    END IF;
-    RETURN ARRAY(SELECT DISTINCT n.name
+-- The namespaces in which the caller holds privilege p through grants, by
+-- name, sorted. Asked by tasker._caller_namespaces(p) (src/caller.rs; NULL
+-- when the caller holds p in every namespace), which keeps the answers for
+-- the session until a change of the grants (the trigger below) or of role
+-- memberships reaches it: the hot path then asks no query. (SECURITY
+-- DEFINER: the views call tasker._caller_namespaces, and a function in a
+-- view runs with the rights of the view's user.)
+CREATE FUNCTION tasker._granted_namespaces(p text) RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    SELECT ARRAY(SELECT DISTINCT n.name
                  FROM tasker.namespace_grants g
                  JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
                  JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
                  WHERE g.privilege::text = ANY (tasker._privileges_including(p))
                    AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
-                 ORDER BY 1);
+                 ORDER BY 1)
+$$;
+
+-- Every change of the grants reaches the answers each backend keeps
+-- (tasker._caller_namespaces): in this transaction at once, in the others
+-- when it commits (a relcache invalidation of the table). Row triggers:
+-- the deletes of a namespace's grants by its foreign key fire them too.
+CREATE FUNCTION tasker._on_grants_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._grants_changed();
+    RETURN NULL;
 END
 $$;
+CREATE TRIGGER namespace_grants_changed AFTER INSERT OR UPDATE OR DELETE ON tasker.namespace_grants
+    FOR EACH ROW EXECUTE FUNCTION tasker._on_grants_change();
+CREATE TRIGGER namespace_grants_truncated AFTER TRUNCATE ON tasker.namespace_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker._on_grants_change();
 
 -- The namespaces whose tasks the caller sees (views, read functions):
 -- those it holds any privilege in.
@@ -105,13 +119,17 @@ $$;
 -- 42501 unless the caller holds privilege p in the namespaces of the given
 -- steps (steps that do not exist are left to the caller to report). The
 -- cluster-wide roles pass without a look at the steps (results take this
--- path: it is the hot one).
+-- path: it is the hot one); a granted role pays one query (its namespaces
+-- are kept by the session: tasker._caller_namespaces).
 CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF NOT tasker._caller_holds_all(p) THEN
-        PERFORM tasker._require_tasks(
-            ARRAY(SELECT s.task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = ANY (p_steps)), p);
+        PERFORM tasker._require_namespaces(
+            ARRAY(SELECT DISTINCT t.namespace_name
+                  FROM tasker.workflow_steps s
+                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+                  WHERE s.step_uuid = ANY (p_steps)), p);
     END IF;
 END
 $$;

@@ -70,7 +70,7 @@ GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
     TO tasker_namespace_app, tasker_namespace_worker;
 
 -- what the views call (functions in a view run with the rights of its user)
-GRANT EXECUTE ON FUNCTION tasker._seen_namespaces(), tasker._caller_namespaces(text),
+GRANT EXECUTE ON FUNCTION tasker._seen_namespaces(), tasker._caller_namespaces(text), tasker._granted_namespaces(text),
                           tasker._redacted_definition(jsonb), tasker._without_initialization(jsonb)
     TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_namespace_app, tasker_namespace_worker;

@@ -483,7 +483,7 @@ AS 'MODULE_PATHNAME', '_anyone_waits_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:45
+-- src/caller.rs:51
 -- pg_tasker::caller::_caller
 CREATE  FUNCTION "_caller"() RETURNS oid /* ApiResult < pg_sys :: Oid > */
 STRICT STABLE PARALLEL SAFE
@@ -492,7 +492,7 @@ AS 'MODULE_PATHNAME', '_caller_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:56
+-- src/caller.rs:62
 -- pg_tasker::caller::_caller_holds_all
 CREATE  FUNCTION "_caller_holds_all"(
 	"privilege" TEXT /* & str */
@@ -500,6 +500,17 @@ CREATE  FUNCTION "_caller_holds_all"(
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_holds_all_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/caller.rs:156
+-- pg_tasker::caller::_caller_namespaces
+CREATE  FUNCTION "_caller_namespaces"(
+	"privilege" TEXT /* & str */
+) RETURNS TEXT[] /* ApiResult < Option < Vec < String > > > */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_namespaces_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -533,6 +544,15 @@ CREATE  FUNCTION "_environment"() RETURNS TEXT /* String */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_environment_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/caller.rs:221
+-- pg_tasker::caller::_grants_changed
+CREATE  FUNCTION "_grants_changed"() RETURNS void
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_grants_changed_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -623,7 +643,7 @@ AS 'MODULE_PATHNAME', '_plan_steps_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:67
+-- src/caller.rs:232
 -- pg_tasker::caller::_privileges_including
 CREATE  FUNCTION "_privileges_including"(
 	"privilege" TEXT /* & str */
@@ -1250,6 +1270,8 @@ COMMENT ON TABLE tasker.worker_waits IS
 --   tables
 --   caller::_caller
 --   caller::_caller_holds_all
+--   caller::_caller_namespaces
+--   caller::_grants_changed
 --   caller::_privileges_including
 
 -- Who may do what in which namespace. The one home of the rule: every API
@@ -1292,25 +1314,39 @@ COMMENT ON TABLE tasker.namespace_grants IS
 -- role: every namespace; no query) and tasker._privileges_including(p)
 -- (the granted privileges that include it; admin includes worker and app).
 
--- The namespaces in which the caller holds privilege p, by name; NULL when
--- it holds p in every namespace (a cluster-wide role, or a superuser).
--- (SECURITY DEFINER, like _seen_namespaces: the views call them, and a
--- function in a view runs with the rights of the view's user.)
-CREATE FUNCTION tasker._caller_namespaces(p text) RETURNS text[]
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
-BEGIN
-    IF tasker._caller_holds_all(p) THEN
-        RETURN NULL;
-    END IF;
-    RETURN ARRAY(SELECT DISTINCT n.name
+-- The namespaces in which the caller holds privilege p through grants, by
+-- name, sorted. Asked by tasker._caller_namespaces(p) (src/caller.rs; NULL
+-- when the caller holds p in every namespace), which keeps the answers for
+-- the session until a change of the grants (the trigger below) or of role
+-- memberships reaches it: the hot path then asks no query. (SECURITY
+-- DEFINER: the views call tasker._caller_namespaces, and a function in a
+-- view runs with the rights of the view's user.)
+CREATE FUNCTION tasker._granted_namespaces(p text) RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = tasker, pg_catalog, pg_temp AS $$
+    SELECT ARRAY(SELECT DISTINCT n.name
                  FROM tasker.namespace_grants g
                  JOIN tasker.namespaces n ON n.namespace_uuid = g.namespace_uuid
                  JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
                  WHERE g.privilege::text = ANY (tasker._privileges_including(p))
                    AND pg_catalog.pg_has_role(tasker._caller(), g.grantee, 'USAGE')
-                 ORDER BY 1);
+                 ORDER BY 1)
+$$;
+
+-- Every change of the grants reaches the answers each backend keeps
+-- (tasker._caller_namespaces): in this transaction at once, in the others
+-- when it commits (a relcache invalidation of the table). Row triggers:
+-- the deletes of a namespace's grants by its foreign key fire them too.
+CREATE FUNCTION tasker._on_grants_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._grants_changed();
+    RETURN NULL;
 END
 $$;
+CREATE TRIGGER namespace_grants_changed AFTER INSERT OR UPDATE OR DELETE ON tasker.namespace_grants
+    FOR EACH ROW EXECUTE FUNCTION tasker._on_grants_change();
+CREATE TRIGGER namespace_grants_truncated AFTER TRUNCATE ON tasker.namespace_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker._on_grants_change();
 
 -- The namespaces whose tasks the caller sees (views, read functions):
 -- those it holds any privilege in.
@@ -1359,13 +1395,17 @@ $$;
 -- 42501 unless the caller holds privilege p in the namespaces of the given
 -- steps (steps that do not exist are left to the caller to report). The
 -- cluster-wide roles pass without a look at the steps (results take this
--- path: it is the hot one).
+-- path: it is the hot one); a granted role pays one query (its namespaces
+-- are kept by the session: tasker._caller_namespaces).
 CREATE FUNCTION tasker._require_steps(p_steps uuid[], p text) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF NOT tasker._caller_holds_all(p) THEN
-        PERFORM tasker._require_tasks(
-            ARRAY(SELECT s.task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = ANY (p_steps)), p);
+        PERFORM tasker._require_namespaces(
+            ARRAY(SELECT DISTINCT t.namespace_name
+                  FROM tasker.workflow_steps s
+                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+                  WHERE s.step_uuid = ANY (p_steps)), p);
     END IF;
 END
 $$;
@@ -1488,7 +1528,7 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:61
+-- src/lib.rs:63
 -- requires:
 --   privileges
 
@@ -1807,7 +1847,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:66
+-- src/lib.rs:68
 -- requires:
 --   transitions
 
@@ -1993,7 +2033,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:71
+-- src/lib.rs:73
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -2195,7 +2235,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:76
+-- src/lib.rs:78
 -- requires:
 --   enqueue
 --   decisions::_task_status
@@ -2233,7 +2273,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:81
+-- src/lib.rs:83
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -2397,7 +2437,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:90
+-- src/lib.rs:92
 -- requires:
 --   templates
 
@@ -2580,7 +2620,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:95
+-- src/lib.rs:97
 -- requires:
 --   tasks
 
@@ -3299,7 +3339,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:100
+-- src/lib.rs:102
 -- requires:
 --   results
 --   ids::_uuid_or_null
@@ -3651,7 +3691,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:105
+-- src/lib.rs:107
 -- requires:
 --   workers
 
@@ -3846,7 +3886,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:110
+-- src/lib.rs:112
 -- requires:
 --   operator
 
@@ -4043,7 +4083,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:115
+-- src/lib.rs:117
 -- requires:
 --   cycle
 
@@ -4466,7 +4506,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:120
+-- src/lib.rs:122
 -- requires:
 --   maintenance
 
@@ -4685,7 +4725,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:125
+-- src/lib.rs:127
 -- requires:
 --   views
 --   health::health
@@ -4756,7 +4796,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:130
+-- src/lib.rs:132
 -- requires:
 --   health_views
 
@@ -4882,7 +4922,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:135
+-- src/lib.rs:137
 -- requires:
 --   analytics
 --   dynamic::_plan_steps
@@ -5307,7 +5347,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:144
+-- src/lib.rs:146
 -- requires:
 --   dynamic
 
@@ -5378,7 +5418,7 @@ AS 'MODULE_PATHNAME', '_submission_fields_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:149
+-- src/lib.rs:151
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --
@@ -5452,7 +5492,7 @@ GRANT EXECUTE ON FUNCTION tasker.task_state_is_terminal(tasker.task_state),
     TO tasker_namespace_app, tasker_namespace_worker;
 
 -- what the views call (functions in a view run with the rights of its user)
-GRANT EXECUTE ON FUNCTION tasker._seen_namespaces(), tasker._caller_namespaces(text),
+GRANT EXECUTE ON FUNCTION tasker._seen_namespaces(), tasker._caller_namespaces(text), tasker._granted_namespaces(text),
                           tasker._redacted_definition(jsonb), tasker._without_initialization(jsonb)
     TO tasker_namespace_app, tasker_namespace_worker;
 GRANT EXECUTE ON FUNCTION tasker.queue_name(text) TO tasker_namespace_app, tasker_namespace_worker;

@@ -1,6 +1,12 @@
-//! Who is calling, and what it holds everywhere: the fast half of the
-//! namespace privilege checks of `sql/03_privileges.sql` (the rule is
-//! pg_tasker_core::privilege).
+//! Who is calling, and what it holds: the fast half of the namespace
+//! privilege checks of `sql/03_privileges.sql` (the rule is
+//! pg_tasker_core::privilege): what a cluster-wide role gives (no query),
+//! and the namespaces granted to the caller, as this backend last read
+//! them (`tasker._granted_namespaces`, kept until a change of grants or of
+//! role memberships reaches the backend).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 use pg_tasker_core::privilege::Need;
 use pgrx::prelude::*;
@@ -60,6 +66,165 @@ fn _caller_holds_all(privilege: &str) -> ApiResult<bool> {
         .cluster_roles()
         .iter()
         .any(|r| caller_has_privs_of(r)))
+}
+
+/// The namespaces granted to roles, as this backend last read them:
+/// (caller, privilege) -> names. Emptied whenever an invalidation reaches
+/// the backend that may change an answer:
+/// - a relcache invalidation of `tasker.namespace_grants`, which its
+///   trigger sends on every change (`tasker._grants_changed`; PostgreSQL
+///   delivers it to other backends when the change commits, applies it in
+///   this one at once, and again when the change rolls back);
+/// - a syscache invalidation of role memberships or roles (pg_auth_members,
+///   pg_authid: GRANT role, REVOKE role, NOINHERIT, DROP ROLE), as
+///   PostgreSQL's own role-membership cache is;
+/// - a cache reset (the backend fell behind the invalidation queue).
+///
+/// Every look first takes the invalidations sent so far, so a change counts
+/// in every session from the moment its COMMIT returns, as a query of the
+/// table would.
+///
+/// The epoch the answers were read in, and (caller, privilege) -> the
+/// namespaces' names, sorted.
+type Kept = (u64, HashMap<(pg_sys::Oid, Need), Vec<String>>);
+
+thread_local! {
+    static GRANTED: RefCell<Kept> = RefCell::new((0, HashMap::new()));
+    /// Counts the invalidations that may change an answer. The callbacks
+    /// touch nothing else (an invalidation can arrive in the middle of any
+    /// catalog lookup); kept answers of an older epoch are dropped at the
+    /// next look, and a fill during which the epoch moved is not kept.
+    static EPOCH: Cell<u64> = const { Cell::new(0) };
+    /// The oid of tasker.namespace_grants when the last fill began.
+    static TABLE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+fn forget_grants() {
+    EPOCH.set(EPOCH.get() + 1);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || relid == TABLE.get() {
+        forget_grants();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_syscache(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    forget_grants();
+}
+
+fn register_callbacks() {
+    if !CALLBACKS.replace(true) {
+        // SAFETY: registered once per backend (the slots are few), as
+        // extensions do; the callbacks only empty a backend-local map.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0));
+            for cache in [
+                pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+                pg_sys::SysCacheIdentifier::AUTHOID,
+            ] {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    cache as i32,
+                    Some(on_syscache),
+                    pg_sys::Datum::from(0),
+                );
+            }
+        }
+    }
+}
+
+/// The oid of tasker.namespace_grants (InvalidOid while it does not exist).
+fn grants_table() -> pg_sys::Oid {
+    // SAFETY: catalog lookups of the current backend.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"tasker".as_ptr(), true);
+        if schema == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(c"namespace_grants".as_ptr(), schema)
+    }
+}
+
+/// `tasker._caller_namespaces(privilege) RETURNS text[]`: the namespaces
+/// in which the caller holds the privilege, by name, sorted; NULL when it
+/// holds it in every namespace (a cluster-wide role, or a superuser). The
+/// grants are read by `tasker._granted_namespaces` and kept for the
+/// session until a change reaches it (see `Granted`).
+#[pg_extern(stable)]
+fn _caller_namespaces(privilege: &str) -> ApiResult<Option<Vec<String>>> {
+    if _caller_holds_all(privilege)? {
+        return Ok(None);
+    }
+    let key = (unsafe { pg_sys::GetOuterUserId() }, need(privilege)?);
+    register_callbacks();
+    // SAFETY: takes the invalidations other backends sent so far.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    let epoch = EPOCH.get();
+    let kept = GRANTED.with(|g| {
+        let mut g = g.borrow_mut();
+        if g.0 != epoch {
+            *g = (epoch, HashMap::new());
+        }
+        g.1.get(&key).cloned()
+    });
+    if let Some(names) = kept {
+        return Ok(Some(names));
+    }
+    TABLE.set(grants_table());
+    // An answer is kept only when read with a snapshot taken after the
+    // invalidations above: one of an older snapshot (the statement's, a
+    // REPEATABLE READ transaction's) could still hold a grant whose revoke
+    // has committed and whose invalidation has come, and would keep it for
+    // the session. So the read gets the latest snapshot (SPI then reads
+    // with it, or takes a newer one of its own in READ COMMITTED); in a
+    // transaction that reads with its first snapshot throughout, or in
+    // parallel mode, the answer is read as before, and not kept.
+    // SAFETY: backend-local flags; the snapshot pushed is popped below
+    // (an error on the way out is cleaned up by the abort).
+    let fresh = unsafe {
+        pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32 && !pg_sys::IsInParallelMode()
+    };
+    if fresh {
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    }
+    // (select, not Spi::get_one: that one gives the transaction an xid,
+    // which a read-only transaction must not need, nor can on a standby)
+    let names = Spi::connect(|c| {
+        c.select(
+            "SELECT tasker._granted_namespaces($1)",
+            Some(1),
+            &[privilege.into()],
+        )?
+        .first()
+        .get_one::<Vec<String>>()
+    });
+    if fresh {
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+    let names = names.map_err(internal)?.unwrap_or_default();
+    GRANTED.with(|g| {
+        let mut g = g.borrow_mut();
+        if fresh && EPOCH.get() == epoch && g.0 == epoch {
+            g.1.insert(key, names.clone());
+        }
+    });
+    Ok(Some(names))
+}
+
+/// `tasker._grants_changed() RETURNS void`: tells every backend's kept
+/// grants (`Granted`) that tasker.namespace_grants changed: a relcache
+/// invalidation of the table, applied in this backend at once and sent to
+/// the others when this transaction commits (the table's trigger calls it).
+#[pg_extern(volatile)]
+fn _grants_changed() {
+    let table = grants_table();
+    if table != pg_sys::InvalidOid {
+        // SAFETY: queues an invalidation message of this transaction.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
+    }
 }
 
 /// `tasker._privileges_including(privilege) RETURNS text[]`: the granted

@@ -55,6 +55,8 @@ extension_sql_file!(
         "tables",
         caller::_caller,
         caller::_caller_holds_all,
+        caller::_caller_namespaces,
+        caller::_grants_changed,
         caller::_privileges_including
     ]
 );

@@ -591,3 +591,173 @@ fn the_review_findings_stay_closed() {
     c.batch_execute("DROP TABLE sec_idx; DROP FUNCTION sec_probe(int)")
         .unwrap();
 }
+
+/// The namespaces a session keeps for its caller (tasker._caller_namespaces,
+/// src/caller.rs) follow every committed change of grants and of role
+/// memberships, are not changed by another session's uncommitted one, and
+/// follow the session's own changes at once, rollbacks included.
+#[test]
+fn kept_grants_follow_committed_changes() {
+    let mut c = connect();
+    for ns in ["sec_k1", "sec_k2"] {
+        register_linear(&mut c, ns, "flow", 1);
+        create(&mut c, ns, "flow");
+    }
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE sec_kw LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE sec_kg NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         SELECT tasker.grant_namespace('sec_k1', 'sec_kw', 'worker');
+         SELECT tasker.grant_namespace('sec_k2', 'sec_kw', 'worker');",
+    )
+    .unwrap();
+    let mut w = connect_as(&mut c, "sec_kw");
+    // a read (in a transaction rolled back: it takes nothing) and what the
+    // views show, as the worker
+    let read = |w: &mut Client| {
+        w.batch_execute("BEGIN").unwrap();
+        let got = outcome(
+            w,
+            "SELECT count(*) FROM tasker.read_steps('sec_k1', 'w', 1, 30)",
+        );
+        w.batch_execute("ROLLBACK").unwrap();
+        got
+    };
+    let seen = "SELECT count(*) FROM tasker.task_status WHERE namespace = 'sec_k1'";
+    assert_eq!(read(&mut w), "A");
+    assert_eq!(count(&mut w, seen), 1);
+
+    // another session's revoke counts from its commit, not before
+    let mut a = other_connection(&mut c);
+    a.batch_execute("BEGIN; SELECT tasker.revoke_namespace('sec_k1', 'sec_kw', 'worker')")
+        .unwrap();
+    assert_eq!(read(&mut w), "A", "an uncommitted revoke takes nothing yet");
+    assert_eq!(count(&mut w, seen), 1);
+    a.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        read(&mut w),
+        "D",
+        "the committed revoke reached the session"
+    );
+    assert_eq!(count(&mut w, seen), 0);
+
+    // a grant rolled back gives nothing; a committed one, at once
+    a.batch_execute("BEGIN; SELECT tasker.grant_namespace('sec_k1', 'sec_kw', 'worker'); ROLLBACK")
+        .unwrap();
+    assert_eq!(read(&mut w), "D");
+    c.batch_execute("SELECT tasker.grant_namespace('sec_k1', 'sec_kg', 'worker')")
+        .unwrap();
+    assert_eq!(read(&mut w), "D", "a grant to a role it is not a member of");
+
+    // role memberships: GRANT role / REVOKE role, committed
+    c.batch_execute("GRANT sec_kg TO sec_kw").unwrap();
+    assert_eq!(read(&mut w), "A", "now a member of the grantee");
+    assert_eq!(count(&mut w, seen), 1);
+    c.batch_execute("REVOKE sec_kg FROM sec_kw").unwrap();
+    assert_eq!(read(&mut w), "D", "no longer a member");
+    assert_eq!(count(&mut w, seen), 0);
+
+    // the session's own changes, in its transaction: at once, and undone by
+    // a rollback (to a savepoint, and of the whole transaction)
+    let as_worker = |c: &mut Client| {
+        c.batch_execute("SET ROLE sec_kw").unwrap();
+        let n = count(c, seen);
+        c.batch_execute("RESET ROLE").unwrap();
+        n
+    };
+    c.batch_execute("BEGIN").unwrap();
+    assert_eq!(as_worker(&mut c), 0);
+    c.batch_execute("SAVEPOINT s; SELECT tasker.grant_namespace('sec_k1', 'sec_kw', 'app')")
+        .unwrap();
+    assert_eq!(as_worker(&mut c), 1, "its own grant counts at once");
+    c.batch_execute("ROLLBACK TO s").unwrap();
+    assert_eq!(as_worker(&mut c), 0, "and goes with the savepoint");
+    c.batch_execute("SELECT tasker.grant_namespace('sec_k1', 'sec_kw', 'app')")
+        .unwrap();
+    assert_eq!(as_worker(&mut c), 1);
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(as_worker(&mut c), 0, "and with the transaction");
+    assert_eq!(count(&mut w, seen), 0);
+
+    // a grant's rows deleted in bulk (an operator's TRUNCATE) reach it too
+    c.batch_execute("SELECT tasker.grant_namespace('sec_k1', 'sec_kw', 'worker')")
+        .unwrap();
+    assert_eq!(read(&mut w), "A");
+    let kept: i64 = count(&mut c, "SELECT count(*) FROM tasker.namespace_grants");
+    c.batch_execute(
+        "BEGIN;
+         CREATE TEMP TABLE kept_grants ON COMMIT DROP AS SELECT * FROM tasker.namespace_grants;
+         TRUNCATE tasker.namespace_grants;",
+    )
+    .unwrap();
+    c.batch_execute("SET ROLE sec_kw").unwrap();
+    assert_eq!(count(&mut c, seen), 0, "truncated in this transaction");
+    c.batch_execute(
+        "RESET ROLE; INSERT INTO tasker.namespace_grants SELECT * FROM kept_grants; COMMIT",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM tasker.namespace_grants"),
+        kept
+    );
+    assert_eq!(read(&mut w), "A");
+
+    // a revoke that commits while a statement runs, before the statement
+    // first asks (its snapshot is older than the revoke): the next
+    // statement sees it; and one that commits inside a REPEATABLE READ
+    // transaction, whose snapshot keeps the grant: the next transaction
+    let revoke_meanwhile = |c: &mut Client| {
+        let mut a = other_connection(c);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            a.batch_execute("SELECT tasker.revoke_namespace('sec_k1', 'sec_kw', 'worker')")
+                .unwrap();
+        })
+    };
+    let regrant = |c: &mut Client| {
+        c.batch_execute("SELECT tasker.grant_namespace('sec_k1', 'sec_kw', 'worker')")
+            .unwrap()
+    };
+    assert_eq!(count(&mut w, seen), 1);
+    let revoking = revoke_meanwhile(&mut c);
+    let during: Option<i64> = w
+        .query_one(
+            &format!("SELECT CASE WHEN pg_sleep(1) IS NOT NULL THEN ({seen}) END"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(during.is_some(), "the statement asked after its sleep");
+    revoking.join().unwrap();
+    assert_eq!(
+        count(&mut w, seen),
+        0,
+        "a revoke committed during a statement"
+    );
+    regrant(&mut c);
+    assert_eq!(count(&mut w, seen), 1);
+    w.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
+    revoke_meanwhile(&mut c).join().unwrap();
+    count(&mut w, seen);
+    w.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        count(&mut w, seen),
+        0,
+        "a revoke committed during a REPEATABLE READ transaction"
+    );
+    assert_eq!(read(&mut w), "D");
+
+    // reading the grants again writes nothing (no xid: a read-only
+    // transaction stays one, as on a standby)
+    regrant(&mut c);
+    w.batch_execute("BEGIN").unwrap();
+    assert_eq!(count(&mut w, seen), 1);
+    assert_eq!(
+        count(
+            &mut w,
+            "SELECT count(*) FROM (SELECT pg_current_xact_id_if_assigned() AS x) t WHERE x IS NULL"
+        ),
+        1
+    );
+    w.batch_execute("COMMIT").unwrap();
+}

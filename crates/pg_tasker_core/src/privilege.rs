@@ -4,7 +4,7 @@
 //! privilege that includes it (admin includes worker and app).
 
 /// What an operation needs in a namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Need {
     Worker,
     App,
