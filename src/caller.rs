@@ -190,21 +190,14 @@ fn _caller_namespaces(privilege: &str) -> ApiResult<Option<Vec<String>>> {
     if fresh {
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
     }
-    // (select, not Spi::get_one: that one gives the transaction an xid,
-    // which a read-only transaction must not need, nor can on a standby)
-    let names = Spi::connect(|c| {
-        c.select(
-            "SELECT tasker._granted_namespaces($1)",
-            Some(1),
-            &[privilege.into()],
-        )?
-        .first()
-        .get_one::<Vec<String>>()
-    });
+    let names = crate::read::one::<Vec<String>>(
+        "SELECT tasker._granted_namespaces($1)",
+        &[privilege.into()],
+    );
     if fresh {
         unsafe { pg_sys::PopActiveSnapshot() };
     }
-    let names = names.map_err(internal)?.unwrap_or_default();
+    let names = names?.unwrap_or_default();
     GRANTED.with(|g| {
         let mut g = g.borrow_mut();
         if fresh && EPOCH.get() == epoch && g.0 == epoch {

@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
-use crate::errors::{internal, ApiResult};
+use crate::errors::ApiResult;
 use crate::worker_state::{self, Status};
 use crate::{guc, settings};
 
@@ -74,8 +74,7 @@ pub(crate) fn orchestrator() -> Value {
 #[search_path(@extschema@, pg_catalog, pg_temp)]
 fn health() -> ApiResult<JsonB> {
     let cfg = settings::describe();
-    let data = Spi::get_one::<JsonB>("SELECT tasker._health_data()")
-        .map_err(internal)?
+    let data = crate::read::one::<JsonB>("SELECT tasker._health_data()", &[])?
         .map(|j| j.0)
         .unwrap_or_default();
     Ok(JsonB(json!({

@@ -26,6 +26,7 @@ mod ids;
 mod maintenance;
 mod metrics;
 mod pgmq;
+mod read;
 mod relay;
 mod settings;
 mod subxact;

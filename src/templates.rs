@@ -136,11 +136,10 @@ fn _version_key(version: &str) -> ApiResult<Vec<u8>> {
 
 /// A stored template, read back from its canonical definition.
 pub(crate) fn load(template_uuid: pgrx::Uuid) -> ApiResult<TaskTemplate> {
-    let definition = Spi::get_one_with_args::<JsonB>(
+    let definition = crate::read::one::<JsonB>(
         "SELECT definition FROM tasker.task_templates WHERE template_uuid = $1",
         &[template_uuid.into()],
-    )
-    .map_err(internal)?
+    )?
     .ok_or_else(|| internal(format!("template {template_uuid} does not exist")))?;
     TaskTemplate::from_definition(definition.0).map_err(from_core)
 }

@@ -761,3 +761,56 @@ fn kept_grants_follow_committed_changes() {
     );
     w.batch_execute("COMMIT").unwrap();
 }
+
+/// Every read of the API writes nothing: no transaction id is assigned
+/// (so reads burn no xids, write no commit records and work on a
+/// standby), for a superuser and for a role with a grant in one namespace
+/// (whose namespaces are read and kept on the way).
+#[test]
+fn reads_write_nothing() {
+    let mut c = connect();
+    register_linear(&mut c, "sec_ro", "flow", 2);
+    let task = create(&mut c, "sec_ro", "flow");
+    c.batch_execute(
+        "DO $$ BEGIN CREATE ROLE sec_ro_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         SELECT tasker.grant_namespace('sec_ro', 'sec_ro_app', 'admin');",
+    )
+    .unwrap();
+    let reads = [
+        "SELECT tasker.health()::text".to_string(),
+        "SELECT tasker.metrics()".into(),
+        "SELECT count(*) FROM tasker.templates".into(),
+        "SELECT count(*) FROM tasker.task_status".into(),
+        "SELECT count(*) FROM tasker.step_status".into(),
+        "SELECT count(*) FROM tasker.ready_tasks".into(),
+        "SELECT count(*) FROM tasker.list_tasks('sec_ro')".into(),
+        format!("SELECT count(*) FROM tasker.step_readiness('{task}')"),
+        format!("SELECT count(*) FROM tasker.task_execution_context('{task}')"),
+        format!("SELECT tasker.task_graph('{task}')"),
+        "SELECT count(*) FROM tasker.analytics_throughput()".into(),
+        "SELECT count(*) FROM tasker.analytics_failures()".into(),
+        "SELECT count(*) FROM tasker.analytics_slowest_steps()".into(),
+        "SELECT tasker.queue_name('sec_ro')".into(),
+    ];
+    let mut superuser = other_connection(&mut c);
+    let mut granted = connect_as(&mut c, "sec_ro_app");
+    for (who, conn) in [("superuser", &mut superuser), ("granted", &mut granted)] {
+        for sql in &reads {
+            // (a change of grants first: the granted role's namespaces are
+            // read again inside the transaction)
+            c.batch_execute("SELECT tasker.grant_namespace('sec_ro', 'sec_ro_app', 'app')")
+                .unwrap();
+            c.batch_execute("SELECT tasker.revoke_namespace('sec_ro', 'sec_ro_app', 'app')")
+                .unwrap();
+            conn.batch_execute("BEGIN").unwrap();
+            conn.batch_execute(sql)
+                .unwrap_or_else(|e| panic!("{who}: {sql}: {e}"));
+            let xid: Option<String> = conn
+                .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+                .unwrap()
+                .get(0);
+            conn.batch_execute("COMMIT").unwrap();
+            assert_eq!(xid, None, "{who}: {sql} assigned a transaction id");
+        }
+    }
+}
