@@ -71,6 +71,15 @@ CREATE TRIGGER namespace_grants_changed AFTER INSERT OR UPDATE OR DELETE ON task
     FOR EACH ROW EXECUTE FUNCTION tasker._on_grants_change();
 CREATE TRIGGER namespace_grants_truncated AFTER TRUNCATE ON tasker.namespace_grants
     FOR EACH STATEMENT EXECUTE FUNCTION tasker._on_grants_change();
+-- (the answers are names: a namespace renamed or deleted by hand, with
+-- its grants left behind, reaches them too)
+CREATE TRIGGER namespaces_changed AFTER UPDATE OR DELETE ON tasker.namespaces
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker._on_grants_change();
+-- (also under session_replication_role = replica: a restore, a replication
+-- apply worker)
+ALTER TABLE tasker.namespace_grants ENABLE ALWAYS TRIGGER namespace_grants_changed,
+    ENABLE ALWAYS TRIGGER namespace_grants_truncated;
+ALTER TABLE tasker.namespaces ENABLE ALWAYS TRIGGER namespaces_changed;
 
 -- The namespaces whose tasks the caller sees (views, read functions):
 -- those it holds any privilege in.

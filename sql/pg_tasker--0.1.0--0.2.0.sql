@@ -58,7 +58,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:35
+-- src/lib.rs:36
 -- States of tasks and steps: their one definition.
 --
 -- Every table, view and function uses these types and the functions below;
@@ -251,7 +251,7 @@ SELECT tasker._write_move_predicates();
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:36
+-- src/lib.rs:37
 -- requires:
 --   states
 
@@ -503,7 +503,7 @@ AS 'MODULE_PATHNAME', '_caller_holds_all_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:156
+-- src/caller.rs:160
 -- pg_tasker::caller::_caller_namespaces
 CREATE  FUNCTION "_caller_namespaces"(
 	"privilege" TEXT /* & str */
@@ -547,7 +547,7 @@ AS 'MODULE_PATHNAME', '_environment_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:221
+-- src/caller.rs:218
 -- pg_tasker::caller::_grants_changed
 CREATE  FUNCTION "_grants_changed"() RETURNS void
 STRICT VOLATILE
@@ -568,7 +568,7 @@ AS 'MODULE_PATHNAME', '_map_element_name_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/templates.rs:151
+-- src/templates.rs:150
 -- pg_tasker::templates::_materialise_template
 CREATE  FUNCTION "_materialise_template"(
 	"template_uuid" uuid /* pgrx :: Uuid */
@@ -643,7 +643,7 @@ AS 'MODULE_PATHNAME', '_plan_steps_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:232
+-- src/caller.rs:229
 -- pg_tasker::caller::_privileges_including
 CREATE  FUNCTION "_privileges_including"(
 	"privilege" TEXT /* & str */
@@ -834,7 +834,7 @@ AS 'MODULE_PATHNAME', '_wake_orchestrator_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/health.rs:94
+-- src/health.rs:93
 -- pg_tasker::health::config
 CREATE  FUNCTION "config"() RETURNS jsonb /* JsonB */
 STRICT SECURITY DEFINER
@@ -896,7 +896,7 @@ AS 'MODULE_PATHNAME', 'uuid_generate_v7_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:41
+-- src/lib.rs:42
 -- requires:
 --   pgmq_adapter
 --   ids::uuid_generate_v7
@@ -1265,7 +1265,7 @@ COMMENT ON TABLE tasker.worker_waits IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:51
+-- src/lib.rs:52
 -- requires:
 --   tables
 --   caller::_caller
@@ -1347,6 +1347,15 @@ CREATE TRIGGER namespace_grants_changed AFTER INSERT OR UPDATE OR DELETE ON task
     FOR EACH ROW EXECUTE FUNCTION tasker._on_grants_change();
 CREATE TRIGGER namespace_grants_truncated AFTER TRUNCATE ON tasker.namespace_grants
     FOR EACH STATEMENT EXECUTE FUNCTION tasker._on_grants_change();
+-- (the answers are names: a namespace renamed or deleted by hand, with
+-- its grants left behind, reaches them too)
+CREATE TRIGGER namespaces_changed AFTER UPDATE OR DELETE ON tasker.namespaces
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker._on_grants_change();
+-- (also under session_replication_role = replica: a restore, a replication
+-- apply worker)
+ALTER TABLE tasker.namespace_grants ENABLE ALWAYS TRIGGER namespace_grants_changed,
+    ENABLE ALWAYS TRIGGER namespace_grants_truncated;
+ALTER TABLE tasker.namespaces ENABLE ALWAYS TRIGGER namespaces_changed;
 
 -- The namespaces whose tasks the caller sees (views, read functions):
 -- those it holds any privilege in.
@@ -1528,7 +1537,7 @@ COMMENT ON VIEW tasker.namespace_privileges IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:63
+-- src/lib.rs:64
 -- requires:
 --   privileges
 
@@ -1847,7 +1856,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:68
+-- src/lib.rs:69
 -- requires:
 --   transitions
 
@@ -2033,7 +2042,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:73
+-- src/lib.rs:74
 -- requires:
 --   payloads
 --   pgmq::_pgmq_send
@@ -2235,7 +2244,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:78
+-- src/lib.rs:79
 -- requires:
 --   enqueue
 --   decisions::_task_status
@@ -2273,7 +2282,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:83
+-- src/lib.rs:84
 -- requires:
 --   evaluate
 --   templates::_register_template
@@ -2437,7 +2446,7 @@ RETURN tasker._register_template(template, 'yaml');
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:92
+-- src/lib.rs:93
 -- requires:
 --   templates
 
@@ -2620,7 +2629,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:97
+-- src/lib.rs:98
 -- requires:
 --   tasks
 
@@ -3339,7 +3348,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:102
+-- src/lib.rs:103
 -- requires:
 --   results
 --   ids::_uuid_or_null
@@ -3691,7 +3700,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:107
+-- src/lib.rs:108
 -- requires:
 --   workers
 
@@ -3886,7 +3895,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:112
+-- src/lib.rs:113
 -- requires:
 --   operator
 
@@ -4083,7 +4092,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:117
+-- src/lib.rs:118
 -- requires:
 --   cycle
 
@@ -4506,7 +4515,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:122
+-- src/lib.rs:123
 -- requires:
 --   maintenance
 
@@ -4725,7 +4734,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:127
+-- src/lib.rs:128
 -- requires:
 --   views
 --   health::health
@@ -4796,7 +4805,7 @@ COMMENT ON VIEW tasker.queue_status IS 'Step queue depth per namespace.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:132
+-- src/lib.rs:133
 -- requires:
 --   health_views
 
@@ -4922,7 +4931,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:137
+-- src/lib.rs:138
 -- requires:
 --   analytics
 --   dynamic::_plan_steps
@@ -5347,7 +5356,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:146
+-- src/lib.rs:147
 -- requires:
 --   dynamic
 
@@ -5418,7 +5427,7 @@ AS 'MODULE_PATHNAME', '_submission_fields_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:151
+-- src/lib.rs:152
 -- finalize
 -- Roles and privileges (runs last, after every function exists).
 --

@@ -75,9 +75,10 @@ fn _caller_holds_all(privilege: &str) -> ApiResult<bool> {
 ///   trigger sends on every change (`tasker._grants_changed`; PostgreSQL
 ///   delivers it to other backends when the change commits, applies it in
 ///   this one at once, and again when the change rolls back);
-/// - a syscache invalidation of role memberships or roles (pg_auth_members,
-///   pg_authid: GRANT role, REVOKE role, NOINHERIT, DROP ROLE), as
-///   PostgreSQL's own role-membership cache is;
+/// - a syscache invalidation of role memberships, roles or databases
+///   (pg_auth_members, pg_authid, pg_database: GRANT role, REVOKE role,
+///   NOINHERIT, DROP ROLE, a new database owner), as PostgreSQL's own
+///   role-membership cache is;
 /// - a cache reset (the backend fell behind the invalidation queue).
 ///
 /// Every look first takes the invalidations sent so far, so a change counts
@@ -122,9 +123,12 @@ fn register_callbacks() {
         // extensions do; the callbacks only empty a backend-local map.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0));
+            // (as PostgreSQL's own membership cache: pg_database for
+            // its owner, a member of pg_database_owner)
             for cache in [
                 pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
                 pg_sys::SysCacheIdentifier::AUTHOID,
+                pg_sys::SysCacheIdentifier::DATABASEOID,
             ] {
                 pg_sys::CacheRegisterSyscacheCallback(
                     cache as i32,

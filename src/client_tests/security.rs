@@ -760,6 +760,40 @@ fn kept_grants_follow_committed_changes() {
         1
     );
     w.batch_execute("COMMIT").unwrap();
+
+    // the answers are names: a namespace renamed by hand reaches them
+    let kept_names = |c: &mut Client| -> String {
+        c.batch_execute("SET ROLE sec_kw").unwrap();
+        let names = c
+            .query_one("SELECT tasker._caller_namespaces('worker')::text", &[])
+            .unwrap()
+            .get(0);
+        c.batch_execute("RESET ROLE").unwrap();
+        names
+    };
+    assert_eq!(kept_names(&mut c), "{sec_k1,sec_k2}");
+    c.batch_execute(
+        "BEGIN; UPDATE tasker.namespaces SET name = 'sec_k1_renamed' WHERE name = 'sec_k1'",
+    )
+    .unwrap();
+    let renamed = kept_names(&mut c);
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(renamed, "{sec_k1_renamed,sec_k2}");
+    assert_eq!(kept_names(&mut c), "{sec_k1,sec_k2}");
+
+    // a change made with triggers off for replication (a restore, an
+    // apply worker) reaches it too
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         SELECT tasker.revoke_namespace('sec_k1', 'sec_kw', 'worker');
+         RESET session_replication_role;",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&mut w, seen),
+        0,
+        "a revoke with session_replication_role = replica"
+    );
 }
 
 /// Every read of the API writes nothing: no transaction id is assigned
