@@ -669,3 +669,81 @@ fn a_randomized_stress_run_keeps_every_invariant() {
     }
     eprintln!("stress: {total} operations; tasks by state {states:?}");
 }
+
+fn apply_batch(c: &mut impl postgres::GenericClient, results: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FILTER (WHERE outcome = 'applied') FROM tasker.submit_results($1::text::jsonb)",
+        &[&results],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Batches of a join's parents (tasker.submit_results; the general path,
+/// which releases a join in a statement of its own after locking it): the
+/// first held open, the second waits for the join's row, then counts down
+/// from the first's committed count and releases the join, once, with every
+/// parent's result.
+#[test]
+fn sibling_batches_release_their_join_once_with_every_result() {
+    let mut c = connect();
+    let names: Vec<String> = (0..6).map(|i| format!("b{i}")).collect();
+    let mut steps = vec![step("root", &[])];
+    for n in &names {
+        steps.push(step(n, &["root"]));
+    }
+    let deps: Vec<&str> = names.iter().map(String::as_str).collect();
+    steps.push(step("j", &deps));
+    register(&mut c, &template("cc_batch_join", "flow", steps));
+    let mut first = other_connection(&mut c);
+    let mut second = other_connection(&mut c);
+    let second_pid = backend_pid(&mut second);
+    let batch = |msgs: &[Value]| -> String {
+        Value::from(
+            msgs.iter()
+                .map(|m| {
+                    json!({"step_uuid": m["step_uuid"], "status": "success",
+                                "result": {"from": m["step_name"]},
+                                "metadata": {"attempt": m["attempt"]}})
+                })
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
+    };
+    for round in 0..3 {
+        let task = create(&mut c, "cc_batch_join", "flow");
+        let root = read(&mut c, "tasker_cc_batch_join_queue", 60, 10);
+        assert_eq!(root.len(), 1);
+        assert_eq!(apply_batch(&mut c, &batch(&root)), 1);
+        let msgs = read(&mut c, "tasker_cc_batch_join_queue", 60, 10);
+        assert_eq!(msgs.len(), 6, "round {round}");
+        let (x, y) = (batch(&msgs[..3]), batch(&msgs[3..]));
+        let mut tx = first.transaction().unwrap();
+        assert_eq!(apply_batch(&mut tx, &x), 3);
+        let applied = std::thread::scope(|s| {
+            let h = s.spawn(|| apply_batch(&mut second, &y));
+            until_waiting(&mut c, second_pid, None);
+            tx.commit().unwrap();
+            h.join().unwrap()
+        });
+        assert_eq!(applied, 3, "round {round}");
+        let joins = read(&mut c, "tasker_cc_batch_join_queue", 60, 10);
+        assert_eq!(joins.len(), 1, "round {round}: {joins:?}");
+        assert_eq!(joins[0]["step_name"], "j");
+        let want: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), json!({"from": n})))
+            .collect();
+        assert_eq!(
+            joins[0]["dependency_results"],
+            Value::Object(want),
+            "round {round}"
+        );
+        assert_eq!(
+            task_problems(&mut c, task),
+            Vec::<String>::new(),
+            "round {round}"
+        );
+        assert_eq!(task_state(&mut c, task), "steps_in_process");
+    }
+}

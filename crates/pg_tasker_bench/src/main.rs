@@ -875,7 +875,9 @@ fn p5(b: &mut Bench) {
         steps.push(step(n, &["root"]));
     }
     let deps: Vec<&str> = names.iter().map(String::as_str).collect();
-    steps.push(step("join", &deps));
+    if std::env::var("BENCH_P5_NOJOIN").is_err() {
+        steps.push(step("join", &deps));
+    }
     register(
         &mut db,
         &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}),
@@ -885,7 +887,16 @@ fn p5(b: &mut Bench) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let rate = drain(b, "p5", "wide", 1, width + 2, n, Protocol::Batched(10));
+    let nj = std::env::var("BENCH_P5_NOJOIN").is_ok();
+    let rate = drain(
+        b,
+        "p5",
+        "wide",
+        1,
+        width + 2 - nj as usize,
+        n,
+        Protocol::Batched(10),
+    );
     register(&mut db, &linear("p5_lin", 5));
     let lin = drain(
         b,
@@ -896,7 +907,9 @@ fn p5(b: &mut Bench) {
         n,
         Protocol::Batched(10),
     );
-    let join: (i32, i64) = {
+    let join: (i32, i64) = if nj {
+        (0, 0)
+    } else {
         let r = db
             .query_one(
                 "SELECT s.attempts, (SELECT count(*) FROM tasker.step_transitions st WHERE st.step_uuid = s.step_uuid AND st.to_state = 'enqueued')
@@ -906,10 +919,39 @@ fn p5(b: &mut Bench) {
             .unwrap();
         (r.get(0), r.get(1))
     };
+    // where the drain's time went, from the steps' rows (times are their
+    // transactions' start): the root's completion until another worker
+    // first took a branch (the fan-out's transaction, whose worker takes its
+    // first branches itself: the others have nothing to do meanwhile), the
+    // branches, the last branch's completion until the join's (its release
+    // with every branch's result, its attempt)
+    let phases: (f64, f64, f64) = {
+        let r = db
+            .query_one(
+                "WITH s AS (SELECT s.name, s.started_at, s.completed_at FROM tasker.workflow_steps s
+                            JOIN tasker.tasks t USING (task_uuid) WHERE t.namespace_name = 'p5'),
+                      r AS (SELECT completed_at AS root FROM s WHERE name = 'root'),
+                      b AS (SELECT min(started_at) FILTER (WHERE started_at > r.root) AS first, max(completed_at) AS last
+                            FROM s, r WHERE name LIKE 'b%')
+                 SELECT (extract(epoch FROM b.first - r.root) * 1000)::float8,
+                        (extract(epoch FROM b.last - b.first) * 1000)::float8,
+                        (extract(epoch FROM (SELECT completed_at FROM s WHERE name = 'join') - b.last) * 1000)::float8
+                 FROM b, r",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let branches_rate = width as f64 / (phases.1 / 1000.0);
     println!("\nP5 wide fan-out/fan-in: 1 task, {width} parallel steps → join, {n} batched workers: {rate:.0} steps/s \
               = {:.2} × linear ({lin:.0} steps/s, same N); join enqueued {} time(s), attempts {}", rate / lin, join.1, join.0);
+    println!("  drain {:.0} ms: root's fan-out → first branch taken {:.0} ms, branches {:.0} ms ({branches_rate:.0} steps/s \
+              = {:.2} × linear), last branch → join complete {:.0} ms",
+             (width + 2) as f64 / rate * 1000.0, phases.0, phases.1, branches_rate / lin, phases.2);
     b.results.insert("p5".into(), json!({"width": width, "workers": n, "steps_per_s": rate, "linear_steps_per_s": lin,
-                                         "ratio_to_linear": rate / lin, "join_enqueued": join.1, "join_attempts": join.0}));
+                                         "ratio_to_linear": rate / lin, "join_enqueued": join.1, "join_attempts": join.0,
+                                         "fan_out_ms": phases.0, "branches_ms": phases.1, "join_ms": phases.2,
+                                         "branches_ratio_to_linear": branches_rate / lin}));
 }
 
 /// Sustained load: N = 8 batched workers for `secs`, a feeder keeping the
