@@ -875,9 +875,7 @@ fn p5(b: &mut Bench) {
         steps.push(step(n, &["root"]));
     }
     let deps: Vec<&str> = names.iter().map(String::as_str).collect();
-    if std::env::var("BENCH_P5_NOJOIN").is_err() {
-        steps.push(step("join", &deps));
-    }
+    steps.push(step("join", &deps));
     register(
         &mut db,
         &json!({"name": "wide", "namespace_name": "p5", "version": "1.0.0", "steps": steps}),
@@ -887,16 +885,7 @@ fn p5(b: &mut Bench) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let nj = std::env::var("BENCH_P5_NOJOIN").is_ok();
-    let rate = drain(
-        b,
-        "p5",
-        "wide",
-        1,
-        width + 2 - nj as usize,
-        n,
-        Protocol::Batched(10),
-    );
+    let rate = drain(b, "p5", "wide", 1, width + 2, n, Protocol::Batched(10));
     register(&mut db, &linear("p5_lin", 5));
     let lin = drain(
         b,
@@ -907,9 +896,7 @@ fn p5(b: &mut Bench) {
         n,
         Protocol::Batched(10),
     );
-    let join: (i32, i64) = if nj {
-        (0, 0)
-    } else {
+    let join: (i32, i64) = {
         let r = db
             .query_one(
                 "SELECT s.attempts, (SELECT count(*) FROM tasker.step_transitions st WHERE st.step_uuid = s.step_uuid AND st.to_state = 'enqueued')
