@@ -503,7 +503,7 @@ AS 'MODULE_PATHNAME', '_caller_holds_all_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:160
+-- src/caller.rs:163
 -- pg_tasker::caller::_caller_namespaces
 CREATE  FUNCTION "_caller_namespaces"(
 	"privilege" TEXT /* & str */
@@ -547,7 +547,7 @@ AS 'MODULE_PATHNAME', '_environment_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:218
+-- src/caller.rs:222
 -- pg_tasker::caller::_grants_changed
 CREATE  FUNCTION "_grants_changed"() RETURNS void
 STRICT VOLATILE
@@ -643,7 +643,7 @@ AS 'MODULE_PATHNAME', '_plan_steps_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/caller.rs:229
+-- src/caller.rs:233
 -- pg_tasker::caller::_privileges_including
 CREATE  FUNCTION "_privileges_including"(
 	"privilege" TEXT /* & str */

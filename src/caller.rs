@@ -61,15 +61,18 @@ fn _caller() -> ApiResult<pg_sys::Oid> {
 /// path's whole check: no query.
 #[pg_extern(stable, parallel_safe)]
 fn _caller_holds_all(privilege: &str) -> ApiResult<bool> {
+    holds_all(need(privilege)?)
+}
+
+/// Whether the caller holds `need` in every namespace (see
+/// `tasker._caller_holds_all`).
+pub fn holds_all(need: Need) -> ApiResult<bool> {
     unrestricted()?;
-    Ok(need(privilege)?
-        .cluster_roles()
-        .iter()
-        .any(|r| caller_has_privs_of(r)))
+    Ok(need.cluster_roles().iter().any(|r| caller_has_privs_of(r)))
 }
 
 /// The namespaces granted to roles, as this backend last read them:
-/// (caller, privilege) -> names. Emptied whenever an invalidation reaches
+/// (caller, privilege) -> names. Dropped whenever an invalidation reaches
 /// the backend that may change an answer:
 /// - a relcache invalidation of `tasker.namespace_grants`, which its
 ///   trigger sends on every change (`tasker._grants_changed`; PostgreSQL
@@ -120,7 +123,7 @@ unsafe extern "C-unwind" fn on_syscache(_arg: pg_sys::Datum, _cache: i32, _hash:
 fn register_callbacks() {
     if !CALLBACKS.replace(true) {
         // SAFETY: registered once per backend (the slots are few), as
-        // extensions do; the callbacks only empty a backend-local map.
+        // extensions do; the callbacks only bump a backend-local counter.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0));
             // (as PostgreSQL's own membership cache: pg_database for
@@ -156,13 +159,14 @@ fn grants_table() -> pg_sys::Oid {
 /// in which the caller holds the privilege, by name, sorted; NULL when it
 /// holds it in every namespace (a cluster-wide role, or a superuser). The
 /// grants are read by `tasker._granted_namespaces` and kept for the
-/// session until a change reaches it (see `Granted`).
+/// session until a change reaches it (see `Kept`).
 #[pg_extern(stable)]
 fn _caller_namespaces(privilege: &str) -> ApiResult<Option<Vec<String>>> {
-    if _caller_holds_all(privilege)? {
+    let need = need(privilege)?;
+    if holds_all(need)? {
         return Ok(None);
     }
-    let key = (unsafe { pg_sys::GetOuterUserId() }, need(privilege)?);
+    let key = (unsafe { pg_sys::GetOuterUserId() }, need);
     register_callbacks();
     // SAFETY: takes the invalidations other backends sent so far.
     unsafe { pg_sys::AcceptInvalidationMessages() };
@@ -212,7 +216,7 @@ fn _caller_namespaces(privilege: &str) -> ApiResult<Option<Vec<String>>> {
 }
 
 /// `tasker._grants_changed() RETURNS void`: tells every backend's kept
-/// grants (`Granted`) that tasker.namespace_grants changed: a relcache
+/// grants (`Kept`) that tasker.namespace_grants changed: a relcache
 /// invalidation of the table, applied in this backend at once and sent to
 /// the others when this transaction commits (the table's trigger calls it).
 #[pg_extern(volatile)]

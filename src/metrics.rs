@@ -43,8 +43,7 @@ fn metrics() -> ApiResult<String> {
     let data = crate::read::one::<JsonB>("SELECT tasker._health_data()", &[])?
         .map(|j| j.0)
         .unwrap_or_default();
-    let sees_all =
-        crate::read::one::<bool>("SELECT tasker._caller_holds_all('any')", &[])?.unwrap_or(false);
+    let sees_all = crate::caller::holds_all(pg_tasker_core::privilege::Need::Any)?;
     let rows = |key: &str| data[key].as_array().cloned().unwrap_or_default();
     let now_ms = worker_state::now_ms();
     let age = |ms: &Value| ms.as_i64().map(|t| (now_ms - t).max(0) as f64 / 1000.0);
